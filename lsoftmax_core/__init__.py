@@ -1,0 +1,91 @@
+"""lsoftmax-core: the Large-Margin Softmax layer (Liu et al., ICML 2016), framework-agnostic.
+
+``forward(x, w, label, margin=, beta=)`` returns the (N, C) logits of a linear layer whose
+target logits carry the angular margin; ``backward`` returns ``(grad_x, grad_w)``.  NumPy
+arrays run the CPU backend, CuPy arrays the CUDA kernels; the result has the inputs'
+array library and dtype.  This module imports neither CuPy nor any framework.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._chebyshev import MAX_MARGIN
+from .schedule import (
+    ConstantSchedule,
+    ExponentialSchedule,
+    InverseSchedule,
+    Schedule,
+    schedule_from_dict,
+)
+
+__all__ = [
+    "MAX_MARGIN",
+    "ConstantSchedule",
+    "ExponentialSchedule",
+    "InverseSchedule",
+    "Schedule",
+    "__version__",
+    "backward",
+    "forward",
+    "schedule_from_dict",
+]
+
+__version__ = "0.1.0"
+
+
+def _library(a: Any) -> str | None:
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    cupy = sys.modules.get("cupy")  # a CuPy array implies CuPy is already imported
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return "cupy"
+    return None
+
+
+def _backend(**arrays: Any) -> ModuleType:
+    """The backend module for the arrays' library; all must come from the same one."""
+    (first_name, first), *rest = arrays.items()
+    lib = _library(first)
+    if lib is None:
+        raise TypeError(
+            f"{first_name} must be a numpy.ndarray or cupy.ndarray, got {type(first).__module__}."
+            f"{type(first).__qualname__} (use lsoftmax_core.adapters for framework tensors)"
+        )
+    for name, a in rest:
+        if _library(a) != lib:
+            raise TypeError(
+                f"{name} must be a {lib}.ndarray like {first_name}, got "
+                f"{type(a).__module__}.{type(a).__qualname__}"
+            )
+    if lib == "numpy":
+        from . import _numpy_backend
+
+        return _numpy_backend
+    from . import _cupy_backend
+
+    return _cupy_backend
+
+
+def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0) -> Any:
+    """L-Softmax logits, shape (N, C).
+
+    x: (N, D) features; w: (C, D) class weights (a Linear layer's weight); label: (N,)
+    integers in [0, C).  For each sample the target logit is
+    ``(beta·x·w_y + |x||w_y|·psi(theta)) / (1 + beta)`` with
+    ``psi = (-1)^k cos(m·theta) - 2k``; the other logits are ``x·w_j``.
+    margin = 1 gives a plain linear layer for any beta.  Inputs are never modified.
+    """
+    return _backend(x=x, w=w, label=label).forward(x, w, label, margin=margin, beta=beta)
+
+
+def backward(
+    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0
+) -> tuple[Any, Any]:
+    """Gradients ``(grad_x, grad_w)`` of ``sum(grad_logits * forward(x, w, label))``."""
+    backend = _backend(grad_logits=grad_logits, x=x, w=w, label=label)
+    return backend.backward(grad_logits, x, w, label, margin=margin, beta=beta)  # type: ignore[no-any-return]

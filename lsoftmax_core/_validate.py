@@ -1,0 +1,105 @@
+"""Argument checks shared by every backend.
+
+Everything here looks only at shapes, dtypes and Python scalars, so it never touches
+array data and never synchronises a device.  The one data-dependent check, labels in
+[0, C), belongs to each backend (a host min/max for NumPy, a device-side flag for CuPy).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._chebyshev import MAX_MARGIN
+
+__all__ = ["Problem", "check_beta", "check_margin", "validate"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The validated sizes and hyper-parameters of one call."""
+
+    n: int
+    c: int
+    d: int
+    dtype: np.dtype[Any]
+    margin: int
+    beta: float
+
+
+def check_margin(margin: object) -> int:
+    """The margin as a Python int, or a ValueError/TypeError naming it."""
+    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Integral):
+        raise TypeError(f"{margin=} must be an integer >= 1, not {type(margin).__name__}")
+    m = int(margin)
+    if not 1 <= m <= MAX_MARGIN:
+        raise ValueError(f"{margin=} must be an integer in [1, {MAX_MARGIN}]")
+    return m
+
+
+def check_beta(beta: object) -> float:
+    """beta (lambda in the paper) as a Python float, finite and >= 0."""
+    if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"{beta=} must be a real number >= 0, not {type(beta).__name__}")
+    b = float(beta)
+    if not (math.isfinite(b) and b >= 0.0):
+        raise ValueError(f"{beta=} must be a finite number >= 0")
+    return b
+
+
+def _check_ndim(name: str, a: Any, ndim: int) -> None:
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)} ({a.ndim}-D)")
+
+
+def validate(
+    x: Any,
+    w: Any,
+    label: Any,
+    margin: object,
+    beta: object,
+    *,
+    float_dtypes: tuple[np.dtype[Any], ...],
+    grad_logits: Any = None,
+) -> Problem:
+    """Check shapes, dtypes and hyper-parameters; return the problem's sizes.
+
+    ``float_dtypes`` are the floating dtypes the calling backend supports.
+    """
+    m = check_margin(margin)
+    b = check_beta(beta)
+    _check_ndim("x", x, 2)
+    _check_ndim("w", w, 2)
+    _check_ndim("label", label, 1)
+    n, d = (int(s) for s in x.shape)
+    c, dw = (int(s) for s in w.shape)
+    if dw != d:
+        raise ValueError(
+            f"x and w must have the same feature size D: x.shape={tuple(x.shape)}, "
+            f"w.shape={tuple(w.shape)} (w is (C, D), like a Linear layer's weight)"
+        )
+    if c == 0:
+        raise ValueError(f"w must have at least one class (row): w.shape={tuple(w.shape)}")
+    if tuple(label.shape) != (n,):
+        raise ValueError(f"label must have shape (N,) = ({n},), got label.shape={tuple(label.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(
+            f"x and w must have the same dtype (no silent promotion): x.dtype={x.dtype}, w.dtype={w.dtype}"
+        )
+    if x.dtype not in float_dtypes:
+        names = ", ".join(str(t) for t in float_dtypes)
+        raise TypeError(f"x.dtype={x.dtype} is not supported by this backend (supported: {names})")
+    if label.dtype.kind not in "iu":
+        raise TypeError(f"label must have an integer dtype, got label.dtype={label.dtype}")
+    if grad_logits is not None:
+        if tuple(grad_logits.shape) != (n, c):
+            raise ValueError(
+                f"grad_logits must have shape (N, C) = ({n}, {c}), got grad_logits.shape={tuple(grad_logits.shape)}"
+            )
+        if grad_logits.dtype != x.dtype:
+            raise TypeError(f"grad_logits.dtype={grad_logits.dtype} must equal x.dtype={x.dtype}")
+    return Problem(n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b)

@@ -1,0 +1,32 @@
+"""One command runs every test environment: `nox` (see the README).
+
+* ``tests``: the core, the CuPy backend's CPU-side checks (NVRTC compilation of every
+  kernel, the shared scalar header built for the host), the PyTorch and JAX adapters and
+  the demo, on the current numpy.  GPU tests are marked ``gpu`` and skip without a device.
+* ``mxnet``: MXNet 1.9.1 needs numpy < 1.24, so it gets its own environment; the whole
+  suite runs there too, which also proves the core on numpy 1.23.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "mxnet"]
+nox.options.error_on_missing_interpreters = True
+
+# torch 2.13.0 is pinned for the CPU test environment: it is the CPU build that the
+# project's CI machines hold locally (a newer release would pull a multi-GB CUDA build).
+TORCH_CPU = "torch==2.13.0"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install("-e", ".[test,jax,cuda12,demo,bench]", TORCH_CPU)
+    session.run("python", "-m", "pytest", "-q", *session.posargs, env={"CI": "1"})
+
+
+@nox.session
+def mxnet(session: nox.Session) -> None:
+    session.install("-e", ".[test,mxnet]")
+    session.env["MXNET_CPU_WORKER_NTHREADS"] = "2"
+    session.run("python", "-m", "pytest", "-q", *session.posargs, env={"CI": "1"})

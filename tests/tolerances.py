@@ -1,0 +1,79 @@
+"""The one per-dtype tolerance table, and the comparison every backend's tests use.
+
+Errors are measured against a scale that follows the maths rather than the values
+(which can cancel): a logit x_i·w_j is compared relative to |x_i||w_j|·(1 + m^2), since
+|dpsi/dc| <= m^2; a gradient row relative to sum_j |G_ij|·|w_j|·(1 + m^2) (and the
+transpose for grad_w).  ``tol`` is then a multiple of the dtype's rounding error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tol:
+    forward: float
+    grad: float
+
+
+TOLERANCES: dict[str, Tol] = {
+    "float64": Tol(forward=1e-12, grad=1e-11),
+    "float32": Tol(forward=2e-6, grad=1e-5),
+    "float16": Tol(forward=4e-3, grad=1e-2),
+    "bfloat16": Tol(forward=3e-2, grad=6e-2),
+}
+
+#: Finite differences (central, float64) against analytic gradients, relative to the scale.
+FD_TOL = 1e-6
+
+
+def _np(a) -> np.ndarray:
+    if hasattr(a, "get"):  # cupy
+        a = a.get()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _norms(a: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.sum(a * a, axis=1))
+
+
+def logit_scale(x, w, margin: int) -> np.ndarray:
+    return np.outer(_norms(_np(x)), _norms(_np(w))) * (1 + margin**2) + np.finfo(np.float64).tiny
+
+
+def grad_scales(grad_logits, x, w, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.abs(_np(grad_logits))
+    k = 1 + margin**2
+    sx = (g @ _norms(_np(w)))[:, None] * k + np.finfo(np.float64).tiny
+    sw = (g.T @ _norms(_np(x)))[:, None] * k + np.finfo(np.float64).tiny
+    return sx, sw
+
+
+def assert_close(actual, expected, scale, tol: float, what: str = "") -> None:
+    a, e = _np(actual), _np(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values in result"
+    err = np.abs(a - e) / scale
+    worst = float(err.max(initial=0.0))
+    assert worst <= tol, f"{what}: scaled error {worst:.3g} > {tol:.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+
+
+def check_forward(actual, x, w, label, *, margin: int, beta: float, dtype: str) -> None:
+    from reference import forward
+
+    expected = forward(_np(x), _np(w), _np(label).astype(np.int64), margin=margin, beta=beta)
+    assert_close(actual, expected, logit_scale(x, w, margin), TOLERANCES[dtype].forward, f"forward {dtype} m={margin}")
+
+
+def check_backward(grads, grad_logits, x, w, label, *, margin: int, beta: float, dtype: str) -> None:
+    from reference import backward
+
+    lab = _np(label).astype(np.int64)
+    ex, ew = backward(_np(grad_logits), _np(x), _np(w), lab, margin=margin, beta=beta)
+    sx, sw = grad_scales(grad_logits, x, w, margin)
+    tol = TOLERANCES[dtype].grad
+    assert_close(grads[0], ex, sx, tol, f"grad_x {dtype} m={margin}")
+    assert_close(grads[1], ew, sw, tol, f"grad_w {dtype} m={margin}")
