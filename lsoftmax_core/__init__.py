@@ -24,10 +24,10 @@ from .schedule import (
 )
 
 __all__ = [
-    "MAX_MARGIN",
     "ConstantSchedule",
     "ExponentialSchedule",
     "InverseSchedule",
+    "MAX_MARGIN",
     "Schedule",
     "__version__",
     "backward",

@@ -20,10 +20,11 @@ r is reduced per class after a stable sort by label, so the result does not depe
 accumulation order.  Writing q and r with unit vectors avoids the ratios b/a and a/b,
 which overflow for tiny or huge norms.
 
-Zero-norm rows (a = 0 or b = 0) have no angle.  Convention: the margin term a·b·psi
-and its gradient are taken as zero, so f_y = beta/(1+beta)·x·w_y (= 0) and
-df_y/dx = beta/(1+beta)·w_y, df_y/dw_y = beta/(1+beta)·x.  In the formulas above this is
-psi = psi' = 0 with the zero vector's unit vector taken as zero.
+Zero-norm rows (a = 0 or b = 0) have no angle, and a·b·psi(c) has no derivative there
+for m > 1.  Convention: such a sample gets no margin, as if m = 1: f_y = x·w_y (= 0) with
+the plain gradients df_y/dx = w_y, df_y/dw_y = x.  This is the only choice that agrees
+with m = 1 being exactly a linear layer; in the formulas above it is psi' = 1 and
+psi - c·psi' = 0, so q_i = r_i = 0.
 
 The per-sample statistics are computed in float64 whatever the input dtype (they cost
 O(N·D), against the GEMMs' O(N·C·D)), and norms are computed with a per-row scale so that
@@ -82,9 +83,10 @@ def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p:
     b, what = _norm_and_unit(w[label])
     c = np.clip(np.einsum("ij,ij->i", xhat, what), -1.0, 1.0)
     psi, dpsi = psi_and_derivative(c, p.margin)
-    degenerate = (a == 0.0) | (b == 0.0)
+    degenerate = (a == 0.0) | (b == 0.0)  # no angle: plain linear (see module docstring)
+    c[degenerate] = 0.0
     psi[degenerate] = 0.0
-    dpsi[degenerate] = 0.0
+    dpsi[degenerate] = 1.0
     return _Stats(a, b, c, psi, dpsi, xhat, what)
 
 

@@ -27,8 +27,9 @@ def _stats(x: np.ndarray, w: np.ndarray, label: np.ndarray, margin: int):
     s = np.sin(theta)
     with np.errstate(invalid="ignore", divide="ignore"):
         dpsi = np.where(s > 1e-7, sign * margin * np.sin(margin * theta) / np.where(s > 0, s, 1.0), margin**2)
+    # Zero-norm rows have no angle: plain linear, as for margin 1 (psi = c = 0, psi' = 1).
     psi = np.where(ok, psi, 0.0)
-    dpsi = np.where(ok, dpsi, 0.0)
+    dpsi = np.where(ok, dpsi, 1.0)
     return x, w, wy, a, b, c, psi, dpsi, ok
 
 

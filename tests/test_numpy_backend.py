@@ -1,0 +1,235 @@
+"""The NumPy backend against the float64 reference, finite differences and the maths' properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import forward as ref_forward
+from strategies import BETAS, MARGINS, problems
+from tolerances import FD_TOL, assert_close, check_backward, check_forward, grad_scales
+
+import lsoftmax_core as lsm
+
+DTYPES = ["float64", "float32"]
+
+
+def _grad(shape, seed=0, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_forward_and_backward_match_reference(dtype, data) -> None:
+    x, w, label, m, beta = data.draw(problems(dtype=np.dtype(dtype)))
+    out = lsm.forward(x, w, label, margin=m, beta=beta)
+    assert out.dtype == x.dtype and isinstance(out, np.ndarray)
+    check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype)
+    g = _grad(out.shape, dtype=x.dtype)
+    grads = lsm.backward(g, x, w, label, margin=m, beta=beta)
+    assert grads[0].dtype == grads[1].dtype == x.dtype
+    check_backward(grads, g, x, w, label, margin=m, beta=beta, dtype=dtype)
+
+
+def _finite_differences(x, w, label, g, m, beta, h=1e-6):
+    def loss(xx, ww):
+        return float(np.sum(g * lsm.forward(xx, ww, label, margin=m, beta=beta)))
+
+    def fd(a, other_first):
+        out = np.zeros_like(a)
+        for idx in np.ndindex(*a.shape):
+            ap, am = a.copy(), a.copy()
+            ap[idx] += h
+            am[idx] -= h
+            out[idx] = (loss(ap, w) - loss(am, w)) if other_first else (loss(x, ap) - loss(x, am))
+        return out / (2 * h)
+
+    return fd(x, True), fd(w, False)
+
+
+@given(problems(max_n=5, max_c=4, max_d=4, min_norm=0.5))
+def test_gradients_match_central_finite_differences_float64(p) -> None:
+    x, w, label, m, beta = p
+    g = _grad((len(x), len(w)))
+    gx, gw = lsm.backward(g, x, w, label, margin=m, beta=beta)
+    fx, fw = _finite_differences(x, w, label, g, m, beta, h=1e-7 * max(1.0, np.abs(x).max(), np.abs(w).max()))
+    sx, sw = grad_scales(g, x, w, m)
+    # FD error is O(h^2 f''') + O(eps/h), but O(h) where theta sits on a boundary j*pi/m
+    # (psi is C^1, not C^2 there): h ~ 1e-7 keeps both under the tight FD_TOL.
+    assert_close(gx, fx, sx, FD_TOL, "grad_x vs FD")
+    assert_close(gw, fw, sw, FD_TOL, "grad_w vs FD")
+
+
+@given(problems(max_n=5, max_c=4, max_d=4, min_norm=0.5, dtype=np.float32))
+def test_float32_gradients_close_to_float64(p) -> None:
+    x32, w32, label, m, beta = p
+    g32 = _grad((len(x32), len(w32)), dtype=np.float32)
+    got = lsm.backward(g32, x32, w32, label, margin=m, beta=beta)
+    want = lsm.backward(g32.astype(np.float64), x32.astype(np.float64), w32.astype(np.float64), label, margin=m, beta=beta)
+    sx, sw = grad_scales(g32, x32, w32, m)
+    assert_close(got[0], want[0], sx, 1e-5, "float32 grad_x")
+    assert_close(got[1], want[1], sw, 1e-5, "float32 grad_w")
+
+
+@given(problems(), BETAS)
+def test_margin_one_is_exactly_the_linear_layer(p, beta) -> None:
+    x, w, label, _, _ = p
+    np.testing.assert_array_equal(lsm.forward(x, w, label, margin=1, beta=beta), x @ w.T)
+    g = _grad((len(x), len(w)))
+    gx, gw = lsm.backward(g, x, w, label, margin=1, beta=beta)
+    np.testing.assert_array_equal(gx, g @ w)
+    np.testing.assert_array_equal(gw, g.T @ x)
+
+
+@given(problems(min_norm=0.1), st.floats(1e-3, 1e3))
+def test_target_logit_is_positively_homogeneous_in_x(p, s) -> None:
+    x, w, label, m, beta = p
+    n = np.arange(len(x))
+    f1 = lsm.forward(x, w, label, margin=m, beta=beta)[n, label]
+    fs = lsm.forward(s * x, w, label, margin=m, beta=beta)[n, label]
+    scale = np.linalg.norm(x, axis=1) * np.linalg.norm(w[label], axis=1) * (2 * m + 1)
+    np.testing.assert_array_less(np.abs(fs - s * f1), 1e-12 * s * scale + 1e-300)
+
+
+@given(MARGINS, BETAS, st.floats(0.5, 100.0), st.floats(0.5, 100.0))
+def test_target_logit_continuous_across_interval_boundaries(m, beta, a, b) -> None:
+    """theta exactly on, and a hair either side of, j*pi/m for every j (eq. 6's pieces meet)."""
+    w = np.array([[b, 0.0]])
+    for j in range(m + 1):
+        t = j * math.pi / m
+        thetas = np.array([t - 1e-7, t, t + 1e-7]).clip(0, math.pi)
+        x = a * np.stack([np.cos(thetas), np.sin(thetas)], axis=1)
+        f = lsm.forward(x, w, np.zeros(3, dtype=np.int64), margin=m, beta=beta)[:, 0]
+        assert np.all(np.isfinite(f))
+        # |df/dtheta| <= a*b*m^2*1e-7-ish around a boundary, where psi' = 0 anyway.
+        assert np.ptp(f) <= a * b * (m * m + beta) * 2e-7 / (1 + beta) + 1e-12 * a * b
+        check_forward(f[:, None], x, w, np.zeros(3, dtype=np.int64), margin=m, beta=beta, dtype="float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 16])
+def test_nasty_cases(dtype, m) -> None:
+    """|cos| = 1, cos = 0, zero-norm rows of x and of w_y, one sample, one class."""
+    f = np.dtype(dtype)
+    w = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [1.0, -2.0, 2.0]], dtype=f)
+    x = np.array(
+        [[6.0, 8.0, 0.0],  # cos = 1 with w_0
+         [-1.5, -2.0, 0.0],  # cos = -1 with w_0
+         [4.0, -3.0, 5.0],  # cos = 0 with w_0
+         [0.0, 0.0, 0.0],  # zero x
+         [1.0, 2.0, 3.0]],  # zero w_y (class 1)
+        dtype=f,
+    )
+    label = np.array([0, 0, 0, 2, 1])
+    beta = 0.5
+    out = lsm.forward(x, w, label, margin=m, beta=beta)
+    check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype)
+    assert out[0, 0] == pytest.approx(50.0, rel=1e-6)  # theta = 0: psi = 1
+    assert out[3, 2] == 0.0 and out[4, 1] == 0.0  # zero-norm convention: target 0
+    g = np.ones_like(out)
+    gx, gw = lsm.backward(g, x, w, label, margin=m, beta=beta)
+    check_backward((gx, gw), g, x, w, label, margin=m, beta=beta, dtype=dtype)
+    # Zero-norm convention: no angle, so the plain linear gradients (as for margin 1).
+    np.testing.assert_allclose(gx[3], g[3] @ w, rtol=1e-6)
+    np.testing.assert_allclose(gx[4], g[4] @ w, rtol=1e-6)
+    # One sample, one class.
+    one = lsm.forward(x[:1], w[:1], label[:1], margin=m, beta=beta)
+    assert one.shape == (1, 1) and one[0, 0] == pytest.approx(50.0, rel=1e-6)
+    gx1, gw1 = lsm.backward(np.ones((1, 1), f), x[:1], w[:1], label[:1], margin=m, beta=beta)
+    assert gx1.shape == (1, 3) and gw1.shape == (1, 3)
+
+
+@pytest.mark.parametrize("dtype,big,small", [("float64", 1e150, 1e-150), ("float32", 1e18, 1e-18)])
+@pytest.mark.parametrize("m", [2, 4])
+def test_huge_and_tiny_norms(dtype, big, small, m) -> None:
+    f = np.dtype(dtype)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 5)).astype(f)
+    w = rng.standard_normal((4, 5)).astype(f)
+    x[:3] *= f.type(big)
+    w[:2] *= f.type(small)  # big * small ~ 1: logits representable
+    x[3:] *= f.type(small)
+    w[2:] *= f.type(big)
+    label = np.array([0, 1, 3, 2, 3, 0])
+    out = lsm.forward(x, w, label, margin=m, beta=1.0)
+    n = np.arange(6)
+    ref = ref_forward(x, w, label, margin=m, beta=1.0)
+    # Only the target logits have representable magnitude for every pair here.
+    scale = np.linalg.norm(x.astype(float), axis=1) * np.linalg.norm(w[label].astype(float), axis=1) * (1 + m * m)
+    assert np.all(np.abs(out[n, label] - ref[n, label]) <= 1e-6 * scale)
+    g = np.ones_like(out)
+    gx, gw = lsm.backward(g, x, w, label, margin=m, beta=1.0)
+    assert not np.isnan(gx).any() and not np.isnan(gw).any()
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_overflowing_logits_give_inf_never_nan(m) -> None:
+    f = np.float32
+    x = np.array([[3e19, 1e19], [-3e19, 2e19]], dtype=f)
+    w = np.array([[3e19, -1e19], [1e19, 1e19]], dtype=f)
+    label = np.array([0, 1])
+    with np.errstate(over="ignore"):
+        out = lsm.forward(x, w, label, margin=m, beta=0.0)
+        gx, gw = lsm.backward(np.ones_like(out), x, w, label, margin=m, beta=0.0)
+    assert not np.isnan(out).any() and not np.isnan(gx).any() and not np.isnan(gw).any()
+
+
+@given(problems())
+def test_inputs_are_not_modified_and_read_only_inputs_work(p) -> None:
+    x, w, label, m, beta = p
+    g = _grad((len(x), len(w)))
+    copies = [a.copy() for a in (x, w, label, g)]
+    for a in (x, w, label, g):
+        a.flags.writeable = False
+    lsm.forward(x, w, label, margin=m, beta=beta)
+    lsm.backward(g, x, w, label, margin=m, beta=beta)
+    for a, c in zip((x, w, label, g), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_non_contiguous_inputs_and_label_dtypes() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((11, 10))[:, ::2]  # (11, 5), column stride 2
+    w = rng.standard_normal((5, 8)).T[::2, :5]  # (4, 5), transposed and row-strided
+    assert not x.flags.c_contiguous and not w.flags.c_contiguous
+    label = np.array([0, 3, 1, 2, 2, 0, 1, 3, 3, 0, 1], dtype=np.uint8)
+    expect = lsm.forward(np.ascontiguousarray(x), np.ascontiguousarray(w), label.astype(np.int64), margin=3, beta=2.0)
+    for lab in (label, label.astype(np.int32), label.astype(np.int16)[::-1][::-1]):
+        np.testing.assert_array_equal(lsm.forward(x, w, lab, margin=3, beta=2.0), expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch_returns_empty_results(dtype) -> None:
+    f = np.dtype(dtype)
+    x, w, label = np.zeros((0, 3), f), np.ones((4, 3), f), np.zeros(0, np.int64)
+    out = lsm.forward(x, w, label, margin=2, beta=0.0)
+    assert out.shape == (0, 4) and out.dtype == f
+    gx, gw = lsm.backward(np.zeros((0, 4), f), x, w, label, margin=2, beta=0.0)
+    assert gx.shape == (0, 3) and gw.shape == (4, 3)
+    np.testing.assert_array_equal(gw, 0.0)
+
+
+def test_odd_shape_252x507x123() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((252, 123)).astype(np.float32)
+    w = rng.standard_normal((507, 123)).astype(np.float32)
+    label = rng.integers(0, 507, 252)
+    out = lsm.forward(x, w, label, margin=4, beta=3.0)
+    check_forward(out, x, w, label, margin=4, beta=3.0, dtype="float32")
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    check_backward(lsm.backward(g, x, w, label, margin=4, beta=3.0), g, x, w, label, margin=4, beta=3.0, dtype="float32")
+
+
+def test_backward_is_deterministic_with_repeated_labels() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 16))
+    w = rng.standard_normal((3, 16))
+    label = rng.integers(0, 3, 300)
+    g = rng.standard_normal((300, 3))
+    a = lsm.backward(g, x, w, label, margin=4, beta=0.0)
+    b = lsm.backward(g, x, w, label, margin=4, beta=0.0)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
