@@ -1,0 +1,375 @@
+"""PyTorch adapter: ``lsoftmax`` (a differentiable function) and ``LSoftmaxLinear`` (a layer).
+
+A thin DLPack bridge with no maths of its own: tensors are viewed, without copying, as
+NumPy arrays (CPU) or CuPy arrays (CUDA), handed to :func:`lsoftmax_core.forward` /
+:func:`lsoftmax_core.backward`, and the results come back as tensors, again without a
+copy.  Both directions are ``torch.library.custom_op`` operators with a fake (meta)
+implementation and an autograd formula, so the function works in eager autograd, under
+``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+
+CUDA: the CuPy backend runs on PyTorch's current stream, and every array it allocates
+(outputs and temporaries) comes from PyTorch's caching allocator, so the returned tensors
+belong to PyTorch like any other (they show in ``torch.cuda.memory_allocated``) and no
+memory is held in CuPy's pool.
+
+beta travels to the operators as a 0-d float64 CPU tensor rather than a Python float:
+custom operators specialise on float arguments, so a float beta that changes every step
+(an annealing schedule) would recompile a compiled model every step; a tensor is a graph
+input instead.  Reading it on the host is free because it lives on the CPU.
+
+Gradients are first order (the backward operator has no derivative of its own).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lsoftmax_core as _core
+from lsoftmax_core._validate import check_beta, check_margin
+from lsoftmax_core.schedule import (
+    ConstantSchedule,
+    ExponentialSchedule,
+    InverseSchedule,
+    Schedule,
+    schedule_from_dict,
+)
+
+__all__ = ["LSoftmaxLinear", "lsoftmax"]
+
+_SCHEDULE_TYPES = (ConstantSchedule, ExponentialSchedule, InverseSchedule)
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _as_numpy(name: str, t: Tensor) -> np.ndarray:
+    """A read-only NumPy view of a CPU tensor's memory (DLPack, no copy)."""
+    try:
+        return np.from_dlpack(t.detach())
+    except (BufferError, TypeError, RuntimeError) as e:  # e.g. bfloat16, which NumPy lacks
+        raise TypeError(f"{name}.dtype={t.dtype} cannot be passed to the CPU backend: {e}") from None
+
+
+def _run_cpu(fn: Callable[..., Any], named: dict[str, Tensor]) -> list[Tensor]:
+    arrays = [_as_numpy(name, t) for name, t in named.items()]
+    out = fn(*arrays)
+    # torch.from_numpy shares the result's memory; the tensor keeps the array alive.
+    return [torch.from_numpy(a) for a in (out if isinstance(out, tuple) else (out,))]
+
+
+class _TorchBlock:
+    """Owns one block of PyTorch's caching allocator; gives it back when collected.
+
+    CuPy keeps this object alive (through ``UnownedMemory``) exactly as long as any
+    array, or any tensor imported from one via DLPack, still uses the block.
+    """
+
+    __slots__ = ("_delete", "ptr")
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+        # Bound now so that the block can still be freed while the interpreter shuts down.
+        self._delete = torch.cuda.caching_allocator_delete
+
+    def __del__(self) -> None:
+        if self.ptr:
+            self._delete(self.ptr)
+
+
+def _torch_allocator(stream: Any) -> Callable[[int], Any]:
+    """A CuPy allocator drawing from PyTorch's caching allocator on ``stream``.
+
+    Blocks are tied to the stream the kernels run on, so PyTorch reuses a freed block
+    only after the work queued on that stream, the same rule as for its own tensors.
+    """
+    import cupy
+
+    def allocate(size: int) -> Any:
+        device = cupy.cuda.runtime.getDevice()
+        ptr = torch.cuda.caching_allocator_alloc(size, device, stream) if size else 0
+        mem = cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), device)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    return allocate
+
+
+def _cupy_stream(torch_stream: torch.cuda.Stream) -> Any:
+    import cupy
+
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:  # CuPy >= 14: the CUDA stream protocol
+        return from_external(torch_stream)
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
+
+
+def _run_cuda(fn: Callable[..., Any], named: dict[str, Tensor], device: torch.device) -> list[Tensor]:
+    import cupy
+
+    torch_stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), _cupy_stream(torch_stream), cupy.cuda.using_allocator(
+        _torch_allocator(torch_stream)
+    ):
+        # Producer and consumer share one stream, so the DLPack stream handshake in both
+        # directions needs no synchronisation.
+        arrays = []
+        for name, t in named.items():
+            try:
+                arrays.append(cupy.from_dlpack(t.detach()))
+            except (BufferError, TypeError, RuntimeError, ValueError) as e:
+                raise TypeError(f"{name}.dtype={t.dtype} cannot be passed to the CUDA backend: {e}") from None
+        out = fn(*arrays)
+        return [torch.from_dlpack(a) for a in (out if isinstance(out, tuple) else (out,))]
+
+
+def _run(fn: Callable[..., Any], **named: Tensor) -> list[Tensor]:
+    """Call ``fn`` on array views of ``named`` and return its result(s) as tensors."""
+    device = next(iter(named.values())).device
+    if device.type == "cuda":
+        outs = _run_cuda(fn, named, device)
+    else:
+        outs = _run_cpu(fn, named)
+    # The backends return C-contiguous arrays, which the fake implementations promise;
+    # .contiguous() is then a no-op and only guards that promise.
+    return [o.contiguous() for o in outs]
+
+
+# --------------------------------------------------------------------------- operators
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
+def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+    b = float(beta)  # a CPU scalar: no device synchronisation
+
+    def call(xa: Any, wa: Any, la: Any) -> Any:
+        return _core.forward(xa, wa, la, margin=margin, beta=b)
+
+    return _run(call, x=x, weight=weight, label=label)[0]
+
+
+@_forward_op.register_fake
+def _forward_fake(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_backward", mutates_args=())
+def _backward_op(
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    b = float(beta)
+
+    def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
+        return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
+
+    grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
+    return grad_x, grad_w
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, label, margin, beta = inputs
+    ctx.save_for_backward(x, weight, label, beta)
+    ctx.margin = margin
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    x, weight, label, beta = ctx.saved_tensors
+    grad_x, grad_w = _backward_op(grad, x, weight, label, ctx.margin, beta)
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        grad_w if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def _check_tensors(**named: Any) -> None:
+    """Framework-level problems the core cannot see: non-tensors, devices, autograd."""
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got {name}.layout={t.layout}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}.device={t.device} is not supported (CPU and CUDA tensors only)")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name}.device={d}" for name, d in devices.items())
+        raise ValueError(f"x, weight and label must be on the same device: {listed}")
+    label = named["label"]
+    if label.requires_grad:
+        raise ValueError("label must not require grad (it holds class indices)")
+
+
+def _beta_tensor(beta: object) -> Tensor:
+    """beta as a fresh 0-d float64 CPU tensor (see the module docstring for why)."""
+    if isinstance(beta, Tensor):
+        if beta.numel() != 1 or beta.dim() != 0:
+            raise ValueError(f"beta must be a number or a 0-d tensor, got beta.shape={tuple(beta.shape)}")
+        if not (beta.dtype.is_floating_point or beta.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"beta must be a real number >= 0, got a tensor of dtype {beta.dtype}")
+        # A copy, so that a caller updating its tensor in place (LSoftmaxLinear.step)
+        # between forward and backward cannot change the beta saved for backward.
+        return beta.detach().to(device="cpu", dtype=torch.float64, copy=True)
+    if not torch.compiler.is_compiling():
+        # Eager: the core's own check, before anything runs.  Compiled: beta is a
+        # symbolic float here, and checking its value would specialise the graph on
+        # it; the core checks it at run time, still before any kernel.
+        check_beta(beta)
+    elif isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta={beta!r} must be a real number >= 0")
+    # zeros().add(beta) rather than torch.tensor(beta): under torch.compile the former
+    # keeps beta a graph input, the latter bakes its value in.
+    return torch.zeros((), dtype=torch.float64).add(beta)
+
+
+def lsoftmax(x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0) -> Tensor:
+    """L-Softmax logits (N, C) with autograd (Liu et al. 2016, eq. 4-7).
+
+    x: (N, D) float features; weight: (C, D) class weights (an ``nn.Linear`` weight);
+    label: (N,) integer class indices, all three on one device (CPU or CUDA).  The target
+    logit is ``(beta·x·w_y + |x||w_y|·psi(theta)) / (1 + beta)``, the others ``x·w_j``;
+    feed the result to ``F.cross_entropy(logits, label)`` for the L-Softmax loss.  beta
+    is a number >= 0 or a 0-d tensor (best on the CPU: it is read on the host).  No input
+    is modified.  Errors are ValueError/TypeError naming the argument.
+    """
+    _check_tensors(x=x, weight=weight, label=label)
+    m = check_margin(margin)
+    return _forward_op(x, weight, label, m, _beta_tensor(beta))
+
+
+# --------------------------------------------------------------------------- layer
+
+
+class LSoftmaxLinear(nn.Module):
+    """A bias-free linear layer whose target logit carries the L-Softmax angular margin.
+
+    ``layer(x, target)`` in training mode returns ``lsoftmax(x, weight, target,
+    margin=margin, beta=layer.beta)``; in eval mode it returns the plain logits
+    ``x @ weight.T`` and ignores ``target`` (the margin only shapes training; the paper
+    classifies with the plain inner products).
+
+    beta (lambda in the paper) follows ``schedule`` (default ``ConstantSchedule(0.0)``) as a
+    function of ``layer.iteration``, the number of :meth:`step` calls: call ``layer.step()``
+    once per optimizer step.  The iteration and the schedule are saved in ``state_dict``
+    and restored by ``load_state_dict``, so a resumed run continues the same annealing.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        margin: int = 2,
+        schedule: Schedule | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.margin = check_margin(margin)
+        self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), device=device, dtype=dtype))
+        # The iteration is a Python int, not a buffer: reading a device buffer to compute
+        # beta would synchronise the GPU every step.  The current beta is mirrored in a
+        # CPU tensor that step() updates in place, so a compiled forward reads it as a
+        # graph input and does not recompile when beta changes.
+        self._iteration = 0
+        self._beta_tensor = torch.zeros((), dtype=torch.float64)
+        self.schedule = ConstantSchedule(0.0) if schedule is None else schedule
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: uniform in ±1/sqrt(in_features)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def schedule(self) -> Schedule:
+        """The lsoftmax_core schedule giving beta as a function of the iteration."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        if not isinstance(schedule, _SCHEDULE_TYPES):
+            names = ", ".join(t.__name__ for t in _SCHEDULE_TYPES)
+            raise TypeError(f"schedule must be one of lsoftmax_core's schedules ({names}), got {schedule!r}")
+        self._schedule = schedule
+        self._sync_beta()
+
+    @property
+    def iteration(self) -> int:
+        """The number of :meth:`step` calls so far."""
+        return self._iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"iteration={value!r} must be an integer >= 0")
+        self._iteration = int(value)
+        self._sync_beta()
+
+    @property
+    def beta(self) -> float:
+        """The current beta, ``schedule(iteration)``."""
+        return self._schedule(self._iteration)
+
+    def step(self) -> None:
+        """Advance the schedule by one iteration; call once per optimizer step."""
+        self._iteration += 1
+        self._sync_beta()
+
+    def _sync_beta(self) -> None:
+        with torch.no_grad():
+            self._beta_tensor.fill_(self.beta)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
+        if not self.training:
+            return F.linear(x, self.weight)
+        if target is None:
+            raise ValueError(
+                "target is required in training mode: call layer(x, target) with (N,) int64 class "
+                "indices, or layer.eval() for plain logits"
+            )
+        return lsoftmax(x, self.weight, target, margin=self.margin, beta=self._beta_tensor)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"margin": self.margin, "iteration": self._iteration, "schedule": self._schedule.to_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not {"iteration", "schedule"} <= set(state):
+            raise ValueError(f"LSoftmaxLinear extra state must be a dict with 'iteration' and 'schedule', got {state!r}")
+        margin = state.get("margin", self.margin)
+        if margin != self.margin:
+            raise ValueError(f"checkpoint has margin={margin!r} but this layer has margin={self.margin}")
+        schedule = schedule_from_dict(dict(state["schedule"]))
+        self.iteration = state["iteration"]
+        self.schedule = schedule
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"margin={self.margin}, schedule={self._schedule!r}"
+        )
+
