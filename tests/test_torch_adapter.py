@@ -1,0 +1,419 @@
+"""The PyTorch adapter: autograd, custom-op checks, torch.compile, zero copy, errors, the layer,
+and equality with pytorch-metric-learning's LargeMarginSoftmaxLoss where the definitions agree."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from strategies import problems  # noqa: E402
+from tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales, logit_scale  # noqa: E402
+
+import lsoftmax_core as lsm  # noqa: E402
+from lsoftmax_core.adapters.torch import LSoftmaxLinear, lsoftmax  # noqa: E402
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+OPS = torch.ops.lsoftmax_core
+
+
+def _problem(n=7, c=5, d=4, dtype=torch.float64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    label = torch.randint(0, c, (n,), generator=g).to(device)
+    return x, w, label
+
+
+def _forward_and_grads(x, w, label, g, **kw):
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    out = lsoftmax(xr, wr, label, **kw)
+    gx, gw = torch.autograd.grad(out, (xr, wr), g)
+    return out.detach(), gx, gw
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@given(data=st.data())
+def test_forward_and_autograd_match_reference(dtype, data) -> None:
+    xn, wn, ln, m, beta = data.draw(problems(dtype=np.dtype(dtype)))
+    x, w, label = torch.from_numpy(xn), torch.from_numpy(wn), torch.from_numpy(ln)
+    g = torch.from_numpy(np.random.default_rng(0).standard_normal((len(xn), len(wn)))).to(DTYPES[dtype])
+    out, gx, gw = _forward_and_grads(x, w, label, g, margin=m, beta=beta)
+    assert out.dtype == gx.dtype == gw.dtype == DTYPES[dtype]
+    check_forward(out.numpy(), xn, wn, ln, margin=m, beta=beta, dtype=dtype)
+    check_backward((gx.numpy(), gw.numpy()), g.numpy(), xn, wn, ln, margin=m, beta=beta, dtype=dtype)
+
+
+@pytest.mark.parametrize("margin,beta", [(1, 0.0), (2, 0.0), (2, 1.0), (3, 0.5), (4, 0.0), (4, 100.0), (6, 2.0)])
+def test_gradcheck_float64(margin, beta) -> None:
+    x, w, label = _problem(n=6, c=4, d=3, seed=margin)
+    x.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: lsoftmax(a, b, label, margin=margin, beta=beta), (x, w))
+
+
+@given(problems(), st.floats(0.0, 1e3))
+@settings(max_examples=20)
+def test_margin_one_is_exactly_the_linear_layer(p, beta) -> None:
+    xn, wn, ln, _, _ = p
+    x, w = torch.from_numpy(xn), torch.from_numpy(wn)
+    g = torch.ones(len(xn), len(wn), dtype=torch.float64)
+    out, gx, gw = _forward_and_grads(x, w, torch.from_numpy(ln), g, margin=1, beta=beta)
+    # Bit-equal to the backend's own GEMMs (NumPy's; torch's BLAS may round differently).
+    gn = g.numpy()
+    np.testing.assert_array_equal(out.numpy(), xn @ wn.T)
+    np.testing.assert_array_equal(gx.numpy(), gn @ wn)
+    np.testing.assert_array_equal(gw.numpy(), gn.T @ xn)
+
+
+def test_non_contiguous_inputs_empty_batch_and_int32_labels() -> None:
+    x, w, label = _problem(n=9, c=6, d=8)
+    xs, ws = x[:, ::2], w.T.contiguous().T[1:, :4]  # column-strided x, column-major w
+    assert not xs.is_contiguous() and not ws.is_contiguous()
+    lab = label.clamp(max=4).to(torch.int32)
+    out, gx, gw = _forward_and_grads(xs, ws, lab, torch.ones(9, 5, dtype=torch.float64), margin=3, beta=0.5)
+    check_forward(out.numpy(), xs.numpy(), ws.numpy(), lab.numpy(), margin=3, beta=0.5, dtype="float64")
+    check_backward((gx, gw), np.ones((9, 5)), xs.numpy(), ws.numpy(), lab.numpy(), margin=3, beta=0.5, dtype="float64")
+    empty, ex, ew = _forward_and_grads(x[:0], w, label[:0], torch.zeros(0, 6, dtype=torch.float64), margin=2)
+    assert empty.shape == (0, 6) and ex.shape == (0, 8) and torch.equal(ew, torch.zeros_like(w))
+
+
+@given(problems())
+@settings(max_examples=20)
+def test_inputs_are_not_modified(p) -> None:
+    x, w, label = (torch.from_numpy(a) for a in p[:3])
+    copies = [t.clone() for t in (x, w, label)]
+    g = torch.randn(len(x), len(w), dtype=torch.float64)
+    g_copy = g.clone()
+    _forward_and_grads(x, w, label, g, margin=p[3], beta=p[4])
+    for t, c in zip((x, w, label, g), (*copies, g_copy)):
+        assert torch.equal(t, c)
+
+
+# --------------------------------------------------------------------------- zero copy
+
+
+def test_cpu_backend_sees_the_tensors_own_memory(monkeypatch) -> None:
+    """The core receives views of the tensors' storage, and its results become the tensors."""
+    seen: dict[str, int] = {}
+
+    def ptr(a) -> int:
+        return a.__array_interface__["data"][0]
+
+    real_forward, real_backward = lsm.forward, lsm.backward
+
+    def spy_forward(x, w, label, **kw):
+        out = real_forward(x, w, label, **kw)
+        seen.update(x=ptr(x), w=ptr(w), label=ptr(label), out=ptr(out))
+        return out
+
+    def spy_backward(g, x, w, label, **kw):
+        gx, gw = real_backward(g, x, w, label, **kw)
+        seen.update(g=ptr(g), bx=ptr(x), gx=ptr(gx), gw=ptr(gw))
+        return gx, gw
+
+    monkeypatch.setattr(lsm, "forward", spy_forward)
+    monkeypatch.setattr(lsm, "backward", spy_backward)
+    base = torch.randn(5, 8, dtype=torch.float32)
+    x = base[:, 2:6].requires_grad_()  # a strided view into a larger storage: still no copy
+    w = torch.randn(3, 4, requires_grad=True)
+    label = torch.tensor([0, 2, 1, 1, 0])
+    out = lsoftmax(x, w, label, margin=2, beta=1.0)
+    g = torch.randn(5, 3)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    assert seen["x"] == x.data_ptr() == base.data_ptr() + 2 * 4
+    assert (seen["w"], seen["label"], seen["out"]) == (w.data_ptr(), label.data_ptr(), out.data_ptr())
+    assert (seen["g"], seen["bx"]) == (g.data_ptr(), x.data_ptr())
+    assert (seen["gx"], seen["gw"]) == (gx.data_ptr(), gw.data_ptr())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "change,exc,words",
+    [
+        (dict(x=np.zeros((2, 3))), TypeError, "x must be a torch.Tensor"),
+        (dict(weight=[[1.0, 2.0, 3.0]]), TypeError, "weight must be a torch.Tensor"),
+        (dict(label=torch.tensor([0.0, 1.0], requires_grad=True)), ValueError, "label must not require grad"),
+        (dict(label=torch.tensor([0, 1], device="meta")), ValueError, "label.device=meta"),
+        (dict(x=torch.zeros(2, 3).to_sparse()), TypeError, "x must be a dense"),
+        (dict(x=torch.zeros(2, 4)), ValueError, "same feature size D"),
+        (dict(x=torch.zeros(2, 3, dtype=torch.float32)), TypeError, "same dtype"),
+        (dict(x=torch.zeros(2, 3, dtype=torch.float16), weight=torch.ones(2, 3, dtype=torch.float16)), TypeError, "float16"),
+        (dict(x=torch.zeros(2, 3, dtype=torch.bfloat16), weight=torch.ones(2, 3, dtype=torch.bfloat16)), TypeError, "bfloat16"),
+        (dict(label=torch.tensor([0, 2])), ValueError, "label[1]=2"),
+        (dict(label=torch.tensor([0, -1])), ValueError, "label[1]=-1"),
+        (dict(label=torch.tensor([0.0, 1.0])), TypeError, "label must have an integer dtype"),
+        (dict(label=torch.tensor([0, 1, 1])), ValueError, "label must have shape"),
+        (dict(margin=0), ValueError, "margin=0"),
+        (dict(margin=2.5), TypeError, "margin=2.5"),
+        (dict(beta=-1.0), ValueError, "beta=-1.0"),
+        (dict(beta=float("nan")), ValueError, "beta=nan"),
+        (dict(beta="1"), TypeError, "beta='1'"),
+        (dict(beta=torch.ones(2)), ValueError, "beta.shape=(2,)"),
+        (dict(beta=torch.tensor(-2.0)), ValueError, "beta=-2.0"),
+    ],
+)
+def test_errors_name_the_argument(change, exc, words) -> None:
+    args = dict(
+        x=torch.zeros(2, 3, dtype=torch.float64),
+        weight=torch.ones(2, 3, dtype=torch.float64),
+        label=torch.tensor([0, 1]),
+        margin=2,
+        beta=0.0,
+    )
+    args.update(change)
+    with pytest.raises(exc) as info:
+        lsoftmax(args.pop("x"), args.pop("weight"), args.pop("label"), **args)
+    assert words in str(info.value)
+
+
+# --------------------------------------------------------------------------- torch.library checks
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad) -> None:
+    for margin, beta, n in [(2, 0.0, 5), (4, 3.0, 1), (1, 0.5, 3)]:
+        x, w, label = _problem(n=n, c=4, d=3, seed=margin)
+        x.requires_grad_(requires_grad)
+        w.requires_grad_(requires_grad)
+        b = torch.tensor(beta, dtype=torch.float64)
+        torch.library.opcheck(OPS.lsoftmax_forward, (x, w, label, margin, b))
+        g = torch.randn(n, 4, dtype=torch.float64)
+        torch.library.opcheck(OPS.lsoftmax_backward, (g, x.detach(), w.detach(), label, margin, b))
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    def loss_fn(x, w, label, beta):
+        return F.cross_entropy(lsoftmax(x, w, label, margin=3, beta=beta), label)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    x, w, label = _problem(n=8, c=5, d=4, dtype=torch.float32)
+    for beta in (0.0, 2.5):
+        results = []
+        for f in (loss_fn, compiled):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = f(xr, wr, label, beta)
+            results.append((loss.detach(), *torch.autograd.grad(loss, (xr, wr))))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- LSoftmaxLinear
+
+
+def test_layer_train_and_eval() -> None:
+    torch.manual_seed(0)
+    layer = LSoftmaxLinear(4, 5, margin=3, schedule=lsm.ExponentialSchedule(10.0, 0.5, 0.1), dtype=torch.float64)
+    assert layer.weight.shape == (5, 4) and layer.weight.dtype == torch.float64
+    assert layer.weight.abs().max() <= 1 / math.sqrt(4)  # nn.Linear's bound
+    assert not list(layer.buffers())
+    x, _, label = _problem(n=6, c=5, d=4)
+    out = layer(x, label)
+    torch.testing.assert_close(out, lsoftmax(x, layer.weight, label, margin=3, beta=10.0), rtol=0, atol=0)
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (5, 4)
+    with pytest.raises(ValueError, match="target is required in training mode"):
+        layer(x)
+    layer.eval()
+    plain = x @ layer.weight.detach().T
+    torch.testing.assert_close(layer(x), plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer(x, label), plain, rtol=1e-12, atol=0)  # target ignored
+    assert "margin=3" in repr(layer) and "ExponentialSchedule(beta0=10.0" in repr(layer)
+
+
+def test_layer_step_beta_and_state_dict_round_trip() -> None:
+    sched = lsm.ExponentialSchedule(beta0=100.0, scale=0.5, beta_min=1.0)
+    layer = LSoftmaxLinear(3, 4, margin=4, schedule=sched)
+    assert (layer.iteration, layer.beta, layer.schedule) == (0, 100.0, sched)
+    x, _, label = _problem(n=5, c=4, d=3, dtype=torch.float32)
+    for t in range(1, 4):
+        layer.step()
+        assert layer.iteration == t and layer.beta == sched(t)
+        expect = lsoftmax(x, layer.weight, label, margin=4, beta=sched(t))
+        torch.testing.assert_close(layer(x, label), expect, rtol=0, atol=0)
+    state = layer.state_dict()
+    fresh = LSoftmaxLinear(3, 4, margin=4)
+    assert fresh.beta == 0.0
+    fresh.load_state_dict(state)
+    assert fresh.iteration == 3 and fresh.schedule == sched and fresh.beta == sched(3)
+    assert torch.equal(fresh.weight, layer.weight)
+    torch.testing.assert_close(fresh(x, label), layer(x, label), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="margin=4 but this layer has margin=2"):
+        LSoftmaxLinear(3, 4, margin=2).load_state_dict(state)
+
+
+def test_layer_step_between_forward_and_backward_keeps_the_forward_beta() -> None:
+    layer = LSoftmaxLinear(3, 4, margin=2, schedule=lsm.ExponentialSchedule(5.0, 0.1, 0.0), dtype=torch.float64)
+    x, _, label = _problem(n=5, c=4, d=3)
+    out = layer(x, label)
+    layer.step()  # changes beta from 5.0 to 0.5 in place
+    (grad,) = torch.autograd.grad(out.sum(), layer.weight)
+    _, _, want = _forward_and_grads(x, layer.weight, label, torch.ones(5, 4, dtype=torch.float64), margin=2, beta=5.0)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+
+def test_layer_argument_errors() -> None:
+    with pytest.raises(TypeError, match="schedule must be one of"):
+        LSoftmaxLinear(3, 4, schedule=lambda t: 0.0)
+    with pytest.raises(ValueError, match="out_features=0"):
+        LSoftmaxLinear(3, 0)
+    with pytest.raises(ValueError, match="margin=0"):
+        LSoftmaxLinear(3, 4, margin=0)
+    with pytest.raises(ValueError, match="iteration=-1"):
+        LSoftmaxLinear(3, 4).iteration = -1
+
+
+def test_compiled_layer_follows_the_schedule_without_recompiling() -> None:
+    torch.manual_seed(1)
+    layer = LSoftmaxLinear(4, 3, margin=2, schedule=lsm.ExponentialSchedule(8.0, 0.5, 0.0))
+    compiled = torch.compile(layer, fullgraph=True)
+    x, _, label = _problem(n=6, c=3, d=4, dtype=torch.float32)
+    for t in range(4):
+        if t == 1:
+            torch.compiler.set_stance("fail_on_recompile")
+        try:
+            got = compiled(x, label)
+        finally:
+            torch.compiler.set_stance("default")
+        want = lsoftmax(x, layer.weight, label, margin=2, beta=8.0 * 0.5**t)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        layer.step()
+
+
+# --------------------------------------------------------------------------- a real peer
+
+
+def _pml_loss(num_classes, dim, margin):
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    return losses.LargeMarginSoftmaxLoss(num_classes=num_classes, embedding_size=dim, margin=margin, scale=1)
+
+
+@pytest.mark.parametrize("margin", [1, 2, 3, 4, 6])
+def test_equal_to_pytorch_metric_learning_at_beta_zero(margin) -> None:
+    """pytorch-metric-learning's LargeMarginSoftmaxLoss is the paper's loss without lambda.
+
+    Where they differ: its W is (D, C), the transpose of our (C, D) weight; it has no beta
+    (lambda) at all, so only beta = 0 is comparable; its ``scale`` multiplies every logit
+    (1 here); it expands cos(m·theta) in powers of cos and sin (paper eq. 7) instead of a
+    Chebyshev recurrence; and a zero-norm row gets cosine 0 from F.normalize rather than
+    no angle (its logit is 0 either way, so those rows are left out).  With these mapped,
+    the logits (captured at its cross-entropy), the mean loss and both gradients agree.
+    """
+    x, w, label = _problem(n=12, c=5, d=4, seed=10 + margin)
+    peer = _pml_loss(5, 4, margin).double()
+    with torch.no_grad():
+        peer.W.copy_(w.T)
+    captured = []
+    peer.cross_entropy.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    xp = x.clone().requires_grad_()
+    peer_loss = peer(xp, label)
+    peer_gx, peer_gw = torch.autograd.grad(peer_loss, (xp, peer.W))
+
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ours_logits = lsoftmax(xo, wo, label, margin=margin, beta=0.0)
+    ours_loss = F.cross_entropy(ours_logits, label)
+    gx, gw = torch.autograd.grad(ours_loss, (xo, wo))
+
+    tol = TOLERANCES["float64"]
+    scale = logit_scale(x, w, margin)
+    assert_close(ours_logits.detach(), captured[0].detach(), scale, tol.forward, "logits")
+    # |d loss / d logit| <= 2/N summed over a row's logits: the loss moves by at most 2x a logit error.
+    assert abs(ours_loss.item() - peer_loss.item()) <= 2 * tol.forward * float(scale.max())
+    # d loss / d logits = (softmax - onehot) / N, bounded elementwise by (softmax + onehot) / N.
+    bound = (torch.softmax(ours_logits.detach(), 1) + F.one_hot(label, 5)) / len(x)
+    sx, sw = grad_scales(bound, x, w, margin)
+    assert_close(gx, peer_gx, sx, tol.grad, "grad_x")
+    assert_close(gw, peer_gw.T, sw, tol.grad, "grad_w")
+    # And ours against the reference, so the agreement is not a shared mistake.
+    check_forward(ours_logits.detach(), x, w, label, margin=margin, beta=0.0, dtype="float64")
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+def _cuda_cases():
+    return [(dtype, m, beta) for dtype in DTYPES for m, beta in [(1, 0.0), (2, 0.0), (4, 3.0), (6, 100.0)]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,margin,beta", _cuda_cases())
+def test_cuda_forward_and_autograd_match_reference(dtype, margin, beta) -> None:
+    x, w, label = _problem(n=33, c=17, d=9, seed=margin)
+    g = torch.randn(33, 17, dtype=torch.float64)
+    out, gx, gw = _forward_and_grads(
+        x.to("cuda", DTYPES[dtype]), w.to("cuda", DTYPES[dtype]), label.cuda(), g.to("cuda", DTYPES[dtype]),
+        margin=margin, beta=beta,
+    )
+    assert out.is_cuda and gx.is_cuda and gw.is_cuda and out.dtype == DTYPES[dtype]
+    xn, wn, gn = (t.to(DTYPES[dtype]).double().numpy() for t in (x, w, g))
+    check_forward(out.cpu().numpy(), xn, wn, label.numpy(), margin=margin, beta=beta, dtype=dtype)
+    check_backward((gx.cpu().numpy(), gw.cpu().numpy()), gn, xn, wn, label.numpy(), margin=margin, beta=beta, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_gradcheck_and_side_stream() -> None:
+    x, w, label = _problem(n=6, c=4, d=3, device="cuda")
+    x.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: lsoftmax(a, b, label, margin=3, beta=0.5), (x, w))
+    want = lsoftmax(x, w, label, margin=3, beta=0.5).detach()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = lsoftmax(x, w, label, margin=3, beta=0.5).detach()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_sees_the_tensors_own_memory_and_outputs_belong_to_torch(monkeypatch) -> None:
+    cupy = pytest.importorskip("cupy")
+    seen: dict[str, int] = {}
+    real_forward = lsm.forward
+
+    def spy_forward(x, w, label, **kw):
+        out = real_forward(x, w, label, **kw)
+        seen.update(x=x.data.ptr, w=w.data.ptr, label=label.data.ptr, out=out.data.ptr)
+        return out
+
+    monkeypatch.setattr(lsm, "forward", spy_forward)
+    x, w, label = _problem(n=64, c=32, d=16, dtype=torch.float32, device="cuda")
+    pool_before = cupy.get_default_memory_pool().used_bytes()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = lsoftmax(x, w, label, margin=2, beta=0.0)
+    torch.cuda.synchronize()
+    assert (seen["x"], seen["w"], seen["label"], seen["out"]) == (
+        x.data_ptr(), w.data_ptr(), label.data_ptr(), out.data_ptr()
+    )
+    assert torch.cuda.memory_allocated() - before >= out.numel() * out.element_size()
+    assert cupy.get_default_memory_pool().used_bytes() == pool_before
+    del out
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.gpu
+def test_cuda_device_mix_and_half_precision() -> None:
+    x, w, label = _problem(n=4, c=3, d=2, dtype=torch.float32, device="cuda")
+    with pytest.raises(ValueError, match=r"same device: x.device=cuda:0, weight.device=cpu"):
+        lsoftmax(x, w.cpu(), label)
+    for dtype, name in [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")]:
+        try:
+            out = lsoftmax(x.to(dtype), w.to(dtype), label, margin=2, beta=1.0)
+        except TypeError as e:  # unsupported by the CuPy backend: must say which dtype
+            assert name in str(e)
+            continue
+        assert out.dtype == dtype
+        xn, wn = x.to(dtype).double().cpu().numpy(), w.to(dtype).double().cpu().numpy()
+        check_forward(out.double().cpu().numpy(), xn, wn, label.cpu().numpy(), margin=2, beta=1.0, dtype=name)
