@@ -113,8 +113,11 @@ def _run_cuda(fn: Callable[..., Any], named: dict[str, Tensor], device: torch.de
     import cupy
 
     torch_stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), _cupy_stream(torch_stream), cupy.cuda.using_allocator(
-        _torch_allocator(torch_stream)
+    with (
+        torch.cuda.device(device),
+        cupy.cuda.Device(device.index),
+        _cupy_stream(torch_stream),
+        cupy.cuda.using_allocator(_torch_allocator(torch_stream)),
     ):
         # Producer and consumer share one stream, so the DLPack stream handshake in both
         # directions needs no synchronisation.
@@ -230,19 +233,22 @@ def _beta_tensor(beta: object) -> Tensor:
         # A copy, so that a caller updating its tensor in place (LSoftmaxLinear.step)
         # between forward and backward cannot change the beta saved for backward.
         return beta.detach().to(device="cpu", dtype=torch.float64, copy=True)
-    if not torch.compiler.is_compiling():
-        # Eager: the core's own check, before anything runs.  Compiled: beta is a
-        # symbolic float here, and checking its value would specialise the graph on
-        # it; the core checks it at run time, still before any kernel.
-        check_beta(beta)
-    elif isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta={beta!r} must be a real number >= 0")
-    # zeros().add(beta) rather than torch.tensor(beta): under torch.compile the former
-    # keeps beta a graph input, the latter bakes its value in.
-    return torch.zeros((), dtype=torch.float64).add(beta)
+    value: float
+    if torch.compiler.is_compiling():
+        # beta is a symbolic float here: checking its value would specialise the graph on
+        # it, so only its type is checked; the core checks the value at run time, still
+        # before any kernel.
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta={beta!r} must be a real number >= 0")
+        value = beta
+    else:
+        value = check_beta(beta)  # the core's own check, before anything runs
+    return torch.zeros((), dtype=torch.float64).add(value)
 
 
-def lsoftmax(x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0) -> Tensor:
+def lsoftmax(
+    x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0
+) -> Tensor:
     """L-Softmax logits (N, C) with autograd (Liu et al. 2016, eq. 4-7).
 
     x: (N, D) float features; weight: (C, D) class weights (an ``nn.Linear`` weight);
@@ -291,7 +297,9 @@ class LSoftmaxLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.margin = check_margin(margin)
-        self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty((self.out_features, self.in_features), device=device, dtype=dtype)
+        )
         # The iteration is a Python int, not a buffer: reading a device buffer to compute
         # beta would synchronise the GPU every step.  The current beta is mirrored in a
         # CPU tensor that step() updates in place, so a compiled forward reads it as a
@@ -359,7 +367,9 @@ class LSoftmaxLinear(nn.Module):
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not {"iteration", "schedule"} <= set(state):
-            raise ValueError(f"LSoftmaxLinear extra state must be a dict with 'iteration' and 'schedule', got {state!r}")
+            raise ValueError(
+                f"LSoftmaxLinear extra state must be a dict with 'iteration' and 'schedule', got {state!r}"
+            )
         margin = state.get("margin", self.margin)
         if margin != self.margin:
             raise ValueError(f"checkpoint has margin={margin!r} but this layer has margin={self.margin}")
@@ -372,4 +382,3 @@ class LSoftmaxLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"margin={self.margin}, schedule={self._schedule!r}"
         )
-

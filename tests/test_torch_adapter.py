@@ -10,14 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from strategies import problems  # noqa: E402
-from tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales, logit_scale  # noqa: E402
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import problems
+from tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales, logit_scale
 
-import lsoftmax_core as lsm  # noqa: E402
-from lsoftmax_core.adapters.torch import LSoftmaxLinear, lsoftmax  # noqa: E402
+import lsoftmax_core as lsm
+from lsoftmax_core.adapters.torch import LSoftmaxLinear, lsoftmax
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 OPS = torch.ops.lsoftmax_core
@@ -53,7 +53,9 @@ def test_forward_and_autograd_match_reference(dtype, data) -> None:
     check_backward((gx.numpy(), gw.numpy()), g.numpy(), xn, wn, ln, margin=m, beta=beta, dtype=dtype)
 
 
-@pytest.mark.parametrize("margin,beta", [(1, 0.0), (2, 0.0), (2, 1.0), (3, 0.5), (4, 0.0), (4, 100.0), (6, 2.0)])
+@pytest.mark.parametrize(
+    "margin,beta", [(1, 0.0), (2, 0.0), (2, 1.0), (3, 0.5), (4, 0.0), (4, 100.0), (6, 2.0)]
+)
 def test_gradcheck_float64(margin, beta) -> None:
     x, w, label = _problem(n=6, c=4, d=3, seed=margin)
     x.requires_grad_()
@@ -82,7 +84,9 @@ def test_non_contiguous_inputs_empty_batch_and_int32_labels() -> None:
     lab = label.clamp(max=4).to(torch.int32)
     out, gx, gw = _forward_and_grads(xs, ws, lab, torch.ones(9, 5, dtype=torch.float64), margin=3, beta=0.5)
     check_forward(out.numpy(), xs.numpy(), ws.numpy(), lab.numpy(), margin=3, beta=0.5, dtype="float64")
-    check_backward((gx, gw), np.ones((9, 5)), xs.numpy(), ws.numpy(), lab.numpy(), margin=3, beta=0.5, dtype="float64")
+    check_backward(
+        (gx, gw), np.ones((9, 5)), xs.numpy(), ws.numpy(), lab.numpy(), margin=3, beta=0.5, dtype="float64"
+    )
     empty, ex, ew = _forward_and_grads(x[:0], w, label[:0], torch.zeros(0, 6, dtype=torch.float64), margin=2)
     assert empty.shape == (0, 6) and ex.shape == (0, 8) and torch.equal(ew, torch.zeros_like(w))
 
@@ -97,6 +101,15 @@ def test_inputs_are_not_modified(p) -> None:
     _forward_and_grads(x, w, label, g, margin=p[3], beta=p[4])
     for t, c in zip((x, w, label, g), (*copies, g_copy)):
         assert torch.equal(t, c)
+
+
+def test_second_derivatives_fail_loudly() -> None:
+    """Gradients are first order: a double backward raises instead of returning zeros."""
+    x, w, label = _problem()
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(lsoftmax(x, w, label, margin=2).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="lsoftmax_backward"):
+        gx.sum().backward()
 
 
 # --------------------------------------------------------------------------- zero copy
@@ -142,36 +155,44 @@ def test_cpu_backend_sees_the_tensors_own_memory(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "change,exc,words",
     [
-        (dict(x=np.zeros((2, 3))), TypeError, "x must be a torch.Tensor"),
-        (dict(weight=[[1.0, 2.0, 3.0]]), TypeError, "weight must be a torch.Tensor"),
-        (dict(label=torch.tensor([0.0, 1.0], requires_grad=True)), ValueError, "label must not require grad"),
-        (dict(label=torch.tensor([0, 1], device="meta")), ValueError, "label.device=meta"),
-        (dict(x=torch.zeros(2, 3).to_sparse()), TypeError, "x must be a dense"),
-        (dict(x=torch.zeros(2, 4)), ValueError, "same feature size D"),
-        (dict(x=torch.zeros(2, 3, dtype=torch.float32)), TypeError, "same dtype"),
-        (dict(x=torch.zeros(2, 3, dtype=torch.float16), weight=torch.ones(2, 3, dtype=torch.float16)), TypeError, "float16"),
-        (dict(x=torch.zeros(2, 3, dtype=torch.bfloat16), weight=torch.ones(2, 3, dtype=torch.bfloat16)), TypeError, "bfloat16"),
-        (dict(label=torch.tensor([0, 2])), ValueError, "label[1]=2"),
-        (dict(label=torch.tensor([0, -1])), ValueError, "label[1]=-1"),
-        (dict(label=torch.tensor([0.0, 1.0])), TypeError, "label must have an integer dtype"),
-        (dict(label=torch.tensor([0, 1, 1])), ValueError, "label must have shape"),
-        (dict(margin=0), ValueError, "margin=0"),
-        (dict(margin=2.5), TypeError, "margin=2.5"),
-        (dict(beta=-1.0), ValueError, "beta=-1.0"),
-        (dict(beta=float("nan")), ValueError, "beta=nan"),
-        (dict(beta="1"), TypeError, "beta='1'"),
-        (dict(beta=torch.ones(2)), ValueError, "beta.shape=(2,)"),
-        (dict(beta=torch.tensor(-2.0)), ValueError, "beta=-2.0"),
+        ({"x": np.zeros((2, 3))}, TypeError, "x must be a torch.Tensor"),
+        ({"weight": [[1.0, 2.0, 3.0]]}, TypeError, "weight must be a torch.Tensor"),
+        ({"label": torch.tensor([0.0, 1.0], requires_grad=True)}, ValueError, "label must not require grad"),
+        ({"label": torch.tensor([0, 1], device="meta")}, ValueError, "label.device=meta"),
+        ({"x": torch.zeros(2, 3).to_sparse()}, TypeError, "x must be a dense"),
+        ({"x": torch.zeros(2, 4)}, ValueError, "same feature size D"),
+        ({"x": torch.zeros(2, 3, dtype=torch.float32)}, TypeError, "same dtype"),
+        (
+            {"x": torch.zeros(2, 3, dtype=torch.float16), "weight": torch.ones(2, 3, dtype=torch.float16)},
+            TypeError,
+            "float16",
+        ),
+        (
+            {"x": torch.zeros(2, 3, dtype=torch.bfloat16), "weight": torch.ones(2, 3, dtype=torch.bfloat16)},
+            TypeError,
+            "bfloat16",
+        ),
+        ({"label": torch.tensor([0, 2])}, ValueError, "label[1]=2"),
+        ({"label": torch.tensor([0, -1])}, ValueError, "label[1]=-1"),
+        ({"label": torch.tensor([0.0, 1.0])}, TypeError, "label must have an integer dtype"),
+        ({"label": torch.tensor([0, 1, 1])}, ValueError, "label must have shape"),
+        ({"margin": 0}, ValueError, "margin=0"),
+        ({"margin": 2.5}, TypeError, "margin=2.5"),
+        ({"beta": -1.0}, ValueError, "beta=-1.0"),
+        ({"beta": float("nan")}, ValueError, "beta=nan"),
+        ({"beta": "1"}, TypeError, "beta='1'"),
+        ({"beta": torch.ones(2)}, ValueError, "beta.shape=(2,)"),
+        ({"beta": torch.tensor(-2.0)}, ValueError, "beta=-2.0"),
     ],
 )
 def test_errors_name_the_argument(change, exc, words) -> None:
-    args = dict(
-        x=torch.zeros(2, 3, dtype=torch.float64),
-        weight=torch.ones(2, 3, dtype=torch.float64),
-        label=torch.tensor([0, 1]),
-        margin=2,
-        beta=0.0,
-    )
+    args = {
+        "x": torch.zeros(2, 3, dtype=torch.float64),
+        "weight": torch.ones(2, 3, dtype=torch.float64),
+        "label": torch.tensor([0, 1]),
+        "margin": 2,
+        "beta": 0.0,
+    }
     args.update(change)
     with pytest.raises(exc) as info:
         lsoftmax(args.pop("x"), args.pop("weight"), args.pop("label"), **args)
@@ -214,7 +235,9 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
 
 def test_layer_train_and_eval() -> None:
     torch.manual_seed(0)
-    layer = LSoftmaxLinear(4, 5, margin=3, schedule=lsm.ExponentialSchedule(10.0, 0.5, 0.1), dtype=torch.float64)
+    layer = LSoftmaxLinear(
+        4, 5, margin=3, schedule=lsm.ExponentialSchedule(10.0, 0.5, 0.1), dtype=torch.float64
+    )
     assert layer.weight.shape == (5, 4) and layer.weight.dtype == torch.float64
     assert layer.weight.abs().max() <= 1 / math.sqrt(4)  # nn.Linear's bound
     assert not list(layer.buffers())
@@ -254,12 +277,16 @@ def test_layer_step_beta_and_state_dict_round_trip() -> None:
 
 
 def test_layer_step_between_forward_and_backward_keeps_the_forward_beta() -> None:
-    layer = LSoftmaxLinear(3, 4, margin=2, schedule=lsm.ExponentialSchedule(5.0, 0.1, 0.0), dtype=torch.float64)
+    layer = LSoftmaxLinear(
+        3, 4, margin=2, schedule=lsm.ExponentialSchedule(5.0, 0.1, 0.0), dtype=torch.float64
+    )
     x, _, label = _problem(n=5, c=4, d=3)
     out = layer(x, label)
     layer.step()  # changes beta from 5.0 to 0.5 in place
     (grad,) = torch.autograd.grad(out.sum(), layer.weight)
-    _, _, want = _forward_and_grads(x, layer.weight, label, torch.ones(5, 4, dtype=torch.float64), margin=2, beta=5.0)
+    _, _, want = _forward_and_grads(
+        x, layer.weight, label, torch.ones(5, 4, dtype=torch.float64), margin=2, beta=5.0
+    )
     torch.testing.assert_close(grad, want, rtol=0, atol=0)
 
 
@@ -352,13 +379,19 @@ def test_cuda_forward_and_autograd_match_reference(dtype, margin, beta) -> None:
     x, w, label = _problem(n=33, c=17, d=9, seed=margin)
     g = torch.randn(33, 17, dtype=torch.float64)
     out, gx, gw = _forward_and_grads(
-        x.to("cuda", DTYPES[dtype]), w.to("cuda", DTYPES[dtype]), label.cuda(), g.to("cuda", DTYPES[dtype]),
-        margin=margin, beta=beta,
+        x.to("cuda", DTYPES[dtype]),
+        w.to("cuda", DTYPES[dtype]),
+        label.cuda(),
+        g.to("cuda", DTYPES[dtype]),
+        margin=margin,
+        beta=beta,
     )
     assert out.is_cuda and gx.is_cuda and gw.is_cuda and out.dtype == DTYPES[dtype]
     xn, wn, gn = (t.to(DTYPES[dtype]).double().numpy() for t in (x, w, g))
     check_forward(out.cpu().numpy(), xn, wn, label.numpy(), margin=margin, beta=beta, dtype=dtype)
-    check_backward((gx.cpu().numpy(), gw.cpu().numpy()), gn, xn, wn, label.numpy(), margin=margin, beta=beta, dtype=dtype)
+    check_backward(
+        (gx.cpu().numpy(), gw.cpu().numpy()), gn, xn, wn, label.numpy(), margin=margin, beta=beta, dtype=dtype
+    )
 
 
 @pytest.mark.gpu
@@ -395,7 +428,10 @@ def test_cuda_backend_sees_the_tensors_own_memory_and_outputs_belong_to_torch(mo
     out = lsoftmax(x, w, label, margin=2, beta=0.0)
     torch.cuda.synchronize()
     assert (seen["x"], seen["w"], seen["label"], seen["out"]) == (
-        x.data_ptr(), w.data_ptr(), label.data_ptr(), out.data_ptr()
+        x.data_ptr(),
+        w.data_ptr(),
+        label.data_ptr(),
+        out.data_ptr(),
     )
     assert torch.cuda.memory_allocated() - before >= out.numel() * out.element_size()
     assert cupy.get_default_memory_pool().used_bytes() == pool_before
