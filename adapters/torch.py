@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextlib import ExitStack
 from typing import Any, Callable
 
 import numpy as np
@@ -104,8 +105,8 @@ def _cupy_stream(torch_stream: torch.cuda.Stream) -> Any:
     import cupy
 
     from_external = getattr(cupy.cuda.Stream, "from_external", None)
-    if from_external is not None:  # CuPy >= 14: the CUDA stream protocol
-        return from_external(torch_stream)
+    if from_external is not None and hasattr(torch_stream, "__cuda_stream__"):
+        return from_external(torch_stream)  # the CUDA stream protocol (CuPy >= 14)
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
 
 
@@ -113,12 +114,11 @@ def _run_cuda(fn: Callable[..., Any], named: dict[str, Tensor], device: torch.de
     import cupy
 
     torch_stream = torch.cuda.current_stream(device)
-    with (
-        torch.cuda.device(device),
-        cupy.cuda.Device(device.index),
-        _cupy_stream(torch_stream),
-        cupy.cuda.using_allocator(_torch_allocator(torch_stream)),
-    ):
+    with ExitStack() as stack:
+        stack.enter_context(torch.cuda.device(device))
+        stack.enter_context(cupy.cuda.Device(device.index))
+        stack.enter_context(_cupy_stream(torch_stream))
+        stack.enter_context(cupy.cuda.using_allocator(_torch_allocator(torch_stream)))
         # Producer and consumer share one stream, so the DLPack stream handshake in both
         # directions needs no synchronisation.
         arrays = []
