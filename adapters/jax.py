@@ -1,0 +1,254 @@
+"""JAX adapter: ``lsoftmax(x, w, label, margin=, beta=)``, differentiable with ``jax.grad``.
+
+A thin bridge: shapes and dtypes are checked at trace time with the core's own
+validation, the work is done by ``lsoftmax_core.forward``/``backward`` inside an XLA
+callback, and ``jax.custom_vjp`` wires the core's backward into JAX's reverse mode.
+
+Execution.  Both devices go through ``jax.experimental.buffer_callback``, which hands
+the callback XLA's own buffers:
+
+* CPU: the operands are wrapped as NumPy arrays without a copy (``Buffer.__array__``;
+  the views are marked read-only, since XLA owns them) and the NumPy backend runs on
+  them.  ``jax.pure_callback`` is not used because in JAX 0.10 it copies every operand
+  before the callback sees it (the copy is measurable: the callback's pointer differs
+  from ``Array.unsafe_buffer_pointer()``), whereas buffer_callback's views alias the
+  operands (tested).
+* CUDA: the operands are wrapped as CuPy arrays without a copy
+  (``__cuda_array_interface__``) and the CuPy backend runs on XLA's compute stream,
+  under ``jit`` and eagerly; nothing goes through the host.
+
+The core returns new arrays, so each result is copied once into XLA's output buffer
+(on the device, on XLA's stream, for CUDA).  Other platforms (TPU, ROCm) are not
+supported: buffer_callback does not lower on TPU, and the CUDA kernels are CUDA-only.
+On CUDA, CuPy allocates the backend's temporaries and results from its own memory pool,
+next to XLA's: if XLA preallocates most of the GPU (its default), set
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` lower or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+
+Errors.  Shapes, dtypes, margin and a Python beta are checked at the call (under ``jit``:
+while tracing), with the core's messages.  Label values (and a traced beta) can only be
+checked when the callback runs; JAX re-raises the core's error as
+``jax.errors.JaxRuntimeError`` whose message ends with the core's
+``ValueError: label must lie in [0, C) ...``.
+
+beta is an operand, not a static argument: a new value (a schedule changing every step)
+re-uses the compiled computation.  Pass it as an argument of your jitted function.  A
+Python number is checked at the call; a traced beta is checked when the callback runs
+(ValueError naming beta).  It is cast to x's dtype, and treated as a constant: the
+gradient with respect to beta is zero (``stop_gradient``), as for a hyper-parameter.
+On CUDA the callback reads beta from the device, which waits for XLA's stream
+(a 4- or 8-byte copy) because the CuPy backend takes beta as a host number.
+
+vmap: each slice of the mapped axis is an independent L-Softmax problem (its own x, w,
+label and beta), computed by one call of the core after the other (buffer_callback's
+``vmap_method="sequential"``).  Samples that share w need no vmap: fold them into N
+(``x.reshape(-1, D)``, ``label.reshape(-1)``), which is one call with the same result.
+
+Not supported: forward-mode autodiff (``jax.jvp``) and second derivatives, since the
+backward pass is itself a callback without a derivative rule.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
+
+import lsoftmax_core as core
+from lsoftmax_core._numpy_backend import FLOAT_DTYPES, _check_labels
+from lsoftmax_core._validate import check_beta, check_margin, validate
+
+__all__ = ["lsoftmax"]
+
+# DLPack device types (dlpack.h), as reported by Buffer.__dlpack_device__().
+_DL_CPU = 1
+_DL_CUDA = 2
+
+_Callback = Callable[..., None]
+
+
+def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) -> jax.Array:
+    """L-Softmax logits (N, C) of ``x`` (N, D) against class weights ``w`` (C, D).
+
+    ``label`` (N,) holds integers in [0, C).  x and w are jax or NumPy arrays of the same
+    dtype, float32 or float64 (float64 needs ``jax_enable_x64``).  ``margin`` is a static
+    Python int; ``beta`` a Python number or a scalar jax array (traced, no recompile for
+    a new value).  Differentiable in x and w with ``jax.grad``/``jax.vjp``; works under
+    ``jit`` and ``vmap`` (see the module docstring).  Labels outside [0, C) are an error
+    naming label: a ValueError at the call for NumPy labels; for jax labels a
+    ``jax.errors.JaxRuntimeError`` carrying the core's ValueError when the computation
+    runs (JAX dispatches asynchronously: at the latest when the result is used).
+    """
+    m = check_margin(margin)
+    beta_now = _check_concrete_beta(beta)
+    for name, a in (("x", x), ("w", w), ("label", label)):
+        if not isinstance(a, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a jax.Array or numpy.ndarray, got "
+                f"{type(a).__module__}.{type(a).__qualname__}"
+            )
+    # Shapes and dtypes are known at trace time: the core's checks run here, so a bad
+    # call fails at the call site (under jit: when tracing), before any callback runs.
+    p = validate(x, w, label, m, beta_now, float_dtypes=FLOAT_DTYPES)
+    if isinstance(label, np.ndarray):
+        _check_labels(label, p.c)  # host data: check now, before any narrowing to int32
+    xj = _to_jax("x", x)
+    wj = _to_jax("w", w)
+    lj = _to_jax("label", label)
+    beta_arr = _beta_operand(beta, p.dtype)
+    return _lsoftmax(xj, wj, lj, beta_arr, m)  # type: ignore[no-any-return]
+
+
+def _check_concrete_beta(beta: Any) -> float:
+    """beta as a float if it is a Python/NumPy number (checked now), else 0.0 for now."""
+    if isinstance(beta, jax.Array):
+        if beta.ndim != 0 or beta.dtype.kind not in "fiu":
+            raise TypeError(
+                f"beta must be a real scalar, got a jax array of shape {tuple(beta.shape)} "
+                f"and dtype {beta.dtype}"
+            )
+        return 0.0  # a traced value: checked by the core when the callback runs
+    return check_beta(beta)
+
+
+def _beta_operand(beta: Any, dtype: np.dtype[Any]) -> jax.Array:
+    b = jnp.asarray(beta, dtype=dtype)
+    # A hyper-parameter: no gradient flows to it (the custom VJP returns none for it).
+    return jax.lax.stop_gradient(b)
+
+
+def _to_jax(name: str, a: Any) -> jax.Array:
+    if isinstance(a, jax.Array):
+        return a
+    out = jnp.asarray(a)
+    if out.dtype != a.dtype and a.dtype.kind == "f":
+        # Without x64 JAX would silently round a float64 array to float32.
+        raise TypeError(
+            f"{name}.dtype={a.dtype} needs jax_enable_x64 (JAX would silently convert it to "
+            f"{out.dtype}); enable x64 or pass {name}.astype(numpy.float32)"
+        )
+    # Integer labels may be narrowed (int64 -> int32 without x64): they were range-checked
+    # against [0, C) first, so the values survive.
+    return out
+
+
+def _shape_dtype(a: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lsoftmax(x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int) -> jax.Array:
+    return _forward_call(x, w, label, beta, margin)
+
+
+def _forward_call(x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype)
+    call = buffer_callback(_callback("forward", margin), out, vmap_method="sequential")
+    return call(x, w, label, beta)  # type: ignore[no-any-return]
+
+
+def _lsoftmax_fwd(
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return _forward_call(x, w, label, beta, margin), (x, w, label, beta)
+
+
+def _lsoftmax_bwd(margin: int, res: tuple[jax.Array, ...], grad_logits: jax.Array) -> tuple[Any, ...]:
+    x, w, label, beta = res
+    outs = (_shape_dtype(x), _shape_dtype(w))
+    call = buffer_callback(_callback("backward", margin), outs, vmap_method="sequential")
+    grad_x, grad_w = call(grad_logits, x, w, label, beta)
+    # No cotangent for the integer labels nor for beta (a constant, see lsoftmax).
+    return grad_x, grad_w, None, None
+
+
+_lsoftmax.defvjp(_lsoftmax_fwd, _lsoftmax_bwd)
+
+
+@functools.cache
+def _callback(kind: str, margin: int) -> _Callback:
+    """One callback object per (kind, margin): JAX caches compiled calls by its identity."""
+
+    def callback(ctx: Any, out: Any, *operands: Any) -> None:
+        outs = out if isinstance(out, tuple) else (out,)
+        device_type, device_id = operands[0].__dlpack_device__()
+        if device_type == _DL_CPU:
+            _run_numpy(kind, margin, outs, operands)
+        elif device_type == _DL_CUDA:
+            _run_cupy(kind, margin, ctx, int(device_id), outs, operands)
+        else:
+            raise NotImplementedError(
+                f"lsoftmax_core.adapters.jax runs on CPU and CUDA devices only, not on DLPack "
+                f"device type {device_type}"
+            )
+
+    return callback
+
+
+def _core_call(kind: str, margin: int, arrays: list[Any], beta: float) -> tuple[Any, ...]:
+    if kind == "forward":
+        x, w, label = arrays
+        return (core.forward(x, w, label, margin=margin, beta=beta),)
+    grad_logits, x, w, label = arrays
+    return tuple(core.backward(grad_logits, x, w, label, margin=margin, beta=beta))
+
+
+def _host_view(buf: Any) -> np.ndarray[Any, Any]:
+    a = np.asarray(buf)  # aliases XLA's buffer (no copy)
+    a.flags.writeable = False  # XLA owns operands: any write would corrupt its values
+    return a
+
+
+def _run_numpy(kind: str, margin: int, outs: tuple[Any, ...], operands: tuple[Any, ...]) -> None:
+    *arrays, beta = (_host_view(b) for b in operands)
+    results = _core_call(kind, margin, arrays, float(beta))
+    for buf, r in zip(outs, results):
+        np.copyto(np.asarray(buf), r)
+
+
+class _XlaStream:
+    """XLA's stream handle, exposed through the CUDA stream protocol for CuPy."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def _stream_ptr(ctx: Any) -> int:
+    s = ctx.stream  # a property in jax 0.10, a method in earlier releases
+    return int(s() if callable(s) else s)
+
+
+def _device_view(cupy: Any, buf: Any) -> Any:
+    if 0 in tuple(buf.shape):
+        # An empty buffer may have a null pointer, which CuPy cannot look up.
+        return cupy.empty(tuple(buf.shape), dtype=buf.dtype)
+    # __cuda_array_interface__ v2 (no stream field): a view, no copy and no synchronisation.
+    return cupy.asarray(buf)
+
+
+def _run_cupy(
+    kind: str, margin: int, ctx: Any, device_id: int, outs: tuple[Any, ...], operands: tuple[Any, ...]
+) -> None:
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        ptr = _stream_ptr(ctx)
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+            stream = cupy.cuda.Stream.from_external(_XlaStream(ptr))
+        else:
+            stream = cupy.cuda.ExternalStream(ptr, device_id)
+        # Every kernel, copy and cuBLAS call of the CuPy backend goes on XLA's stream, so it
+        # is ordered after the producers of the operands and before their consumers.
+        with stream:
+            *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
+            beta = float(beta_dev.get())  # waits for the stream: the backend wants a host float
+            results = _core_call(kind, margin, arrays, beta)
+            for buf, r in zip(outs, results):
+                if r.size:
+                    cupy.copyto(_device_view(cupy, buf), r)
