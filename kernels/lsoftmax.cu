@@ -1,0 +1,402 @@
+// CUDA kernels of the CuPy backend (lsoftmax_core/_cupy_backend.py).  The GEMMs run in
+// cuBLAS; these kernels add the L-Softmax terms to their outputs, O(N*D) work in total.
+//
+//   lsm_forward           one block per sample: the target logit of the GEMM output x @ w.T.
+//   lsm_backward_rows     one block per sample: grad_x[i] += q_i, and the per-sample grad_w
+//                         coefficients (alpha_i, eps_i, ew_i) into the workspace `coef`.
+//   lsm_backward_classes  one block per (sample, column tile); only the block of each class's
+//                         FIRST sample works: it adds sum_{j in class} r_j to grad_w[class].
+//   lsm_check_labels      margin 1 (a plain GEMM): only the label range check.
+//
+// Determinism.  Every floating-point sum has a fixed order: per-thread loops in a fixed
+// element order, block reductions by a fixed tree in shared memory, and the per-class sum
+// of r_j by one block per class, over the class's samples in index order, split into lanes
+// by member ordinal and combined by a fixed tree.  No floating-point atomics anywhere, so
+// the same inputs give bitwise the same outputs on every run; the order depends only on
+// N, C, D and the dtype, never on pointer alignment (vector and scalar loads feed the same
+// per-element arithmetic).
+//
+// Per-class grouping without a sort.  lsm_backward_rows stamps, per class y, the first and
+// the last sample index of y with integer atomicMax on (stamp << 32 | N - i) and
+// (stamp << 32 | i + 1) (integer atomics: order-independent result).  The stamp is new for
+// every call, so stale entries of earlier calls lose and the workspace never needs clearing.
+// The owner block then scans labels[first..last] in chunks of LSM_BLOCK, compacts the
+// matches in order (prefix sum in shared memory) and accumulates.  Cost: O(N*D) data plus
+// sum over classes of (last - first) label reads, small unless many classes each have
+// several samples spread over a huge batch.
+//
+// Bad labels.  A sample whose label is outside [0, C) is skipped (its row stays the plain
+// GEMM's) and reported through record_bad_label(): the first bad index wins an atomicMin
+// on a device word and the call's serial number is stored into pinned, mapped host memory,
+// which the host reads without synchronising.  No label is used as an index before the
+// range check.
+//
+// Launch configuration: blockDim.x == LSM_BLOCK (== _cupy_plan.BLOCK) always.  Every early
+// return is block-uniform (it depends only on blockIdx and on values all threads read the
+// same), so no thread skips a __syncthreads another thread waits at.
+#include "lsoftmax_math.cuh"
+
+#define LSM_BLOCK 128
+
+namespace lsm {
+
+// 16-byte groups: each thread loads N consecutive elements with one 128-bit load when the
+// row is 16-byte aligned, element by element otherwise (same values, same arithmetic).
+template <typename F>
+struct Group {
+  typedef typename F::Storage S;
+  enum { N = 16 / sizeof(S) };
+  struct alignas(16) Pack {
+    S v[N];
+  };
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (((u64)p) & 15ull) == 0; }
+
+template <typename F>
+__device__ __forceinline__ int load_group(const typename F::Storage* row, bool aligned, long long d,
+                                          long long g, typename F::Storage (&out)[Group<F>::N]) {
+  typedef Group<F> G;
+  const long long start = g * G::N;
+  const long long left = d - start;
+  const int cnt = left < G::N ? (int)left : (int)G::N;
+  if (aligned && cnt == G::N) {
+    const typename G::Pack pk = *reinterpret_cast<const typename G::Pack*>(row + start);
+#pragma unroll
+    for (int k = 0; k < G::N; ++k) out[k] = pk.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < G::N; ++k) out[k] = k < cnt ? row[start + k] : (typename F::Storage)0;
+  }
+  return cnt;
+}
+
+template <typename F>
+__device__ __forceinline__ void store_group(typename F::Storage* row, bool aligned, long long g, int cnt,
+                                            const typename F::Storage (&in)[Group<F>::N]) {
+  typedef Group<F> G;
+  const long long start = g * G::N;
+  if (aligned && cnt == G::N) {
+    typename G::Pack pk;
+#pragma unroll
+    for (int k = 0; k < G::N; ++k) pk.v[k] = in[k];
+    *reinterpret_cast<typename G::Pack*>(row + start) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < G::N; ++k)
+      if (k < cnt) row[start + k] = in[k];
+  }
+}
+
+// Fixed-tree block reductions of K values per thread; the result is in every thread.
+template <typename V, int K>
+__device__ __forceinline__ void block_sum(V (&v)[K], V* sh) {
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] = v[q];
+  __syncthreads();
+  for (int s = LSM_BLOCK / 2; s > 0; s >>= 1) {
+    if (t < s) {
+#pragma unroll
+      for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] += sh[q * LSM_BLOCK + t + s];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < K; ++q) v[q] = sh[q * LSM_BLOCK];
+  __syncthreads();  // sh is reused by the next reduction
+}
+
+template <typename V, int K>
+__device__ __forceinline__ void block_max(V (&v)[K], V* sh) {
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] = v[q];
+  __syncthreads();
+  for (int s = LSM_BLOCK / 2; s > 0; s >>= 1) {
+    if (t < s) {
+#pragma unroll
+      for (int q = 0; q < K; ++q) {
+        const V o = sh[q * LSM_BLOCK + t + s];
+        if (o > sh[q * LSM_BLOCK + t]) sh[q * LSM_BLOCK + t] = o;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < K; ++q) v[q] = sh[q * LSM_BLOCK];
+  __syncthreads();
+}
+
+template <typename A>
+struct RowSums {
+  A xx, ww, xw;
+  int ex, ew;
+};
+
+// Scaled sums of one sample row x_i and its class row w_y, in every thread of the block.
+// Pass 1 finds max|x| and max|w| (for the power-of-two scales), pass 2 sums the scaled
+// squares and products with fma; both passes read the rows (the second from L1/L2).
+template <typename F>
+__device__ RowSums<typename F::Acc> row_sums(const typename F::Storage* xr, const typename F::Storage* wr,
+                                             long long d, typename F::Acc* red) {
+  typedef typename F::Acc A;
+  typedef typename F::Storage S;
+  const int N = Group<F>::N;
+  const bool xa = aligned16(xr), wa = aligned16(wr);
+  const long long ngroups = (d + N - 1) / N;
+  A amax[2] = {A(0), A(0)};
+  for (long long g = threadIdx.x; g < ngroups; g += LSM_BLOCK) {
+    S bx[Group<F>::N], bw[Group<F>::N];
+    const int cnt = load_group<F>(xr, xa, d, g, bx);
+    load_group<F>(wr, wa, d, g, bw);
+#pragma unroll
+    for (int k = 0; k < Group<F>::N; ++k) {
+      if (k < cnt) {
+        const A vx = abs_(to_acc<F>(bx[k])), vw = abs_(to_acc<F>(bw[k]));
+        if (vx > amax[0]) amax[0] = vx;
+        if (vw > amax[1]) amax[1] = vw;
+      }
+    }
+  }
+  block_max(amax, red);
+  RowSums<A> r;
+  r.ex = scale_exponent(amax[0]);
+  r.ew = scale_exponent(amax[1]);
+  const A sx = ldexp_(A(1), -r.ex), sw = ldexp_(A(1), -r.ew);
+  A s[3] = {A(0), A(0), A(0)};
+  for (long long g = threadIdx.x; g < ngroups; g += LSM_BLOCK) {
+    S bx[Group<F>::N], bw[Group<F>::N];
+    const int cnt = load_group<F>(xr, xa, d, g, bx);
+    load_group<F>(wr, wa, d, g, bw);
+#pragma unroll
+    for (int k = 0; k < Group<F>::N; ++k) {
+      if (k < cnt) {
+        const A ux = to_acc<F>(bx[k]) * sx, uw = to_acc<F>(bw[k]) * sw;
+        s[0] = fma_(ux, ux, s[0]);
+        s[1] = fma_(uw, uw, s[1]);
+        s[2] = fma_(ux, uw, s[2]);
+      }
+    }
+  }
+  block_sum(s, red);
+  r.xx = s[0];
+  r.ww = s[1];
+  r.xw = s[2];
+  return r;
+}
+
+// Report a label outside [0, C).  err_rec is pinned host memory mapped into the device
+// address space: {serial of the bad call, C, op (0 forward, 1 backward), unused}.  Only the
+// first bad call since the host last read the record writes it; err_key keeps the smallest
+// bad index (high 32 bits) with its label saturated to int32 (low 32 bits).
+__device__ __forceinline__ void record_bad_label(long long i, long long y, long long c, u64* err_key,
+                                                 u64 err_rec, long long serial, long long op) {
+  volatile long long* rec = reinterpret_cast<volatile long long*>(err_rec);
+  const long long pending = rec[0];
+  if (pending != 0 && pending != serial) return;
+  const long long v = y < -2147483647LL - 1 ? -2147483647LL - 1 : (y > 2147483647LL ? 2147483647LL : y);
+  atomicMin(err_key, ((u64)i << 32) | (u64)(u32)(int)v);
+  rec[1] = c;
+  rec[2] = op;
+  __threadfence_system();
+  rec[0] = serial;
+}
+
+__device__ __forceinline__ const double* thresholds_for(const double* table, long long margin) {
+  return table + (margin - 1) * (margin - 2) / 2;  // table = thresholds(1) + ... + thresholds(64)
+}
+
+}  // namespace lsm
+
+template <typename L>
+__global__ void __launch_bounds__(LSM_BLOCK)
+    lsm_check_labels(const L* __restrict__ label, long long n, long long c, lsm::u64* err_key,
+                     lsm::u64 err_rec, long long serial, long long op) {
+  const long long i = (long long)blockIdx.x * LSM_BLOCK + threadIdx.x;
+  if (i < n) {
+    const long long y = (long long)label[i];
+    if (y < 0 || y >= c) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, op);
+  }
+}
+
+template <typename F, typename L>
+__global__ void __launch_bounds__(LSM_BLOCK)
+    lsm_forward(const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                const L* __restrict__ label, typename F::Storage* __restrict__ logits, long long n,
+                long long c, long long d, long long margin, double beta,
+                const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
+                long long serial) {
+  typedef typename F::Acc A;
+  __shared__ A red[3 * LSM_BLOCK];
+  const long long i = blockIdx.x;
+  const long long y = (long long)label[i];
+  if (y < 0 || y >= c) {
+    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, 0);
+    return;
+  }
+  const lsm::RowSums<A> s = lsm::row_sums<F>(x + i * d, w + y * d, d, red);
+  if (threadIdx.x == 0) {
+    const lsm::RowStats<A> st =
+        lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
+    logits[i * c + y] = lsm::from_double<F>(lsm::target_logit(st, beta));
+  }
+}
+
+template <typename F, typename L>
+__global__ void __launch_bounds__(LSM_BLOCK)
+    lsm_backward_rows(const typename F::Storage* __restrict__ grad_logits,
+                      const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                      const L* __restrict__ label, typename F::Storage* __restrict__ grad_x,
+                      double* __restrict__ coef, lsm::u64* __restrict__ stamps, long long stamp, long long n,
+                      long long c, long long d, long long margin, double beta,
+                      const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
+                      long long serial) {
+  typedef typename F::Acc A;
+  typedef typename F::Storage S;
+  typedef lsm::Group<F> G;
+  __shared__ A red[3 * LSM_BLOCK];
+  __shared__ double k_sh[3];
+  const long long i = blockIdx.x;
+  const long long y = (long long)label[i];
+  if (y < 0 || y >= c) {
+    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, 1);
+    return;
+  }
+  const S* xr = x + i * d;
+  const S* wr = w + y * d;
+  const lsm::RowSums<A> s = lsm::row_sums<F>(xr, wr, d, red);
+  if (threadIdx.x == 0) {
+    const lsm::RowStats<A> st =
+        lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
+    const double g = lsm::to_double<F>(grad_logits[i * c + y]);
+    const lsm::Coefficients k = lsm::backward_coefficients(st, g, beta);
+    coef[3 * i] = k.alpha;
+    coef[3 * i + 1] = k.eps;
+    coef[3 * i + 2] = (double)s.ew;
+    const lsm::u64 tag = (lsm::u64)stamp << 32;
+    atomicMax(&stamps[2 * y], tag | (lsm::u64)(n - i));      // first sample of class y
+    atomicMax(&stamps[2 * y + 1], tag | (lsm::u64)(i + 1));  // last sample of class y
+    k_sh[0] = k.gx_scale;
+    k_sh[1] = k.kw;
+    k_sh[2] = k.kx;
+  }
+  __syncthreads();
+  // grad_x[i] += gx_scale * (kw * w_y*2^-ew + kx * x_i*2^-ex), in double, rounded once.
+  const double gx_scale = k_sh[0], kw = k_sh[1], kx = k_sh[2];
+  const double sx = lsm::ldexp_(1.0, -s.ex), sw = lsm::ldexp_(1.0, -s.ew);
+  S* gr = grad_x + i * d;
+  const bool xa = lsm::aligned16(xr), wa = lsm::aligned16(wr), ga = lsm::aligned16(gr);
+  const long long ngroups = (d + G::N - 1) / G::N;
+  for (long long g = threadIdx.x; g < ngroups; g += LSM_BLOCK) {
+    S bx[G::N], bw[G::N], bg[G::N];
+    const int cnt = lsm::load_group<F>(xr, xa, d, g, bx);
+    lsm::load_group<F>(wr, wa, d, g, bw);
+    lsm::load_group<F>(gr, ga, d, g, bg);
+#pragma unroll
+    for (int k = 0; k < G::N; ++k) {
+      if (k < cnt) {
+        const double ux = lsm::to_double<F>(bx[k]) * sx, uw = lsm::to_double<F>(bw[k]) * sw;
+        const double inner = lsm::fma_(kw, uw, kx * ux);
+        bg[k] = lsm::from_double<F>(lsm::fma_(gx_scale, inner, lsm::to_double<F>(bg[k])));
+      }
+    }
+    lsm::store_group<F>(gr, ga, g, cnt, bg);
+  }
+}
+
+template <typename F, typename L>
+__global__ void __launch_bounds__(LSM_BLOCK)
+    lsm_backward_classes(const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                         const L* __restrict__ label, typename F::Storage* __restrict__ grad_w,
+                         const double* __restrict__ coef, const lsm::u64* __restrict__ stamps, long long stamp,
+                         long long n, long long c, long long d, long long kcols) {
+  typedef typename F::Storage S;
+  typedef lsm::Group<F> G;
+  __shared__ int scan[LSM_BLOCK];
+  __shared__ long long members[LSM_BLOCK];
+  __shared__ double red[G::N * LSM_BLOCK];
+  __shared__ double eps_sh;
+  const long long i = blockIdx.x;
+  const long long y = (long long)label[i];
+  if (y < 0 || y >= c) return;  // reported by lsm_backward_rows
+  const lsm::u64 tag = (lsm::u64)stamp << 32;
+  if (stamps[2 * y] != (tag | (lsm::u64)(n - i))) return;  // i is not the first sample of y
+  const long long last = (long long)(stamps[2 * y + 1] - tag) - 1;
+  // Thread layout: K column groups x R member lanes (K * R == LSM_BLOCK, both powers of two;
+  // K depends only on D and the dtype).  Member number o (in index order) goes to lane o % R.
+  const int t = threadIdx.x;
+  const int K = (int)kcols, R = LSM_BLOCK / K;
+  const int col = t % K, lane = t / K;
+  const long long g = (long long)blockIdx.y * K + col;
+  const long long ngroups = (d + G::N - 1) / G::N;
+  const bool active = g < ngroups;
+  double acc[G::N];
+#pragma unroll
+  for (int k = 0; k < G::N; ++k) acc[k] = 0.0;
+  double eps_total = 0.0;  // thread 0: sum of eps_j in index order
+  long long ordinal = 0;   // members found in earlier chunks
+  for (long long j0 = i; j0 <= last; j0 += LSM_BLOCK) {
+    const long long j = j0 + t;
+    const int match = (j <= last && (long long)label[j] == y) ? 1 : 0;
+    scan[t] = match;
+    __syncthreads();
+    for (int off = 1; off < LSM_BLOCK; off <<= 1) {  // inclusive prefix sum (Hillis-Steele)
+      const int v = t >= off ? scan[t - off] : 0;
+      __syncthreads();
+      scan[t] += v;
+      __syncthreads();
+    }
+    const int count = scan[LSM_BLOCK - 1];
+    if (match) members[scan[t] - 1] = j;
+    __syncthreads();
+    if (active) {
+      const int p0 = (int)(((lane - ordinal) % R + R) % R);
+      for (int p = p0; p < count; p += R) {
+        const long long jj = members[p];
+        const S* xr = x + jj * d;
+        const double alpha = coef[3 * jj];
+        S bx[G::N];
+        const int cnt = lsm::load_group<F>(xr, lsm::aligned16(xr), d, g, bx);
+#pragma unroll
+        for (int k = 0; k < G::N; ++k)
+          if (k < cnt) acc[k] = lsm::fma_(alpha, lsm::to_double<F>(bx[k]), acc[k]);
+      }
+    }
+    if (t == 0) {
+      for (int p = 0; p < count; ++p) eps_total += coef[3 * members[p] + 1];
+    }
+    ordinal += count;
+    __syncthreads();  // scan and members are rewritten by the next chunk
+  }
+#pragma unroll
+  for (int k = 0; k < G::N; ++k) red[k * LSM_BLOCK + t] = acc[k];
+  if (t == 0) eps_sh = eps_total;
+  __syncthreads();
+  for (int sft = R / 2; sft > 0; sft >>= 1) {  // fixed tree over the lanes
+    if (lane < sft) {
+#pragma unroll
+      for (int k = 0; k < G::N; ++k) red[k * LSM_BLOCK + t] += red[k * LSM_BLOCK + t + sft * K];
+    }
+    __syncthreads();
+  }
+  if (lane == 0 && active) {
+    // grad_w[y] += sum_j alpha_j x_j + (sum_j eps_j) * w_y*2^-ew, rounded once.
+    const double sw = lsm::ldexp_(1.0, -(int)coef[3 * i + 2]);
+    const double eps = eps_sh;
+    const S* wr = w + y * d;
+    S* gr = grad_w + y * d;
+    const bool wa = lsm::aligned16(wr), ga = lsm::aligned16(gr);
+    S bw[G::N], bg[G::N];
+    const int cnt = lsm::load_group<F>(wr, wa, d, g, bw);
+    lsm::load_group<F>(gr, ga, d, g, bg);
+#pragma unroll
+    for (int k = 0; k < G::N; ++k) {
+      if (k < cnt) {
+        const double total = lsm::fma_(eps, lsm::to_double<F>(bw[k]) * sw, red[k * LSM_BLOCK + t]);
+        bg[k] = lsm::from_double<F>(lsm::to_double<F>(bg[k]) + total);
+      }
+    }
+    lsm::store_group<F>(gr, ga, g, cnt, bg);
+  }
+}

@@ -1,0 +1,203 @@
+"""What the CuPy backend launches, as plain data: kernel names, grids and arguments.
+
+This module imports only NumPy, so the CPU tests can run the very launch sequence the GPU
+runs through a host emulation of the kernels (tests/test_kernels_host.py), and compile
+every kernel instantiation with NVRTC (tests/test_kernels_compile.py), without a GPU.
+
+Arguments are either buffer names (``str``), which the executor maps to arrays, or NumPy
+scalars whose itemsize is exactly the C type of the kernel parameter (CuPy passes a NumPy
+scalar by its own size; a Python int would always travel as 8 bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Union
+
+import numpy as np
+
+from ._chebyshev import MAX_MARGIN, thresholds
+from ._validate import Problem
+
+__all__ = [
+    "BLOCK",
+    "FORMATS",
+    "LABEL_TYPES",
+    "NVRTC_OPTIONS",
+    "Launch",
+    "backward_launches",
+    "class_layout",
+    "forward_launches",
+    "group_size",
+    "kernel_label_dtype",
+    "kernel_name",
+    "kernel_source",
+    "name_expressions",
+    "threshold_table",
+    "workspace_sizes",
+]
+
+#: Threads per block of every kernel; must equal LSM_BLOCK in kernels/lsoftmax.cu.
+BLOCK = 128
+
+#: Element dtype name -> format tag of kernels/lsoftmax_math.cuh.
+FORMATS: dict[str, str] = {
+    "float64": "lsm::F64",
+    "float32": "lsm::F32",
+    "float16": "lsm::F16",
+    "bfloat16": "lsm::BF16",
+}
+
+#: Label dtype name -> C type of the label pointer.  Other integer dtypes are converted to
+#: int64 by the backend (one extra copy) before any kernel sees them.
+LABEL_TYPES: dict[str, str] = {"int32": "int", "int64": "long long"}
+
+#: Options for NVRTC.  --fmad=false: no silent multiply-add contraction, so the kernels
+#: round exactly like the host build of the same code (and like _chebyshev.py); the fused
+#: operations that are wanted are written as fma().  CuPy adds -ftz=true itself, which the
+#: kernels tolerate by converting formats with integer code (see lsoftmax_math.cuh).
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false")
+
+KERNELS = ("lsm_forward", "lsm_backward_rows", "lsm_backward_classes")
+
+#: Operation codes recorded with a bad label.
+OP_FORWARD = 0
+OP_BACKWARD = 1
+
+Arg = Union[str, np.generic]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel(grid, (BLOCK,), args)`` on the current stream."""
+
+    name: str
+    grid: tuple[int, int]
+    args: tuple[Arg, ...]
+
+
+def kernel_name(kind: str, dtype: Any, label_dtype: Any) -> str:
+    """The name expression of a kernel instantiation: the one place a dtype becomes a name."""
+    lab = LABEL_TYPES[np.dtype(label_dtype).name]
+    if kind == "lsm_check_labels":
+        return f"lsm_check_labels<{lab}>"
+    if kind not in KERNELS:
+        raise ValueError(f"unknown kernel {kind!r}")
+    return f"{kind}<{FORMATS[np.dtype(dtype).name]}, {lab}>"
+
+
+def name_expressions(dtype_name: str | None = None) -> list[str]:
+    """Every instantiation (of one element dtype, plus the label checks), in a fixed order."""
+    names = [f"lsm_check_labels<{lab}>" for lab in LABEL_TYPES.values()]
+    for dname, fmt in FORMATS.items():
+        if dtype_name is not None and dname != dtype_name:
+            continue
+        names += [f"{kind}<{fmt}, {lab}>" for kind in KERNELS for lab in LABEL_TYPES.values()]
+    return names
+
+
+def kernel_label_dtype(label_dtype: Any) -> np.dtype[Any]:
+    """The dtype the kernels read labels as: int32/int64 in place, any other integer as int64."""
+    dt = np.dtype(label_dtype)
+    return dt if dt.name in LABEL_TYPES else np.dtype(np.int64)
+
+
+def kernel_source() -> str:
+    """kernels/lsoftmax.cu with kernels/lsoftmax_math.cuh inlined (NVRTC compiles a string
+    from a temporary directory, where a relative #include would not be found)."""
+    pkg = resources.files("lsoftmax_core.kernels")
+    header = pkg.joinpath("lsoftmax_math.cuh").read_text(encoding="utf-8")
+    body = pkg.joinpath("lsoftmax.cu").read_text(encoding="utf-8")
+    include = '#include "lsoftmax_math.cuh"'
+    if body.count(include) != 1:
+        raise RuntimeError("kernels/lsoftmax.cu must include lsoftmax_math.cuh exactly once")
+    return body.replace(include, header)
+
+
+def threshold_table() -> np.ndarray:
+    """thresholds(1) + thresholds(2) + ... + thresholds(MAX_MARGIN) as one float64 array;
+    margin m starts at (m-1)(m-2)/2 (lsm::thresholds_for)."""
+    return np.array([t for m in range(1, MAX_MARGIN + 1) for t in thresholds(m)], dtype=np.float64)
+
+
+def group_size(dtype: Any) -> int:
+    """Elements per 16-byte load (lsm::Group<F>::N)."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def class_layout(d: int, dtype: Any) -> tuple[int, int]:
+    """(K, tiles) of lsm_backward_classes: K column groups per block (a power of two, the
+    rest of the block's threads are member lanes) and the number of column tiles.  Depends
+    only on D and the dtype, so the summation order does too."""
+    groups = -(-d // group_size(dtype))
+    k = min(BLOCK, 1 << max(0, math.ceil(math.log2(max(groups, 1)))))
+    return k, -(-groups // k)
+
+
+def workspace_sizes(p: Problem) -> tuple[int, int]:
+    """(float64 coefficients, uint64 class stamps) the backward needs."""
+    return 3 * p.n, 2 * p.c
+
+
+def _check_limits(p: Problem) -> None:
+    if p.n > 2**31 - 1:
+        raise ValueError(f"x has N={p.n} rows; the CUDA backend supports N < 2**31")
+    if class_layout(p.d, p.dtype)[1] > 65535:
+        raise ValueError(f"x has D={p.d} features; too many for the CUDA backend's grid")
+
+
+def _check_launch(p: Problem, label_dtype: Any, serial: int, op: int) -> Launch:
+    i64 = np.int64
+    return Launch(
+        kernel_name("lsm_check_labels", None, label_dtype),
+        (-(-p.n // BLOCK), 1),
+        ("label", i64(p.n), i64(p.c), "err_key", "err_rec", i64(serial), i64(op)),
+    )
+
+
+def forward_launches(p: Problem, label_dtype: Any, serial: int) -> list[Launch]:
+    """Kernels after ``logits = x @ w.T``: the target fix-up (or only the label check)."""
+    _check_limits(p)
+    if p.n == 0:
+        return []
+    if p.margin == 1:  # psi(c) = c: the GEMM is the answer; labels are still checked
+        return [_check_launch(p, label_dtype, serial, OP_FORWARD)]
+    i64 = np.int64
+    args: tuple[Arg, ...] = (
+        "x", "w", "label", "logits",
+        i64(p.n), i64(p.c), i64(p.d), i64(p.margin), np.float64(p.beta),
+        "thresholds", "err_key", "err_rec", i64(serial),
+    )  # fmt: skip
+    return [Launch(kernel_name("lsm_forward", p.dtype, label_dtype), (p.n, 1), args)]
+
+
+def backward_launches(p: Problem, label_dtype: Any, serial: int, stamp: int) -> list[Launch]:
+    """Kernels after ``grad_x = G @ w`` and ``grad_w = G.T @ x``."""
+    _check_limits(p)
+    if p.n == 0:
+        return []
+    if p.margin == 1:
+        return [_check_launch(p, label_dtype, serial, OP_BACKWARD)]
+    if not 1 <= stamp < 2**32:
+        raise ValueError(f"{stamp=} must lie in [1, 2**32)")
+    i64 = np.int64
+    rows = Launch(
+        kernel_name("lsm_backward_rows", p.dtype, label_dtype),
+        (p.n, 1),
+        (
+            "grad_logits", "x", "w", "label", "grad_x", "coef", "stamps", i64(stamp),
+            i64(p.n), i64(p.c), i64(p.d), i64(p.margin), np.float64(p.beta),
+            "thresholds", "err_key", "err_rec", i64(serial),
+        ),
+    )  # fmt: skip
+    if p.d == 0:
+        return [rows]
+    k, tiles = class_layout(p.d, p.dtype)
+    classes = Launch(
+        kernel_name("lsm_backward_classes", p.dtype, label_dtype),
+        (p.n, tiles),
+        ("x", "w", "label", "grad_w", "coef", "stamps", i64(stamp), i64(p.n), i64(p.c), i64(p.d), i64(k)),
+    )
+    return [rows, classes]
