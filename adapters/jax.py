@@ -58,8 +58,8 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 import lsoftmax_core as core
-from lsoftmax_core._numpy_backend import FLOAT_DTYPES, _check_labels
-from lsoftmax_core._validate import check_beta, check_margin, validate
+from lsoftmax_core._numpy_backend import FLOAT_DTYPES
+from lsoftmax_core._validate import check_beta, check_labels_host, check_margin, validate
 
 __all__ = ["lsoftmax"]
 
@@ -94,7 +94,7 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
     # call fails at the call site (under jit: when tracing), before any callback runs.
     p = validate(x, w, label, m, beta_now, float_dtypes=FLOAT_DTYPES)
     if isinstance(label, np.ndarray):
-        _check_labels(label, p.c)  # host data: check now, before any narrowing to int32
+        check_labels_host(label, p.c)  # host data: check now, before any narrowing to int32
     xj = _to_jax("x", x)
     wj = _to_jax("w", w)
     lj = _to_jax("label", label)

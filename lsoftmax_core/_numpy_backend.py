@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._chebyshev import psi_and_derivative
-from ._validate import Problem, validate
+from ._validate import Problem, check_labels_host, validate
 
 __all__ = ["FLOAT_DTYPES", "backward", "forward"]
 
@@ -69,15 +69,6 @@ def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, F64]:
     return amax * rel, unit
 
 
-def _check_labels(label: npt.NDArray[Any], c: int) -> None:
-    if label.size == 0:
-        return
-    bad = (label < 0) | (label >= c)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"label must lie in [0, C) = [0, {c}): label[{i}]={int(label[i])}")
-
-
 def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
     a, xhat = _norm_and_unit(x)
     b, what = _norm_and_unit(w[label])
@@ -94,7 +85,7 @@ def _prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
 ) -> Problem:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
-    _check_labels(label, p.c)
+    check_labels_host(label, p.c)
     return p
 
 

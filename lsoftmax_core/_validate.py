@@ -16,7 +16,7 @@ import numpy as np
 
 from ._chebyshev import MAX_MARGIN
 
-__all__ = ["Problem", "check_beta", "check_margin", "validate"]
+__all__ = ["Problem", "check_beta", "check_labels_host", "check_margin", "validate"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,13 @@ def validate(
         if grad_logits.dtype != x.dtype:
             raise TypeError(f"grad_logits.dtype={grad_logits.dtype} must equal x.dtype={x.dtype}")
     return Problem(n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b)
+
+
+def check_labels_host(label: Any, c: int) -> None:
+    """Labels held in host memory (a NumPy array) must lie in [0, C); O(N), no copy."""
+    if label.size == 0:
+        return
+    bad = (label < 0) | (label >= c)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"label must lie in [0, C) = [0, {c}): label[{i}]={int(label[i])}")
