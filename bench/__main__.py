@@ -1,0 +1,63 @@
+"""Command line: ``python -m bench --cpu | --gpu | --render DEVICE`` (see docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from . import report
+from .runner import CPU_FULL, GPU_FULL, REPO, Settings, run_cpu, run_gpu
+
+__all__ = ["main"]
+
+QUICK = Settings(repeat=2, warmup=1, min_time=0.001, lenet_batches=(128,))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--cpu", action="store_true", help="CPU run (about 3-5 minutes on 2 cores)")
+    what.add_argument("--gpu", action="store_true", help="GPU run (about 2-3 minutes)")
+    what.add_argument("--render", choices=("cpu", "gpu"),
+                      help="only rebuild the doc section and plot from the CSV files in --out")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the CSV/JSON files (default bench/results; a temporary one with --quick)")
+    p.add_argument("--no-doc", action="store_true",
+                   help="do not touch docs/: the plot and a markdown fragment go into --out instead")
+    p.add_argument("--quick", action="store_true",
+                   help="2 repetitions, LeNet at batch 128 only: checks the harness; implies --no-doc")
+    p.add_argument("--repeat", type=int, default=None, help="repetitions per contender (default 15 CPU, 30 GPU)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    no_doc = args.no_doc or args.quick
+    out = args.out or (Path(tempfile.mkdtemp(prefix="lsoftmax-bench-")) if args.quick else REPO / "bench" / "results")
+    doc = None if no_doc else REPO / "docs" / "BENCHMARKS.md"
+    plot_dir = out if no_doc else REPO / "docs" / "bench"
+    if args.render:
+        device = args.render
+        rows = report.read_csv(out / f"{device}.csv")
+        lenet = report.read_csv(out / f"{device}_lenet.csv")
+        import json
+
+        env = json.loads((out / f"{device}_env.json").read_text())
+        report.publish(doc, plot_dir, device, rows, lenet, env)
+        return 0
+    settings = QUICK if args.quick else (CPU_FULL if args.cpu else GPU_FULL)
+    if args.repeat is not None:
+        settings = Settings(args.repeat, settings.warmup, settings.min_time, settings.lenet_batches)
+    if args.cpu:
+        run_cpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir)
+    else:
+        run_gpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir)
+    print(f"results in {out}" + ("" if doc is None else f"; section and plot in {doc}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

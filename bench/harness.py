@@ -1,0 +1,336 @@
+"""Timing, memory and environment records shared by the CPU and GPU benchmarks.
+
+Timing.  Every contender is warmed up, then the contenders are run round-robin: each
+repetition times every contender once, in an order shuffled per repetition (a fixed
+seed), so that a slow spell of a shared machine, or one contender leaving BLAS threads
+spinning for the next, hits all of them alike instead of one.  One sample is ``inner``
+back-to-back calls (``inner`` calibrated in the warm-up so that a sample lasts about
+``min_time`` seconds), divided by ``inner``.  Reported: the median over repetitions and
+the ratio to the library's floor, taken per repetition (both measured within a few
+milliseconds of each other) and then the median over repetitions: a ratio survives a
+noisy machine, an absolute time does not.
+
+Clocks.  CPU: ``time.perf_counter``.  CUDA: events recorded on the stream the contender
+runs on, after a device synchronisation, read after the end event completes.
+
+Memory.  CPU: the peak resident set size (VmHWM) above the resident size just before one
+call, after a warm-up call, in a separate process started with glibc's mmap threshold
+fixed at 64 KiB so that every large block freed goes back to the OS and the next call's
+peak is its own (see :func:`cpu_peak_rss`).  This sees NumPy, BLAS and PyTorch allocations
+alike (tracemalloc would see only NumPy's).  GPU: the allocator's own peak, i.e. PyTorch's
+``max_memory_allocated`` for PyTorch contenders (the adapter allocates through it too), a
+counting allocator over CuPy's pool for CuPy contenders.  Library workspaces (cuBLAS, the
+CUDA context) are not counted on GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "Case",
+    "Measured",
+    "cpu_clock",
+    "cupy_clock",
+    "environment",
+    "measure",
+    "peak_rss_delta",
+    "torch_cuda_clock",
+]
+
+Clock = Callable[[Callable[[], object], int], float]
+
+
+@dataclass
+class Case:
+    """One contender prepared at one size; ``run()`` does one forward+backward.
+
+    ``floor`` names the contender in the same library that the ratio is taken against
+    (a floor names itself).  ``clock`` times ``inner`` calls and returns seconds per call.
+    """
+
+    name: str
+    library: str
+    kind: str
+    floor: str
+    run: Callable[[], object]
+    clock: Clock
+    note: str = ""
+
+
+@dataclass
+class Measured:
+    """The samples of one case (seconds per call) and what went wrong, if anything."""
+
+    case: Case
+    samples: list[float] = field(default_factory=list)
+    inner: int = 1
+    error: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.nan
+
+
+# --------------------------------------------------------------------------- clocks
+
+
+def cpu_clock(fn: Callable[[], object], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def torch_cuda_clock(fn: Callable[[], object], inner: int) -> float:
+    import torch
+
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / inner  # elapsed_time is in ms
+
+
+def cupy_clock(fn: Callable[[], object], inner: int) -> float:
+    import cupy
+
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    cupy.cuda.Device().synchronize()
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / 1e3 / inner  # ms
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def measure(
+    cases: Sequence[Case], *, repeat: int, warmup: int, min_time: float, seed: int = 0
+) -> list[Measured]:
+    """Warm up, calibrate and time ``cases`` round-robin (shuffled order per repetition).
+
+    A case that raises (e.g. a dtype its library does not support) is kept with its
+    error and no samples; the others go on.
+    """
+    out = [Measured(c) for c in cases]
+    for m in out:
+        try:
+            for _ in range(max(warmup, 1)):  # at least one call: compiles, caches, checks it runs
+                m.case.run()
+            # The fastest of a few single calls: one descheduled call on a shared machine
+            # must not set inner to 1 for a contender that takes microseconds.
+            once, spent = math.inf, 0.0
+            for _ in range(5):
+                t = m.case.clock(m.case.run, 1)
+                once, spent = min(once, t), spent + t
+                if spent > 0.5:
+                    break
+            m.inner = max(1, min(1000, math.ceil(min_time / max(once, 1e-9))))
+        except Exception as e:  # noqa: BLE001 - recorded in the table, never hidden
+            m.error = _short(e)
+    live = [m for m in out if not m.error]
+    rng = random.Random(seed)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one sample would be charged to one contender
+    try:
+        for _ in range(repeat):
+            order = live[:]
+            rng.shuffle(order)
+            for m in order:
+                if m.error:
+                    continue
+                try:
+                    m.samples.append(m.case.clock(m.case.run, m.inner))
+                except Exception as e:  # noqa: BLE001
+                    m.error, m.samples = _short(e), []
+    finally:
+        if was_enabled:
+            gc.enable()
+    return out
+
+
+def paired_ratio(m: Measured, floor: Measured) -> float:
+    """Median over repetitions of (this sample / the floor's sample of the same repetition)."""
+    pairs = [a / b for a, b in zip(m.samples, floor.samples) if b > 0]
+    return statistics.median(pairs) if pairs else math.nan
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_rss_delta(fn: Callable[[], object]) -> float:
+    """Peak RSS above the current RSS during one call of ``fn``, in MiB (Linux only).
+
+    Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current RSS.
+    Meaningful only in a process whose allocator returns freed blocks to the OS (see
+    the module docstring); :mod:`bench.memprobe` runs it so.
+    """
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return max(peak - before, 0) / 1024.0
+
+
+def torch_cuda_peak(fn: Callable[[], object]) -> float:
+    """Peak bytes allocated by PyTorch's CUDA allocator during one call, above the start, in MiB."""
+    import torch
+
+    torch.cuda.synchronize()
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return max(peak - base, 0) / 2**20
+
+
+def cupy_peak(fn: Callable[[], object]) -> float:
+    """Peak bytes live in CuPy allocations made during one call, in MiB.
+
+    Every allocation goes through CuPy's default pool but is wrapped in an owner object
+    whose lifetime CuPy ties to the memory; the counter goes down when CuPy drops it.
+    """
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    state = {"live": 0, "peak": 0}
+
+    class _Owner:
+        __slots__ = ("block", "size")
+
+        def __init__(self, block: Any, size: int) -> None:
+            self.block, self.size = block, size
+            state["live"] += size
+            state["peak"] = max(state["peak"], state["live"])
+
+        def __del__(self) -> None:
+            state["live"] -= self.size
+
+    def allocate(size: int) -> Any:
+        block = pool.malloc(size)
+        mem = cupy.cuda.UnownedMemory(block.ptr, size, _Owner(block, size), block.device_id)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    cupy.cuda.Device().synchronize()
+    gc.collect()
+    with cupy.cuda.using_allocator(allocate):
+        result = fn()
+        cupy.cuda.Device().synchronize()
+    del result
+    return state["peak"] / 2**20
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001 - not installed
+        return "not installed"
+
+
+def environment(gpu: bool) -> dict[str, Any]:
+    """What the figures depend on: machine, libraries, threads, BLAS kernel, date."""
+    import numpy as np
+
+    import lsoftmax_core
+
+    env: dict[str, Any] = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "numpy": np.__version__,
+        "lsoftmax_core": lsoftmax_core.__version__,
+        "torch": _version("torch"),
+        "pytorch_metric_learning": _version("pytorch-metric-learning"),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE", "(unset)"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        env["numpy_blas"] = "; ".join(
+            f"{p.get('internal_api')} {p.get('version')} kernel={p.get('architecture')} threads={p.get('num_threads')}"
+            for p in blas
+        ) or "none found"
+    except ImportError:
+        env["numpy_blas"] = "threadpoolctl not installed"
+    if "torch" in sys.modules or env["torch"] != "not installed":
+        try:
+            import torch
+
+            env["torch_threads"] = torch.get_num_threads()
+            env["torch_cuda"] = str(torch.version.cuda)
+        except ImportError:
+            pass
+    if gpu:
+        env["cupy"] = _version("cupy-cuda12x") if _version("cupy-cuda12x") != "not installed" else _version("cupy")
+        try:
+            import cupy
+
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            name = props["name"]
+            env["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+            env["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+            env["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+        except Exception as e:  # noqa: BLE001
+            env["gpu"] = f"unavailable ({_short(e)})"
+    return env

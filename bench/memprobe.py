@@ -1,0 +1,42 @@
+"""CPU peak memory of each contender, run in its own process by :func:`bench.runner.cpu_memory`.
+
+Started with ``MALLOC_MMAP_THRESHOLD_=65536``: a fixed threshold turns off glibc's
+dynamic one, so every block of 64 KiB or more is mmapped and unmapped when freed, and
+the resident size just before a call no longer holds the previous call's freed blocks.
+The peak RSS above that (``bench.harness.peak_rss_delta``) is then what one
+forward+backward needs on top of its inputs: outputs, gradients and temporaries, from
+NumPy, BLAS and PyTorch alike.  Prints one JSON object per line.
+
+    python -m bench.memprobe SIZE_NAME N D C DTYPE [SIZE_NAME N D C DTYPE ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .contenders import Size, numpy_cases, torch_cases
+from .harness import peak_rss_delta
+
+__all__ = ["main"]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) % 5:
+        raise SystemExit("usage: python -m bench.memprobe SIZE_NAME N D C DTYPE [...]")
+    for i in range(0, len(argv), 5):
+        name, n, d, c, dtype = argv[i:i + 5]
+        size = Size(name, int(n), int(d), int(c))
+        for case in numpy_cases(size, dtype) + torch_cases(size, dtype, "cpu"):
+            try:
+                case.run()  # warm-up: one-time initialisation is not the layer's memory
+                peak = peak_rss_delta(case.run)
+            except Exception:  # noqa: BLE001 - the timing table carries the error
+                peak = float("nan")
+            print(json.dumps({"size": name, "dtype": dtype, "contender": case.name, "peak_mib": peak}), flush=True)
+        del case
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

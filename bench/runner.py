@@ -1,0 +1,152 @@
+"""The CPU and GPU runs: every contender at every size, the LeNet table, memory, files.
+
+Each (size, dtype) is one interleaved measurement of all contenders of that device
+(see :mod:`bench.harness`); the rows then carry the median time, the paired ratio to the
+library's floor and the peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import report
+from .contenders import CPU_SIZES, GPU_SIZES, Size, cupy_cases, numpy_cases, torch_cases
+from .harness import Case, Measured, cupy_peak, environment, measure, paired_ratio, torch_cuda_peak
+from .lenet import lenet_rows
+
+__all__ = ["Settings", "run_cpu", "run_gpu"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Settings:
+    """Repetitions and sample length; ``quick`` ones for development and the smoke test."""
+
+    def __init__(self, repeat: int, warmup: int, min_time: float, lenet_batches: tuple[int, ...]) -> None:
+        self.repeat, self.warmup, self.min_time, self.lenet_batches = repeat, warmup, min_time, lenet_batches
+
+
+CPU_FULL = Settings(repeat=15, warmup=2, min_time=0.02, lenet_batches=(128, 256))
+GPU_FULL = Settings(repeat=30, warmup=3, min_time=0.005, lenet_batches=(128, 256))
+
+
+def _rows(device: str, size: Size, dtype: str, measured: Sequence[Measured],
+          memory: dict[str, float]) -> list[dict[str, Any]]:
+    by_name = {m.case.name: m for m in measured}
+    rows = []
+    for m in measured:
+        floor = by_name.get(m.case.floor)
+        ok = bool(m.samples) and floor is not None and bool(floor.samples)
+        rows.append({
+            "device": device, "size": size.name, "n": size.n, "d": size.d, "c": size.c, "dtype": dtype,
+            "contender": m.case.name, "library": m.case.library, "kind": m.case.kind, "floor": m.case.floor,
+            "median_ms": m.median * 1e3 if m.samples else math.nan,
+            "ratio_to_floor": paired_ratio(m, floor) if ok and floor is not None else math.nan,
+            "peak_mib": memory.get(m.case.name, math.nan),
+            "repeats": len(m.samples), "inner": m.inner,
+            "note": m.error or m.case.note,
+        })
+    return rows
+
+
+def cpu_memory(sizes: Sequence[Size], dtype: str) -> dict[tuple[str, str], float]:
+    """(size name, contender) -> peak MiB, from :mod:`bench.memprobe` in a fresh process."""
+    args = [str(v) for s in sizes for v in (s.name, s.n, s.d, s.c, dtype)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.memprobe", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"memory probe failed, no memory figures: {e}", file=sys.stderr)
+        return {}
+    result = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            result[(rec["size"], rec["contender"])] = rec["peak_mib"]
+    return result
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
+            sizes: Sequence[Size] = CPU_SIZES, memory: bool = True) -> list[dict[str, Any]]:
+    """Measure the CPU contenders; write ``cpu.csv``, ``cpu_lenet.csv``, ``cpu_env.json`` and the doc."""
+    import torch
+
+    env = environment(gpu=False)
+    dtype = "float32"
+    mem = cpu_memory(sizes, dtype) if memory else {}
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        _progress(f"cpu {size.label} {dtype}")
+        cases: list[Case] = numpy_cases(size, dtype) + torch_cases(size, dtype, "cpu")
+        measured = measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
+        rows += _rows("cpu", size, dtype, measured, {k[1]: v for k, v in mem.items() if k[0] == size.name})
+        del cases, measured
+    _progress("cpu LeNet")
+    lenet = lenet_rows("cpu", settings.lenet_batches, repeat=settings.repeat, warmup=settings.warmup,
+                       min_time=settings.min_time)
+    env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    env["torch_threads"] = torch.get_num_threads()
+    _write(out_dir, "cpu", rows, lenet, env)
+    report.publish(doc, plot_dir, "cpu", rows, lenet, env, out_dir)
+    return rows
+
+
+def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
+            sizes: Sequence[Size] = GPU_SIZES, dtypes: Sequence[str] = ("float32", "float16")) -> list[dict[str, Any]]:
+    """Measure the GPU contenders; write ``gpu.csv``, ``gpu_lenet.csv``, ``gpu_env.json`` and, if asked, the doc."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device visible to PyTorch: nothing to measure on GPU")
+    env = environment(gpu=True)
+    env["torch_matmul_tf32"] = str(torch.backends.cuda.matmul.allow_tf32)
+    env["CUPY_TF32"] = os.environ.get("CUPY_TF32", "(unset)")
+    rows: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        for size in sizes:
+            _progress(f"gpu {size.label} {dtype}")
+            cases: list[Case] = []
+            try:
+                cases += cupy_cases(size, dtype)
+            except Exception as e:  # noqa: BLE001 - CuPy missing or broken: the torch rows still come
+                _progress(f"  CuPy contenders skipped: {e}")
+            cases += torch_cases(size, dtype, "cuda")
+            measured = measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
+            mem = {}
+            for m in measured:
+                if m.error:
+                    continue
+                try:
+                    mem[m.case.name] = (cupy_peak if m.case.library == "cupy" else torch_cuda_peak)(m.case.run)
+                except Exception as e:  # noqa: BLE001
+                    _progress(f"  memory of {m.case.name} not measured: {e}")
+            rows += _rows("gpu", size, dtype, measured, mem)
+            del cases, measured
+            torch.cuda.empty_cache()
+    _progress("gpu LeNet")
+    lenet = lenet_rows("cuda", settings.lenet_batches, repeat=settings.repeat, warmup=settings.warmup,
+                       min_time=settings.min_time)
+    env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    _write(out_dir, "gpu", rows, lenet, env)
+    report.publish(doc, plot_dir, "gpu", rows, lenet, env, out_dir)
+    return rows
+
+
+def _write(out_dir: Path, device: str, rows: list[dict[str, Any]], lenet: list[dict[str, Any]],
+           env: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_csv(out_dir / f"{device}.csv", rows, report.COLUMNS)
+    report.write_csv(out_dir / f"{device}_lenet.csv", lenet, report.LENET_COLUMNS)
+    (out_dir / f"{device}_env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    _progress(f"wrote {out_dir / f'{device}.csv'}, {device}_lenet.csv, {device}_env.json")
