@@ -471,7 +471,7 @@ class LSoftmaxDense(gluon.HybridBlock):  # type: ignore[misc]
     ) -> None:
         super().__init__(**kwargs)
         self._lsm = LSoftmaxParams.from_kwargs(
-            num_hidden=units, margin=margin, beta=beta, scale=scale, beta_min=beta_min, step_key=uuid.uuid4().hex
+            num_hidden=_parse_int("units", units, 1), margin=margin, beta=beta, scale=scale, beta_min=beta_min, step_key=uuid.uuid4().hex
         )
         in_units = _parse_int("in_units", in_units, 0)
         if np.dtype(dtype).type not in FLOAT_DTYPES:
