@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import report
 from .runner import CPU_FULL, GPU_FULL, REPO, Settings, run_cpu, run_gpu
@@ -22,13 +24,17 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--cpu", action="store_true", help="CPU run (about 3-5 minutes on 2 cores)")
     what.add_argument("--gpu", action="store_true", help="GPU run (about 2-3 minutes)")
     what.add_argument("--render", choices=("cpu", "gpu"),
-                      help="only rebuild the doc section and plot from the CSV files in --out")
+                      help="only rebuild the doc section and plot from a run's files (--from), copying them to --out")
+    p.add_argument("--from", dest="source", type=Path, default=None,
+                   help="with --render: the folder holding DEVICE.csv, DEVICE_lenet.csv, DEVICE_env.json")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the CSV/JSON files (default bench/results; a temporary one with --quick)")
     p.add_argument("--no-doc", action="store_true",
                    help="do not touch docs/: the plot and a markdown fragment go into --out instead")
     p.add_argument("--quick", action="store_true",
                    help="2 repetitions, LeNet at batch 128 only: checks the harness; implies --no-doc")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: cap NumPy's BLAS and PyTorch at this many threads (default: one per core)")
     p.add_argument("--repeat", type=int, default=None, help="repetitions per contender (default 15 CPU, 30 GPU)")
     return p
 
@@ -40,19 +46,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = None if no_doc else REPO / "docs" / "BENCHMARKS.md"
     plot_dir = out if no_doc else REPO / "docs" / "bench"
     if args.render:
-        device = args.render
-        rows = report.read_csv(out / f"{device}.csv")
-        lenet = report.read_csv(out / f"{device}_lenet.csv")
-        import json
-
-        env = json.loads((out / f"{device}_env.json").read_text())
+        device, source = args.render, args.source or out
+        names = (f"{device}.csv", f"{device}_lenet.csv", f"{device}_env.json")
+        if source.resolve() != out.resolve():
+            out.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                shutil.copyfile(source / name, out / name)
+        rows = report.read_csv(out / names[0])
+        lenet = report.read_csv(out / names[1])
+        env = json.loads((out / names[2]).read_text())
         report.publish(doc, plot_dir, device, rows, lenet, env)
+        print(f"rendered {device} from {source}" + ("" if doc is None else f" into {doc}"))
         return 0
     settings = QUICK if args.quick else (CPU_FULL if args.cpu else GPU_FULL)
     if args.repeat is not None:
         settings = Settings(args.repeat, settings.warmup, settings.min_time, settings.lenet_batches)
     if args.cpu:
-        run_cpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir)
+        run_cpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir, threads=args.threads)
     else:
         run_gpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir)
     print(f"results in {out}" + ("" if doc is None else f"; section and plot in {doc}"))

@@ -97,7 +97,7 @@ def lenet_rows(device: str, batches: tuple[int, ...], *, repeat: int, warmup: in
             time_ratio = paired_ratio(m, plain)
             seed_plain, seed_lsm = SEED.get(batch, (float("nan"), float("nan")))
             rows.append({
-                "device": device.split(":")[0],
+                "device": "gpu" if device.startswith("cuda") else device,
                 "batch": batch,
                 "head": m.case.name,
                 "samples_per_s": batch / m.median if m.samples else float("nan"),

@@ -12,8 +12,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import report
 from .contenders import CPU_SIZES, GPU_SIZES, Size, cupy_cases, numpy_cases, torch_cases
@@ -55,10 +56,12 @@ def _rows(device: str, size: Size, dtype: str, measured: Sequence[Measured],
     return rows
 
 
-def cpu_memory(sizes: Sequence[Size], dtype: str) -> dict[tuple[str, str], float]:
+def cpu_memory(sizes: Sequence[Size], dtype: str, threads: int | None = None) -> dict[tuple[str, str], float]:
     """(size name, contender) -> peak MiB, from :mod:`bench.memprobe` in a fresh process."""
     args = [str(v) for s in sizes for v in (s.name, s.n, s.d, s.c, dtype)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    if threads:
+        env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     try:
         out = subprocess.run([sys.executable, "-m", "bench.memprobe", *args], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600, check=True).stdout
@@ -77,19 +80,42 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
-            sizes: Sequence[Size] = CPU_SIZES, memory: bool = True) -> list[dict[str, Any]]:
-    """Measure the CPU contenders; write ``cpu.csv``, ``cpu_lenet.csv``, ``cpu_env.json`` and the doc."""
+def _limit_threads(threads: int) -> Any:
+    """Cap NumPy's BLAS and PyTorch at ``threads`` threads; returns what keeps the BLAS cap alive."""
     import torch
 
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)  # too late for a loaded BLAS: recorded below
+        return None
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
+            sizes: Sequence[Size] = CPU_SIZES, memory: bool = True, threads: int | None = None) -> list[dict[str, Any]]:
+    """Measure the CPU contenders; write ``cpu.csv``, ``cpu_lenet.csv``, ``cpu_env.json`` and the doc.
+
+    ``threads`` caps NumPy's BLAS and PyTorch (default: the libraries' own choice, one
+    per core).
+    """
+    import torch
+
+    limiter = _limit_threads(threads) if threads else None
     env = environment(gpu=False)
+    env["threads_requested"] = threads or "library default"
     dtype = "float32"
-    mem = cpu_memory(sizes, dtype) if memory else {}
+    mem = cpu_memory(sizes, dtype, threads) if memory else {}
     rows: list[dict[str, Any]] = []
     for size in sizes:
         _progress(f"cpu {size.label} {dtype}")
-        cases: list[Case] = numpy_cases(size, dtype) + torch_cases(size, dtype, "cpu")
-        measured = measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
+        # One interleaved measurement per comparison: NumPy's pair, then PyTorch's four.
+        # Interleaving NumPy with PyTorch calls would only add the two thread pools
+        # (OpenBLAS's pthreads, PyTorch's OpenMP) waking and spinning against each other.
+        measured: list[Measured] = []
+        for cases in (numpy_cases(size, dtype), torch_cases(size, dtype, "cpu")):
+            measured += measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
         rows += _rows("cpu", size, dtype, measured, {k[1]: v for k, v in mem.items() if k[0] == size.name})
         del cases, measured
     _progress("cpu LeNet")
@@ -99,6 +125,7 @@ def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
     env["torch_threads"] = torch.get_num_threads()
     _write(out_dir, "cpu", rows, lenet, env)
     report.publish(doc, plot_dir, "cpu", rows, lenet, env, out_dir)
+    del limiter
     return rows
 
 

@@ -17,8 +17,8 @@ pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed
 
-from bench import report  # noqa: E402
-from bench.contenders import (  # noqa: E402
+from bench import report
+from bench.contenders import (
     NP_LINEAR,
     NP_LSM,
     TORCH_ADAPTER,
@@ -28,8 +28,8 @@ from bench.contenders import (  # noqa: E402
     Size,
     naive_lsoftmax,
 )
-from bench.harness import peak_rss_delta  # noqa: E402
-from bench.runner import Settings, run_cpu  # noqa: E402
+from bench.harness import peak_rss_delta
+from bench.runner import Settings, run_cpu
 
 FOREIGN = "## GPU kernels\n\nsomeone else's text, kept verbatim\n"
 
