@@ -1,7 +1,8 @@
 """The CPU and GPU runs: every contender at every size, the LeNet table, memory, files.
 
-Each (size, dtype) is one interleaved measurement of all contenders of that device
-(see :mod:`bench.harness`); the rows then carry the median time, the paired ratio to the
+Each (size, dtype) is one interleaved measurement per comparison (NumPy pair, CuPy pair,
+PyTorch four on CPU; all together on GPU; see :mod:`bench.harness`); the rows carry the
+median time, the paired ratio to the
 library's floor and the peak memory.
 """
 
@@ -12,7 +13,8 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +82,28 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _limit_threads(threads: int) -> Any:
-    """Cap NumPy's BLAS and PyTorch at ``threads`` threads; returns what keeps the BLAS cap alive."""
+@contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """Cap NumPy's BLAS and PyTorch at ``threads`` threads for the block (None: leave them)."""
+    if not threads:
+        yield
+        return
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:
-        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)  # too late for a loaded BLAS: recorded below
-        return None
-    return threadpool_limits(limits=threads, user_api="blas")
+    except ImportError:  # the BLAS keeps its threads; the environment record says how many
+        limits = None
+    else:
+        limits = threadpool_limits(limits=threads, user_api="blas")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if limits is not None:
+            limits.restore_original_limits()
 
 
 def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
@@ -100,9 +113,14 @@ def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
     ``threads`` caps NumPy's BLAS and PyTorch (default: the libraries' own choice, one
     per core).
     """
+    with _threads(threads):
+        return _run_cpu(settings, out_dir, doc, plot_dir, sizes, memory, threads)
+
+
+def _run_cpu(settings: Settings, out_dir: Path, doc: Path | None, plot_dir: Path | None,
+             sizes: Sequence[Size], memory: bool, threads: int | None) -> list[dict[str, Any]]:
     import torch
 
-    limiter = _limit_threads(threads) if threads else None
     env = environment(gpu=False)
     env["threads_requested"] = threads or "library default"
     dtype = "float32"
@@ -125,7 +143,6 @@ def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
     env["torch_threads"] = torch.get_num_threads()
     _write(out_dir, "cpu", rows, lenet, env)
     report.publish(doc, plot_dir, "cpu", rows, lenet, env, out_dir)
-    del limiter
     return rows
 
 

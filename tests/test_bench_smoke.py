@@ -41,7 +41,7 @@ def test_cpu_harness_writes_csv_markdown_and_plot(tmp_path: Path) -> None:
     doc.write_text("# Benchmarks\n\n" + FOREIGN)
     size = Size("tiny", 8, 3, 5)
     run_cpu(Settings(repeat=1, warmup=1, min_time=0.0, lenet_batches=(4,)), out_dir=tmp_path / "results",
-            doc=doc, plot_dir=tmp_path / "plots", sizes=(size,), memory=False)
+            doc=doc, plot_dir=tmp_path / "plots", sizes=(size,), memory=False, threads=1)
 
     with open(tmp_path / "results" / "cpu.csv", newline="") as f:
         rows = list(csv.reader(f))
