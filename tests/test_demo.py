@@ -1,0 +1,330 @@
+"""The demo (lsoftmax-demo): IDX reading, MNIST folder errors, flags, metrics, a quick run.
+
+The runs train for one epoch only: they check the plumbing (files, JSON schema, table,
+reproducibility), not the pictures; the committed docs/demo/ holds a real default run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from lsoftmax_core import demo  # noqa: E402
+from lsoftmax_core._demo_data import MNIST_FILES, DataError, load_mnist, read_idx  # noqa: E402
+from lsoftmax_core._demo_plot import angle_stats, class_palette, markdown_table  # noqa: E402
+
+RUN_KEYS = {"margin", "test_accuracy", "intra_class_angle_deg", "inter_class_min_angle_deg", "train_seconds"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
+              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    """An IDX file's bytes, written from the format's description (independent of read_idx)."""
+    header = bytes([0, 0, _IDX_CODES[a.dtype], a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, a: np.ndarray) -> Path:
+    data = idx_bytes(a)
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_mnist(folder: Path, n_train: int = 96, n_test: int = 40, *, gz: bool = False) -> Path:
+    """A small MNIST-format folder: the 8x8 digits blown up to 28x28 (3x3 pixel blocks)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images, np.ones((3, 3)))  # 24x24, values 0..16
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2))) * (255.0 / 16.0)
+    images = np.round(images).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    parts = {
+        "train_images": images[:n_train], "train_labels": labels[:n_train],
+        "test_images": images[n_train:n_train + n_test], "test_labels": labels[n_train:n_train + n_test],
+    }
+    for key, arr in parts.items():
+        write_idx(folder / (MNIST_FILES[key] + suffix), arr)
+    return folder
+
+
+# --------------------------------------------------------------------------- IDX reader
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4),
+        np.array([7, 0, 255, 3], dtype=np.uint8),
+        np.array([[-5, 300], [70000, -1]], dtype=np.int32),
+        np.array([-3, 4, -128, 127], dtype=np.int8),
+        np.array([[1.5, -2.25, 1e30]], dtype=np.float32),
+        np.array([math.pi, -0.0, 1e-300], dtype=np.float64),
+        np.zeros((0, 28, 28), dtype=np.uint8),
+    ],
+    ids=["u8-3d", "u8-1d", "i32", "i8", "f32", "f64", "empty"],
+)
+def test_read_idx_round_trip(tmp_path, array, suffix):
+    path = write_idx(tmp_path / f"a.idx{suffix}", array)
+    got = read_idx(path)
+    assert got.dtype == array.dtype and got.dtype.isnative
+    assert got.shape == array.shape
+    np.testing.assert_array_equal(got, array)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"", "shorter than the 4-byte magic"),
+        (b"\x00\x00\x08", "shorter than the 4-byte magic"),
+        (b"\x01\x00\x08\x01" + (1).to_bytes(4, "big") + b"\x00", "bad magic number 0x01000801"),
+        (b"\x00\x00\x07\x01" + (1).to_bytes(4, "big") + b"\x00", "bad magic number 0x00000701"),
+        (b"\x00\x00\x08\x00", "bad magic number"),
+        (b"\x00\x00\x08\x03" + (2).to_bytes(4, "big"), "header of 3 dimensions truncated"),
+        (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x00" * 4, "need 5 data bytes, found 4"),
+        (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x00" * 6, "need 5 data bytes, found 6"),
+        (b"\x00\x00\x0c\x01" + (2).to_bytes(4, "big") + b"\x00" * 4, "need 8 data bytes, found 4"),
+    ],
+)
+def test_read_idx_rejects_malformed_files(tmp_path, data, needle):
+    path = tmp_path / "bad-idx1-ubyte"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match="malformed IDX file") as info:
+        read_idx(path)
+    assert needle in str(info.value) and str(path) in str(info.value)
+
+
+def test_read_idx_rejects_a_broken_gzip(tmp_path):
+    good = gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8)))
+    truncated = tmp_path / "cut.gz"
+    truncated.write_bytes(good[: len(good) // 2])
+    not_gzip = tmp_path / "plain.gz"
+    not_gzip.write_bytes(idx_bytes(np.arange(3, dtype=np.uint8)))
+    for path in (truncated, not_gzip):
+        with pytest.raises(DataError, match="cannot read IDX file") as info:
+            read_idx(path)
+        assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- MNIST folder
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_mnist_reads_the_four_files(tmp_path, gz):
+    data = load_mnist(write_mnist(tmp_path / "mnist", 30, 12, gz=gz))
+    assert data.x_train.shape == (30, 1, 28, 28) and data.x_test.shape == (12, 1, 28, 28)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
+    assert data.x_train.min() == -1.0 and data.x_train.max() == 1.0
+    from sklearn.datasets import load_digits
+
+    np.testing.assert_array_equal(data.y_test, load_digits().target[30:42])
+
+
+def test_load_mnist_accepts_a_mix_of_gzipped_and_plain_files(tmp_path):
+    folder = write_mnist(tmp_path / "mnist", 20, 10)
+    plain = folder / MNIST_FILES["test_labels"]
+    (folder / (plain.name + ".gz")).write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
+    assert load_mnist(folder).y_test.shape == (10,)
+
+
+def test_load_mnist_names_the_missing_folder_and_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_mnist(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(info.value)
+    folder = write_mnist(tmp_path / "mnist", 20, 10)
+    (folder / MNIST_FILES["train_labels"]).unlink()
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz") as info:
+        load_mnist(folder)
+    assert str(folder) in str(info.value) and "has no train-labels-idx1-ubyte" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "array", "needle"),
+    [
+        ("train_images", np.zeros((20, 28), dtype=np.uint8), "expected 3-D uint8 images"),
+        ("test_images", np.zeros((10, 28, 28), dtype=np.float32), "expected 3-D uint8 images"),
+        ("train_labels", np.zeros((20, 1), dtype=np.uint8), "expected 1-D uint8 labels"),
+        ("test_labels", np.zeros(9, dtype=np.uint8), "9 labels"),
+        ("test_labels", np.full(10, 10, dtype=np.uint8), "label 10 is not a digit"),
+        ("test_images", np.zeros((10, 20, 20), dtype=np.uint8), "differ in size"),
+    ],
+)
+def test_load_mnist_rejects_inconsistent_files(tmp_path, key, array, needle):
+    folder = write_mnist(tmp_path / "mnist", 20, 10)
+    write_idx(folder / MNIST_FILES[key], array)
+    with pytest.raises(DataError, match=needle):
+        load_mnist(folder)
+
+
+# --------------------------------------------------------------------------- metrics and table
+
+
+def test_angle_stats_on_known_rays():
+    deg = np.radians
+    # class 0 at +-5 deg around 0 deg, class 1 at +-3 deg around 90 deg, class 2 at 200 deg;
+    # different norms must not matter.
+    angles = np.array([-5.0, 5.0, 87.0, 93.0, 200.0])
+    norms = np.array([1.0, 9.0, 0.5, 2.0, 3.0])
+    feats = norms[:, None] * np.stack([np.cos(deg(angles)), np.sin(deg(angles))], axis=1)
+    intra, inter = angle_stats(feats, np.array([0, 0, 1, 1, 2]))
+    assert intra == pytest.approx((5 + 5 + 3 + 3 + 0) / 5, abs=1e-9)
+    assert inter == pytest.approx(90.0, abs=1e-9)  # 0 vs 90; 90 vs 200 is 110, 0 vs 200 is 160
+
+
+def test_class_palette_is_ten_distinct_colours():
+    colours = class_palette(10)
+    assert len(set(colours)) == 10
+    assert all(0.0 <= c <= 1.0 for rgb in colours for c in rgb)
+
+
+def test_markdown_table():
+    row = {"margin": 4, "test_accuracy": 0.98765, "intra_class_angle_deg": 2.345,
+           "inter_class_min_angle_deg": 31.0, "train_seconds": 12.34}
+    lines = markdown_table([row]).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| margin |")
+    assert lines[2] == "| 4 | 98.77% | 2.35 | 31.00 | 12.3 |"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--margins", "1,x"], "not a comma-separated list of integers"),
+        (["--margins", ""], "not a comma-separated list of integers"),
+        (["--margins", "0,2"], "margins [0] out of range"),
+        (["--margins", "2,65"], "margins [65] out of range"),
+        (["--margins", "2,2"], "repeats a margin"),
+        (["--epochs", "0"], "--epochs: 0 must be >= 1"),
+        (["--epochs", "two"], "--epochs: 'two' is not an integer"),
+        (["--seed", "-1"], "--seed: -1 must be in [0, 2**63)"),
+        (["--device", "tpu"], "invalid choice: 'tpu'"),
+    ],
+)
+def test_bad_flags_exit_with_a_clear_message(capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cuda_without_a_device_is_a_clear_error(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit):
+        demo.main(["--device", "cuda", "--out", str(tmp_path / "o")])
+    assert "PyTorch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_out_must_not_be_a_file(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(f)])
+    assert f"--out {f} exists and is not a folder" in capsys.readouterr().err
+
+
+def test_missing_mnist_folder_or_file_is_a_clear_error(capsys, tmp_path):
+    missing = tmp_path / "no-mnist"
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--mnist", str(missing), "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert f"--mnist folder {missing} does not exist" in capsys.readouterr().err
+
+    folder = write_mnist(tmp_path / "mnist", 20, 10)
+    (folder / MNIST_FILES["test_images"]).unlink()
+    with pytest.raises(SystemExit):
+        demo.main(["--mnist", str(folder), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert str(folder) in err and "t10k-images-idx3-ubyte" in err
+    assert not (tmp_path / "o").exists()  # nothing written before the data is known good
+
+
+def test_malformed_mnist_file_is_a_clear_error(capsys, tmp_path):
+    folder = write_mnist(tmp_path / "mnist", 20, 10)
+    bad = folder / MNIST_FILES["train_images"]
+    bad.write_bytes(bad.read_bytes()[:-7])
+    with pytest.raises(SystemExit):
+        demo.main(["--mnist", str(folder), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert f"malformed IDX file {bad}" in err and "found" in err
+
+
+def test_module_entry_point_prints_help():
+    done = subprocess.run([sys.executable, "-m", "lsoftmax_core.demo", "--help"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    for flag in ("--out", "--margins", "--epochs", "--mnist", "--device", "--seed"):
+        assert flag in done.stdout
+
+
+# --------------------------------------------------------------------------- quick runs
+
+
+def _load(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _without_time(runs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in runs]
+
+
+def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--margins", "1,3", "--epochs", "1"]) == 0
+    for name in ("features-margin-1.png", "features-margin-3.png", "features-all-margins.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    results = _load(out)
+    runs = results["runs"]
+    assert [r["margin"] for r in runs] == [1, 3]
+    for r in runs:
+        assert RUN_KEYS <= set(r)
+        assert isinstance(r["margin"], int)
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert 0.0 <= r["intra_class_angle_deg"] <= 180.0
+        assert 0.0 <= r["inter_class_min_angle_deg"] <= 36.0 + 1e-9  # ten rays: at most 360/10 apart
+        assert r["train_seconds"] > 0.0
+    assert results["config"]["test_size"] == 540 and results["config"]["epochs"] == 1
+    assert runs[1]["schedule"] == {"kind": "exponential", "beta0": 100.0, "scale": 0.99,
+                                   "beta_min": demo.BETA_MIN}
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 1 | ") and table[3].startswith("| 3 | ")
+
+    # Same seed, same numbers; and a margin's run does not depend on the others asked for.
+    again = tmp_path / "again"
+    assert demo.main(["--out", str(again), "--margins", "3", "--epochs", "1"]) == 0
+    assert _without_time(_load(again)["runs"]) == _without_time(runs[1:])
+
+
+def test_quick_run_on_mnist_files(tmp_path, capsys):
+    folder = write_mnist(tmp_path / "mnist", 96, 40, gz=True)
+    out = tmp_path / "out"
+    assert demo.main(["--mnist", str(folder), "--out", str(out), "--margins", "2", "--epochs", "1",
+                      "--seed", "3"]) == 0
+    results = _load(out)
+    assert results["config"]["train_size"] == 96 and results["config"]["test_size"] == 40
+    assert results["config"]["seed"] == 3 and results["config"]["batch_size"] == demo.MNIST.batch_size
+    assert [r["margin"] for r in results["runs"]] == [2]
+    assert (out / "features-margin-2.png").read_bytes()[:8] == PNG_MAGIC
