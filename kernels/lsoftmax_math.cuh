@@ -254,7 +254,7 @@ template <typename S>
 struct RowStats {
   S rel_a, rel_b, c, psi, dpsi;
   int ex, ew;
-  bool ok;  // both norms nonzero; otherwise the zero-norm convention applies
+  bool ok;  // both norms nonzero; otherwise the zero-norm convention applies (plain linear)
 };
 
 // The exponent e with |v|max * 2^-e in [0.5, 1), clamped so that 2^-e is a normal number.
@@ -280,9 +280,10 @@ LSM_HD RowStats<S> finish_stats(S sxx, S sww, S sxw, int ex, int ew, int m, cons
   c = c > S(1) ? S(1) : (c < S(-1) ? S(-1) : c);  // rounding can push |c| just past 1
   st.c = c;
   psi_and_derivative(c, m, thr, &st.psi, &st.dpsi);
-  if (!st.ok) {  // zero-norm convention: no angle, margin term and its gradient are zero
+  if (!st.ok) {  // zero-norm row: no angle, no margin, as if m = 1 (c = psi = 0, psi' = 1)
+    st.c = S(0);
     st.psi = S(0);
-    st.dpsi = S(0);
+    st.dpsi = S(1);
   }
   return st;
 }

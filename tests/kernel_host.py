@@ -35,6 +35,7 @@ try:
     BFLOAT16: np.dtype[Any] | None = np.dtype(ml_dtypes.bfloat16)
 except ImportError:  # pragma: no cover - jax depends on ml_dtypes
     BFLOAT16 = None
+    ml_dtypes = None
 
 DTYPES = tuple(
     d for d in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16) if d is not None

@@ -1,0 +1,287 @@
+"""The CuPy (CUDA) backend: cuBLAS GEMMs plus O(N·D) kernels from kernels/lsoftmax.cu.
+
+Same maths, signature, validation and errors as the NumPy backend (see its docstring for
+q_i and r_i); CuPy arrays in, CuPy arrays out, on CuPy's current device and stream.
+
+forward:  logits = x @ w.T (cuBLAS), then ``lsm_forward`` rewrites the N target logits.
+backward: grad_x = G @ w and grad_w = G.T @ x (cuBLAS), then ``lsm_backward_rows`` adds
+          q_i to grad_x[i] and stores per-sample coefficients, and ``lsm_backward_classes``
+          adds the per-class sums of r_i to grad_w.  Two GEMMs + O(N·D) work, no O(N·C·D).
+margin 1: the GEMMs alone (psi(c) = c), plus a label check.
+
+Numerics.  Per-sample statistics (norms, cos, psi) use float64 for float32 and float64
+inputs and float32 for float16/bfloat16 inputs; the corrections are combined with the
+GEMM output in float64 and rounded once.  float32 statistics are not enough for float32
+inputs: cos from float32 sums carries ~D·2^-24 relative error, amplified by |psi'| <= m²,
+which breaks the float32 tolerance (2e-6 of |x||w|(1+m²)) for large D.  Rows are scaled by
+powers of two before squaring, so huge and tiny norms neither overflow nor underflow.
+Element formats are converted with integer code (lsoftmax_math.cuh): no cuda_fp16.h /
+cuda_bf16.h is needed (NVRTC does not find them in a pip-installed CuPy), and CuPy's
+-ftz=true cannot flush float32 subnormal inputs or results.  The GEMMs are CuPy's matmul
+(cuBLAS, float32 accumulation for float16/bfloat16).  bfloat16 (ml_dtypes) is accepted
+when the installed CuPy's matmul knows it.
+
+Determinism.  No floating-point atomics: the same inputs give bitwise the same outputs on
+every run, whatever the pointer alignment (kernels/lsoftmax.cu explains the fixed orders;
+cuBLAS itself is deterministic on one stream with its default settings).
+
+Labels are checked on the device, without a host synchronisation.  A kernel that meets a
+label outside [0, C) never indexes with it: the sample is left as the plain linear layer's
+(its target logit and its gradient terms are not corrected), the smallest bad index is
+recorded on the device and the call's serial number is written to pinned, mapped host
+memory.  The host reads that memory (no CUDA call) at the start of the next
+``forward``/``backward`` on the same device, which then raises
+``ValueError("label must lie in [0, C) = [0, C): label[i]=v ...")`` naming the earlier
+call.  ``check_labels()`` synchronises and raises at once; with the environment variable
+``LSOFTMAX_CUPY_SYNC_LABEL_CHECK=1`` every call does so before returning (a debugging aid).
+
+Memory.  The outputs are the only per-call allocations, except a contiguous copy of a
+non-contiguous input and an int64 copy of labels that are neither int32 nor int64.  The
+backward's workspace (3 float64 per sample, 2 uint64 per class) is cached per (device,
+stream) and only grows; a fresh stamp per call replaces clearing it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import cupy
+import numpy as np
+from cupy.cuda import runtime
+
+from . import _cupy_plan as plan
+from ._validate import Problem, validate
+
+__all__ = ["FLOAT_DTYPES", "backward", "check_labels", "forward"]
+
+
+def _bfloat16() -> np.dtype[Any] | None:
+    """bfloat16 when ml_dtypes is installed and CuPy's matmul accepts it."""
+    try:
+        import ml_dtypes
+        from cupy._core._routines_linalg import to_compute_type_index
+
+        dt = np.dtype(ml_dtypes.bfloat16)
+        to_compute_type_index(dt)
+    except Exception:  # ImportError, or a CuPy without bfloat16 GEMMs
+        return None
+    return dt
+
+
+_BF16 = _bfloat16()
+FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)) + (
+    (_BF16,) if _BF16 is not None else ()
+)
+
+_UINT64_MAX = np.uint64(2**64 - 1)
+_BLOCK = (plan.BLOCK,)
+_SERIAL = itertools.count(1)
+_LOCK = threading.Lock()
+_MODULES: dict[str, cupy.RawModule] = {}
+_MAX_WORKSPACES = 8  # streams remembered per device
+_SYNC_CHECK = os.environ.get("LSOFTMAX_CUPY_SYNC_LABEL_CHECK", "") not in ("", "0")
+_OPS = {plan.OP_FORWARD: "forward", plan.OP_BACKWARD: "backward"}
+
+
+def _module(dtype_name: str) -> cupy.RawModule:
+    """One RawModule per element dtype; CuPy compiles it once per device (and caches the
+    binary on disk) when a kernel is first fetched."""
+    mod = _MODULES.get(dtype_name)
+    if mod is None:
+        with _LOCK:
+            mod = _MODULES.get(dtype_name)
+            if mod is None:
+                mod = cupy.RawModule(
+                    code=plan.kernel_source(),
+                    options=plan.NVRTC_OPTIONS,
+                    name_expressions=plan.name_expressions(dtype_name),
+                )
+                _MODULES[dtype_name] = mod
+    return mod
+
+
+class _Workspace:
+    __slots__ = ("coef", "stamp", "stamps")
+
+    def __init__(self) -> None:
+        self.coef: cupy.ndarray | None = None
+        self.stamps: cupy.ndarray | None = None
+        self.stamp = 0
+
+    def prepare(self, p: Problem) -> int:
+        """Make room for this call and return its stamp (new for every call)."""
+        ncoef, nstamps = plan.workspace_sizes(p)
+        if self.coef is None or self.coef.size < ncoef:
+            self.coef = cupy.empty(ncoef, dtype=cupy.float64)
+        if self.stamps is None or self.stamps.size < nstamps:
+            self.stamps = cupy.zeros(nstamps, dtype=cupy.uint64)
+        self.stamp += 1
+        if self.stamp >= 2**32:  # once per 4e9 calls: old stamps could match again
+            self.stamps.fill(0)
+            self.stamp = 1
+        return self.stamp
+
+
+class _DeviceState:
+    """Per-device constants, kernels, bad-label record and workspaces."""
+
+    def __init__(self, dev: int) -> None:
+        self.dev = dev
+        self.functions: dict[str, Any] = {}
+        thresholds = cupy.asarray(plan.threshold_table())  # one upload per device
+        self.err_key = cupy.full(1, _UINT64_MAX, dtype=cupy.uint64)
+        # {serial, C, op, unused}: written by kernels, read by the host without a CUDA call.
+        ptr = runtime.hostAlloc(32, runtime.hostAllocMapped | runtime.hostAllocPortable)
+        self.rec = np.ctypeslib.as_array((ctypes.c_int64 * 4).from_address(ptr))
+        self.rec[:] = 0
+        rec_dev = runtime.pointerGetAttributes(ptr).devicePointer
+        self.bufs: dict[str, Any] = {
+            "thresholds": thresholds,
+            "err_key": self.err_key,
+            "err_rec": np.uint64(rec_dev),
+        }
+        self.workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+
+    def function(self, name: str, dtype_name: str) -> Any:
+        fn = self.functions.get(name)
+        if fn is None:
+            fn = _module(dtype_name).get_function(name).kernel  # this device's Function
+            self.functions[name] = fn
+        return fn
+
+    def workspace(self) -> _Workspace:
+        key = cupy.cuda.get_current_stream().ptr
+        ws = self.workspaces.get(key)
+        if ws is None:
+            ws = self.workspaces[key] = _Workspace()
+            while len(self.workspaces) > _MAX_WORKSPACES:
+                # Freed memory returns to CuPy's pool for its own stream only, so work
+                # still queued on that stream is unaffected.
+                self.workspaces.popitem(last=False)
+        else:
+            self.workspaces.move_to_end(key)
+        return ws
+
+    def run(self, launches: list[plan.Launch], bufs: dict[str, Any], dtype_name: str) -> None:
+        for launch in launches:
+            args = tuple(bufs[a] if a.__class__ is str else a for a in launch.args)
+            self.function(launch.name, dtype_name)(launch.grid, _BLOCK, args)
+
+    def raise_pending(self) -> None:
+        """Synchronise, then raise the recorded bad-label error and clear the record."""
+        with cupy.cuda.Device(self.dev):
+            runtime.deviceSynchronize()
+            serial, c, op = (int(v) for v in self.rec[:3])
+            if serial == 0:
+                return
+            key = int(self.err_key.get()[0])
+            self.err_key.fill(_UINT64_MAX)
+            runtime.deviceSynchronize()
+        self.rec[:] = 0
+        where = f"found by the GPU in {_OPS.get(op, '?')} call #{serial} on CUDA device {self.dev}"
+        note = (
+            "labels are checked on the device without synchronising: the error surfaces at the next "
+            "forward/backward on that device or at lsoftmax_core._cupy_backend.check_labels(); "
+            "rows with bad labels were left uncorrected"
+        )
+        if key == int(_UINT64_MAX):
+            raise ValueError(f"label must lie in [0, C) = [0, {c}) ({where}; {note})")
+        index, value = key >> 32, int(np.uint32(key & 0xFFFFFFFF).view(np.int32))
+        shown = f"label[{index}]={value}"
+        if value in (2**31 - 1, -(2**31)):
+            shown = f"label[{index}]{'>=' if value > 0 else '<='}{value}"
+        raise ValueError(f"label must lie in [0, C) = [0, {c}): {shown} ({where}; {note})")
+
+
+_STATES: dict[int, _DeviceState] = {}
+
+
+def _state(**arrays: Any) -> _DeviceState:
+    """The current device's state, after checking every array lives there and raising any
+    bad-label error recorded by an earlier call."""
+    dev = runtime.getDevice()
+    for name, a in arrays.items():
+        if a.device.id != dev:
+            raise ValueError(
+                f"{name} is on CUDA device {a.device.id} but the current device is {dev}; "
+                f"call inside `with cupy.cuda.Device({a.device.id}):`"
+            )
+    st = _STATES.get(dev)
+    if st is None:
+        with _LOCK:
+            st = _STATES.get(dev)
+            if st is None:
+                st = _STATES[dev] = _DeviceState(dev)
+    if st.rec[0] != 0:
+        st.raise_pending()
+    return st
+
+
+def _contiguous(a: cupy.ndarray) -> cupy.ndarray:
+    return a if a.flags.c_contiguous else cupy.ascontiguousarray(a)
+
+
+def _kernel_labels(label: cupy.ndarray) -> cupy.ndarray:
+    dt = plan.kernel_label_dtype(label.dtype)
+    if label.dtype == dt and label.flags.c_contiguous:
+        return label
+    return cupy.ascontiguousarray(label, dtype=dt)
+
+
+def _finish(st: _DeviceState) -> None:
+    if _SYNC_CHECK:
+        runtime.deviceSynchronize()
+        if st.rec[0] != 0:
+            st.raise_pending()
+
+
+def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy.ndarray:
+    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
+    st = _state(x=x, w=w, label=label)
+    x, w, lab = _contiguous(x), _contiguous(w), _kernel_labels(label)
+    launches = plan.forward_launches(p, lab.dtype, next(_SERIAL))
+    logits = cupy.matmul(x, w.T)
+    if launches:
+        st.run(launches, {"x": x, "w": w, "label": lab, "logits": logits, **st.bufs}, p.dtype.name)
+    _finish(st)
+    return logits
+
+
+def backward(
+    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+) -> tuple[cupy.ndarray, cupy.ndarray]:
+    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
+    st = _state(grad_logits=grad_logits, x=x, w=w, label=label)
+    g, x, w, lab = _contiguous(grad_logits), _contiguous(x), _contiguous(w), _kernel_labels(label)
+    bufs: dict[str, Any] = {}
+    stamp = 1
+    if p.margin > 1 and p.n > 0:
+        ws = st.workspace()
+        stamp = ws.prepare(p)
+        bufs = {"coef": ws.coef, "stamps": ws.stamps}
+    launches = plan.backward_launches(p, lab.dtype, next(_SERIAL), stamp)
+    grad_x = cupy.matmul(g, w)
+    grad_w = cupy.matmul(g.T, x)
+    if launches:
+        bufs.update(grad_logits=g, x=x, w=w, label=lab, grad_x=grad_x, grad_w=grad_w, **st.bufs)
+        st.run(launches, bufs, p.dtype.name)
+    _finish(st)
+    return grad_x, grad_w
+
+
+def check_labels(device: int | None = None) -> None:
+    """Synchronise ``device`` (default: the current one) and raise the ValueError of any
+    out-of-range label met by its kernels since the last report."""
+    dev = runtime.getDevice() if device is None else int(device)
+    st = _STATES.get(dev)
+    if st is None:
+        return
+    with cupy.cuda.Device(dev):
+        runtime.deviceSynchronize()
+    if st.rec[0] != 0:
+        st.raise_pending()

@@ -1,0 +1,291 @@
+"""kernels/lsoftmax.cu run on the CPU: every kernel the CuPy backend launches, with the
+backend's own launch plan and argument packing, on the fiber emulator of
+tests/cuda_emulator.hpp (NumPy GEMMs stand in for cuBLAS).
+
+What this proves without a GPU: the kernels' indexing, reductions, per-class grouping and
+label handling are right (against the float64 reference, per dtype tolerance), results do
+not depend on the order threads run between barriers (a missing __syncthreads would show),
+every barrier is reached by the whole block, argument sizes match the kernel signatures,
+and outputs are bitwise independent of run, workspace reuse and pointer alignment.
+What it cannot prove: GPU timing, the memory model beyond barriers, and cuBLAS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from kernel_host import BFLOAT16, ml_dtypes, DTYPES, EmuBackend, build_emulator, compiler, gemm
+from reference import backward as ref_backward
+from reference import forward as ref_forward
+from strategies import problems
+from tolerances import check_backward, check_forward, grad_scales, assert_close, TOLERANCES
+
+from lsoftmax_core import _cupy_plan as plan
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a host C++ compiler (g++)")
+
+DTYPE_IDS = [d.name for d in DTYPES]
+UINT64_MAX = np.iinfo(np.uint64).max
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulator(tmp_path_factory.mktemp("emu"))
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _case(seed, n, c, d, dtype, *, label=None):
+    rng = np.random.default_rng(seed)
+    x, w = _rand(rng, (n, d), dtype), _rand(rng, (c, d), dtype)
+    lab = rng.integers(0, c, n) if label is None else np.asarray(label)
+    return x, w, lab, _rand(rng, (n, c), dtype)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def _assert_bitwise(a, b) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.array_equal(_bits(a), _bits(b))
+
+
+def test_registry_matches_plan(emu) -> None:
+    assert sorted(emu.sizes) == sorted(plan.name_expressions())
+    # Every scalar parameter is 8 bytes (long long / double / unsigned long long), like
+    # the NumPy scalars the plan passes.
+    assert all(s == 8 for sizes in emu.sizes.values() for s in sizes)
+
+
+def _representable(dtype, x, w, label, g, m, beta) -> bool:
+    """Whether the exact results fit the dtype (float16 overflows at 65504: a problem whose
+    exact logits or gradients do not fit has no correct float16 answer)."""
+    bound = float((ml_dtypes.finfo if dtype == BFLOAT16 else np.finfo)(dtype).max) / 4
+    results = (ref_forward(x, w, label, margin=m, beta=beta), *ref_backward(g, x, w, label, margin=m, beta=beta))
+    return all(float(np.max(np.abs(r), initial=0.0)) < bound for r in results)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@given(data=st.data())
+def test_matches_reference(emu, dtype, data) -> None:
+    x, w, label, m, beta = data.draw(problems(dtype=dtype, max_n=9, max_c=6, max_d=40))
+    g = _rand(np.random.default_rng(len(label)), (len(x), len(w)), dtype)
+    assume(_representable(dtype, x, w, label, g, m, beta))
+    b = EmuBackend(emu)
+    out = b.forward(x, w, label, margin=m, beta=beta)
+    assert out.dtype == dtype
+    check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+    grads = b.backward(g, x, w, label, margin=m, beta=beta)
+    assert grads[0].dtype == grads[1].dtype == dtype
+    check_backward(grads, g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "shape",
+    [(300, 2, 5), (260, 300, 3), (70, 3, 37), (5, 2, 1030), (40, 4, 2), (129, 1, 17), (252, 123, 507)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_shapes_against_reference(emu, dtype, shape) -> None:
+    """More than one label chunk (N > 128), all-unique labels, many column tiles, tiny D
+    (member lanes), one class, odd sizes."""
+    n, c, d = shape
+    if n * c * d > 2_000_000 and dtype.itemsize < 8:
+        pytest.skip("the big case once is enough")
+    x, w, label, g = _case(sum(shape), n, c, d, dtype)
+    for m, beta in [(4, 0.0), (2, 3.5)]:
+        b = EmuBackend(emu)
+        check_forward(b.forward(x, w, label, margin=m, beta=beta), x, w, label, margin=m, beta=beta, dtype=dtype.name)
+        grads = b.backward(g, x, w, label, margin=m, beta=beta)
+        check_backward(grads, g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(150, 3, 37), (40, 4, 2), (9, 9, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_bits_do_not_depend_on_thread_order(emu, dtype, shape) -> None:
+    x, w, label, g = _case(1, *shape, dtype)
+    results = []
+    for order in (0, 1, 7):
+        b = EmuBackend(emu, order=order)
+        results.append((b.forward(x, w, label, margin=3, beta=0.25), *b.backward(g, x, w, label, margin=3, beta=0.25)))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            _assert_bitwise(a, b_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bits_do_not_depend_on_alignment_or_workspace_reuse(emu, dtype) -> None:
+    n, c, d = 50, 6, 24  # D * itemsize is a multiple of 16: the aligned rows take vector loads
+    x, w, label, g = _case(2, n, c, d, dtype)
+    b = EmuBackend(emu)
+    want = (b.forward(x, w, label, margin=4, beta=1.0), *b.backward(g, x, w, label, margin=4, beta=1.0))
+
+    def misaligned(a: np.ndarray) -> np.ndarray:  # same values, base address off by one element
+        buf = np.empty(a.size + 1, dtype=a.dtype)
+        out = buf[1:].reshape(a.shape)
+        out[...] = a
+        assert out.ctypes.data % 16 != 0
+        return out
+
+    other = EmuBackend(emu)
+    # Another problem first, so the workspace holds stale stamps of a different call.
+    other.backward(*_case(3, 80, 9, d, dtype)[::-1][:1], *_case(3, 80, 9, d, dtype)[:3], margin=2, beta=0.0)
+    got = (
+        other.forward(misaligned(x), misaligned(w), label, margin=4, beta=1.0),
+        *other.backward(misaligned(g), misaligned(x), misaligned(w), label, margin=4, beta=1.0),
+    )
+    for a, b_ in zip(want, got):
+        _assert_bitwise(a, b_)
+    again = (b.forward(x, w, label, margin=4, beta=1.0), *b.backward(g, x, w, label, margin=4, beta=1.0))
+    for a, b_ in zip(want, again):
+        _assert_bitwise(a, b_)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8, np.int16, np.uint64])
+def test_label_dtypes(emu, label_dtype) -> None:
+    x, w, label, g = _case(4, 20, 5, 7, np.float64)
+    b = EmuBackend(emu)
+    want = (b.forward(x, w, label, margin=2, beta=0.0), *b.backward(g, x, w, label, margin=2, beta=0.0))
+    lab = label.astype(label_dtype)
+    got = (b.forward(x, w, lab, margin=2, beta=0.0), *b.backward(g, x, w, lab, margin=2, beta=0.0))
+    for a, b_ in zip(want, got):
+        _assert_bitwise(a, b_)
+
+
+def _nasty_rows(dtype, m: int):
+    """Rows with cos exactly 1, -1, 0 and cos(j*pi/m), zero rows, and huge/tiny norms."""
+    # big^2 * (2m - 1) must stay finite: |psi| <= 2m - 1 = 127 at m = 64.
+    big, tiny = {
+        "float64": (2.0**500, 2.0**-500),
+        "float32": (2.0**60, 2.0**-60),
+        "float16": (2.0**4, 2.0**-4),
+        "bfloat16": (2.0**60, 2.0**-60),
+    }[np.dtype(dtype).name]
+    angles = [0.0, np.pi, np.pi / 2] + [j * np.pi / m for j in range(1, m)]
+    w = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [big, 0.0, 0.0], [tiny, 0.0, 0.0]])
+    xs, labs = [], []
+    for a in angles:
+        for scale in (1.0, big, tiny):
+            for cls in (0, 2, 3):
+                xs.append([scale * np.cos(a), scale * np.sin(a), 0.0])
+                labs.append(cls)
+    xs += [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    labs += [0, 1, 1]
+    return np.array(xs).astype(dtype), w.astype(dtype), np.array(labs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 64])
+def test_nasty_cases(emu, dtype, m) -> None:
+    x, w, label = _nasty_rows(dtype, m)
+    g = _rand(np.random.default_rng(m), (len(x), len(w)), dtype)
+    b = EmuBackend(emu)
+    for beta in (0.0, 7.0):
+        out = b.forward(x, w, label, margin=m, beta=beta)
+        assert np.all(np.isfinite(out.astype(np.float64)))
+        check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+        grads = b.backward(g, x, w, label, margin=m, beta=beta)
+        check_backward(grads, g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+
+
+def test_float32_subnormal_inputs(emu) -> None:
+    """float32 subnormals are read and written exactly (no flush to zero on the GPU either:
+    the kernels convert formats with integer code, immune to CuPy's -ftz=true)."""
+    x = np.array([[3e-41, -1e-40], [1e-39, 2e-39]], dtype=np.float32)
+    w = np.array([[1e-3, 2e-3], [-5e-41, 4e-41]], dtype=np.float32)
+    label = np.array([0, 1])
+    b = EmuBackend(emu)
+    for m in (2, 3):
+        out = b.forward(x, w, label, margin=m, beta=0.0)
+        check_forward(out, x, w, label, margin=m, beta=0.0, dtype="float32")
+        assert out[0, 0] != 0.0 and abs(out[0, 0]) < np.finfo(np.float32).tiny  # a subnormal target survives
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_inputs_unchanged(emu, dtype) -> None:
+    x, w, label, g = _case(5, 30, 4, 9, dtype)
+    copies = [a.copy() for a in (x, w, label, g)]
+    b = EmuBackend(emu)
+    b.forward(x, w, label, margin=3, beta=0.5)
+    b.backward(g, x, w, label, margin=3, beta=0.5)
+    for a, c in zip((x, w, label, g), copies):
+        _assert_bitwise(a, c)
+
+
+# ------------------------------------------------------------------ bad labels
+
+
+def _decode(key: int) -> tuple[int, int]:
+    return key >> 32, int(np.uint32(key & 0xFFFFFFFF).view(np.int32))
+
+
+@pytest.mark.parametrize("margin", [1, 3])
+def test_bad_labels_are_skipped_and_recorded(emu, margin) -> None:
+    n, c, d = 12, 5, 6
+    x, w, label, g = _case(6, n, c, d, np.float64)
+    bad = label.copy()
+    bad[[3, 7, 9]] = [c, -1, c + 100]
+    good = np.setdiff1d(np.arange(n), [3, 7, 9])
+    b = EmuBackend(emu)
+
+    out = b.forward(x, w, bad, margin=margin, beta=0.5)
+    assert _decode(int(b.err_key[0])) == (3, c)
+    assert list(b.err_rec) == [b.serial, c, plan.OP_FORWARD, 0]
+    plain = gemm(x, w.T, np.float64)
+    np.testing.assert_array_equal(out[[3, 7, 9]], plain[[3, 7, 9]])  # bad rows: plain GEMM
+    ref = EmuBackend(emu).forward(x[good], w, label[good], margin=margin, beta=0.5)
+    _assert_bitwise(out[good], ref)
+
+    # A later bad call does not overwrite the pending report of the first one.
+    first = list(b.err_rec)
+    b.backward(g, x, w, np.where(np.arange(n) == 1, -5, label), margin=margin, beta=0.5)
+    assert list(b.err_rec) == first and _decode(int(b.err_key[0])) == (3, c)
+
+    # After the host clears the record, the backward reports its own first bad index.
+    b.err_key[0], b.err_rec[:] = UINT64_MAX, 0
+    gx, gw = b.backward(g, x, w, bad, margin=margin, beta=0.5)
+    assert _decode(int(b.err_key[0])) == (3, c)
+    assert list(b.err_rec) == [b.serial, c, plan.OP_BACKWARD, 0]
+    np.testing.assert_array_equal(gx[[3, 7, 9]], gemm(g, w, np.float64)[[3, 7, 9]])
+    # grad_w: the good samples' exact gradient plus the bad samples' plain G^T x part.
+    want_gx, want_gw = ref_backward(g[good], x[good], w, label[good], margin=margin, beta=0.5)
+    want_gw = want_gw + g[[3, 7, 9]].T @ x[[3, 7, 9]]
+    sx, sw = grad_scales(g, x, w, margin)
+    assert_close(gx[good], want_gx, sx[good], TOLERANCES["float64"].grad, "grad_x good rows")
+    assert_close(gw, want_gw, sw, TOLERANCES["float64"].grad, "grad_w")
+
+
+def test_bad_label_values_saturate(emu) -> None:
+    x, w, label, _ = _case(7, 4, 3, 2, np.float32)
+    for value, want in [(2**40, 2**31 - 1), (-(2**40), -(2**31)), (-3, -3)]:
+        b = EmuBackend(emu)
+        lab = label.astype(np.int64)
+        lab[2] = value
+        b.forward(x, w, lab, margin=2, beta=0.0)
+        assert _decode(int(b.err_key[0])) == (2, want)
+
+
+def test_all_good_labels_record_nothing(emu) -> None:
+    x, w, label, g = _case(8, 40, 7, 5, np.float32)
+    b = EmuBackend(emu)
+    b.forward(x, w, label, margin=2, beta=0.0)
+    b.backward(g, x, w, label, margin=1, beta=0.0)
+    b.backward(g, x, w, label, margin=5, beta=0.0)
+    assert int(b.err_key[0]) == UINT64_MAX and not b.err_rec.any()
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="needs ml_dtypes")
+def test_empty_batch_and_zero_features(emu) -> None:
+    b = EmuBackend(emu)
+    for dtype in DTYPES:
+        x, w = np.zeros((0, 3), dtype), np.ones((4, 3), dtype)
+        assert b.forward(x, w, np.zeros(0, np.int64), margin=3, beta=0.0).shape == (0, 4)
+        x, w, label, g = np.zeros((3, 0), dtype), np.zeros((4, 0), dtype), np.array([0, 3, 3]), np.ones((3, 4), dtype)
+        out = b.forward(x, w, label, margin=3, beta=0.0)
+        gx, gw = b.backward(g, x, w, label, margin=3, beta=0.0)
+        assert not out.astype(np.float64).any() and gx.shape == (3, 0) and gw.shape == (4, 0)
