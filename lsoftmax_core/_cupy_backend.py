@@ -74,9 +74,11 @@ def _bfloat16() -> np.dtype[Any] | None:
 
 
 _BF16 = _bfloat16()
-FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)) + (
-    (_BF16,) if _BF16 is not None else ()
-)
+FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+    np.dtype(np.float16),
+) + ((_BF16,) if _BF16 is not None else ())
 
 _UINT64_MAX = np.uint64(2**64 - 1)
 _BLOCK = (plan.BLOCK,)

@@ -11,7 +11,6 @@ scalar by its own size; a Python int would always travel as 8 bytes).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Union
@@ -25,8 +24,8 @@ __all__ = [
     "BLOCK",
     "FORMATS",
     "LABEL_TYPES",
-    "NVRTC_OPTIONS",
     "Launch",
+    "NVRTC_OPTIONS",
     "backward_launches",
     "class_layout",
     "forward_launches",
@@ -132,7 +131,7 @@ def class_layout(d: int, dtype: Any) -> tuple[int, int]:
     rest of the block's threads are member lanes) and the number of column tiles.  Depends
     only on D and the dtype, so the summation order does too."""
     groups = -(-d // group_size(dtype))
-    k = min(BLOCK, 1 << max(0, math.ceil(math.log2(max(groups, 1)))))
+    k = min(BLOCK, 1 << (max(groups, 1) - 1).bit_length())  # next power of two >= groups
     return k, -(-groups // k)
 
 

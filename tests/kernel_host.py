@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reference import backward as ref_backward
+from reference import forward as ref_forward
 
 from lsoftmax_core import _cupy_plan as plan
 from lsoftmax_core._validate import validate
@@ -108,23 +110,73 @@ class Emulator:
         packed = [self._pack(v) for v in values]
         sizes = [ctypes.sizeof(p) for p in packed]
         if self.sizes.get(launch.name) != sizes:
-            raise TypeError(f"{launch.name}: kernel parameter sizes {self.sizes.get(launch.name)}, passed {sizes}")
-        argv = (ctypes.c_void_p * len(packed))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in packed])
+            raise TypeError(
+                f"{launch.name}: kernel parameter sizes {self.sizes.get(launch.name)}, passed {sizes}"
+            )
+        argv = (ctypes.c_void_p * len(packed))(
+            *[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in packed]
+        )
         err = ctypes.create_string_buffer(512)
         rc = self.lib.emu_launch(
-            launch.name.encode(), launch.grid[0], launch.grid[1], plan.BLOCK, argv, len(packed), order, err, 512
+            launch.name.encode(),
+            launch.grid[0],
+            launch.grid[1],
+            plan.BLOCK,
+            argv,
+            len(packed),
+            order,
+            err,
+            512,
         )
         if rc != 0:
             raise RuntimeError(f"emulated launch of {launch.name} failed: {err.value.decode()}")
 
 
 def build_emulator(tmp: Path) -> Emulator:
-    lines = ['#include "cuda_emulator.hpp"', '#include "lsoftmax.cu"', "std::vector<emu::Entry> emu::build_registry() {", "  return {"]
+    lines = [
+        '#include "cuda_emulator.hpp"',
+        '#include "lsoftmax.cu"',
+        "std::vector<emu::Entry> emu::build_registry() {",
+        "  return {",
+    ]
     lines += [f'    emu::make_entry("{n}", &{n}),' for n in plan.name_expressions()]
     lines += ["  };", "}"]
     src = tmp / "emulated_kernels.cpp"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return Emulator(_build(tmp / "libemu.so", [src]))
+
+
+def nasty_rows(dtype: Any, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows with cos exactly 1, -1, 0 and cos(j*pi/m), zero rows, and huge/tiny norms."""
+    # big^2 * (2m - 1) must stay finite: |psi| <= 2m - 1 = 127 at m = 64.
+    big, tiny = {
+        "float64": (2.0**500, 2.0**-500),
+        "float32": (2.0**60, 2.0**-60),
+        "float16": (2.0**4, 2.0**-4),
+        "bfloat16": (2.0**60, 2.0**-60),
+    }[np.dtype(dtype).name]
+    angles = [0.0, np.pi, np.pi / 2] + [j * np.pi / m for j in range(1, m)]
+    w = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [big, 0.0, 0.0], [tiny, 0.0, 0.0]])
+    xs, labs = [], []
+    for a in angles:
+        for scale in (1.0, big, tiny):
+            for cls in (0, 2, 3):
+                xs.append([scale * np.cos(a), scale * np.sin(a), 0.0])
+                labs.append(cls)
+    xs += [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    labs += [0, 1, 1]
+    return np.array(xs).astype(dtype), w.astype(dtype), np.array(labs)
+
+
+def representable(dtype: Any, x: Any, w: Any, label: Any, g: Any, m: int, beta: float) -> bool:
+    """Whether the exact results fit the dtype (float16 overflows at 65504: a problem whose
+    exact logits or gradients do not fit has no correct float16 answer)."""
+    bound = float((ml_dtypes.finfo if dtype == BFLOAT16 else np.finfo)(dtype).max) / 4
+    results = (
+        ref_forward(x, w, label, margin=m, beta=beta),
+        *ref_backward(g, x, w, label, margin=m, beta=beta),
+    )
+    return all(float(np.max(np.abs(r), initial=0.0)) < bound for r in results)
 
 
 def gemm(a: np.ndarray, b: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
@@ -156,7 +208,9 @@ class EmuBackend:
             "err_rec": np.uint64(self.err_rec.ctypes.data),
         }
 
-    def forward(self, x: np.ndarray, w: np.ndarray, label: np.ndarray, *, margin: Any, beta: Any) -> np.ndarray:
+    def forward(
+        self, x: np.ndarray, w: np.ndarray, label: np.ndarray, *, margin: Any, beta: Any
+    ) -> np.ndarray:
         p = validate(x, w, label, margin, beta, float_dtypes=DTYPES)
         bufs = self._common(label)
         bufs.update(x=np.ascontiguousarray(x), w=np.ascontiguousarray(w), logits=gemm(x, w.T, p.dtype))
@@ -165,7 +219,14 @@ class EmuBackend:
         return bufs["logits"]  # type: ignore[no-any-return]
 
     def backward(
-        self, grad_logits: np.ndarray, x: np.ndarray, w: np.ndarray, label: np.ndarray, *, margin: Any, beta: Any
+        self,
+        grad_logits: np.ndarray,
+        x: np.ndarray,
+        w: np.ndarray,
+        label: np.ndarray,
+        *,
+        margin: Any,
+        beta: Any,
     ) -> tuple[np.ndarray, np.ndarray]:
         p = validate(x, w, label, margin, beta, float_dtypes=DTYPES, grad_logits=grad_logits)
         bufs = self._common(label)

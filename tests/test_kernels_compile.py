@@ -57,7 +57,9 @@ def test_source_is_package_data_with_the_header_inlined() -> None:
     includes = [ln.strip() for ln in src.splitlines() if ln.strip().startswith("#include")]
     # Nothing for NVRTC to look up: <math.h> is only in the header's host (g++) branch.
     assert includes == ["#include <math.h>"]
-    host_branch = src[src.index("#if defined(__CUDACC__) || defined(__CUDACC_RTC__)") : src.index("#define LSM_HD inline")]
+    host_branch = src[
+        src.index("#if defined(__CUDACC__) || defined(__CUDACC_RTC__)") : src.index("#define LSM_HD inline")
+    ]
     assert "#include <math.h>" in host_branch.split("#else")[1]
     assert "psi_and_derivative" in src and "lsm_backward_classes" in src
 

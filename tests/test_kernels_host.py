@@ -16,11 +16,19 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from kernel_host import BFLOAT16, ml_dtypes, DTYPES, EmuBackend, build_emulator, compiler, gemm
+from kernel_host import (
+    BFLOAT16,
+    DTYPES,
+    EmuBackend,
+    build_emulator,
+    compiler,
+    gemm,
+    nasty_rows,
+    representable,
+)
 from reference import backward as ref_backward
-from reference import forward as ref_forward
 from strategies import problems
-from tolerances import check_backward, check_forward, grad_scales, assert_close, TOLERANCES
+from tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales
 
 from lsoftmax_core import _cupy_plan as plan
 
@@ -62,20 +70,12 @@ def test_registry_matches_plan(emu) -> None:
     assert all(s == 8 for sizes in emu.sizes.values() for s in sizes)
 
 
-def _representable(dtype, x, w, label, g, m, beta) -> bool:
-    """Whether the exact results fit the dtype (float16 overflows at 65504: a problem whose
-    exact logits or gradients do not fit has no correct float16 answer)."""
-    bound = float((ml_dtypes.finfo if dtype == BFLOAT16 else np.finfo)(dtype).max) / 4
-    results = (ref_forward(x, w, label, margin=m, beta=beta), *ref_backward(g, x, w, label, margin=m, beta=beta))
-    return all(float(np.max(np.abs(r), initial=0.0)) < bound for r in results)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @given(data=st.data())
 def test_matches_reference(emu, dtype, data) -> None:
     x, w, label, m, beta = data.draw(problems(dtype=dtype, max_n=9, max_c=6, max_d=40))
     g = _rand(np.random.default_rng(len(label)), (len(x), len(w)), dtype)
-    assume(_representable(dtype, x, w, label, g, m, beta))
+    assume(representable(dtype, x, w, label, g, m, beta))
     b = EmuBackend(emu)
     out = b.forward(x, w, label, margin=m, beta=beta)
     assert out.dtype == dtype
@@ -100,19 +100,25 @@ def test_shapes_against_reference(emu, dtype, shape) -> None:
     x, w, label, g = _case(sum(shape), n, c, d, dtype)
     for m, beta in [(4, 0.0), (2, 3.5)]:
         b = EmuBackend(emu)
-        check_forward(b.forward(x, w, label, margin=m, beta=beta), x, w, label, margin=m, beta=beta, dtype=dtype.name)
+        check_forward(
+            b.forward(x, w, label, margin=m, beta=beta), x, w, label, margin=m, beta=beta, dtype=dtype.name
+        )
         grads = b.backward(g, x, w, label, margin=m, beta=beta)
         check_backward(grads, g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(150, 3, 37), (40, 4, 2), (9, 9, 300)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(150, 3, 37), (40, 4, 2), (9, 9, 300)], ids=lambda s: "x".join(map(str, s))
+)
 def test_bits_do_not_depend_on_thread_order(emu, dtype, shape) -> None:
     x, w, label, g = _case(1, *shape, dtype)
     results = []
     for order in (0, 1, 7):
         b = EmuBackend(emu, order=order)
-        results.append((b.forward(x, w, label, margin=3, beta=0.25), *b.backward(g, x, w, label, margin=3, beta=0.25)))
+        results.append(
+            (b.forward(x, w, label, margin=3, beta=0.25), *b.backward(g, x, w, label, margin=3, beta=0.25))
+        )
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             _assert_bitwise(a, b_)
@@ -157,32 +163,10 @@ def test_label_dtypes(emu, label_dtype) -> None:
         _assert_bitwise(a, b_)
 
 
-def _nasty_rows(dtype, m: int):
-    """Rows with cos exactly 1, -1, 0 and cos(j*pi/m), zero rows, and huge/tiny norms."""
-    # big^2 * (2m - 1) must stay finite: |psi| <= 2m - 1 = 127 at m = 64.
-    big, tiny = {
-        "float64": (2.0**500, 2.0**-500),
-        "float32": (2.0**60, 2.0**-60),
-        "float16": (2.0**4, 2.0**-4),
-        "bfloat16": (2.0**60, 2.0**-60),
-    }[np.dtype(dtype).name]
-    angles = [0.0, np.pi, np.pi / 2] + [j * np.pi / m for j in range(1, m)]
-    w = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [big, 0.0, 0.0], [tiny, 0.0, 0.0]])
-    xs, labs = [], []
-    for a in angles:
-        for scale in (1.0, big, tiny):
-            for cls in (0, 2, 3):
-                xs.append([scale * np.cos(a), scale * np.sin(a), 0.0])
-                labs.append(cls)
-    xs += [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
-    labs += [0, 1, 1]
-    return np.array(xs).astype(dtype), w.astype(dtype), np.array(labs)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 64])
 def test_nasty_cases(emu, dtype, m) -> None:
-    x, w, label = _nasty_rows(dtype, m)
+    x, w, label = nasty_rows(dtype, m)
     g = _rand(np.random.default_rng(m), (len(x), len(w)), dtype)
     b = EmuBackend(emu)
     for beta in (0.0, 7.0):
@@ -285,7 +269,12 @@ def test_empty_batch_and_zero_features(emu) -> None:
     for dtype in DTYPES:
         x, w = np.zeros((0, 3), dtype), np.ones((4, 3), dtype)
         assert b.forward(x, w, np.zeros(0, np.int64), margin=3, beta=0.0).shape == (0, 4)
-        x, w, label, g = np.zeros((3, 0), dtype), np.zeros((4, 0), dtype), np.array([0, 3, 3]), np.ones((3, 4), dtype)
+        x, w, label, g = (
+            np.zeros((3, 0), dtype),
+            np.zeros((4, 0), dtype),
+            np.array([0, 3, 3]),
+            np.ones((3, 4), dtype),
+        )
         out = b.forward(x, w, label, margin=3, beta=0.0)
         gx, gw = b.backward(g, x, w, label, margin=3, beta=0.0)
         assert not out.astype(np.float64).any() and gx.shape == (3, 0) and gw.shape == (4, 0)

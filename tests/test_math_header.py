@@ -53,7 +53,14 @@ def _nasty_c(m: int, seed: int = 0) -> np.ndarray:
     near = np.concatenate([np.nextafter(t, 2.0), np.nextafter(t, -2.0)])
     rng = np.random.default_rng(seed)
     c = np.concatenate(
-        [[-1.0, 1.0, 0.0, -0.0, 1e-300, -1e-300], t, other, near, np.linspace(-1, 1, 2001), rng.uniform(-1, 1, 500)]
+        [
+            [-1.0, 1.0, 0.0, -0.0, 1e-300, -1e-300],
+            t,
+            other,
+            near,
+            np.linspace(-1, 1, 2001),
+            rng.uniform(-1, 1, 500),
+        ]
     )
     return np.clip(c, -1.0, 1.0)
 
@@ -137,7 +144,9 @@ def _same(got_bits: np.ndarray, want: np.ndarray) -> None:
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     bad = np.flatnonzero((got_bits != want_bits) & ~nan)
-    assert bad.size == 0, f"{bad.size} mismatches, first input #{bad[0]}: got {got_bits[bad[0]]:#x}, want {want_bits[bad[0]]:#x}"
+    assert bad.size == 0, (
+        f"{bad.size} mismatches, first input #{bad[0]}: got {got_bits[bad[0]]:#x}, want {want_bits[bad[0]]:#x}"
+    )
 
 
 def _boundary_bits(e: int, m: int, keep: int, seed: int = 0) -> np.ndarray:
@@ -244,7 +253,13 @@ def test_identity_and_specials(lib) -> None:
     specials = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0, 1e300, -1e-300], dtype=np.float64)
     out = _convert(lib, F64, F16, specials.view(np.uint64)).astype(np.uint16).view(np.float16)
     assert np.isposinf(out[0]) and np.isneginf(out[1]) and np.isnan(out[2])
-    assert np.signbit(out[3]) and not np.signbit(out[4]) and np.isposinf(out[5]) and out[6] == 0 and np.signbit(out[6])
+    assert (
+        np.signbit(out[3])
+        and not np.signbit(out[4])
+        and np.isposinf(out[5])
+        and out[6] == 0
+        and np.signbit(out[6])
+    )
 
 
 # ------------------------------------------------------------------ per-sample statistics
@@ -289,7 +304,9 @@ def test_target_and_coefficients(lib, m, scales) -> None:
     sums = _scaled_sums(x, w)
     s = _sample(lib, *sums, m, g, beta)
     want = reference.forward(x[None], w[None], np.array([0]), margin=m, beta=beta)[0, 0]
-    assert s["target"] == pytest.approx(want, rel=1e-12, abs=1e-13 * (1 + m * m) * np.linalg.norm(x) * np.linalg.norm(w))
+    assert s["target"] == pytest.approx(
+        want, rel=1e-12, abs=1e-13 * (1 + m * m) * np.linalg.norm(x) * np.linalg.norm(w)
+    )
     _, _, _, a, b, c, psi, dpsi, _ = reference._stats(x[None], w[None], np.array([0]), m)
     a, b, c, psi, dpsi = (float(v[0]) for v in (a, b, c, psi, dpsi))
     xh, wh = x / a, w / b

@@ -1,0 +1,282 @@
+"""The CuPy backend on a CUDA device (every test is marked ``gpu`` and skipped without one).
+
+Against the float64 reference per dtype (tests/tolerances.py), bitwise determinism,
+bitwise agreement with the host build of the same kernels (tests/kernel_host.py) given
+the same cuBLAS outputs, bad labels, untouched inputs, nasty cases, odd shapes, streams,
+and memory that stays flat over 10,000 calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from kernel_host import EmuBackend, build_emulator, compiler, nasty_rows, representable
+from strategies import problems
+from tolerances import check_backward, check_forward
+
+import lsoftmax_core as lsm
+
+cupy = pytest.importorskip("cupy")
+cb = pytest.importorskip("lsoftmax_core._cupy_backend")
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = list(cb.FLOAT_DTYPES)
+DTYPE_IDS = [d.name for d in DTYPES]
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _case(seed, n, c, d, dtype):
+    rng = np.random.default_rng(seed)
+    return (
+        _rand(rng, (n, d), dtype),
+        _rand(rng, (c, d), dtype),
+        rng.integers(0, c, n),
+        _rand(rng, (n, c), dtype),
+    )
+
+
+def _gpu(*arrays):
+    return tuple(cupy.asarray(a) for a in arrays)
+
+
+def _bits(a) -> np.ndarray:
+    a = cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else a
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def _assert_bitwise(a, b) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.array_equal(_bits(a), _bits(b))
+
+
+def _run(x, w, label, g, m, beta):
+    out = lsm.forward(x, w, label, margin=m, beta=beta)
+    gx, gw = lsm.backward(g, x, w, label, margin=m, beta=beta)
+    return out, gx, gw
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_label_error():
+    cb.check_labels()  # a test that leaves a bad label behind must not fail the next one
+    yield
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@given(data=st.data())
+def test_matches_reference(dtype, data) -> None:
+    x, w, label, m, beta = data.draw(problems(dtype=dtype, max_n=12, max_c=9, max_d=48))
+    g = _rand(np.random.default_rng(len(label)), (len(x), len(w)), dtype)
+    assume(representable(dtype, x, w, label, g, m, beta))
+    dx, dw, dl, dg = _gpu(x, w, label, g)
+    out, gx, gw = _run(dx, dw, dl, dg, m, beta)
+    for a in (out, gx, gw):
+        assert isinstance(a, cupy.ndarray) and a.dtype == dtype
+    check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+    check_backward((gx, gw), g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "shape",
+    [(252, 507, 123), (252, 123, 507), (1, 1, 1), (4096, 10, 64), (600, 3, 2), (130, 5000, 33), (7, 3, 4099)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("m", [2, 4, 64])
+def test_shapes_against_reference(dtype, shape, m) -> None:
+    x, w, label, g = _case(sum(shape) + m, *shape, dtype)
+    out, gx, gw = _run(*_gpu(x, w, label, g), m, 0.5)
+    check_forward(out, x, w, label, margin=m, beta=0.5, dtype=dtype.name)
+    check_backward((gx, gw), g, x, w, label, margin=m, beta=0.5, dtype=dtype.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 64])
+def test_nasty_cases(dtype, m) -> None:
+    x, w, label = nasty_rows(dtype, m)
+    g = _rand(np.random.default_rng(m), (len(x), len(w)), dtype)
+    for beta in (0.0, 7.0):
+        out, gx, gw = _run(*_gpu(x, w, label, g), m, beta)
+        assert bool(cupy.all(cupy.isfinite(out.astype(cupy.float64))))
+        check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+        check_backward((gx, gw), g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+
+
+def test_float32_subnormal_target_survives() -> None:
+    x = np.array([[3e-41, -1e-40], [1e-39, 2e-39]], dtype=np.float32)
+    w = np.array([[1e-3, 2e-3], [-5e-41, 4e-41]], dtype=np.float32)
+    out = lsm.forward(*_gpu(x, w, np.array([0, 1])), margin=2, beta=0.0)
+    ref = lsm.forward(x.astype(np.float64), w.astype(np.float64), np.array([0, 1]), margin=2, beta=0.0)
+    assert float(out[0, 0]) == pytest.approx(float(ref[0, 0]), rel=1e-2) and float(out[0, 0]) != 0.0
+
+
+def test_margin_one_is_the_plain_gemm() -> None:
+    x, w, label, g = _gpu(*_case(9, 33, 8, 17, np.float32))
+    out, gx, gw = _run(x, w, label, g, 1, 3.0)
+    _assert_bitwise(out, x @ w.T)
+    _assert_bitwise(gx, g @ w)
+    _assert_bitwise(gw, g.T @ x)
+
+
+def test_float64_agrees_with_numpy_backend() -> None:
+    x, w, label, g = _case(10, 64, 12, 40, np.float64)
+    got = _run(*_gpu(x, w, label, g), 4, 0.3)
+    want = _run(x, w, label, g, 4, 0.3)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(cupy.asnumpy(a), b, rtol=1e-11, atol=1e-11 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "shape", [(4096, 10, 64), (2048, 3, 2), (512, 1000, 300)], ids=lambda s: "x".join(map(str, s))
+)
+def test_deterministic(dtype, shape) -> None:
+    """Same inputs, bitwise same outputs: repeated runs, another stream, misaligned copies."""
+    x, w, label, g = _gpu(*_case(11, *shape, dtype))
+    first = _run(x, w, label, g, 3, 0.25)
+    for _ in range(3):
+        for a, b in zip(first, _run(x, w, label, g, 3, 0.25)):
+            _assert_bitwise(a, b)
+    cupy.cuda.runtime.deviceSynchronize()  # a non-blocking stream does not wait for the null stream
+    with cupy.cuda.Stream(non_blocking=True):
+        other = _run(x, w, label, g, 3, 0.25)
+        cupy.cuda.get_current_stream().synchronize()
+    for a, b in zip(first, other):
+        _assert_bitwise(a, b)
+
+    def misaligned(a):
+        buf = cupy.empty(a.size + 1, dtype=a.dtype)
+        out = buf[1:].reshape(a.shape)
+        out[...] = a
+        return out
+
+    for a, b in zip(first, _run(misaligned(x), misaligned(w), label, misaligned(g), 3, 0.25)):
+        _assert_bitwise(a, b)
+
+
+@pytest.mark.skipif(compiler() is None, reason="needs g++ for the host build of the kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bitwise_equal_to_host_build_of_the_same_kernels(tmp_path_factory, dtype, monkeypatch) -> None:
+    """Given cuBLAS's GEMM outputs, the GPU kernels and their g++ build (the code the CPU
+    tests run) produce the same bits: same source, no FMA contraction on either side."""
+    emu = _EMU.get("emu") or _EMU.setdefault("emu", build_emulator(tmp_path_factory.mktemp("emu")))
+    x, w, label, g = _case(12, 300, 7, 45, dtype)
+    dx, dw, dl, dg = _gpu(x, w, label, g)
+    out, gx, gw = _run(dx, dw, dl, dg, 4, 0.75)
+    gemms = {"fwd": cupy.asnumpy(dx @ dw.T), "gx": cupy.asnumpy(dg @ dw), "gw": cupy.asnumpy(dg.T @ dx)}
+    host = EmuBackend(emu)
+    # The host run gets cuBLAS's GEMM results instead of NumPy's.
+    queue = [gemms["fwd"], gemms["gx"], gemms["gw"]]
+    monkeypatch.setattr("kernel_host.gemm", lambda a, b, dt: queue.pop(0).copy())
+    h_out = host.forward(x, w, label, margin=4, beta=0.75)
+    h_gx, h_gw = host.backward(g, x, w, label, margin=4, beta=0.75)
+    for a, b in zip((out, gx, gw), (h_out, h_gx, h_gw)):
+        _assert_bitwise(a, b)
+
+
+_EMU: dict[str, object] = {}
+
+
+@pytest.mark.parametrize("margin", [1, 3])
+def test_bad_labels(margin) -> None:
+    x, w, label, g = _gpu(*_case(13, 40, 6, 9, np.float32))
+    bad = label.copy()
+    bad[[5, 17]] = cupy.asarray([6, -2])
+    out = lsm.forward(x, w, bad, margin=margin, beta=0.0)  # returns: the check is asynchronous
+    with pytest.raises(
+        ValueError, match=r"label must lie in \[0, C\) = \[0, 6\): label\[5\]=6 .*forward call"
+    ):
+        cb.check_labels()
+    cb.check_labels()  # reported once
+    good = np.setdiff1d(np.arange(40), [5, 17])
+    hx, hw, hl = (cupy.asnumpy(a) for a in (x, w, label))
+    # Good rows: correct (a GEMM over fewer rows may round differently, so no bitwise check);
+    # bad rows: exactly the plain GEMM's (same cuBLAS call).
+    check_forward(out[cupy.asarray(good)], hx[good], hw, hl[good], margin=margin, beta=0.0, dtype="float32")
+    _assert_bitwise(out[cupy.asarray([5, 17])], (x @ w.T)[cupy.asarray([5, 17])])
+    # The next call on the device raises for an earlier bad call, without a sync of ours.
+    lsm.backward(g, x, w, bad, margin=margin, beta=0.0)
+    cupy.cuda.runtime.deviceSynchronize()
+    with pytest.raises(ValueError, match=r"label\[5\]=6 .*backward call"):
+        lsm.forward(x, w, label, margin=margin, beta=0.0)
+    lsm.forward(x, w, label, margin=margin, beta=0.0)  # and it is cleared
+    cb.check_labels()
+
+
+def test_bad_label_synchronous_mode(monkeypatch) -> None:
+    x, w, label, _ = _gpu(*_case(14, 8, 3, 4, np.float64))
+    monkeypatch.setattr(cb, "_SYNC_CHECK", True)
+    with pytest.raises(ValueError, match=r"label\[0\]>=2147483647"):
+        lsm.forward(x, w, cupy.asarray([2**40] + [0] * 7), margin=2, beta=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_inputs_unchanged_and_layouts(dtype) -> None:
+    x, w, label, g = _gpu(*_case(15, 30, 5, 12, dtype))
+    copies = [a.copy() for a in (x, w, label, g)]
+    want = _run(x, w, label, g, 3, 0.5)
+    for a, c in zip((x, w, label, g), copies):
+        _assert_bitwise(a, c)
+    # Non-contiguous inputs and other label dtypes give the same bits.
+    xt, wt, gt = (cupy.asfortranarray(a) for a in (x, w, g))
+    for lab in (label.astype(cupy.int32), label.astype(cupy.uint8), label[::-1][::-1]):
+        for a, b in zip(want, _run(xt, wt, lab, gt, 3, 0.5)):
+            _assert_bitwise(a, b)
+
+
+def test_errors_match_numpy_backend() -> None:
+    x, w, label, g = _case(16, 4, 3, 2, np.float32)
+    cases = [
+        dict(x=x.astype(np.int32)),
+        dict(w=w[:, :1]),
+        dict(label=label[:2]),
+        dict(label=label.astype(np.float32)),
+        dict(margin=0),
+        dict(margin=65),
+        dict(beta=-1.0),
+        dict(x=x.astype(np.float64)),
+    ]
+    for case in cases:
+        args = dict(x=x, w=w, label=label, margin=2, beta=0.0) | case
+        with pytest.raises((TypeError, ValueError)) as np_err:
+            lsm.forward(args["x"], args["w"], args["label"], margin=args["margin"], beta=args["beta"])
+        with pytest.raises(np_err.type) as cp_err:
+            lsm.forward(*_gpu(args["x"], args["w"], args["label"]), margin=args["margin"], beta=args["beta"])
+        # Same text, except the list of supported dtypes (CuPy also takes float16/bfloat16).
+        assert str(cp_err.value).split(" (supported")[0] == str(np_err.value).split(" (supported")[0]
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        lsm.forward(cupy.asarray(x), w, cupy.asarray(label), margin=2, beta=0.0)
+
+
+def test_empty_and_featureless() -> None:
+    for dtype in DTYPES:
+        x, w = cupy.zeros((0, 3), dtype), cupy.ones((4, 3), dtype)
+        assert lsm.forward(x, w, cupy.zeros(0, cupy.int64), margin=3, beta=0.0).shape == (0, 4)
+        x, w, label, g = (
+            cupy.zeros((3, 0), dtype),
+            cupy.zeros((4, 0), dtype),
+            cupy.asarray([0, 3, 3]),
+            cupy.ones((3, 4), dtype),
+        )
+        out, gx, gw = _run(x, w, label, g, 3, 0.0)
+        assert not bool(out.astype(cupy.float64).any()) and gx.shape == (3, 0) and gw.shape == (4, 0)
+
+
+def test_memory_stable_over_10000_calls() -> None:
+    pool = cupy.get_default_memory_pool()
+    x, w, label, g = _gpu(*_case(17, 64, 10, 16, np.float32))
+    for _ in range(10):
+        _run(x, w, label, g, 2, 0.0)
+    cupy.cuda.runtime.deviceSynchronize()
+    used, total = pool.used_bytes(), pool.total_bytes()
+    for i in range(10_000):
+        out, gx, gw = _run(x, w, label, g, 2 + i % 3, 0.0)
+        del out, gx, gw
+    cupy.cuda.runtime.deviceSynchronize()
+    assert pool.used_bytes() == used
+    assert pool.total_bytes() <= total
