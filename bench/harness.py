@@ -323,10 +323,10 @@ def environment(gpu: bool) -> dict[str, Any]:
         except ImportError:
             pass
     if gpu:
-        env["cupy"] = _version("cupy-cuda12x") if _version("cupy-cuda12x") != "not installed" else _version("cupy")
         try:
             import cupy
 
+            env["cupy"] = cupy.__version__
             props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
             name = props["name"]
             env["gpu"] = name.decode() if isinstance(name, bytes) else str(name)

@@ -123,6 +123,7 @@ def _run_cpu(settings: Settings, out_dir: Path, doc: Path | None, plot_dir: Path
 
     env = environment(gpu=False)
     env["threads_requested"] = threads or "library default"
+    env["command"] = "python -m bench --cpu" + (f" --threads {threads}" if threads else "")
     dtype = "float32"
     mem = cpu_memory(sizes, dtype, threads) if memory else {}
     rows: list[dict[str, Any]] = []
@@ -154,6 +155,7 @@ def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to PyTorch: nothing to measure on GPU")
     env = environment(gpu=True)
+    env["command"] = "python -m bench --gpu"
     env["torch_matmul_tf32"] = str(torch.backends.cuda.matmul.allow_tf32)
     env["CUPY_TF32"] = os.environ.get("CUPY_TF32", "(unset)")
     rows: list[dict[str, Any]] = []
