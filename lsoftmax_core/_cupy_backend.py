@@ -208,10 +208,10 @@ def _state(**arrays: Any) -> _DeviceState:
     bad-label error recorded by an earlier call."""
     dev = runtime.getDevice()
     for name, a in arrays.items():
-        if a.device.id != dev:
+        if a.data.device_id != dev:
             raise ValueError(
-                f"{name} is on CUDA device {a.device.id} but the current device is {dev}; "
-                f"call inside `with cupy.cuda.Device({a.device.id}):`"
+                f"{name} is on CUDA device {a.data.device_id} but the current device is {dev}; "
+                f"call inside `with cupy.cuda.Device({a.data.device_id}):`"
             )
     st = _STATES.get(dev)
     if st is None:
@@ -246,10 +246,12 @@ def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
     st = _state(x=x, w=w, label=label)
     x, w, lab = _contiguous(x), _contiguous(w), _kernel_labels(label)
-    launches = plan.forward_launches(p, lab.dtype, next(_SERIAL))
+    launches = plan.forward_launches(p, lab.dtype)
     logits = cupy.matmul(x, w.T)
     if launches:
-        st.run(launches, {"x": x, "w": w, "label": lab, "logits": logits, **st.bufs}, p.dtype.name)
+        bufs = {"x": x, "w": w, "label": lab, "logits": logits, **st.bufs}
+        bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
+        st.run(launches, bufs, p.dtype.name)
     _finish(st)
     return logits
 
@@ -260,17 +262,15 @@ def backward(
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
     st = _state(grad_logits=grad_logits, x=x, w=w, label=label)
     g, x, w, lab = _contiguous(grad_logits), _contiguous(x), _contiguous(w), _kernel_labels(label)
-    bufs: dict[str, Any] = {}
-    stamp = 1
-    if p.margin > 1 and p.n > 0:
-        ws = st.workspace()
-        stamp = ws.prepare(p)
-        bufs = {"coef": ws.coef, "stamps": ws.stamps}
-    launches = plan.backward_launches(p, lab.dtype, next(_SERIAL), stamp)
+    launches = plan.backward_launches(p, lab.dtype)
     grad_x = cupy.matmul(g, w)
     grad_w = cupy.matmul(g.T, x)
     if launches:
-        bufs.update(grad_logits=g, x=x, w=w, label=lab, grad_x=grad_x, grad_w=grad_w, **st.bufs)
+        bufs = {"grad_logits": g, "x": x, "w": w, "label": lab, "grad_x": grad_x, "grad_w": grad_w, **st.bufs}
+        bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
+        if p.margin > 1:
+            ws = st.workspace()
+            bufs.update(coef=ws.coef, stamps=ws.stamps, stamp=np.int64(ws.prepare(p)))
         st.run(launches, bufs, p.dtype.name)
     _finish(st)
     return grad_x, grad_w

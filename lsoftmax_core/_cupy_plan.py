@@ -4,14 +4,17 @@ This module imports only NumPy, so the CPU tests can run the very launch sequenc
 runs through a host emulation of the kernels (tests/test_kernels_host.py), and compile
 every kernel instantiation with NVRTC (tests/test_kernels_compile.py), without a GPU.
 
-Arguments are either buffer names (``str``), which the executor maps to arrays, or NumPy
-scalars whose itemsize is exactly the C type of the kernel parameter (CuPy passes a NumPy
-scalar by its own size; a Python int would always travel as 8 bytes).
+Arguments are either names (``str``), which the executor maps to arrays or to the
+per-call scalars ``beta``, ``serial`` and ``stamp``, or NumPy scalars whose itemsize is
+exactly the C type of the kernel parameter (CuPy passes a NumPy scalar by its own size).
+Plans are cached per (N, C, D, dtype, margin, label dtype): a call pays a dictionary
+lookup, not the construction (beta, which a schedule changes every step, is per call).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from typing import Any, Union
 
@@ -97,10 +100,12 @@ def name_expressions(dtype_name: str | None = None) -> list[str]:
     return names
 
 
+_KERNEL_LABEL_DTYPES = {np.dtype(np.int32): np.dtype(np.int32), np.dtype(np.int64): np.dtype(np.int64)}
+
+
 def kernel_label_dtype(label_dtype: Any) -> np.dtype[Any]:
     """The dtype the kernels read labels as: int32/int64 in place, any other integer as int64."""
-    dt = np.dtype(label_dtype)
-    return dt if dt.name in LABEL_TYPES else np.dtype(np.int64)
+    return _KERNEL_LABEL_DTYPES.get(label_dtype, _KERNEL_LABEL_DTYPES[np.dtype(np.int64)])
 
 
 def kernel_source() -> str:
@@ -140,63 +145,75 @@ def workspace_sizes(p: Problem) -> tuple[int, int]:
     return 3 * p.n, 2 * p.c
 
 
-def _check_limits(p: Problem) -> None:
-    if p.n > 2**31 - 1:
-        raise ValueError(f"x has N={p.n} rows; the CUDA backend supports N < 2**31")
-    if class_layout(p.d, p.dtype)[1] > 65535:
-        raise ValueError(f"x has D={p.d} features; too many for the CUDA backend's grid")
+def _check_limits(n: int, d: int, dtype: np.dtype[Any]) -> None:
+    if n > 2**31 - 1:
+        raise ValueError(f"x has N={n} rows; the CUDA backend supports N < 2**31")
+    if class_layout(d, dtype)[1] > 65535:
+        raise ValueError(f"x has D={d} features; too many for the CUDA backend's grid")
 
 
-def _check_launch(p: Problem, label_dtype: Any, serial: int, op: int) -> Launch:
+def _check_launch(n: int, c: int, label_dtype: np.dtype[Any], op: int) -> Launch:
     i64 = np.int64
     return Launch(
         kernel_name("lsm_check_labels", None, label_dtype),
-        (-(-p.n // BLOCK), 1),
-        ("label", i64(p.n), i64(p.c), "err_key", "err_rec", i64(serial), i64(op)),
+        (-(-n // BLOCK), 1),
+        ("label", i64(n), i64(c), "err_key", "err_rec", "serial", i64(op)),
     )
 
 
-def forward_launches(p: Problem, label_dtype: Any, serial: int) -> list[Launch]:
-    """Kernels after ``logits = x @ w.T``: the target fix-up (or only the label check)."""
-    _check_limits(p)
-    if p.n == 0:
-        return []
-    if p.margin == 1:  # psi(c) = c: the GEMM is the answer; labels are still checked
-        return [_check_launch(p, label_dtype, serial, OP_FORWARD)]
+@lru_cache(maxsize=256)
+def _forward(
+    n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
+) -> tuple[Launch, ...]:
+    _check_limits(n, d, dtype)
+    if n == 0:
+        return ()
+    if margin == 1:  # psi(c) = c: the GEMM is the answer; labels are still checked
+        return (_check_launch(n, c, label_dtype, OP_FORWARD),)
     i64 = np.int64
     args: tuple[Arg, ...] = (
-        "x", "w", "label", "logits",
-        i64(p.n), i64(p.c), i64(p.d), i64(p.margin), np.float64(p.beta),
-        "thresholds", "err_key", "err_rec", i64(serial),
+        "x", "w", "label", "logits", i64(n), i64(c), i64(d), i64(margin), "beta",
+        "thresholds", "err_key", "err_rec", "serial",
     )  # fmt: skip
-    return [Launch(kernel_name("lsm_forward", p.dtype, label_dtype), (p.n, 1), args)]
+    return (Launch(kernel_name("lsm_forward", dtype, label_dtype), (n, 1), args),)
 
 
-def backward_launches(p: Problem, label_dtype: Any, serial: int, stamp: int) -> list[Launch]:
-    """Kernels after ``grad_x = G @ w`` and ``grad_w = G.T @ x``."""
-    _check_limits(p)
-    if p.n == 0:
-        return []
-    if p.margin == 1:
-        return [_check_launch(p, label_dtype, serial, OP_BACKWARD)]
-    if not 1 <= stamp < 2**32:
-        raise ValueError(f"{stamp=} must lie in [1, 2**32)")
+@lru_cache(maxsize=256)
+def _backward(
+    n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
+) -> tuple[Launch, ...]:
+    _check_limits(n, d, dtype)
+    if n == 0:
+        return ()
+    if margin == 1:
+        return (_check_launch(n, c, label_dtype, OP_BACKWARD),)
     i64 = np.int64
     rows = Launch(
-        kernel_name("lsm_backward_rows", p.dtype, label_dtype),
-        (p.n, 1),
+        kernel_name("lsm_backward_rows", dtype, label_dtype),
+        (n, 1),
         (
-            "grad_logits", "x", "w", "label", "grad_x", "coef", "stamps", i64(stamp),
-            i64(p.n), i64(p.c), i64(p.d), i64(p.margin), np.float64(p.beta),
-            "thresholds", "err_key", "err_rec", i64(serial),
+            "grad_logits", "x", "w", "label", "grad_x", "coef", "stamps", "stamp",
+            i64(n), i64(c), i64(d), i64(margin), "beta", "thresholds", "err_key", "err_rec", "serial",
         ),
     )  # fmt: skip
-    if p.d == 0:
-        return [rows]
-    k, tiles = class_layout(p.d, p.dtype)
+    if d == 0:
+        return (rows,)
+    k, tiles = class_layout(d, dtype)
     classes = Launch(
-        kernel_name("lsm_backward_classes", p.dtype, label_dtype),
-        (p.n, tiles),
-        ("x", "w", "label", "grad_w", "coef", "stamps", i64(stamp), i64(p.n), i64(p.c), i64(p.d), i64(k)),
+        kernel_name("lsm_backward_classes", dtype, label_dtype),
+        (n, tiles),
+        ("x", "w", "label", "grad_w", "coef", "stamps", "stamp", i64(n), i64(c), i64(d), i64(k)),
     )
-    return [rows, classes]
+    return (rows, classes)
+
+
+def forward_launches(p: Problem, label_dtype: Any) -> tuple[Launch, ...]:
+    """Kernels after ``logits = x @ w.T``: the target fix-up (or only the label check).
+    Per-call names: beta (float64), serial (int64)."""
+    return _forward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
+
+
+def backward_launches(p: Problem, label_dtype: Any) -> tuple[Launch, ...]:
+    """Kernels after ``grad_x = G @ w`` and ``grad_w = G.T @ x``.  Per-call names: beta
+    (float64), serial (int64), stamp (int64 in [1, 2**32), new for every call on a workspace)."""
+    return _backward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))

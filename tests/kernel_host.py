@@ -199,22 +199,24 @@ class EmuBackend:
         self.serial = 0
         self.stamp = 0
 
-    def _common(self, label: np.ndarray) -> dict[str, Any]:
+    def _common(self, label: np.ndarray, beta: float) -> dict[str, Any]:
         self.serial += 1
         return {
             "label": np.ascontiguousarray(label, dtype=plan.kernel_label_dtype(label.dtype)),
             "thresholds": self.table,
             "err_key": self.err_key,
             "err_rec": np.uint64(self.err_rec.ctypes.data),
+            "beta": np.float64(beta),
+            "serial": np.int64(self.serial),
         }
 
     def forward(
         self, x: np.ndarray, w: np.ndarray, label: np.ndarray, *, margin: Any, beta: Any
     ) -> np.ndarray:
         p = validate(x, w, label, margin, beta, float_dtypes=DTYPES)
-        bufs = self._common(label)
+        bufs = self._common(label, p.beta)
         bufs.update(x=np.ascontiguousarray(x), w=np.ascontiguousarray(w), logits=gemm(x, w.T, p.dtype))
-        for launch in plan.forward_launches(p, bufs["label"].dtype, self.serial):
+        for launch in plan.forward_launches(p, bufs["label"].dtype):
             self.emu.launch(launch, bufs, self.order)
         return bufs["logits"]  # type: ignore[no-any-return]
 
@@ -229,7 +231,7 @@ class EmuBackend:
         beta: Any,
     ) -> tuple[np.ndarray, np.ndarray]:
         p = validate(x, w, label, margin, beta, float_dtypes=DTYPES, grad_logits=grad_logits)
-        bufs = self._common(label)
+        bufs = self._common(label, p.beta)
         ncoef, nstamps = plan.workspace_sizes(p)
         if self.coef.size < ncoef:
             self.coef = np.zeros(ncoef, dtype=np.float64)
@@ -244,7 +246,8 @@ class EmuBackend:
             grad_w=gemm(grad_logits.T, x, p.dtype),
             coef=self.coef,
             stamps=self.stamps,
+            stamp=np.int64(self.stamp),
         )
-        for launch in plan.backward_launches(p, bufs["label"].dtype, self.serial, self.stamp):
+        for launch in plan.backward_launches(p, bufs["label"].dtype):
             self.emu.launch(launch, bufs, self.order)
         return bufs["grad_x"], bufs["grad_w"]
