@@ -11,10 +11,15 @@ margin 1: the GEMMs alone (psi(c) = c), plus a label check.
 
 Numerics.  Per-sample statistics (norms, cos, psi) use float64 for float32 and float64
 inputs and float32 for float16/bfloat16 inputs; the corrections are combined with the
-GEMM output in float64 and rounded once.  float32 statistics are not enough for float32
-inputs: cos from float32 sums carries ~D·2^-24 relative error, amplified by |psi'| <= m²,
-which breaks the float32 tolerance (2e-6 of |x||w|(1+m²)) for large D.  Rows are scaled by
+GEMM output in float64 and rounded once.  float64 for float32 inputs, because CuPy
+compiles every kernel with -ftz=true, so float32 arithmetic would flush float32
+subnormal inputs (a row of tiny norm would lose its angle), and because float32
+Chebyshev recurrences at m = 64 already spend 4e-6 of the float32 gradient tolerance of
+1e-5 on psi' (tests/test_math_header.py measures it).  These are O(N·D) operations against
+the GEMMs' O(N·C·D) (float64 runs at full rate on an H100/H200).  Rows are scaled by
 powers of two before squaring, so huge and tiny norms neither overflow nor underflow.
+bfloat16 values below 2^-126 (float32 subnormals) are flushed to zero in the float32
+statistics; float16 values never are.
 Element formats are converted with integer code (lsoftmax_math.cuh): no cuda_fp16.h /
 cuda_bf16.h is needed (NVRTC does not find them in a pip-installed CuPy), and CuPy's
 -ftz=true cannot flush float32 subnormal inputs or results.  The GEMMs are CuPy's matmul
@@ -37,8 +42,8 @@ call.  ``check_labels()`` synchronises and raises at once; with the environment 
 
 Memory.  The outputs are the only per-call allocations, except a contiguous copy of a
 non-contiguous input and an int64 copy of labels that are neither int32 nor int64.  The
-backward's workspace (3 float64 per sample, 2 uint64 per class) is cached per (device,
-stream) and only grows; a fresh stamp per call replaces clearing it.
+backward's workspace (3 float64 per sample, 2 uint64 per class) is cached per device,
+stream and thread, and only grows; a fresh stamp per call replaces clearing it.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ _BLOCK = (plan.BLOCK,)
 _SERIAL = itertools.count(1)
 _LOCK = threading.Lock()
 _MODULES: dict[str, cupy.RawModule] = {}
-_MAX_WORKSPACES = 8  # streams remembered per device
+_MAX_WORKSPACES = 8  # (stream, thread) pairs remembered per device
 _SYNC_CHECK = os.environ.get("LSOFTMAX_CUPY_SYNC_LABEL_CHECK", "") not in ("", "0")
 _OPS = {plan.OP_FORWARD: "forward", plan.OP_BACKWARD: "backward"}
 
@@ -147,7 +152,7 @@ class _DeviceState:
             "err_key": self.err_key,
             "err_rec": np.uint64(rec_dev),
         }
-        self.workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self.workspaces: OrderedDict[tuple[int, int], _Workspace] = OrderedDict()
 
     def function(self, name: str, dtype_name: str) -> Any:
         fn = self.functions.get(name)
@@ -157,7 +162,9 @@ class _DeviceState:
         return fn
 
     def workspace(self) -> _Workspace:
-        key = cupy.cuda.get_current_stream().ptr
+        # Per stream, and per thread: two threads on the legacy default stream would otherwise
+        # interleave one workspace's launches (B2 of one call reading B1 of another).
+        key = (cupy.cuda.get_current_stream().ptr, threading.get_ident())
         ws = self.workspaces.get(key)
         if ws is None:
             ws = self.workspaces[key] = _Workspace()

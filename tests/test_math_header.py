@@ -110,13 +110,16 @@ def test_psi_finite_monotone_and_continuous(lib, m) -> None:
 
 @pytest.mark.parametrize("m", MARGINS)
 def test_psi_float32_close_to_float64(lib, m) -> None:
-    # The float16/bfloat16 kernels keep statistics in float32: error well inside their tolerance.
+    # The float16/bfloat16 kernels keep statistics in float32: far inside their tolerances
+    # (4e-3 forward, 1e-2 gradient).  Measured: psi 2e-8 and psi' 4e-6 (m = 64) of 1 + m^2,
+    # too close to float32's own gradient tolerance (1e-5), one reason float32 inputs get
+    # float64 statistics.
     c = _nasty_c(m).astype(np.float32)
     psi32, dpsi32 = _psi(lib, c, m)
     psi64, dpsi64 = _psi(lib, c.astype(np.float64), m)
     scale = 1.0 + m * m
-    assert np.max(np.abs(psi32 - psi64)) <= 2e-5 * scale
-    assert np.max(np.abs(dpsi32 - dpsi64)) <= 2e-4 * scale
+    assert np.max(np.abs(psi32 - psi64)) <= 1e-7 * scale
+    assert np.max(np.abs(dpsi32 - dpsi64)) <= 1e-5 * scale
 
 
 # ------------------------------------------------------------------ format conversions
