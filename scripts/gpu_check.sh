@@ -9,6 +9,7 @@
 #   2. gpu tests   (240 s)  pytest -m gpu across tests/ (needs pytest + hypothesis; if they
 #                           are missing the stage says so and is skipped, nothing is fetched)
 #   3. benchmark    (75 s)  bench/bench_cupy.py: lsoftmax-core vs three cuBLAS GEMMs
+#   4. optional, PEER_BENCH=1 (200 s): python -m bench --gpu (PyTorch and peers), into $OUT/peers
 # Nothing is installed: the package is used from the checkout (PYTHONPATH=.).  Logs and the
 # benchmark table go to $OUT_DIR (default: ./out/gpu-check, git-ignored).  Override the interpreter with
 # PYTHON=..., the limits with ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT (seconds).
@@ -62,6 +63,12 @@ fi
 
 if [ $env_rc -eq 0 ]; then
   stage benchmark "${BENCH_TIMEOUT:-75}" "$PY" bench/bench_cupy.py --markdown "$OUT/bench_cupy.md"
+fi
+
+# Optional (PEER_BENCH=1): the full comparison with PyTorch and pytorch-metric-learning,
+# `python -m bench --gpu` (2-3 min), which does not fit the 6-minute default budget.
+if [ $env_rc -eq 0 ] && [ "${PEER_BENCH:-0}" = 1 ]; then
+  stage "peer benchmark" "${PEER_TIMEOUT:-200}" "$PY" -m bench --gpu --out "$OUT/peers" --no-doc
 fi
 
 counts=""
