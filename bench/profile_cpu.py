@@ -10,16 +10,16 @@ one, N=256, D=512, C=10,000, float32) into
 * the minor page faults per call (fresh float64 temporaries of N·D elements are mapped
   and unmapped by glibc on every call; on a VM each fault is expensive).
 
-Medians over ``--repeat`` calls, each alone (not interleaved: this is a profile, the
-table in docs/BENCHMARKS.md comes from ``python -m bench``).
+Medians over ``--repeat`` samples taken round-robin like ``python -m bench`` (see
+:mod:`bench.harness`), so that the rows can be compared with each other on a shared machine.
+Cap the threads from outside (``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1``) to match a
+``--threads 1`` run.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Callable
 
@@ -28,21 +28,18 @@ import numpy as np
 import lsoftmax_core as lsm
 
 from .contenders import BETA, MARGIN
+from .harness import Case, cpu_clock, measure
 
 __all__ = ["main"]
 
 
-def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Median ms per call and minor page faults per call."""
+def _faults(fn: Callable[[], object], repeat: int) -> float:
+    """Minor page faults per call (after one warm-up call)."""
     fn()
-    times = []
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeat):
-        t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeat
-    return statistics.median(times) * 1e3, faults
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,10 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(("torch 3 GEMMs (the PyTorch floor's BLAS)", lambda: (tx @ tw.T, tg @ tw, tg.T @ tx)))
     except ImportError:
         pass
-    print(f"N={a.n} D={a.d} C={a.c} {a.dtype}, margin {MARGIN}, median of {a.repeat}")
-    for name, fn in rows:
-        ms, faults = _time(fn, a.repeat)
-        print(f"{name:52s} {ms:9.3f} ms  {faults:9.0f} minor faults/call")
+    cases = [Case(name, "cpu", "profile", rows[0][0], fn, cpu_clock) for name, fn in rows]
+    measured = measure(cases, repeat=a.repeat, warmup=1, min_time=0.01)
+    print(f"N={a.n} D={a.d} C={a.c} {a.dtype}, margin {MARGIN}; median of {a.repeat} interleaved samples")
+    for m in measured:
+        faults = _faults(m.case.run, 3)
+        print(f"{m.case.name:52s} {m.median * 1e3:9.3f} ms  {faults:7.0f} minor page faults/call {m.error}")
     return 0
 
 

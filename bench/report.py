@@ -345,7 +345,8 @@ def publish(doc: Path | None, plot_dir: Path | None, device: str, rows: Sequence
     plot_rel = None
     if plot_dir is not None:
         png = plot_dir / f"{device}_ratio.png"
-        if plot(rows, png, f"{title}: lsoftmax-core and peers vs a plain linear layer"):
+        threads = f", {env['threads_requested']} thread(s)" if isinstance(env.get("threads_requested"), int) else ""
+        if plot(rows, png, f"{title}{threads}: lsoftmax-core and peers vs a plain linear layer"):
             plot_rel = str(png.relative_to(doc.parent)) if doc is not None and png.is_relative_to(doc.parent) \
                 else png.name
     text = markdown(device, rows, lenet, env, plot_rel)
