@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = report.read_csv(out / names[0])
         lenet = report.read_csv(out / names[1])
         env = json.loads((out / names[2]).read_text())
-        report.publish(doc, plot_dir, device, rows, lenet, env)
+        report.publish(doc, plot_dir, device, rows, lenet, env, out if doc is None else None)
         print(f"rendered {device} from {source}" + ("" if doc is None else f" into {doc}"))
         return 0
     settings = QUICK if args.quick else (CPU_FULL if args.cpu else GPU_FULL)
