@@ -11,22 +11,18 @@ Inputs are ``(data, label, weight)`` in that order: data (N, D), label (N,) clas
 ``lsoftmax_core.forward``/``backward`` on the NumPy backend, so this runs on CPU contexts
 only (MXNet 1.9.1's CUDA wheels are CUDA 11; this project's GPU path is CuPy).
 
-Semantics, as in the seed:
-
-* training (``is_train``) gives the large-margin logits, evaluation the plain ``x @ w.T``;
-* beta (lambda in the paper, eq. 7) follows ``beta_t = max(beta * scale**t, beta_min)``
-  (:class:`lsoftmax_core.ExponentialSchedule`), where ``t`` counts the training backward
-  passes the operator has run.  The counter is explicit state of the operator instance,
-  read at forward and advanced once per training backward; backward always uses the beta
-  of its own forward.  An executor (``simple_bind``, ``Module``) keeps one operator per
-  device for its lifetime, so each device counts its own iterations, like the seed.
-  Imperative calls and non-static hybridised graphs create a fresh operator per call, so
-  :class:`LSoftmaxDense` keeps its counters outside the operator (one per block and device,
-  named by the ``step_key`` argument), readable and settable as ``block.step``.
-  MXNet runs operators asynchronously, so the counter advances when the backward has run
-  on the engine: the next training forward sees it because it reads the weight that the
-  optimizer updated from that backward's gradient (Module.update, Trainer.step).  Without
-  an update in between, or before reading ``block.step``, call ``mx.nd.waitall()``.
+Semantics, as in the seed: training (``is_train``) gives the large-margin logits,
+evaluation the plain ``x @ w.T``; beta (lambda, paper eq. 7) follows
+``beta_t = max(beta * scale**t, beta_min)`` (:class:`lsoftmax_core.ExponentialSchedule`),
+t counting the training backward passes.  The counter is explicit operator state, read at
+forward and advanced once per training backward (which reuses its forward's beta).  An
+executor (``simple_bind``, ``Module``) keeps one operator per device, so each device counts
+its own iterations like the seed.  Imperative calls and non-static hybridised graphs make a
+fresh operator per call, so :class:`LSoftmaxDense` keeps its counters outside it (per block
+and device, found by the ``step_key`` argument) as ``block.step``.  MXNet is asynchronous:
+the count advances when the backward has run on the engine, which the next forward waits
+for through the weight the optimizer updates (Module.update, Trainer.step); without an
+update in between, call ``mx.nd.waitall()`` (``block.step`` does so itself).
 
 Data exchange.  MXNet 1.9.1 hands out DLPack *capsules* (``to_dlpack_for_read``), while
 NumPy 1.23's ``np.from_dlpack`` wants an object with ``__dlpack__``/``__dlpack_device__``;
@@ -52,6 +48,7 @@ way; the project's tests and nox session set it to 2 as the seed did.
 
 from __future__ import annotations
 
+import atexit
 import math
 import numbers
 import threading
@@ -88,6 +85,11 @@ FLOAT_DTYPES: tuple[type[Any], ...] = (np.float32, np.float64)
 
 _DL_CPU = 1  # DLPack's kDLCPU device type
 
+# MXNet 1.9.1 aborts or hangs at interpreter exit while CustomOp work is still queued
+# (apache/mxnet#15310): drain the engine first.  atexit runs handlers last-in first-out,
+# so this runs before MXNet's own shutdown hook, registered when mxnet was imported.
+atexit.register(mx.nd.waitall)
+
 
 # --------------------------------------------------------------------------- conversion
 
@@ -118,11 +120,11 @@ def as_numpy(array: Any, name: str = "array") -> npt.NDArray[Any]:
     ``to_dlpack_for_read`` first waits for pending writes to ``array``.
     """
     if not isinstance(array, mx.nd.NDArray):
-        raise TypeError(f"{name} must be an mxnet NDArray, got {type(array).__module__}.{type(array).__qualname__}")
-    if array.context.device_type != "cpu":
-        raise ValueError(
-            f"{name} is on {array.context}: the MXNet adapter runs on CPU only (NumPy backend)"
+        raise TypeError(
+            f"{name} must be an mxnet NDArray, got {type(array).__module__}.{type(array).__qualname__}"
         )
+    if array.context.device_type != "cpu":
+        raise ValueError(f"{name} is on {array.context}: the MXNet adapter runs on CPU only (NumPy backend)")
     if array.stype != "default":
         raise TypeError(f"{name} must be a dense NDArray, got storage type {array.stype!r}")
     return np.from_dlpack(_DLPackCapsule(mx.nd.to_dlpack_for_read(array)))
@@ -326,7 +328,9 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         # (margin, beta, is_train) of the last forward: backward differentiates exactly that.
         self._last: tuple[int, float, bool] | None = None
 
-    def forward(self, is_train: bool, req: list[str], in_data: list[Any], out_data: list[Any], aux: list[Any]) -> None:
+    def forward(
+        self, is_train: bool, req: list[str], in_data: list[Any], out_data: list[Any], aux: list[Any]
+    ) -> None:
         x = as_numpy(in_data[0], "data")
         w = as_numpy(in_data[2], "weight")
         label = label_indices(as_numpy(in_data[1], "label"), self.params.num_hidden)
@@ -339,7 +343,13 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         self.assign(out_data[0], req[0], _as_ndarray(logits))
 
     def backward(
-        self, req: list[str], out_grad: list[Any], in_data: list[Any], out_data: list[Any], in_grad: list[Any], aux: list[Any]
+        self,
+        req: list[str],
+        out_grad: list[Any],
+        in_data: list[Any],
+        out_data: list[Any],
+        in_grad: list[Any],
+        aux: list[Any],
     ) -> None:
         if self._last is None:
             raise RuntimeError("LSoftmax backward called before forward")
@@ -386,7 +396,9 @@ class LSoftmaxProp(mx.operator.CustomOpProp):  # type: ignore[misc]
     def list_outputs(self) -> list[str]:
         return ["output"]
 
-    def declare_backward_dependency(self, out_grad: list[int], in_data: list[int], out_data: list[int]) -> list[int]:
+    def declare_backward_dependency(
+        self, out_grad: list[int], in_data: list[int], out_data: list[int]
+    ) -> list[int]:
         return [*out_grad, *in_data]  # the logits themselves are not needed for backward
 
     def infer_shape(self, in_shape: list[list[int]]) -> tuple[list[Any], list[Any], list[Any]]:
@@ -454,7 +466,8 @@ class LSoftmaxDense(gluon.HybridBlock):  # type: ignore[misc]
     large-margin ones under ``autograd.record()`` (training), plain ``x @ w.T`` otherwise.
     The weight is (units, in_units) like ``gluon.nn.Dense``; ``in_units=0`` infers it.
     beta follows ``max(beta * scale**step, beta_min)``; ``step`` counts training backward
-    passes and can be read or set (e.g. to resume from a checkpoint).
+    passes and can be read or set (e.g. to resume from a checkpoint: it is not a Parameter,
+    so save it next to the parameters).
     """
 
     def __init__(
@@ -471,16 +484,26 @@ class LSoftmaxDense(gluon.HybridBlock):  # type: ignore[misc]
     ) -> None:
         super().__init__(**kwargs)
         self._lsm = LSoftmaxParams.from_kwargs(
-            num_hidden=_parse_int("units", units, 1), margin=margin, beta=beta, scale=scale, beta_min=beta_min, step_key=uuid.uuid4().hex
+            num_hidden=_parse_int("units", units, 1),
+            margin=margin,
+            beta=beta,
+            scale=scale,
+            beta_min=beta_min,
+            step_key=uuid.uuid4().hex,
         )
         in_units = _parse_int("in_units", in_units, 0)
         if np.dtype(dtype).type not in FLOAT_DTYPES:
             raise TypeError(f"dtype={dtype!r} is not supported (float32, float64)")
         self._units = self._lsm.num_hidden
-        weakref.finalize(self, _SHARED_STEPS.drop, self._lsm.step_key)
+        # Forget this block's counters with it; at interpreter exit there is nothing to free.
+        weakref.finalize(self, _SHARED_STEPS.drop, self._lsm.step_key).atexit = False
         with self.name_scope():
             self.weight = self.params.get(
-                "weight", shape=(self._units, in_units), init=weight_initializer, dtype=dtype, allow_deferred_init=True
+                "weight",
+                shape=(self._units, in_units),
+                init=weight_initializer,
+                dtype=dtype,
+                allow_deferred_init=True,
             )
 
     @property
@@ -489,12 +512,19 @@ class LSoftmaxDense(gluon.HybridBlock):  # type: ignore[misc]
 
     @property
     def step(self) -> int:
-        """Training iterations counted so far (the largest over devices)."""
+        """Training iterations counted so far (the largest over devices).
+
+        Reading or setting waits for MXNet's queued work (``mx.nd.waitall()``) first, so
+        that backward passes still in flight are counted (or do not advance a reset).
+        """
+        mx.nd.waitall()
         return _SHARED_STEPS.get(self._lsm.step_key)
 
     @step.setter
     def step(self, value: int) -> None:
-        _SHARED_STEPS.set(self._lsm.step_key, _parse_int("step", value, 0))
+        step = _parse_int("step", value, 0)
+        mx.nd.waitall()
+        _SHARED_STEPS.set(self._lsm.step_key, step)
 
     @property
     def beta(self) -> float:

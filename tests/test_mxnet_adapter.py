@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "2")
 
@@ -18,12 +20,13 @@ import pytest
 
 mx = pytest.importorskip("mxnet")
 
-from hypothesis import given
-from hypothesis import strategies as st
-from tolerances import TOLERANCES, check_backward, check_forward
+from hypothesis import given  # noqa: E402 (mxnet must be importable first)
+from hypothesis import strategies as st  # noqa: E402 (mxnet must be importable first)
+from strategies import problems  # noqa: E402 (mxnet must be importable first)
+from tolerances import TOLERANCES, check_backward, check_forward  # noqa: E402 (mxnet must be importable first)
 
-import lsoftmax_core as lsm
-from lsoftmax_core.adapters import mxnet as lmx
+import lsoftmax_core as lsm  # noqa: E402 (mxnet must be importable first)
+from lsoftmax_core.adapters import mxnet as lmx  # noqa: E402 (mxnet must be importable first)
 
 MXNetError = mx.base.MXNetError
 DTYPES = ["float64", "float32"]
@@ -35,11 +38,19 @@ DTYPES = ["float64", "float32"]
 def _bind(n: int, d: int, c: int, dtype: str, label_grad: str = "null", **kwargs: object):
     """The seed's symbolic call, bound with simple_bind."""
     sym = mx.sym.Custom(
-        data=mx.sym.var("data"), label=mx.sym.var("label"), weight=mx.sym.var("weight"),
-        num_hidden=c, op_type="LSoftmax", name="lsoftmax", **kwargs,
+        data=mx.sym.var("data"),
+        label=mx.sym.var("label"),
+        weight=mx.sym.var("weight"),
+        num_hidden=c,
+        op_type="LSoftmax",
+        name="lsoftmax",
+        **kwargs,
     )
     return sym.simple_bind(
-        mx.cpu(), data=(n, d), label=(n,), weight=(c, d),
+        mx.cpu(),
+        data=(n, d),
+        label=(n,),
+        weight=(c, d),
         type_dict={"data": dtype, "weight": dtype, "label": dtype},
         grad_req={"data": "write", "weight": "write", "label": label_grad},
     )
@@ -55,12 +66,10 @@ def _run(ex, x, w, label, grad, *, is_train: bool = True):
     return out, ex.grad_dict["data"].asnumpy(), ex.grad_dict["weight"].asnumpy()
 
 
-def _problem(seed: int, n: int, d: int, c: int, dtype: str, log_scale: float = 0.0):
+def _problem(seed: int, n: int, d: int, c: int, dtype: str):
     rng = np.random.default_rng(seed)
-    scale_x = 10.0 ** rng.uniform(-log_scale, log_scale, size=(n, 1))
-    scale_w = 10.0 ** rng.uniform(-log_scale, log_scale, size=(c, 1))
-    x = (rng.normal(size=(n, d)) * scale_x).astype(dtype)
-    w = (rng.normal(size=(c, d)) * scale_w).astype(dtype)
+    x = rng.normal(size=(n, d)).astype(dtype)
+    w = rng.normal(size=(c, d)).astype(dtype)
     label = rng.integers(0, c, size=n)
     grad = rng.normal(size=(n, c)).astype(dtype)
     return x, w, label, grad
@@ -165,10 +174,14 @@ BAD_KWARGS = [
 
 
 def test_kwargs_are_parsed_from_mxnet_strings():
-    p = lmx.LSoftmaxParams.from_kwargs(num_hidden="10", margin="4", beta="100.0", scale="0.99", beta_min="1e-3")
+    p = lmx.LSoftmaxParams.from_kwargs(
+        num_hidden="10", margin="4", beta="100.0", scale="0.99", beta_min="1e-3"
+    )
     assert (p.num_hidden, p.margin, p.beta, p.scale, p.beta_min) == (10, 4, 100.0, 0.99, 1e-3)
     assert lmx.LSoftmaxParams.from_kwargs(**p.to_kwargs()) == p
-    assert lmx.LSoftmaxParams.from_kwargs(num_hidden=3) == lmx.LSoftmaxParams(num_hidden=3, margin=2, beta=0.0)
+    assert lmx.LSoftmaxParams.from_kwargs(num_hidden=3) == lmx.LSoftmaxParams(
+        num_hidden=3, margin=2, beta=0.0
+    )
 
 
 @pytest.mark.parametrize(("kwargs", "name"), BAD_KWARGS)
@@ -203,8 +216,17 @@ def test_seed_call_with_bad_kwargs_fails_cleanly(kwargs, name, capsys):
 
 
 def test_seed_symbol_arguments_and_shapes():
-    sym = mx.sym.Custom(data=mx.sym.var("data"), label=mx.sym.var("label"), num_hidden=7, beta=100,
-                        margin=4, scale=0.99, beta_min=0, op_type="LSoftmax", name="fc4")
+    sym = mx.sym.Custom(
+        data=mx.sym.var("data"),
+        label=mx.sym.var("label"),
+        num_hidden=7,
+        beta=100,
+        margin=4,
+        scale=0.99,
+        beta_min=0,
+        op_type="LSoftmax",
+        name="fc4",
+    )
     assert sym.list_arguments() == ["data", "label", "fc4_weight"]
     args, outs, _ = sym.infer_shape(data=(5, 2))
     assert args == [(5, 2), (5,), (7, 2)] and outs == [(5, 7)]
@@ -221,18 +243,15 @@ def test_unsupported_dtype_fails_at_bind(capsys):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    n=st.integers(1, 9),
-    d=st.integers(1, 6),
-    c=st.integers(1, 6),
-    margin=st.integers(1, 6),
-    beta=st.sampled_from([0.0, 0.5, 3.0, 1000.0]),
-    log_scale=st.sampled_from([0.0, 3.0]),
-)
-def test_forward_backward_match_reference(dtype, seed, n, d, c, margin, beta, log_scale):
-    x, w, label, grad = _problem(seed, n, d, c, dtype, log_scale)
-    ex = _bind(n, d, c, dtype, margin=margin, beta=beta)
+@given(data=st.data())
+def test_forward_backward_match_reference(dtype, data):
+    x, w, label, margin, beta = data.draw(problems(dtype=np.dtype(dtype)))
+    grad = (
+        np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+        .normal(size=(len(x), len(w)))
+        .astype(dtype)
+    )
+    ex = _bind(x.shape[0], x.shape[1], w.shape[0], dtype, margin=margin, beta=beta)
     _check(ex, x, w, label, grad, margin=margin, beta=beta, dtype=dtype)
 
 
@@ -318,13 +337,20 @@ def test_module_training_with_softmax_output_decreases_loss():
     centres = rng.normal(size=(n_cls, dim)) * 3.0
     y = rng.integers(0, n_cls, size=n)
     data = (centres[y] + rng.normal(size=(n, dim))).astype(np.float32)
-    it = mx.io.NDArrayIter(data, y.astype(np.float32), batch_size=32, shuffle=False, label_name="softmax_label")
+    it = mx.io.NDArrayIter(
+        data, y.astype(np.float32), batch_size=32, shuffle=False, label_name="softmax_label"
+    )
     label = mx.sym.var("softmax_label")
     emb = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=2, name="embedding")
-    fc = mx.sym.Custom(data=emb, label=label, num_hidden=n_cls, beta=10, margin=2, scale=0.9, beta_min=1,
-                       op_type="LSoftmax")
-    mod = mx.mod.Module(mx.sym.SoftmaxOutput(data=fc, label=label), context=mx.cpu(),
-                        data_names=("data",), label_names=("softmax_label",))
+    fc = mx.sym.Custom(
+        data=emb, label=label, num_hidden=n_cls, beta=10, margin=2, scale=0.9, beta_min=1, op_type="LSoftmax"
+    )
+    mod = mx.mod.Module(
+        mx.sym.SoftmaxOutput(data=fc, label=label),
+        context=mx.cpu(),
+        data_names=("data",),
+        label_names=("softmax_label",),
+    )
     mod.bind(data_shapes=it.provide_data, label_shapes=it.provide_label)
     mod.init_params(initializer=mx.init.Xavier())
     mod.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.05, "momentum": 0.9})
@@ -429,8 +455,7 @@ def test_gluon_trainer_reduces_loss():
         trainer.step(n)
     after = float(loss_fn(block(x, lab), lab).mean().asscalar())
     assert after < 0.5 * before, (before, after)
-    mx.nd.waitall()
-    assert block.step == 30
+    assert block.step == 30  # the property waits for backward passes still queued
 
 
 def test_gluon_bad_labels_and_arguments(capsys):
@@ -438,18 +463,57 @@ def test_gluon_bad_labels_and_arguments(capsys):
     block.initialize()
     x = mx.nd.ones((2, 2))
     for bad in (0.5, math.nan, 3.0, -1.0):
-        with pytest.raises(ValueError, match=r"label must hold integer class indices in \[0, 3\): label\[1\]"):
+        with pytest.raises(
+            ValueError, match=r"label must hold integer class indices in \[0, 3\): label\[1\]"
+        ):
             block(x, mx.nd.array([0.0, bad]))
     block.hybridize()
     with pytest.raises(MXNetError):
         block(x, mx.nd.array([0.0, 7.0])).wait_to_read()
     assert "label[1]=7.0" in capsys.readouterr().out
     np.testing.assert_array_equal(block(x, mx.nd.array([0.0, 2.0])).shape, (2, 3))
-    for kwargs, name in [({"margin": 0}, "margin"), ({"beta": -1.0}, "beta"), ({"scale": math.nan}, "scale"),
-                         ({"beta_min": -2}, "beta_min"), ({"in_units": -1}, "in_units"), ({"margin": 2.5}, "margin")]:
+    for kwargs, name in [
+        ({"margin": 0}, "margin"),
+        ({"beta": -1.0}, "beta"),
+        ({"scale": math.nan}, "scale"),
+        ({"beta_min": -2}, "beta_min"),
+        ({"in_units": -1}, "in_units"),
+        ({"margin": 2.5}, "margin"),
+    ]:
         with pytest.raises((ValueError, TypeError), match=name):
             lmx.LSoftmaxDense(3, **kwargs)
     with pytest.raises(ValueError, match="units"):
         lmx.LSoftmaxDense(0)
     with pytest.raises(TypeError, match="float16"):
         lmx.LSoftmaxDense(3, dtype="float16")
+
+
+def test_pending_custom_op_work_is_drained_at_exit():
+    """MXNet 1.9.1 can abort or hang at exit while CustomOp work is queued (apache/mxnet#15310;
+    a small script here failed about 1 run in 3); the adapter registers mx.nd.waitall with
+    atexit.  atexit runs last-in first-out, so ``report`` (registered after mxnet, before the
+    adapter) runs after the drain and before MXNet's shutdown, and must see every backward
+    pass counted, without waiting itself."""
+    code = (
+        "import atexit, mxnet as mx\n"
+        "atexit.register(lambda: print('steps at exit', lmx._SHARED_STEPS.get(b._lsm.step_key)))\n"
+        "import lsoftmax_core.adapters.mxnet as lmx\n"
+        "b = lmx.LSoftmaxDense(1000, margin=4, beta=100.0)\n"
+        "b.initialize()\n"
+        "x, y = mx.nd.random.normal(shape=(2048, 256)), mx.nd.array(range(2048)) % 1000\n"
+        "for _ in range(4):\n"
+        "    with mx.autograd.record():\n"
+        "        out = b(x, y)\n"
+        "    out.backward()\n"  # queued: nothing here waits for the engine
+        "print('steps queued', lmx._SHARED_STEPS.get(b._lsm.step_key))\n"
+    )
+    env = {**os.environ, "MXNET_CPU_WORKER_NTHREADS": "2"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung at exit")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "steps queued 4" not in done.stdout  # the work really was pending at the end
+    assert "steps at exit 4" in done.stdout, done.stdout
