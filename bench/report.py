@@ -287,9 +287,11 @@ HOWTO = """\
 Run from the repository root (PyTorch, pytorch-metric-learning and matplotlib: `pip install -e '.[bench]'`):
 
 ```bash
-env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m bench --cpu   # ~3-5 min on 2 cores
-python -m bench --gpu                                                 # ~2-3 min; scripts/gpu_check.sh runs it
-python -m bench --cpu --quick                                         # < 1 min: checks the harness only
+env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m bench --cpu   # ~2-5 min on 2 cores
+env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m bench --cpu --threads 1   # on a shared machine
+python -m bench --gpu                          # ~1-3 min; PEER_BENCH=1 scripts/gpu_check.sh runs it
+python -m bench --cpu --quick                  # < 1 min: checks the harness only, touches no file here
+python -m bench.profile_cpu                    # where the NumPy backend's time goes beyond the GEMMs
 ```
 
 Each run writes `bench/results/{cpu,gpu}.csv` (every contender at every size),
@@ -302,8 +304,9 @@ section and plot into this file. On machines that set `OPENBLAS_CORETYPE` or
 command only, as above: they select a slower kernel in a current NumPy. The run records
 the kernel that actually ran (`numpy_blas` below, from threadpoolctl).
 
-Method: all contenders of a size run in one process, warmed up, then round-robin with
-the order shuffled per repetition; a sample is enough back-to-back calls to last about
+Method: the contenders of one comparison (NumPy's pair, PyTorch's four on CPU; all of
+them on GPU) run in one process, warmed up, then round-robin with the order shuffled per
+repetition; a sample is enough back-to-back calls to last about
 20 ms (CPU) or 5 ms (GPU, timed with CUDA events after a synchronisation). Ratios are
 taken against the plain linear layer of the same library (NumPy, CuPy/cuBLAS, PyTorch)
 within each repetition, then the median over repetitions: a ratio survives a noisy,
