@@ -16,14 +16,13 @@
 // N, C, D and the dtype, never on pointer alignment (vector and scalar loads feed the same
 // per-element arithmetic).
 //
-// Per-class grouping without a sort.  lsm_backward_rows stamps, per class y, the first and
-// the last sample index of y with integer atomicMax on (stamp << 32 | N - i) and
-// (stamp << 32 | i + 1) (integer atomics: order-independent result).  The stamp is new for
-// every call, so stale entries of earlier calls lose and the workspace never needs clearing.
-// The owner block then scans labels[first..last] in chunks of LSM_BLOCK, compacts the
-// matches in order (prefix sum in shared memory) and accumulates.  Cost: O(N*D) data plus
-// sum over classes of (last - first) label reads, small unless many classes each have
-// several samples spread over a huge batch.
+// Per-class grouping without a sort.  The host zeroes classes[0..2C) (one cudaMemsetAsync,
+// capturable in a CUDA graph); lsm_backward_rows then records, per class y, the first and
+// the last sample index of y with integer atomicMax on N - i and i + 1 (integer atomics:
+// the result does not depend on their order).  The owner block scans labels[first..last]
+// in chunks of LSM_BLOCK, compacts the matches in order (prefix sum in shared memory) and
+// accumulates.  Cost: O(N*D) data plus the sum over classes of (last - first) label reads,
+// small unless many classes each have several samples spread over a huge batch.
 //
 // Bad labels.  A sample whose label is outside [0, C) is skipped (its row stays the plain
 // GEMM's) and reported through record_bad_label(): the first bad index wins an atomicMin
@@ -248,7 +247,7 @@ __global__ void __launch_bounds__(LSM_BLOCK)
     lsm_backward_rows(const typename F::Storage* __restrict__ grad_logits,
                       const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
                       const L* __restrict__ label, typename F::Storage* __restrict__ grad_x,
-                      double* __restrict__ coef, lsm::u64* __restrict__ stamps, long long stamp, long long n,
+                      double* __restrict__ coef, lsm::u32* __restrict__ classes, long long n,
                       long long c, long long d, long long margin, double beta,
                       const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
                       long long serial) {
@@ -274,9 +273,8 @@ __global__ void __launch_bounds__(LSM_BLOCK)
     coef[3 * i] = k.alpha;
     coef[3 * i + 1] = k.eps;
     coef[3 * i + 2] = (double)s.ew;
-    const lsm::u64 tag = (lsm::u64)stamp << 32;
-    atomicMax(&stamps[2 * y], tag | (lsm::u64)(n - i));      // first sample of class y
-    atomicMax(&stamps[2 * y + 1], tag | (lsm::u64)(i + 1));  // last sample of class y
+    atomicMax(&classes[2 * y], (lsm::u32)(n - i));      // first sample of class y
+    atomicMax(&classes[2 * y + 1], (lsm::u32)(i + 1));  // last sample of class y
     k_sh[0] = k.gx_scale;
     k_sh[1] = k.kw;
     k_sh[2] = k.kx;
@@ -309,8 +307,8 @@ template <typename F, typename L>
 __global__ void __launch_bounds__(LSM_BLOCK)
     lsm_backward_classes(const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
                          const L* __restrict__ label, typename F::Storage* __restrict__ grad_w,
-                         const double* __restrict__ coef, const lsm::u64* __restrict__ stamps, long long stamp,
-                         long long n, long long c, long long d, long long kcols) {
+                         const double* __restrict__ coef, const lsm::u32* __restrict__ classes, long long n,
+                         long long c, long long d, long long kcols) {
   typedef typename F::Storage S;
   typedef lsm::Group<F> G;
   __shared__ int scan[LSM_BLOCK];
@@ -320,9 +318,8 @@ __global__ void __launch_bounds__(LSM_BLOCK)
   const long long i = blockIdx.x;
   const long long y = (long long)label[i];
   if (y < 0 || y >= c) return;  // reported by lsm_backward_rows
-  const lsm::u64 tag = (lsm::u64)stamp << 32;
-  if (stamps[2 * y] != (tag | (lsm::u64)(n - i))) return;  // i is not the first sample of y
-  const long long last = (long long)(stamps[2 * y + 1] - tag) - 1;
+  if (classes[2 * y] != (lsm::u32)(n - i)) return;  // i is not the first sample of y
+  const long long last = (long long)classes[2 * y + 1] - 1;
   // Thread layout: K column groups x R member lanes (K * R == LSM_BLOCK, both powers of two;
   // K depends only on D and the dtype).  Member number o (in index order) goes to lane o % R.
   const int t = threadIdx.x;

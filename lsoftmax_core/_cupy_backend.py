@@ -42,8 +42,10 @@ call.  ``check_labels()`` synchronises and raises at once; with the environment 
 
 Memory.  The outputs are the only per-call allocations, except a contiguous copy of a
 non-contiguous input and an int64 copy of labels that are neither int32 nor int64.  The
-backward's workspace (3 float64 per sample, 2 uint64 per class) is cached per device,
-stream and thread, and only grows; a fresh stamp per call replaces clearing it.
+backward's workspace (3 float64 per sample, 2 uint32 per class) is cached per device,
+stream and thread, and only grows; its per-class part is cleared by one cudaMemsetAsync
+per call.  Nothing per call is baked into a launch, so CUDA-graph replays compute
+correctly (bad-label reports then surface only at the next eager call or check_labels()).
 """
 
 from __future__ import annotations
@@ -113,25 +115,19 @@ def _module(dtype_name: str) -> cupy.RawModule:
 
 
 class _Workspace:
-    __slots__ = ("coef", "stamp", "stamps")
+    __slots__ = ("classes", "coef")
 
     def __init__(self) -> None:
-        self.coef: cupy.ndarray | None = None
-        self.stamps: cupy.ndarray | None = None
-        self.stamp = 0
+        self.coef = cupy.empty(0, dtype=cupy.float64)
+        self.classes = cupy.empty(0, dtype=cupy.uint32)
 
-    def prepare(self, p: Problem) -> int:
-        """Make room for this call and return its stamp (new for every call)."""
-        ncoef, nstamps = plan.workspace_sizes(p)
-        if self.coef is None or self.coef.size < ncoef:
+    def prepare(self, p: Problem) -> None:
+        """Grow (never shrink) to this call's sizes."""
+        ncoef, nclasses = plan.workspace_sizes(p)
+        if self.coef.size < ncoef:
             self.coef = cupy.empty(ncoef, dtype=cupy.float64)
-        if self.stamps is None or self.stamps.size < nstamps:
-            self.stamps = cupy.zeros(nstamps, dtype=cupy.uint64)
-        self.stamp += 1
-        if self.stamp >= 2**32:  # once per 4e9 calls: old stamps could match again
-            self.stamps.fill(0)
-            self.stamp = 1
-        return self.stamp
+        if self.classes.size < nclasses:
+            self.classes = cupy.empty(nclasses, dtype=cupy.uint32)
 
 
 class _DeviceState:
@@ -176,10 +172,15 @@ class _DeviceState:
             self.workspaces.move_to_end(key)
         return ws
 
-    def run(self, launches: list[plan.Launch], bufs: dict[str, Any], dtype_name: str) -> None:
-        for launch in launches:
-            args = tuple(bufs[a] if a.__class__ is str else a for a in launch.args)
-            self.function(launch.name, dtype_name)(launch.grid, _BLOCK, args)
+    def run(self, steps: tuple[plan.Step, ...], bufs: dict[str, Any], dtype_name: str) -> None:
+        for step in steps:
+            if step.__class__ is plan.Zero:
+                buf = bufs[step.name]
+                stream = cupy.cuda.get_current_stream().ptr
+                runtime.memsetAsync(buf.data.ptr, 0, step.count * buf.itemsize, stream)  # type: ignore[union-attr]
+                continue
+            args = tuple(bufs[a] if a.__class__ is str else a for a in step.args)  # type: ignore[union-attr]
+            self.function(step.name, dtype_name)(step.grid, _BLOCK, args)  # type: ignore[union-attr]
 
     def raise_pending(self) -> None:
         """Synchronise, then raise the recorded bad-label error and clear the record."""
@@ -277,7 +278,8 @@ def backward(
         bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
         if p.margin > 1:
             ws = st.workspace()
-            bufs.update(coef=ws.coef, stamps=ws.stamps, stamp=np.int64(ws.prepare(p)))
+            ws.prepare(p)
+            bufs.update(coef=ws.coef, classes=ws.classes)
         st.run(launches, bufs, p.dtype.name)
     _finish(st)
     return grad_x, grad_w

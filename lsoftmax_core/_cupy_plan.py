@@ -4,9 +4,11 @@ This module imports only NumPy, so the CPU tests can run the very launch sequenc
 runs through a host emulation of the kernels (tests/test_kernels_host.py), and compile
 every kernel instantiation with NVRTC (tests/test_kernels_compile.py), without a GPU.
 
-Arguments are either names (``str``), which the executor maps to arrays or to the
-per-call scalars ``beta``, ``serial`` and ``stamp``, or NumPy scalars whose itemsize is
-exactly the C type of the kernel parameter (CuPy passes a NumPy scalar by its own size).
+A plan is a tuple of steps: ``Zero`` (clear the start of a buffer with cudaMemsetAsync) and
+``Launch``.  Arguments are either names (``str``), which the executor maps to arrays or to
+the per-call scalars ``beta`` and ``serial``, or NumPy scalars whose itemsize is exactly
+the C type of the kernel parameter (CuPy passes a NumPy scalar by its own size).  Nothing
+per call is baked into a step, so a captured CUDA graph replays correctly.
 Plans are cached per (N, C, D, dtype, margin, label dtype): a call pays a dictionary
 lookup, not the construction (beta, which a schedule changes every step, is per call).
 """
@@ -29,6 +31,7 @@ __all__ = [
     "LABEL_TYPES",
     "Launch",
     "NVRTC_OPTIONS",
+    "Zero",
     "backward_launches",
     "class_layout",
     "forward_launches",
@@ -58,9 +61,11 @@ LABEL_TYPES: dict[str, str] = {"int32": "int", "int64": "long long"}
 
 #: Options for NVRTC.  --fmad=false: no silent multiply-add contraction, so the kernels
 #: round exactly like the host build of the same code (and like _chebyshev.py); the fused
-#: operations that are wanted are written as fma().  CuPy adds -ftz=true itself, which the
-#: kernels tolerate by converting formats with integer code (see lsoftmax_math.cuh).
-NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false")
+#: operations that are wanted are written as fma().  --maxrregcount=128: without it ptxas
+#: for sm_70 targets 64 registers and spills in the float16 backward (sm_80/sm_90 use ~56
+#: either way).  CuPy adds -ftz=true itself, which the kernels tolerate by converting
+#: formats with integer code (see lsoftmax_math.cuh).
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false", "--maxrregcount=128")
 
 KERNELS = ("lsm_forward", "lsm_backward_rows", "lsm_backward_classes")
 
@@ -78,6 +83,17 @@ class Launch:
     name: str
     grid: tuple[int, int]
     args: tuple[Arg, ...]
+
+
+@dataclass(frozen=True)
+class Zero:
+    """Set the first ``count`` elements of buffer ``name`` to zero, on the current stream."""
+
+    name: str
+    count: int
+
+
+Step = Union[Launch, Zero]
 
 
 def kernel_name(kind: str, dtype: Any, label_dtype: Any) -> str:
@@ -141,7 +157,7 @@ def class_layout(d: int, dtype: Any) -> tuple[int, int]:
 
 
 def workspace_sizes(p: Problem) -> tuple[int, int]:
-    """(float64 coefficients, uint64 class stamps) the backward needs."""
+    """(float64 ``coef``, uint32 ``classes``) elements the backward needs."""
     return 3 * p.n, 2 * p.c
 
 
@@ -192,28 +208,29 @@ def _backward(
         kernel_name("lsm_backward_rows", dtype, label_dtype),
         (n, 1),
         (
-            "grad_logits", "x", "w", "label", "grad_x", "coef", "stamps", "stamp",
+            "grad_logits", "x", "w", "label", "grad_x", "coef", "classes",
             i64(n), i64(c), i64(d), i64(margin), "beta", "thresholds", "err_key", "err_rec", "serial",
         ),
     )  # fmt: skip
+    clear = Zero("classes", 2 * c)  # first/last sample per class, filled by rows' atomicMax
     if d == 0:
-        return (rows,)
+        return (clear, rows)
     k, tiles = class_layout(d, dtype)
     classes = Launch(
         kernel_name("lsm_backward_classes", dtype, label_dtype),
         (n, tiles),
-        ("x", "w", "label", "grad_w", "coef", "stamps", "stamp", i64(n), i64(c), i64(d), i64(k)),
+        ("x", "w", "label", "grad_w", "coef", "classes", i64(n), i64(c), i64(d), i64(k)),
     )
-    return (rows, classes)
+    return (clear, rows, classes)
 
 
-def forward_launches(p: Problem, label_dtype: Any) -> tuple[Launch, ...]:
+def forward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
     """Kernels after ``logits = x @ w.T``: the target fix-up (or only the label check).
     Per-call names: beta (float64), serial (int64)."""
     return _forward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
 
 
-def backward_launches(p: Problem, label_dtype: Any) -> tuple[Launch, ...]:
-    """Kernels after ``grad_x = G @ w`` and ``grad_w = G.T @ x``.  Per-call names: beta
-    (float64), serial (int64), stamp (int64 in [1, 2**32), new for every call on a workspace)."""
+def backward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
+    """Steps after ``grad_x = G @ w`` and ``grad_w = G.T @ x``.  Per-call names: beta
+    (float64), serial (int64); workspace buffers coef and classes (``workspace_sizes``)."""
     return _backward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))

@@ -9,7 +9,7 @@
 // __shared__ (mapped to static) is per block as on the GPU, and atomics need no locking.
 //
 // Only what the kernels use is provided: threadIdx/blockIdx/blockDim/gridDim,
-// __syncthreads, atomicMin/atomicMax on unsigned long long, __threadfence_system.
+// __syncthreads, atomicMin/atomicMax on unsigned (long long) int, __threadfence_system.
 // Launches come from Python through emu_launch() with cuLaunchKernel-style arguments (an
 // array of pointers to the argument values), the same packing CuPy uses on the GPU.
 #pragma once
@@ -163,6 +163,11 @@ inline void __threadfence_system() {}
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
   const unsigned long long old = *p;
   if (v < old) *p = v;
+  return old;
+}
+inline unsigned int atomicMax(unsigned int* p, unsigned int v) {
+  const unsigned int old = *p;
+  if (v > old) *p = v;
   return old;
 }
 inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {

@@ -185,8 +185,9 @@ def gemm(a: np.ndarray, b: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 
 class EmuBackend:
-    """forward/backward as _cupy_backend runs them, on the emulator.  Keeps its workspace,
-    stamps and error record across calls like the backend's per-stream state."""
+    """forward/backward as _cupy_backend runs them, on the emulator.  Keeps its workspace
+    and error record across calls like the backend's per-stream state; a new workspace
+    starts as garbage (not zeros), like CuPy's ``empty``."""
 
     def __init__(self, emu: Emulator, order: int = 0) -> None:
         self.emu = emu
@@ -195,9 +196,15 @@ class EmuBackend:
         self.err_key = np.full(1, np.iinfo(np.uint64).max, dtype=np.uint64)
         self.err_rec = np.zeros(4, dtype=np.int64)
         self.coef = np.zeros(0, dtype=np.float64)
-        self.stamps = np.zeros(0, dtype=np.uint64)
+        self.classes = np.zeros(0, dtype=np.uint32)
         self.serial = 0
-        self.stamp = 0
+
+    def run(self, steps: tuple[plan.Step, ...], bufs: dict[str, Any]) -> None:
+        for step in steps:
+            if isinstance(step, plan.Zero):
+                bufs[step.name][: step.count] = 0
+            else:
+                self.emu.launch(step, bufs, self.order)
 
     def _common(self, label: np.ndarray, beta: float) -> dict[str, Any]:
         self.serial += 1
@@ -216,8 +223,7 @@ class EmuBackend:
         p = validate(x, w, label, margin, beta, float_dtypes=DTYPES)
         bufs = self._common(label, p.beta)
         bufs.update(x=np.ascontiguousarray(x), w=np.ascontiguousarray(w), logits=gemm(x, w.T, p.dtype))
-        for launch in plan.forward_launches(p, bufs["label"].dtype):
-            self.emu.launch(launch, bufs, self.order)
+        self.run(plan.forward_launches(p, bufs["label"].dtype), bufs)
         return bufs["logits"]  # type: ignore[no-any-return]
 
     def backward(
@@ -232,12 +238,11 @@ class EmuBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         p = validate(x, w, label, margin, beta, float_dtypes=DTYPES, grad_logits=grad_logits)
         bufs = self._common(label, p.beta)
-        ncoef, nstamps = plan.workspace_sizes(p)
+        ncoef, nclasses = plan.workspace_sizes(p)
         if self.coef.size < ncoef:
-            self.coef = np.zeros(ncoef, dtype=np.float64)
-        if self.stamps.size < nstamps:
-            self.stamps = np.zeros(nstamps, dtype=np.uint64)
-        self.stamp += 1
+            self.coef = np.full(ncoef, np.nan)  # never read before written
+        if self.classes.size < nclasses:
+            self.classes = np.full(nclasses, 0xDEADBEEF, dtype=np.uint32)  # cleared by a Zero step
         bufs.update(
             grad_logits=np.ascontiguousarray(grad_logits),
             x=np.ascontiguousarray(x),
@@ -245,9 +250,7 @@ class EmuBackend:
             grad_x=gemm(grad_logits, w, p.dtype),
             grad_w=gemm(grad_logits.T, x, p.dtype),
             coef=self.coef,
-            stamps=self.stamps,
-            stamp=np.int64(self.stamp),
+            classes=self.classes,
         )
-        for launch in plan.backward_launches(p, bufs["label"].dtype):
-            self.emu.launch(launch, bufs, self.order)
+        self.run(plan.backward_launches(p, bufs["label"].dtype), bufs)
         return bufs["grad_x"], bufs["grad_w"]

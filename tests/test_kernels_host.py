@@ -139,8 +139,9 @@ def test_bits_do_not_depend_on_alignment_or_workspace_reuse(emu, dtype) -> None:
         return out
 
     other = EmuBackend(emu)
-    # Another problem first, so the workspace holds stale stamps of a different call.
-    other.backward(*_case(3, 80, 9, d, dtype)[::-1][:1], *_case(3, 80, 9, d, dtype)[:3], margin=2, beta=0.0)
+    # Another problem first, so the workspace holds stale per-class entries of a different call.
+    x2, w2, label2, g2 = _case(3, 80, 9, d, dtype)
+    other.backward(g2, x2, w2, label2, margin=2, beta=0.0)
     got = (
         other.forward(misaligned(x), misaligned(w), label, margin=4, beta=1.0),
         *other.backward(misaligned(g), misaligned(x), misaligned(w), label, margin=4, beta=1.0),
@@ -150,6 +151,19 @@ def test_bits_do_not_depend_on_alignment_or_workspace_reuse(emu, dtype) -> None:
     again = (b.forward(x, w, label, margin=4, beta=1.0), *b.backward(g, x, w, label, margin=4, beta=1.0))
     for a, b_ in zip(want, again):
         _assert_bitwise(a, b_)
+
+
+def test_reused_workspace_with_other_labels(emu) -> None:
+    """A class's first sample moves between calls on one workspace (what a CUDA-graph
+    replay with new labels does): the per-class table is cleared every call."""
+    x, w, label, g = _case(20, 90, 6, 11, np.float64)
+    b = EmuBackend(emu)
+    for seed in range(4):
+        perm = np.random.default_rng(seed).permutation(len(label))
+        got = b.backward(g, x, w, label[perm], margin=3, beta=0.2)
+        want = EmuBackend(emu).backward(g, x, w, label[perm], margin=3, beta=0.2)
+        for a, b_ in zip(got, want):
+            _assert_bitwise(a, b_)
 
 
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8, np.int16, np.uint64])
