@@ -174,13 +174,13 @@ class _DeviceState:
 
     def run(self, steps: tuple[plan.Step, ...], bufs: dict[str, Any], dtype_name: str) -> None:
         for step in steps:
-            if step.__class__ is plan.Zero:
+            if isinstance(step, plan.Zero):  # a memset node: captured CUDA graphs replay it too
                 buf = bufs[step.name]
                 stream = cupy.cuda.get_current_stream().ptr
-                runtime.memsetAsync(buf.data.ptr, 0, step.count * buf.itemsize, stream)  # type: ignore[union-attr]
-                continue
-            args = tuple(bufs[a] if a.__class__ is str else a for a in step.args)  # type: ignore[union-attr]
-            self.function(step.name, dtype_name)(step.grid, _BLOCK, args)  # type: ignore[union-attr]
+                runtime.memsetAsync(buf.data.ptr, 0, step.count * buf.itemsize, stream)
+            else:
+                args = tuple(bufs[a] if a.__class__ is str else a for a in step.args)
+                self.function(step.name, dtype_name)(step.grid, _BLOCK, args)
 
     def raise_pending(self) -> None:
         """Synchronise, then raise the recorded bad-label error and clear the record."""
@@ -232,8 +232,15 @@ def _state(**arrays: Any) -> _DeviceState:
     return st
 
 
+_UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
 def _contiguous(a: cupy.ndarray) -> cupy.ndarray:
-    return a if a.flags.c_contiguous else cupy.ascontiguousarray(a)
+    """A C-contiguous array (a copy only if needed), copied as unsigned integers of the same
+    width: CuPy's own float16/bfloat16 kernels would need cuda_fp16.h / cuda_bf16.h."""
+    if a.flags.c_contiguous:
+        return a
+    return cupy.ascontiguousarray(a.view(_UINT_OF_SIZE[a.dtype.itemsize])).view(a.dtype)
 
 
 def _kernel_labels(label: cupy.ndarray) -> cupy.ndarray:

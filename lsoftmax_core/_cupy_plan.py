@@ -116,7 +116,9 @@ def name_expressions(dtype_name: str | None = None) -> list[str]:
     return names
 
 
-_KERNEL_LABEL_DTYPES = {np.dtype(np.int32): np.dtype(np.int32), np.dtype(np.int64): np.dtype(np.int64)}
+_KERNEL_LABEL_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
+    np.dtype(t): np.dtype(t) for t in (np.int32, np.int64)
+}
 
 
 def kernel_label_dtype(label_dtype: Any) -> np.dtype[Any]:
@@ -180,7 +182,7 @@ def _check_launch(n: int, c: int, label_dtype: np.dtype[Any], op: int) -> Launch
 @lru_cache(maxsize=256)
 def _forward(
     n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
-) -> tuple[Launch, ...]:
+) -> tuple[Step, ...]:
     _check_limits(n, d, dtype)
     if n == 0:
         return ()
@@ -197,7 +199,7 @@ def _forward(
 @lru_cache(maxsize=256)
 def _backward(
     n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
-) -> tuple[Launch, ...]:
+) -> tuple[Step, ...]:
     _check_limits(n, d, dtype)
     if n == 0:
         return ()

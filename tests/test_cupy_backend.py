@@ -45,6 +45,24 @@ def _gpu(*arrays):
     return tuple(cupy.asarray(a) for a in arrays)
 
 
+def _as_uint(a):
+    """The same bytes as unsigned integers: CuPy's own float16/bfloat16 kernels (copies,
+    casts, fills) need CUDA's fp16/bf16 headers, which the backend itself never needs."""
+    return a.view({2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[a.dtype.itemsize])
+
+
+def _misaligned(a):
+    """A C-contiguous copy whose data pointer is one element past a 256-byte boundary."""
+    buf = cupy.empty(a.size + 1, dtype=a.dtype)
+    out = buf[1:].reshape(a.shape)
+    _as_uint(out)[...] = _as_uint(a)
+    return out
+
+
+def _finite(a) -> bool:
+    return bool(np.all(np.isfinite(cupy.asnumpy(a).astype(np.float64))))
+
+
 def _bits(a) -> np.ndarray:
     a = cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else a
     return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
@@ -102,7 +120,7 @@ def test_nasty_cases(dtype, m) -> None:
     g = _rand(np.random.default_rng(m), (len(x), len(w)), dtype)
     for beta in (0.0, 7.0):
         out, gx, gw = _run(*_gpu(x, w, label, g), m, beta)
-        assert bool(cupy.all(cupy.isfinite(out.astype(cupy.float64))))
+        assert _finite(out)
         check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype.name)
         check_backward((gx, gw), g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
 
@@ -162,13 +180,7 @@ def test_deterministic(dtype, shape) -> None:
         for a, b in zip(first, other):
             _assert_bitwise(a, b)
 
-    def misaligned(a):
-        buf = cupy.empty(a.size + 1, dtype=a.dtype)
-        out = buf[1:].reshape(a.shape)
-        out[...] = a
-        return out
-
-    mx, mw, mg = misaligned(x), misaligned(w), misaligned(g)
+    mx, mw, mg = _misaligned(x), _misaligned(w), _misaligned(g)
     got = _run(mx, mw, label, mg, 3, 0.25)
     if same_gemms(_plain(mx, mw, mg)):
         for a, b in zip(first, got):
@@ -238,12 +250,13 @@ def test_bad_label_synchronous_mode(monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_inputs_unchanged_and_layouts(dtype) -> None:
     x, w, label, g = _gpu(*_case(15, 30, 5, 12, dtype))
-    copies = [a.copy() for a in (x, w, label, g)]
+    copies = [cupy.asnumpy(a) for a in (x, w, label, g)]
     want = _run(x, w, label, g, 3, 0.5)
     for a, c in zip((x, w, label, g), copies):
         _assert_bitwise(a, c)
     # Non-contiguous inputs and other label dtypes give the same bits.
-    xt, wt, gt = (cupy.asfortranarray(a) for a in (x, w, g))
+    xt, wt, gt = (cupy.asfortranarray(_as_uint(a)).view(a.dtype) for a in (x, w, g))
+    assert not xt.flags.c_contiguous
     for lab in (label.astype(cupy.int32), label.astype(cupy.uint8), label[::-1][::-1]):
         for a, b in zip(want, _run(xt, wt, lab, gt, 3, 0.5)):
             _assert_bitwise(a, b)
@@ -275,16 +288,14 @@ def test_errors_match_numpy_backend() -> None:
 
 def test_empty_and_featureless() -> None:
     for dtype in DTYPES:
-        x, w = cupy.zeros((0, 3), dtype), cupy.ones((4, 3), dtype)
+        x, w = _gpu(np.zeros((0, 3), dtype), np.ones((4, 3), dtype))
         assert lsm.forward(x, w, cupy.zeros(0, cupy.int64), margin=3, beta=0.0).shape == (0, 4)
-        x, w, label, g = (
-            cupy.zeros((3, 0), dtype),
-            cupy.zeros((4, 0), dtype),
-            cupy.asarray([0, 3, 3]),
-            cupy.ones((3, 4), dtype),
+        x, w, label, g = _gpu(
+            np.zeros((3, 0), dtype), np.zeros((4, 0), dtype), np.array([0, 3, 3]), np.ones((3, 4), dtype)
         )
+        # D = 0: cuBLAS is not called; CuPy fills the products with zeros itself.
         out, gx, gw = _run(x, w, label, g, 3, 0.0)
-        assert not bool(out.astype(cupy.float64).any()) and gx.shape == (3, 0) and gw.shape == (4, 0)
+        assert not cupy.asnumpy(out).astype(np.float64).any() and gx.shape == (3, 0) and gw.shape == (4, 0)
 
 
 def test_memory_stable_over_10000_calls() -> None:
