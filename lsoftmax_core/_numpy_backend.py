@@ -1,24 +1,23 @@
-"""The NumPy (CPU) backend: two BLAS GEMMs plus O((N + C)·D) float64 work.
+"""The NumPy (CPU) backend: two BLAS GEMMs plus O((N + C)·D) work.
 
 Forward (paper eq. 4-7), with a = |x_i|, b = |w_y|, c = cos(theta):
 
     f_y = (beta·x·w_y + a·b·psi(c)) / (1 + beta) = a·b·(beta·c + psi(c)) / (1 + beta)
 
-Backward.  With g_i = grad_logits[i, y_i], psi' = dpsi/dc and the unit vectors
-x^ = x/a, w^ = w_y/b, the exact derivatives are
+Backward.  With g_i = grad_logits[i, y_i] and psi' = dpsi/dc the exact derivatives are
 
-    df_y/dx   = ((beta + psi')/(1+beta))·w_y + (b/(1+beta))·(psi - c·psi')·x^
-    df_y/dw_y = ((beta + psi')/(1+beta))·x   + (a/(1+beta))·(psi - c·psi')·w^
+    df_y/dx   = ((beta + psi')/(1+beta))·w_y + (b/a)·((psi - c·psi')/(1+beta))·x
+    df_y/dw_y = ((beta + psi')/(1+beta))·x   + (a/b)·((psi - c·psi')/(1+beta))·w_y
 
 The plain GEMMs G @ w and G^T @ x already add g_i·w_y and g_i·x_i, so only the
-difference is added afterwards, per sample:
+difference is added afterwards, per sample, as two scaled rows:
 
-    q_i = g_i·b/(1+beta) · ((psi' - 1)·w^ + (psi - c·psi')·x^)     added to grad_x[i]
-    r_i = g_i·a/(1+beta) · ((psi' - 1)·x^ + (psi - c·psi')·w^)     added to grad_w[y_i]
+    q_i = k_i·w_y + l_i·(b/a)·x      added to grad_x[i]
+    r_i = k_i·x   + l_i·(a/b)·w_y    added to grad_w[y_i]
+    k_i = g_i·(psi' - 1)/(1+beta),   l_i = g_i·(psi - c·psi')/(1+beta)
 
 r is reduced per class after a stable sort by label, so the result does not depend on
-accumulation order.  Writing q and r with unit vectors avoids the ratios b/a and a/b,
-which overflow for tiny or huge norms.
+accumulation order.
 
 Zero-norm rows (a = 0 or b = 0) have no angle, and a·b·psi(c) has no derivative there
 for m > 1.  Convention: such a sample gets no margin, as if m = 1: f_y = x·w_y (= 0) with
@@ -26,9 +25,15 @@ the plain gradients df_y/dx = w_y, df_y/dw_y = x.  This is the only choice that 
 with m = 1 being exactly a linear layer; in the formulas above it is psi' = 1 and
 psi - c·psi' = 0, so q_i = r_i = 0.
 
-The per-sample statistics are computed in float64 whatever the input dtype (they cost
-O(N·D), against the GEMMs' O(N·C·D)), and norms are computed with a per-row scale so that
-neither float32 nor float64 inputs overflow or underflow in |x|^2.
+Numerics.  The per-sample sums x·x, w_y·w_y and x·w_y accumulate in the input dtype
+(einsum's SIMD loops: for float32 about 1e-6 of |x||w_y| at D = 4096, the error of the
+GEMM's own logits; a float64 accumulation costs more than the 5% of the GEMMs this layer
+may add) and everything after them runs in float64; the row updates run in the input dtype
+with float64-computed coefficients.  Rows whose squared norms leave the range where those
+sums can neither over- nor underflow, and rows whose coefficients b/a, a/b do not fit the
+input dtype, take a careful float64 path with per-row scaling and unit vectors, so huge
+and tiny norms give accurate, finite results.  Large N×D temporaries are few and reused in
+place: each one costs page faults that show against the GEMMs.
 """
 
 from __future__ import annotations
@@ -48,14 +53,25 @@ FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.flo
 F64 = npt.NDArray[np.float64]
 
 
+# Squared norms inside these ranges were summed free of under- and overflow in the input
+# dtype (no entry's square above the dtype's max, the largest one normal), and keep a·b
+# and the ratios a/b, b/a finite and normal in float64.
+_SAFE_SQ = {np.dtype(np.float32): (1e-30, 1e36), np.dtype(np.float64): (1e-280, 1e280)}
+
+
 class _Stats(NamedTuple):
     a: F64  # |x_i|
     b: F64  # |w_{y_i}|
     c: F64  # cos(theta_i), clamped
     psi: F64
     dpsi: F64
-    xhat: F64  # x_i / a (zero row where a == 0)
-    what: F64  # w_{y_i} / b (zero row where b == 0)
+    wy: npt.NDArray[Any]  # w[label]: a fresh gather, owned here (backward reuses it in place)
+    careful: npt.NDArray[np.intp]  # rows whose statistics needed per-row scaling
+
+
+def _rowdot(u: npt.NDArray[Any], v: npt.NDArray[Any]) -> F64:
+    """Row-wise dot products (accumulated in the input dtype), as float64."""
+    return np.einsum("ij,ij->i", u, v).astype(np.float64)
 
 
 def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, F64]:
@@ -70,15 +86,24 @@ def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, F64]:
 
 
 def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
-    a, xhat = _norm_and_unit(x)
-    b, what = _norm_and_unit(w[label])
-    c = np.clip(np.einsum("ij,ij->i", xhat, what), -1.0, 1.0)
+    wy = w[label]
+    sx, sw, dot = _rowdot(x, x), _rowdot(wy, wy), _rowdot(x, wy)
+    lo, hi = _SAFE_SQ[p.dtype]
+    careful = np.flatnonzero(~((sx >= lo) & (sx <= hi) & (sw >= lo) & (sw <= hi)))
+    a, b = np.sqrt(sx), np.sqrt(sw)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = dot / (a * b)
+    if careful.size:  # zero rows, and float64 rows with extreme norms
+        a[careful], xhat = _norm_and_unit(x[careful])
+        b[careful], what = _norm_and_unit(wy[careful])
+        c[careful] = np.einsum("ij,ij->i", xhat, what)
+    np.clip(c, -1.0, 1.0, out=c)
     psi, dpsi = psi_and_derivative(c, p.margin)
     degenerate = (a == 0.0) | (b == 0.0)  # no angle: plain linear (see module docstring)
     c[degenerate] = 0.0
     psi[degenerate] = 0.0
     dpsi[degenerate] = 1.0
-    return _Stats(a, b, c, psi, dpsi, xhat, what)
+    return _Stats(a, b, c, psi, dpsi, wy, careful)
 
 
 def _prepare(
@@ -101,6 +126,16 @@ def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.
     return logits
 
 
+def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k: F64, l: F64) -> tuple[F64, F64]:
+    """q and r for ``rows`` with unit vectors: no ratio b/a or a/b is ever formed."""
+    _, xhat = _norm_and_unit(x[rows])
+    _, what = _norm_and_unit(s.wy[rows])
+    a, b = s.a[rows, None], s.b[rows, None]
+    k, l = k[rows, None], l[rows, None]
+    # k·w_y = (k·b)·w^ and l·(b/a)·x = (l·b)·x^; symmetrically for r.
+    return (k * b) * what + (l * b) * xhat, (k * a) * xhat + (l * a) * what
+
+
 def backward(
     grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
@@ -111,17 +146,56 @@ def backward(
         return grad_x, grad_w
     s = _stats(x, w, label, p)
     g = np.asarray(grad_logits[np.arange(p.n), label], dtype=np.float64)
-    inv = 1.0 / (1.0 + p.beta)
-    along_same = (s.dpsi - 1.0) * inv  # coefficient of the row's own-side unit vector
-    along_other = (s.psi - s.c * s.dpsi) * inv
-    q = (g * s.b)[:, None] * (along_same[:, None] * s.what + along_other[:, None] * s.xhat)
-    r = (g * s.a)[:, None] * (along_same[:, None] * s.xhat + along_other[:, None] * s.what)
-    grad_x += q  # summed in float64, rounded once to the output dtype
-    # Deterministic per-class reduction: stable sort by label, then contiguous sums.
+    k = g * (s.dpsi - 1.0) / (1.0 + p.beta)
+    l = g * (s.psi - s.c * s.dpsi) / (1.0 + p.beta)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lx = l * (s.b / s.a)  # coefficient of x in q
+        lw = l * (s.a / s.b)  # coefficient of w_y in r
+    lx[l == 0.0] = 0.0  # zero-norm rows: 0·inf
+    lw[l == 0.0] = 0.0
+    # Coefficients must be exact enough in the input dtype: finite, and not flushed to
+    # zero; rows where they are not take the careful path (float32 with norm ratios beyond
+    # ~1e38, float64 with extreme norms).
+    fi = np.finfo(p.dtype)
+    coef = np.abs(np.stack([k, lx, lw]))
+    fits = np.all(((coef >= fi.tiny) & (coef <= fi.max)) | (coef == 0.0), axis=0)
+    fits[s.careful] = False
+    careful = np.flatnonzero(~fits)
+    if careful.size:  # before s.wy is overwritten below
+        q_c, r_c = _careful_rows(s, x, careful, k, l)
+    kd, lxd, lwd = (np.where(fits, v, 0.0).astype(p.dtype)[:, None] for v in (k, lx, lw))
+    buf = np.multiply(x, lxd)  # q = k·w_y + lx·x, accumulated into grad_x one term at a time
+    grad_x += buf
+    np.multiply(s.wy, kd, out=buf)
+    grad_x += buf
+    np.multiply(x, kd, out=buf)  # r = k·x + lw·w_y, built in buf (s.wy is ours to overwrite)
+    np.multiply(s.wy, lwd, out=s.wy)
+    buf += s.wy
+    if careful.size:
+        grad_x[careful] += q_c
+        buf[careful] = r_c
+    _add_per_class(grad_w, label, buf)
+    return grad_x, grad_w
+
+
+def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
+    """grad_w[j] += sum of rows[i] over the samples i with label j, in sample order.
+
+    Deterministic (a stable sort fixes the order of each class's sum); classes hit once go
+    through one fancy-indexed add, and only repeated classes through reduceat, whose cost
+    per segment would dominate when most labels in a batch are distinct.
+    """
     order = np.argsort(label, kind="stable")
     sorted_label = label[order]
-    starts = np.flatnonzero(np.r_[True, sorted_label[1:] != sorted_label[:-1]])
-    per_class = np.add.reduceat(r[order], starts, axis=0)
-    classes = sorted_label[starts]
-    grad_w[classes] += per_class
-    return grad_x, grad_w
+    first = np.r_[True, sorted_label[1:] != sorted_label[:-1]]
+    starts = np.flatnonzero(first)
+    if starts.size == label.size:
+        grad_w[label] += rows
+        return
+    counts = np.diff(np.r_[starts, label.size])
+    alone = np.repeat(counts == 1, counts)  # per sorted position
+    single = order[alone]
+    grad_w[label[single]] += rows[single]
+    shared = ~alone
+    seg = np.flatnonzero(first[shared])
+    grad_w[sorted_label[shared][seg]] += np.add.reduceat(rows[order[shared]], seg, axis=0)
