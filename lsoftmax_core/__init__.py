@@ -4,6 +4,10 @@
 target logits carry the angular margin; ``backward`` returns ``(grad_x, grad_w)``.  NumPy
 arrays run the CPU backend, CuPy arrays the CUDA kernels; the result has the inputs'
 array library and dtype.  This module imports neither CuPy nor any framework.
+
+``add_margin`` and ``add_margin_grad`` are the same maths without the GEMMs: they turn
+the plain layer's results, computed by any GEMM (a framework's own BLAS and thread pool,
+or into buffers the caller owns), into L-Softmax results in place, at O(N·D) cost.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ __all__ = [
     "MAX_MARGIN",
     "Schedule",
     "__version__",
+    "add_margin",
+    "add_margin_grad",
     "backward",
     "forward",
     "schedule_from_dict",
@@ -89,3 +95,39 @@ def backward(
     """Gradients ``(grad_x, grad_w)`` of ``sum(grad_logits * forward(x, w, label))``."""
     backend = _backend(grad_logits=grad_logits, x=x, w=w, label=label)
     return backend.backward(grad_logits, x, w, label, margin=margin, beta=beta)  # type: ignore[no-any-return]
+
+
+def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0) -> Any:
+    """Turn plain logits ``x @ w.T`` into L-Softmax logits in place; returns ``logits``.
+
+    Only the N target entries ``logits[i, label[i]]`` are rewritten, so
+    ``add_margin(x @ w.T, x, w, label, ...)`` equals ``forward(x, w, label, ...)``.
+    ``logits`` must be writeable, of x's dtype and array library, and share no memory with
+    the inputs (CuPy: also C-contiguous).
+    """
+    backend = _backend(logits=logits, x=x, w=w, label=label)
+    return backend.add_margin(logits, x, w, label, margin=margin, beta=beta)
+
+
+def add_margin_grad(
+    grad_x: Any,
+    grad_w: Any,
+    grad_logits: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: float = 0.0,
+) -> tuple[Any, Any]:
+    """Turn the plain gradients ``grad_logits @ w`` and ``grad_logits.T @ x`` into the
+    L-Softmax gradients in place; returns ``(grad_x, grad_w)``.
+
+    ``add_margin_grad(G @ w, G.T @ x, G, x, w, label, ...)`` equals
+    ``backward(G, x, w, label, ...)``.  The same rules as for :func:`add_margin` apply to
+    ``grad_x`` and ``grad_w``.
+    """
+    backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
+    return backend.add_margin_grad(  # type: ignore[no-any-return]
+        grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta
+    )

@@ -62,9 +62,9 @@ import numpy as np
 from cupy.cuda import runtime
 
 from . import _cupy_plan as plan
-from ._validate import Problem, validate
+from ._validate import Problem, check_out, validate
 
-__all__ = ["FLOAT_DTYPES", "backward", "check_labels", "forward"]
+__all__ = ["FLOAT_DTYPES", "add_margin", "add_margin_grad", "backward", "check_labels", "forward"]
 
 
 def _bfloat16() -> np.dtype[Any] | None:
@@ -257,18 +257,39 @@ def _finish(st: _DeviceState) -> None:
             st.raise_pending()
 
 
+def _check_out(name: str, out: Any, shape: tuple[int, ...], p: Problem, *inputs: Any) -> None:
+    if not isinstance(out, cupy.ndarray):
+        raise TypeError(f"{name} must be a cupy.ndarray like x, got {type(out).__module__}.{type(out).__qualname__}")
+    check_out(name, out, shape, p.dtype, *inputs)
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (the kernels update it in place by rows)")
+
+
 def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy.ndarray:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
     st = _state(x=x, w=w, label=label)
-    x, w, lab = _contiguous(x), _contiguous(w), _kernel_labels(label)
-    launches = plan.forward_launches(p, lab.dtype)
+    x, w = _contiguous(x), _contiguous(w)
     logits = cupy.matmul(x, w.T)
+    _margin_forward(st, p, logits, x, w, label)
+    return logits
+
+
+def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy.ndarray:
+    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
+    _check_out("logits", logits, (p.n, p.c), p)
+    st = _state(logits=logits, x=x, w=w, label=label)
+    _margin_forward(st, p, logits, _contiguous(x), _contiguous(w), label)
+    return logits
+
+
+def _margin_forward(st: _DeviceState, p: Problem, logits: Any, x: Any, w: Any, label: Any) -> None:
+    lab = _kernel_labels(label)
+    launches = plan.forward_launches(p, lab.dtype)
     if launches:
         bufs = {"x": x, "w": w, "label": lab, "logits": logits, **st.bufs}
         bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
         st.run(launches, bufs, p.dtype.name)
     _finish(st)
-    return logits
 
 
 def backward(
@@ -276,10 +297,30 @@ def backward(
 ) -> tuple[cupy.ndarray, cupy.ndarray]:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
     st = _state(grad_logits=grad_logits, x=x, w=w, label=label)
-    g, x, w, lab = _contiguous(grad_logits), _contiguous(x), _contiguous(w), _kernel_labels(label)
-    launches = plan.backward_launches(p, lab.dtype)
+    g, x, w = _contiguous(grad_logits), _contiguous(x), _contiguous(w)
     grad_x = cupy.matmul(g, w)
     grad_w = cupy.matmul(g.T, x)
+    _margin_backward(st, p, grad_x, grad_w, g, x, w, label)
+    return grad_x, grad_w
+
+
+def add_margin_grad(
+    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+) -> tuple[cupy.ndarray, cupy.ndarray]:
+    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
+    _check_out("grad_x", grad_x, (p.n, p.d), p)
+    _check_out("grad_w", grad_w, (p.c, p.d), p)
+    st = _state(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
+    g, x, w = _contiguous(grad_logits), _contiguous(x), _contiguous(w)
+    _margin_backward(st, p, grad_x, grad_w, g, x, w, label)
+    return grad_x, grad_w
+
+
+def _margin_backward(
+    st: _DeviceState, p: Problem, grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any
+) -> None:
+    lab = _kernel_labels(label)
+    launches = plan.backward_launches(p, lab.dtype)
     if launches:
         bufs = {"grad_logits": g, "x": x, "w": w, "label": lab, "grad_x": grad_x, "grad_w": grad_w, **st.bufs}
         bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
@@ -289,7 +330,6 @@ def backward(
             bufs.update(coef=ws.coef, classes=ws.classes)
         st.run(launches, bufs, p.dtype.name)
     _finish(st)
-    return grad_x, grad_w
 
 
 def check_labels(device: int | None = None) -> None:

@@ -12,9 +12,9 @@ Backward.  With g_i = grad_logits[i, y_i] and psi' = dpsi/dc the exact derivativ
 The plain GEMMs G @ w and G^T @ x already add g_i·w_y and g_i·x_i, so only the
 difference is added afterwards, per sample, as two scaled rows:
 
-    q_i = k_i·w_y + l_i·(b/a)·x      added to grad_x[i]
-    r_i = k_i·x   + l_i·(a/b)·w_y    added to grad_w[y_i]
-    k_i = g_i·(psi' - 1)/(1+beta),   l_i = g_i·(psi - c·psi')/(1+beta)
+    q_i = k_i·w_y + ell_i·(b/a)·x      added to grad_x[i]
+    r_i = k_i·x   + ell_i·(a/b)·w_y    added to grad_w[y_i]
+    k_i = g_i·(psi' - 1)/(1+beta),   ell_i = g_i·(psi - c·psi')/(1+beta)
 
 r is reduced per class after a stable sort by label, so the result does not depend on
 accumulation order.
@@ -44,9 +44,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ._chebyshev import psi_and_derivative
-from ._validate import Problem, check_labels_host, validate
+from ._validate import Problem, check_labels_host, check_out, validate
 
-__all__ = ["FLOAT_DTYPES", "backward", "forward"]
+__all__ = ["FLOAT_DTYPES", "add_margin", "add_margin_grad", "backward", "forward"]
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -117,23 +117,34 @@ def _prepare(
 def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.NDArray[Any]:
     p = _prepare(x, w, label, margin, beta)
     logits = x @ w.T
+    _margin_forward(logits, x, w, label, p)
+    return logits
+
+
+def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.NDArray[Any]:
+    p = _prepare(x, w, label, margin, beta)
+    check_out("logits", logits, (p.n, p.c), p.dtype, x, w)
+    _margin_forward(logits, x, w, label, p)
+    return logits  # type: ignore[no-any-return]
+
+
+def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> None:
     if p.margin == 1 or p.n == 0:
-        return logits  # psi(c) = c: the target logit is already x·w_y.
+        return  # psi(c) = c: the target logit is already x·w_y.
     s = _stats(x, w, label, p)
     h = (p.beta * s.c + s.psi) / (1.0 + p.beta)
     # (a·h)·b rather than a·b·h: a·b may overflow where the true product does not.
     logits[np.arange(p.n), label] = (s.a * h) * s.b
-    return logits
 
 
-def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k: F64, l: F64) -> tuple[F64, F64]:
+def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k: F64, ell: F64) -> tuple[F64, F64]:
     """q and r for ``rows`` with unit vectors: no ratio b/a or a/b is ever formed."""
     _, xhat = _norm_and_unit(x[rows])
     _, what = _norm_and_unit(s.wy[rows])
     a, b = s.a[rows, None], s.b[rows, None]
-    k, l = k[rows, None], l[rows, None]
-    # k·w_y = (k·b)·w^ and l·(b/a)·x = (l·b)·x^; symmetrically for r.
-    return (k * b) * what + (l * b) * xhat, (k * a) * xhat + (l * a) * what
+    k, ell = k[rows, None], ell[rows, None]
+    # k·w_y = (k·b)·w^ and ell·(b/a)·x = (ell·b)·x^; symmetrically for r.
+    return (k * b) * what + (ell * b) * xhat, (k * a) * xhat + (ell * a) * what
 
 
 def backward(
@@ -142,17 +153,34 @@ def backward(
     p = _prepare(x, w, label, margin, beta, grad_logits)
     grad_x = grad_logits @ w
     grad_w = grad_logits.T @ x
+    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
+    return grad_x, grad_w
+
+
+def add_margin_grad(
+    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    p = _prepare(x, w, label, margin, beta, grad_logits)
+    check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits)
+    check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, grad_x)
+    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
+    return grad_x, grad_w
+
+
+def _margin_backward(
+    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Problem
+) -> None:
     if p.margin == 1 or p.n == 0:
-        return grad_x, grad_w
+        return
     s = _stats(x, w, label, p)
     g = np.asarray(grad_logits[np.arange(p.n), label], dtype=np.float64)
     k = g * (s.dpsi - 1.0) / (1.0 + p.beta)
-    l = g * (s.psi - s.c * s.dpsi) / (1.0 + p.beta)
+    ell = g * (s.psi - s.c * s.dpsi) / (1.0 + p.beta)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lx = l * (s.b / s.a)  # coefficient of x in q
-        lw = l * (s.a / s.b)  # coefficient of w_y in r
-    lx[l == 0.0] = 0.0  # zero-norm rows: 0·inf
-    lw[l == 0.0] = 0.0
+        lx = ell * (s.b / s.a)  # coefficient of x in q
+        lw = ell * (s.a / s.b)  # coefficient of w_y in r
+    lx[ell == 0.0] = 0.0  # zero-norm rows: 0·inf
+    lw[ell == 0.0] = 0.0
     # Coefficients must be exact enough in the input dtype: finite, and not flushed to
     # zero; rows where they are not take the careful path (float32 with norm ratios beyond
     # ~1e38, float64 with extreme norms).
@@ -162,7 +190,7 @@ def backward(
     fits[s.careful] = False
     careful = np.flatnonzero(~fits)
     if careful.size:  # before s.wy is overwritten below
-        q_c, r_c = _careful_rows(s, x, careful, k, l)
+        q_c, r_c = _careful_rows(s, x, careful, k, ell)
     kd, lxd, lwd = (np.where(fits, v, 0.0).astype(p.dtype)[:, None] for v in (k, lx, lw))
     buf = np.multiply(x, lxd)  # q = k·w_y + lx·x, accumulated into grad_x one term at a time
     grad_x += buf
@@ -175,7 +203,6 @@ def backward(
         grad_x[careful] += q_c
         buf[careful] = r_c
     _add_per_class(grad_w, label, buf)
-    return grad_x, grad_w
 
 
 def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:

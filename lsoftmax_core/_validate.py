@@ -16,7 +16,7 @@ import numpy as np
 
 from ._chebyshev import MAX_MARGIN
 
-__all__ = ["Problem", "check_beta", "check_labels_host", "check_margin", "validate"]
+__all__ = ["Problem", "check_beta", "check_labels_host", "check_margin", "check_out", "validate"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,16 @@ def check_labels_host(label: Any, c: int) -> None:
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"label must lie in [0, C) = [0, {c}): label[{i}]={int(label[i])}")
+
+
+def check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], *inputs: Any) -> None:
+    """An array the caller hands in to be updated in place: right shape and dtype,
+    writeable, and not overlapping any input (an in-place update would corrupt it)."""
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {name}.shape={tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name}.dtype={out.dtype} must equal x.dtype={dtype}")
+    if not getattr(out.flags, "writeable", True):
+        raise ValueError(f"{name} must be writeable (it is updated in place); got a read-only array")
+    if isinstance(out, np.ndarray) and any(np.may_share_memory(out, a) for a in inputs):
+        raise ValueError(f"{name} must not share memory with the inputs (it is updated in place)")

@@ -149,6 +149,23 @@ def test_float64_agrees_with_numpy_backend() -> None:
         np.testing.assert_allclose(cupy.asnumpy(a), b, rtol=1e-11, atol=1e-11 * float(np.max(np.abs(b))))
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_add_margin_on_plain_results_equals_forward_and_backward(m) -> None:
+    x, w, label, g = _gpu(*_case(11, 50, 9, 33, np.float32))
+    out, gx, gw = _run(x, w, label, g, m, 2.0)
+    logits = x @ w.T
+    assert lsm.add_margin(logits, x, w, label, margin=m, beta=2.0) is logits
+    _assert_bitwise(logits, out)
+    px, pw = g @ w, g.T @ x
+    lsm.add_margin_grad(px, pw, g, x, w, label, margin=m, beta=2.0)
+    _assert_bitwise(px, gx)
+    _assert_bitwise(pw, gw)
+    with pytest.raises(ValueError, match=r"logits must be C-contiguous"):
+        lsm.add_margin(cupy.asfortranarray(x @ w.T), x, w, label, margin=m)
+    with pytest.raises(TypeError, match=r"x must be a numpy.ndarray like logits"):
+        lsm.add_margin(cupy.asnumpy(x @ w.T), x, w, label, margin=m)  # mixed libraries
+
+
 def _plain(x, w, g):
     return x @ w.T, g @ w, g.T @ x
 

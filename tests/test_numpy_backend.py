@@ -242,3 +242,38 @@ def test_backward_is_deterministic_with_repeated_labels() -> None:
     b = lsm.backward(g, x, w, label, margin=4, beta=0.0)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+@given(problems())
+def test_add_margin_on_plain_results_equals_forward_and_backward(p) -> None:
+    x, w, label, m, beta = p
+    g = _grad((len(x), len(w)))
+    logits = x @ w.T
+    assert lsm.add_margin(logits, x, w, label, margin=m, beta=beta) is logits
+    np.testing.assert_array_equal(logits, lsm.forward(x, w, label, margin=m, beta=beta))
+    gx, gw = g @ w, g.T @ x
+    out = lsm.add_margin_grad(gx, gw, g, x, w, label, margin=m, beta=beta)
+    assert out[0] is gx and out[1] is gw
+    want = lsm.backward(g, x, w, label, margin=m, beta=beta)
+    np.testing.assert_array_equal(gx, want[0])
+    np.testing.assert_array_equal(gw, want[1])
+
+
+def test_add_margin_rejects_bad_outputs() -> None:
+    x, w, label = np.ones((3, 4)), np.ones((5, 4)), np.array([0, 1, 4])
+    ro = x @ w.T
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"logits must be writeable"):
+        lsm.add_margin(ro, x, w, label)
+    with pytest.raises(ValueError, match=r"logits must have shape \(3, 5\), got logits.shape=\(5, 3\)"):
+        lsm.add_margin(w @ x.T, x, w, label)
+    with pytest.raises(TypeError, match=r"logits.dtype=float32 must equal x.dtype=float64"):
+        lsm.add_margin((x @ w.T).astype(np.float32), x, w, label)
+    square_x = np.ones((3, 3))
+    with pytest.raises(ValueError, match=r"logits must not share memory with the inputs"):
+        lsm.add_margin(square_x, square_x, np.ones((3, 3)), np.array([0, 1, 2]))
+    g = np.ones((3, 5))
+    with pytest.raises(ValueError, match=r"grad_w must have shape \(5, 4\)"):
+        lsm.add_margin_grad(g @ w, np.ones((4, 5)), g, x, w, label)
+    with pytest.raises(TypeError, match=r"grad_x must be a numpy.ndarray"):
+        lsm.add_margin_grad([[0.0]], g.T @ x, g, x, w, label)
