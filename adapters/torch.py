@@ -1,11 +1,15 @@
 """PyTorch adapter: ``lsoftmax`` (a differentiable function) and ``LSoftmaxLinear`` (a layer).
 
-A thin DLPack bridge with no maths of its own: tensors are viewed, without copying, as
-NumPy arrays (CPU) or CuPy arrays (CUDA), handed to :func:`lsoftmax_core.forward` /
-:func:`lsoftmax_core.backward`, and the results come back as tensors, again without a
-copy.  Both directions are ``torch.library.custom_op`` operators with a fake (meta)
-implementation and an autograd formula, so the function works in eager autograd, under
-``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+A thin DLPack bridge with no L-Softmax maths of its own.  Both directions are
+``torch.library.custom_op`` operators with a fake (meta) implementation and an autograd
+formula, so the function works in eager autograd, under ``torch.compile(fullgraph=True)``
+and passes ``torch.library.opcheck``.
+
+CPU: the plain layer's GEMMs run in torch (its BLAS and its thread pool: NumPy's OpenBLAS
+workers and torch's OpenMP workers slow each other down badly when they alternate on the
+same cores), and the core's :func:`lsoftmax_core.add_margin` /
+:func:`lsoftmax_core.add_margin_grad` then apply the margin in place on those results,
+reading the inputs through read-only NumPy views of the tensors' memory (no copy).
 
 CUDA: the CuPy backend runs on PyTorch's current stream, and every array it allocates
 (outputs and temporaries) comes from PyTorch's caching allocator, so the returned tensors
@@ -33,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lsoftmax_core as _core
-from lsoftmax_core._validate import check_beta, check_margin
+from lsoftmax_core._numpy_backend import FLOAT_DTYPES
+from lsoftmax_core._validate import check_beta, check_labels_host, check_margin, validate
 from lsoftmax_core.schedule import (
     ConstantSchedule,
     ExponentialSchedule,
@@ -146,9 +151,30 @@ def _run(fn: Callable[..., Any], **named: Tensor) -> list[Tensor]:
 # --------------------------------------------------------------------------- operators
 
 
+def _cpu_views(**named: Tensor) -> list[np.ndarray]:
+    """Read-only NumPy views of CPU tensors, after the core's own checks (so that a bad
+    shape, dtype or label is reported by the core's message before any GEMM runs)."""
+    return [_as_numpy(name, t) for name, t in named.items()]
+
+
+def _checked(views: list[np.ndarray], margin: int, beta: float, grad: bool = False) -> None:
+    *g, x, w, label = views
+    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=g[0] if grad else None)
+    check_labels_host(label, p.c)
+
+
 @torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
     b = float(beta)  # a CPU scalar: no device synchronisation
+    if x.device.type == "cpu":
+        # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
+        # and torch's OpenMP workers fight over the cores when they alternate), then the
+        # core rewrites the N target logits in place.
+        views = _cpu_views(x=x, weight=weight, label=label)
+        _checked(views, margin, b)
+        logits = torch.mm(x.detach(), weight.detach().t())
+        _core.add_margin(logits.numpy(), *views, margin=margin, beta=b)
+        return logits
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
         return _core.forward(xa, wa, la, margin=margin, beta=b)
@@ -166,6 +192,14 @@ def _backward_op(
     grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
 ) -> tuple[Tensor, Tensor]:
     b = float(beta)
+    if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
+        views = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+        _checked(views, margin, b, grad=True)
+        g = grad_logits.detach()
+        grad_x = torch.mm(g, weight.detach())
+        grad_w = torch.mm(g.t(), x.detach())
+        _core.add_margin_grad(grad_x.numpy(), grad_w.numpy(), *views, margin=margin, beta=b)
+        return grad_x, grad_w
 
     def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
         return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
