@@ -1,5 +1,6 @@
 """One command runs every test environment: `nox` (see the README).
 
+* ``lint``: ruff over the whole tree.
 * ``tests``: the core, the CuPy backend's CPU-side checks (NVRTC compilation of every
   kernel, the shared scalar header built for the host), the PyTorch and JAX adapters and
   the demo, on the current numpy.  GPU tests are marked ``gpu`` and skip without a device.
@@ -11,12 +12,18 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "mxnet"]
+nox.options.sessions = ["lint", "tests", "mxnet"]
 nox.options.error_on_missing_interpreters = True
 
 # torch 2.13.0 is pinned for the CPU test environment: it is the CPU build that the
 # project's CI machines hold locally (a newer release would pull a multi-GB CUDA build).
 TORCH_CPU = "torch==2.13.0"
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
 
 
 @nox.session

@@ -18,7 +18,7 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_available() -> bool:
     """True where CuPy imports and sees at least one CUDA device."""
     try:
