@@ -171,7 +171,8 @@ def nasty_rows(dtype: Any, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def representable(dtype: Any, x: Any, w: Any, label: Any, g: Any, m: int, beta: float) -> bool:
     """Whether the exact results fit the dtype (float16 overflows at 65504: a problem whose
     exact logits or gradients do not fit has no correct float16 answer)."""
-    bound = float((ml_dtypes.finfo if dtype == BFLOAT16 else np.finfo)(dtype).max) / 4
+    is_bf16 = BFLOAT16 is not None and dtype == BFLOAT16  # np.dtype(...) == None is True for float64
+    bound = float((ml_dtypes.finfo if is_bf16 else np.finfo)(dtype).max) / 4
     results = (
         ref_forward(x, w, label, margin=m, beta=beta),
         *ref_backward(g, x, w, label, margin=m, beta=beta),
