@@ -88,8 +88,18 @@ __device__ __forceinline__ void store_group(typename F::Storage* row, bool align
 }
 
 // Fixed-tree block reductions of K values per thread; the result is in every thread.
-template <typename V, int K>
-__device__ __forceinline__ void block_sum(V (&v)[K], V* sh) {
+// The tree's shape depends only on LSM_BLOCK, so a sum is the same bits on every run.
+struct SumOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return b > a ? b : a; }
+};
+
+template <typename Op, typename V, int K>
+__device__ __forceinline__ void block_reduce(V (&v)[K], V* sh, Op op) {
   const int t = threadIdx.x;
 #pragma unroll
   for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] = v[q];
@@ -97,34 +107,13 @@ __device__ __forceinline__ void block_sum(V (&v)[K], V* sh) {
   for (int s = LSM_BLOCK / 2; s > 0; s >>= 1) {
     if (t < s) {
 #pragma unroll
-      for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] += sh[q * LSM_BLOCK + t + s];
+      for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] = op(sh[q * LSM_BLOCK + t], sh[q * LSM_BLOCK + t + s]);
     }
     __syncthreads();
   }
 #pragma unroll
   for (int q = 0; q < K; ++q) v[q] = sh[q * LSM_BLOCK];
   __syncthreads();  // sh is reused by the next reduction
-}
-
-template <typename V, int K>
-__device__ __forceinline__ void block_max(V (&v)[K], V* sh) {
-  const int t = threadIdx.x;
-#pragma unroll
-  for (int q = 0; q < K; ++q) sh[q * LSM_BLOCK + t] = v[q];
-  __syncthreads();
-  for (int s = LSM_BLOCK / 2; s > 0; s >>= 1) {
-    if (t < s) {
-#pragma unroll
-      for (int q = 0; q < K; ++q) {
-        const V o = sh[q * LSM_BLOCK + t + s];
-        if (o > sh[q * LSM_BLOCK + t]) sh[q * LSM_BLOCK + t] = o;
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int q = 0; q < K; ++q) v[q] = sh[q * LSM_BLOCK];
-  __syncthreads();
 }
 
 template <typename A>
@@ -158,7 +147,7 @@ __device__ RowSums<typename F::Acc> row_sums(const typename F::Storage* xr, cons
       }
     }
   }
-  block_max(amax, red);
+  block_reduce(amax, red, MaxOp());
   RowSums<A> r;
   r.ex = scale_exponent(amax[0]);
   r.ew = scale_exponent(amax[1]);
@@ -178,7 +167,7 @@ __device__ RowSums<typename F::Acc> row_sums(const typename F::Storage* xr, cons
       }
     }
   }
-  block_sum(s, red);
+  block_reduce(s, red, SumOp());
   r.xx = s[0];
   r.ww = s[1];
   r.xw = s[2];
