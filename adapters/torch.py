@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lsoftmax_core as _core
-from lsoftmax_core._numpy_backend import FLOAT_DTYPES
-from lsoftmax_core._validate import check_beta, check_labels_host, check_margin, validate
+from lsoftmax_core import _numpy_backend
+from lsoftmax_core._validate import check_beta, check_margin
 from lsoftmax_core.schedule import (
     ConstantSchedule,
     ExponentialSchedule,
@@ -152,15 +152,8 @@ def _run(fn: Callable[..., Any], **named: Tensor) -> list[Tensor]:
 
 
 def _cpu_views(**named: Tensor) -> list[np.ndarray]:
-    """Read-only NumPy views of CPU tensors, after the core's own checks (so that a bad
-    shape, dtype or label is reported by the core's message before any GEMM runs)."""
+    """Read-only NumPy views of CPU tensors (DLPack, no copy)."""
     return [_as_numpy(name, t) for name, t in named.items()]
-
-
-def _checked(views: list[np.ndarray], margin: int, beta: float, grad: bool = False) -> None:
-    *g, x, w, label = views
-    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=g[0] if grad else None)
-    check_labels_host(label, p.c)
 
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
@@ -171,7 +164,7 @@ def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Ten
         # and torch's OpenMP workers fight over the cores when they alternate), then the
         # core rewrites the N target logits in place.
         views = _cpu_views(x=x, weight=weight, label=label)
-        _checked(views, margin, b)
+        _numpy_backend.prepare(*views, margin, b)  # the core's checks, before any GEMM
         logits = torch.mm(x.detach(), weight.detach().t())
         _core.add_margin(logits.numpy(), *views, margin=margin, beta=b)
         return logits
@@ -194,7 +187,7 @@ def _backward_op(
     b = float(beta)
     if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
         views = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
-        _checked(views, margin, b, grad=True)
+        _numpy_backend.prepare(*views[1:], margin, b, views[0])
         g = grad_logits.detach()
         grad_x = torch.mm(g, weight.detach())
         grad_w = torch.mm(g.t(), x.detach())

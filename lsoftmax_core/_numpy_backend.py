@@ -46,7 +46,7 @@ import numpy.typing as npt
 from ._chebyshev import psi_and_derivative
 from ._validate import Problem, check_labels_host, check_out, validate
 
-__all__ = ["FLOAT_DTYPES", "add_margin", "add_margin_grad", "backward", "forward"]
+__all__ = ["FLOAT_DTYPES", "add_margin", "add_margin_grad", "backward", "forward", "prepare"]
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -106,23 +106,24 @@ def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p:
     return _Stats(a, b, c, psi, dpsi, wy, careful)
 
 
-def _prepare(
+def prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
 ) -> Problem:
+    """All argument checks of this backend, labels included (host data); the problem's sizes."""
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
     check_labels_host(label, p.c)
     return p
 
 
 def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.NDArray[Any]:
-    p = _prepare(x, w, label, margin, beta)
+    p = prepare(x, w, label, margin, beta)
     logits = x @ w.T
     _margin_forward(logits, x, w, label, p)
     return logits
 
 
 def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.NDArray[Any]:
-    p = _prepare(x, w, label, margin, beta)
+    p = prepare(x, w, label, margin, beta)
     check_out("logits", logits, (p.n, p.c), p.dtype, x, w)
     _margin_forward(logits, x, w, label, p)
     return logits  # type: ignore[no-any-return]
@@ -150,7 +151,7 @@ def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k:
 def backward(
     grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    p = _prepare(x, w, label, margin, beta, grad_logits)
+    p = prepare(x, w, label, margin, beta, grad_logits)
     grad_x = grad_logits @ w
     grad_w = grad_logits.T @ x
     _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
@@ -160,7 +161,7 @@ def backward(
 def add_margin_grad(
     grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    p = _prepare(x, w, label, margin, beta, grad_logits)
+    p = prepare(x, w, label, margin, beta, grad_logits)
     check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits)
     check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, grad_x)
     _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
