@@ -49,8 +49,6 @@ way; the project's tests and nox session set it to 2 as the seed did.
 from __future__ import annotations
 
 import atexit
-import math
-import numbers
 import threading
 import uuid
 import weakref
@@ -63,6 +61,7 @@ import numpy.typing as npt
 from mxnet import gluon
 
 import lsoftmax_core as lsm
+from lsoftmax_core._validate import check_integer, check_nonnegative
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -165,34 +164,22 @@ def label_indices(label: npt.NDArray[Any], num_classes: int) -> npt.NDArray[np.i
 
 
 def _parse_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """CustomOpProp passes every keyword argument as a string; other callers pass numbers."""
     if isinstance(value, str):
         try:
-            v = int(value.strip())
+            value = int(value.strip())
         except ValueError:
             raise ValueError(f"{name}={value!r} must be an integer >= {minimum}") from None
-    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be an integer >= {minimum}, not {type(value).__name__}")
-    else:
-        v = int(value)
-    if v < minimum or (maximum is not None and v > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name}={value!r} must be an integer {bound}")
-    return v
+    return check_integer(name, value, minimum, maximum)
 
 
 def _parse_nonneg(name: str, value: object) -> float:
     if isinstance(value, str):
         try:
-            v = float(value.strip())
+            value = float(value.strip())
         except ValueError:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0") from None
-    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}={value!r} must be a finite number >= 0, not {type(value).__name__}")
-    else:
-        v = float(value)
-    if not (math.isfinite(v) and v >= 0.0):
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-    return v
+    return check_nonnegative(name, value)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,16 @@ import numpy as np
 
 from ._chebyshev import MAX_MARGIN
 
-__all__ = ["Problem", "check_beta", "check_labels_host", "check_margin", "check_out", "validate"]
+__all__ = [
+    "Problem",
+    "check_beta",
+    "check_integer",
+    "check_labels_host",
+    "check_margin",
+    "check_nonnegative",
+    "check_out",
+    "validate",
+]
 
 
 @dataclass(frozen=True)
@@ -31,24 +40,35 @@ class Problem:
     beta: float
 
 
+def check_integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as a Python int in [minimum, maximum], or an error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an integer >= {minimum}, not {type(value).__name__}")
+    v = int(value)
+    if v < minimum or (maximum is not None and v > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name}={value!r} must be an integer {bound}")
+    return v
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """``value`` as a finite Python float >= 0, or an error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a real number >= 0, not {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return v
+
+
 def check_margin(margin: object) -> int:
-    """The margin as a Python int, or a ValueError/TypeError naming it."""
-    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Integral):
-        raise TypeError(f"{margin=} must be an integer >= 1, not {type(margin).__name__}")
-    m = int(margin)
-    if not 1 <= m <= MAX_MARGIN:
-        raise ValueError(f"{margin=} must be an integer in [1, {MAX_MARGIN}]")
-    return m
+    """The margin as a Python int in [1, MAX_MARGIN]."""
+    return check_integer("margin", margin, 1, MAX_MARGIN)
 
 
 def check_beta(beta: object) -> float:
     """beta (lambda in the paper) as a Python float, finite and >= 0."""
-    if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"{beta=} must be a real number >= 0, not {type(beta).__name__}")
-    b = float(beta)
-    if not (math.isfinite(b) and b >= 0.0):
-        raise ValueError(f"{beta=} must be a finite number >= 0")
-    return b
+    return check_nonnegative("beta", beta)
 
 
 def _check_ndim(name: str, a: Any, ndim: int) -> None:

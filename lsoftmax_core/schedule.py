@@ -20,12 +20,11 @@ only needs ``t`` and ``schedule.to_dict()``, and nothing changes behind the call
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
-from ._validate import check_beta
+from ._validate import check_beta, check_nonnegative
 
 __all__ = [
     "ConstantSchedule",
@@ -46,14 +45,6 @@ def _check_step(step: object) -> int:
     if t < 0:
         raise ValueError(f"{step=} must be an integer >= 0")
     return t
-
-
-def _check_positive(name: str, value: float, *, allow_zero: bool) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
-    return v
 
 
 class _Base:
@@ -96,7 +87,7 @@ class ExponentialSchedule(_Base):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta0", check_beta(self.beta0))
-        object.__setattr__(self, "scale", _check_positive("scale", self.scale, allow_zero=True))
+        object.__setattr__(self, "scale", check_nonnegative("scale", self.scale))
         object.__setattr__(self, "beta_min", check_beta(self.beta_min))
 
     def beta(self, step: int) -> float:
@@ -117,8 +108,8 @@ class InverseSchedule(_Base):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", check_beta(self.base))
-        object.__setattr__(self, "gamma", _check_positive("gamma", self.gamma, allow_zero=True))
-        object.__setattr__(self, "power", _check_positive("power", self.power, allow_zero=True))
+        object.__setattr__(self, "gamma", check_nonnegative("gamma", self.gamma))
+        object.__setattr__(self, "power", check_nonnegative("power", self.power))
         object.__setattr__(self, "lambda_min", check_beta(self.lambda_min))
 
     def beta(self, step: int) -> float:
