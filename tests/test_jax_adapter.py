@@ -196,11 +196,12 @@ def test_vmap_maps_independent_problems():
 
 
 class _Spy:
-    """Wraps the core's functions to record what the adapter hands them (the real core runs)."""
+    """Wraps the core's in-place entry points to record what the adapter hands them (the
+    real core runs): (name, [(data pointer, writeable) for each array argument])."""
 
     def __init__(self, monkeypatch):
         self.seen: list[tuple[str, list[tuple[int, bool]]]] = []
-        for name in ("forward", "backward"):
+        for name in ("add_margin", "add_margin_grad"):
             real = getattr(lsoftmax_core, name)
             monkeypatch.setattr(lsoftmax_core, name, self._wrap(name, real))
 
@@ -212,29 +213,33 @@ class _Spy:
         return spy
 
 
-def test_cpu_operands_are_zero_copy_and_read_only(monkeypatch):
+def test_cpu_zero_copy_both_ways(monkeypatch):
     rng = np.random.default_rng(4)
     x, w, label = (jnp.asarray(a) for a in _problem(rng, 64, 32, 16, "float32"))
+    g = jnp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
     spy = _Spy(monkeypatch)
 
     @jax.jit
-    def fwd_bwd(x, w, label):
+    def fwd_bwd(x, w, label, g):
         logits, vjp = jax.vjp(lambda x, w: lsoftmax(x, w, label), x, w)
-        return logits, vjp(jnp.ones_like(logits))
+        return logits, vjp(g)
 
-    jax.block_until_ready(fwd_bwd(x, w, label))
-    ptrs = {
-        "x": x.unsafe_buffer_pointer(),
-        "w": w.unsafe_buffer_pointer(),
-        "label": label.unsafe_buffer_pointer(),
+    logits, (grad_x, grad_w) = jax.block_until_ready(fwd_bwd(x, w, label, g))
+    ptr = {
+        name: a.unsafe_buffer_pointer()
+        for name, a in dict(x=x, w=w, label=label, g=g, logits=logits, grad_x=grad_x, grad_w=grad_w).items()
     }
     (fwd_name, fwd), (bwd_name, bwd) = spy.seen
-    assert (fwd_name, bwd_name) == ("forward", "backward")
-    # The NumPy backend reads XLA's own buffers: same addresses, no copy.
-    assert [p for p, _ in fwd] == [ptrs["x"], ptrs["w"], ptrs["label"]]
-    assert [p for p, _ in bwd[1:]] == [ptrs["x"], ptrs["w"], ptrs["label"]]
-    # ... and cannot write into them.
-    assert not any(writeable for _, writeable in fwd + bwd)
+    assert (fwd_name, bwd_name) == ("add_margin", "add_margin_grad")
+    # In: the NumPy backend reads XLA's own operand buffers (same addresses) and cannot
+    # write into them.
+    assert fwd[1:] == [(ptr["x"], False), (ptr["w"], False), (ptr["label"], False)]
+    assert bwd[2:] == [(ptr["g"], False), (ptr["x"], False), (ptr["w"], False), (ptr["label"], False)]
+    # Out: the results are computed in XLA's result buffers, which jit returns as they are.
+    assert fwd[0] == (ptr["logits"], True)
+    assert bwd[:2] == [(ptr["grad_x"], True), (ptr["grad_w"], True)]
+    check_forward(np.asarray(logits), x, w, label, margin=2, beta=0.0, dtype="float32")
+    check_backward([np.asarray(grad_x), np.asarray(grad_w)], g, x, w, label, margin=2, beta=0.0, dtype="float32")
 
 
 def test_inputs_unchanged():
@@ -404,21 +409,25 @@ def test_gpu_operands_are_device_views_on_xla_stream(monkeypatch):
     rng = np.random.default_rng(8)
     x, w, label = (jax.device_put(a, dev) for a in _problem(rng, 16, 8, 4, "float32"))
     seen = []
-    real = lsoftmax_core.forward
+    real = lsoftmax_core.add_margin
 
-    def spy(x, w, label, **kw):
-        seen.append((type(x), x.data.ptr, w.data.ptr, label.data.ptr, cupy.cuda.get_current_stream().ptr))
-        return real(x, w, label, **kw)
+    def spy(logits, x, w, label, **kw):
+        seen.append(
+            (type(x), logits.data.ptr, x.data.ptr, w.data.ptr, label.data.ptr, cupy.cuda.get_current_stream().ptr)
+        )
+        return real(logits, x, w, label, **kw)
 
-    monkeypatch.setattr(lsoftmax_core, "forward", spy)
-    jax.block_until_ready(jax.jit(lambda x, w, label: lsoftmax(x, w, label))(x, w, label))
-    ((kind, px, pw, pl, stream),) = seen
+    monkeypatch.setattr(lsoftmax_core, "add_margin", spy)
+    logits = jax.block_until_ready(jax.jit(lambda x, w, label: lsoftmax(x, w, label))(x, w, label))
+    ((kind, po, px, pw, pl, stream),) = seen
     assert kind is cupy.ndarray
-    assert (px, pw, pl) == (
+    assert (po, px, pw, pl) == (
+        logits.unsafe_buffer_pointer(),
         x.unsafe_buffer_pointer(),
         w.unsafe_buffer_pointer(),
         label.unsafe_buffer_pointer(),
     )
+    check_forward(np.asarray(logits), *(np.asarray(a) for a in (x, w, label)), margin=2, beta=0.0, dtype="float32")
     assert stream != 0  # XLA's compute stream, not CuPy's legacy default stream
 
 
