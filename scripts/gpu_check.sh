@@ -20,6 +20,9 @@ OUT=${OUT_DIR:-$PWD/out/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CI=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} PYTHONDONTWRITEBYTECODE=1
+# One pytest process runs the CuPy, PyTorch and JAX GPU tests: without this, JAX's first
+# GPU use would take 75% of the device for XLA and leave CuPy and PyTorch the rest.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 declare -a SUMMARY=()
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a timeout, log, record status and time
