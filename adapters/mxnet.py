@@ -28,8 +28,13 @@ Data exchange.  MXNet 1.9.1 hands out DLPack *capsules* (``to_dlpack_for_read``)
 NumPy 1.23's ``np.from_dlpack`` wants an object with ``__dlpack__``/``__dlpack_device__``;
 :func:`as_numpy` wraps the capsule, so data, weight and the incoming gradient reach the core
 as read-only zero-copy views of MXNet's memory.  Labels are converted to an int64 copy
-(:func:`label_indices`).  Results go back through ``nd.from_numpy(zero_copy=True)`` and one
-engine copy into MXNet's output buffer (the core allocates its outputs, it has no ``out=``).
+(:func:`label_indices`).  Results are computed in MXNet's own output buffers when MXNet asks
+for them to be overwritten (``req == 'write'``, the default of ``simple_bind``, Module and
+Gluon): :func:`output_view` gives a writeable view of the buffer, the plain layer's GEMMs
+write into it (``numpy.matmul(..., out=)``) and the core's ``add_margin`` /
+``add_margin_grad`` apply the margin in place, exactly what ``forward``/``backward`` do.
+For ``'add'`` (gradient accumulation) and ``'inplace'`` the core's results go through
+``self.assign``, one engine copy or add.
 
 Errors.  MXNet 1.9.1 runs CustomOp callbacks behind ctypes: an exception raised inside them
 is printed by MXNet and surfaces as a generic ``MXNetError`` (a ``RuntimeError``) whose text
@@ -49,6 +54,7 @@ way; the project's tests and nox session set it to 2 as the seed did.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import threading
 import uuid
 import weakref
@@ -59,6 +65,7 @@ import mxnet as mx
 import numpy as np
 import numpy.typing as npt
 from mxnet import gluon
+from mxnet.base import _LIB, check_call
 
 import lsoftmax_core as lsm
 from lsoftmax_core._validate import check_integer, check_nonnegative
@@ -74,6 +81,7 @@ __all__ = [
     "as_numpy",
     "label_indices",
     "lsoftmax_symbol",
+    "output_view",
 ]
 
 #: The CustomOp name, as in the seed.
@@ -118,6 +126,11 @@ def as_numpy(array: Any, name: str = "array") -> npt.NDArray[Any]:
 
     ``to_dlpack_for_read`` first waits for pending writes to ``array``.
     """
+    _check_cpu_dense(array, name)
+    return np.from_dlpack(_DLPackCapsule(mx.nd.to_dlpack_for_read(array)))
+
+
+def _check_cpu_dense(array: Any, name: str) -> None:
     if not isinstance(array, mx.nd.NDArray):
         raise TypeError(
             f"{name} must be an mxnet NDArray, got {type(array).__module__}.{type(array).__qualname__}"
@@ -126,7 +139,27 @@ def as_numpy(array: Any, name: str = "array") -> npt.NDArray[Any]:
         raise ValueError(f"{name} is on {array.context}: the MXNet adapter runs on CPU only (NumPy backend)")
     if array.stype != "default":
         raise TypeError(f"{name} must be a dense NDArray, got storage type {array.stype!r}")
-    return np.from_dlpack(_DLPackCapsule(mx.nd.to_dlpack_for_read(array)))
+
+
+def output_view(array: Any) -> npt.NDArray[Any]:
+    """A writeable NumPy view of the dense CPU NDArray ``array`` that an operator is about to
+    overwrite (its output, or an input gradient with ``req == 'write'``); no copy.
+
+    NumPy's DLPack import is read-only, so the view is made from the buffer's address
+    (``MXNDArrayGetData``), after ``MXNDArrayWaitToWrite`` has waited for every pending
+    reader and writer of the array.  Valid while ``array`` lives: use it inside the call.
+    """
+    _check_cpu_dense(array, "output")
+    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+    ptr = ctypes.c_void_p()
+    check_call(_LIB.MXNDArrayGetData(array.handle, ctypes.byref(ptr)))
+    shape = tuple(int(s) for s in array.shape)
+    size = int(np.prod(shape))
+    dtype = np.dtype(array.dtype)
+    if size == 0:
+        return np.empty(shape, dtype)
+    buf = (ctypes.c_char * (size * dtype.itemsize)).from_address(ptr.value)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _as_ndarray(a: npt.NDArray[Any]) -> Any:
@@ -326,8 +359,12 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         else:
             margin, beta = 1, 0.0  # evaluation: plain logits x @ w.T (margin 1 is exactly that)
         self._last = (margin, beta, bool(is_train))
-        logits = lsm.forward(x, w, label, margin=margin, beta=beta)
-        self.assign(out_data[0], req[0], _as_ndarray(logits))
+        if req[0] == "write":
+            logits = output_view(out_data[0])
+            np.matmul(x, w.T, out=logits)
+            lsm.add_margin(logits, x, w, label, margin=margin, beta=beta)
+        elif req[0] != "null":
+            self.assign(out_data[0], req[0], _as_ndarray(lsm.forward(x, w, label, margin=margin, beta=beta)))
 
     def backward(
         self,
@@ -345,9 +382,15 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         x = as_numpy(in_data[0], "data")
         w = as_numpy(in_data[2], "weight")
         label = label_indices(as_numpy(in_data[1], "label"), self.params.num_hidden)
-        grad_x, grad_w = lsm.backward(g, x, w, label, margin=margin, beta=beta)
-        self.assign(in_grad[0], req[0], _as_ndarray(grad_x))
-        self.assign(in_grad[2], req[2], _as_ndarray(grad_w))
+        if req[0] == req[2] == "write":
+            grad_x, grad_w = output_view(in_grad[0]), output_view(in_grad[2])
+            np.matmul(g, w, out=grad_x)
+            np.matmul(g.T, x, out=grad_w)
+            lsm.add_margin_grad(grad_x, grad_w, g, x, w, label, margin=margin, beta=beta)
+        elif req[0] != "null" or req[2] != "null":
+            grad_x, grad_w = lsm.backward(g, x, w, label, margin=margin, beta=beta)
+            self.assign(in_grad[0], req[0], _as_ndarray(grad_x))
+            self.assign(in_grad[2], req[2], _as_ndarray(grad_w))
         if req[1] in ("write", "inplace"):
             in_grad[1][:] = 0  # labels are not differentiable; never leave the buffer uninitialised
         if trained:

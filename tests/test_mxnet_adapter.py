@@ -122,6 +122,59 @@ def test_as_numpy_is_a_zero_copy_view(dtype):
     assert np.all(v == 7) and len(junk) == 8
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_view_is_writeable_and_shared(dtype):
+    a = mx.nd.zeros((3, 4), dtype=dtype)
+    pending = a + 1  # queued work on another array must not matter
+    v = lmx.output_view(a)
+    assert v.dtype == np.dtype(dtype) and v.shape == (3, 4) and v.flags.writeable
+    v[:] = np.arange(12).reshape(3, 4)
+    np.testing.assert_array_equal(a.asnumpy(), np.arange(12).reshape(3, 4))
+    assert v.ctypes.data == lmx.as_numpy(a).ctypes.data
+    assert pending.asnumpy().sum() == 12
+    with mx.util.np_shape(True):  # zero-size arrays exist only with NumPy shape semantics
+        assert lmx.output_view(mx.nd.zeros((0, 4), dtype=dtype)).shape == (0, 4)
+
+
+def test_results_are_computed_in_mxnets_buffers(monkeypatch):
+    """With req 'write' the core works in the executor's own output and gradient buffers."""
+    x, w, label, grad = _problem(7, 5, 4, 3, "float32")
+    ex = _bind(5, 4, 3, "float32", margin=3, beta=0.5)
+    seen = {}
+    for name in ("add_margin", "add_margin_grad"):
+        real = getattr(lsm, name)
+
+        def spy(*arrays, _real=real, _name=name, **kw):
+            seen[_name] = [a.ctypes.data for a in arrays]
+            return _real(*arrays, **kw)
+
+        monkeypatch.setattr(lsm, name, spy)
+    out, gx, gw = _run(ex, x, w, label.astype(np.float32), grad)
+    assert seen["add_margin"][0] == lmx.as_numpy(ex.outputs[0]).ctypes.data
+    assert seen["add_margin_grad"][:2] == [
+        lmx.as_numpy(ex.grad_dict["data"]).ctypes.data,
+        lmx.as_numpy(ex.grad_dict["weight"]).ctypes.data,
+    ]
+    check_forward(out, x, w, label, margin=3, beta=0.5, dtype="float32")
+    check_backward([gx, gw], grad, x, w, label, margin=3, beta=0.5, dtype="float32")
+
+
+def test_gradient_accumulation_adds(monkeypatch):
+    """grad_req 'add' takes the copy path: the core's gradients are added to the buffers."""
+    x, w, label, grad = _problem(8, 5, 4, 3, "float64")
+    sym = mx.sym.Custom(data=mx.sym.var("data"), label=mx.sym.var("label"), weight=mx.sym.var("weight"),
+                        num_hidden=3, margin=2, beta=1.0, op_type="LSoftmax")
+    ex = sym.simple_bind(mx.cpu(), data=(5, 4), label=(5,), weight=(3, 4),
+                         type_dict={"data": "float64", "weight": "float64", "label": "float64"},
+                         grad_req={"data": "add", "weight": "add", "label": "null"})
+    ex.grad_dict["data"][:] = 1.0
+    ex.grad_dict["weight"][:] = 2.0
+    _, gx, gw = _run(ex, x, w, label.astype(np.float64), grad)
+    ex_gx, ex_gw = lsm.backward(grad, x, w, label, margin=2, beta=1.0)
+    np.testing.assert_allclose(gx, ex_gx + 1.0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gw, ex_gw + 2.0, rtol=1e-12, atol=1e-12)
+
+
 def test_as_numpy_rejects_non_ndarrays():
     with pytest.raises(TypeError, match="weight must be an mxnet NDArray"):
         lmx.as_numpy(np.zeros(3), "weight")
