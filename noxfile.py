@@ -1,6 +1,7 @@
 """One command runs every test environment: `nox` (see the README).
 
-* ``lint``: ruff over the whole tree.
+* ``lint``: ruff over the whole tree; mypy over the package (adapters included, with the
+  frameworks absent, so only our own annotations are checked).
 * ``tests``: the core, the CuPy backend's CPU-side checks (NVRTC compilation of every
   kernel, the shared scalar header built for the host), the PyTorch and JAX adapters and
   the demo, on the current numpy.  GPU tests are marked ``gpu`` and skip without a device.
@@ -22,8 +23,9 @@ TORCH_CPU = "torch==2.13.0"
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install("ruff>=0.6", "mypy>=1.10", "numpy")
     session.run("ruff", "check", ".")
+    session.run("mypy", "lsoftmax_core")
 
 
 @nox.session

@@ -163,10 +163,10 @@ def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Ten
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
         # and torch's OpenMP workers fight over the cores when they alternate), then the
         # core rewrites the N target logits in place.
-        views = _cpu_views(x=x, weight=weight, label=label)
-        _numpy_backend.prepare(*views, margin, b)  # the core's checks, before any GEMM
+        xa, wa, la = _cpu_views(x=x, weight=weight, label=label)
+        _numpy_backend.prepare(xa, wa, la, margin, b)  # the core's checks, before any GEMM
         logits = torch.mm(x.detach(), weight.detach().t())
-        _core.add_margin(logits.numpy(), *views, margin=margin, beta=b)
+        _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b)
         return logits
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
@@ -186,12 +186,12 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor]:
     b = float(beta)
     if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
-        views = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
-        _numpy_backend.prepare(*views[1:], margin, b, views[0])
+        ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+        _numpy_backend.prepare(xa, wa, la, margin, b, ga)
         g = grad_logits.detach()
         grad_x = torch.mm(g, weight.detach())
         grad_w = torch.mm(g.t(), x.detach())
-        _core.add_margin_grad(grad_x.numpy(), grad_w.numpy(), *views, margin=margin, beta=b)
+        _core.add_margin_grad(grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b)
         return grad_x, grad_w
 
     def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
