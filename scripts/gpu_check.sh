@@ -10,7 +10,8 @@
 #                           are missing the stage says so and is skipped, nothing is fetched)
 #   3. benchmark    (75 s)  bench/bench_cupy.py: lsoftmax-core vs three cuBLAS GEMMs
 #   4. optional, PEER_BENCH=1 (200 s): python -m bench --gpu (PyTorch and peers), into $OUT/peers
-# Nothing is installed: the package is used from the checkout (PYTHONPATH=.).  Logs and the
+# Nothing is installed from a network: the package is used from the checkout
+# (PYTHONPATH=.), and wheels carried in ./.whl are installed offline (see below).  Logs and the
 # benchmark table go to $OUT_DIR (default: ./out/gpu-check, git-ignored).  Override the interpreter with
 # PYTHON=..., the limits with ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT (seconds).
 set -u
@@ -24,6 +25,17 @@ export CI=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} PYTHONDONTWRITEBYTECODE
 # GPU use would take 75% of the device for XLA and leave CuPy and PyTorch the rest.
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 declare -a SUMMARY=()
+
+# Wheels carried along in ./.whl (scripts/fetch_gpu_wheels.sh: pytorch-metric-learning for
+# the peer benchmark) are installed into a private folder, offline, without dependencies.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  SITE=${TMPDIR:-/tmp}/lsoftmax-gpu-site
+  if PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:$SITE"
+  else
+    echo "warning: could not install the wheels in .whl; going on without them"
+  fi
+fi
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a timeout, log, record status and time
   local name=$1 limit=$2
