@@ -17,11 +17,8 @@ the callback XLA's own buffers:
   (``__cuda_array_interface__``) and the CuPy backend runs on XLA's compute stream,
   under ``jit`` and eagerly; nothing goes through the host.
 
-Results are written straight into XLA's output buffers, never copied: the plain
-layer's GEMMs (NumPy's or CuPy's ``matmul`` with ``out=``) fill them, and the core's
-:func:`lsoftmax_core.add_margin` / :func:`lsoftmax_core.add_margin_grad` then apply the
-margin in place, which is exactly what ``forward``/``backward`` do in both backends
-(see their docstrings).  Other platforms (TPU, ROCm) are not
+Results are written straight into XLA's output buffers, never copied: the core's
+``forward``/``backward`` take them as ``out=``.  Other platforms (TPU, ROCm) are not
 supported: buffer_callback does not lower on TPU, and the CUDA kernels are CUDA-only.
 On CUDA, CuPy allocates the backend's temporaries and results from its own memory pool,
 next to XLA's: if XLA preallocates most of the GPU (its default), set
@@ -191,24 +188,14 @@ def _callback(kind: str, margin: int) -> _Callback:
     return callback
 
 
-def _core_call(xp: Any, kind: str, margin: int, outs: tuple[Any, ...], arrays: list[Any], beta: float) -> None:
-    """The core's forward/backward, written into ``outs`` (XLA's result buffers) in place.
-
-    Both backends compute ``forward`` as ``x @ w.T`` then ``add_margin``, and ``backward``
-    as ``G @ w`` and ``G.T @ x`` then ``add_margin_grad``: the same calls here, with the
-    GEMMs writing into XLA's buffers, give the same values without a copy of the results.
-    """
+def _core_call(kind: str, margin: int, outs: tuple[Any, ...], arrays: list[Any], beta: float) -> None:
+    """The core's forward/backward, written into ``outs`` (XLA's result buffers)."""
     if kind == "forward":
         x, w, label = arrays
-        (logits,) = outs
-        xp.matmul(x, w.T, out=logits)
-        core.add_margin(logits, x, w, label, margin=margin, beta=beta)
-        return
-    grad_logits, x, w, label = arrays
-    grad_x, grad_w = outs
-    xp.matmul(grad_logits, w, out=grad_x)
-    xp.matmul(grad_logits.T, x, out=grad_w)
-    core.add_margin_grad(grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta)
+        core.forward(x, w, label, margin=margin, beta=beta, out=outs[0])
+    else:
+        grad_logits, x, w, label = arrays
+        core.backward(grad_logits, x, w, label, margin=margin, beta=beta, out=(outs[0], outs[1]))
 
 
 def _host_view(buf: Any) -> np.ndarray[Any, Any]:
@@ -220,7 +207,7 @@ def _host_view(buf: Any) -> np.ndarray[Any, Any]:
 def _run_numpy(kind: str, margin: int, outs: tuple[Any, ...], operands: tuple[Any, ...]) -> None:
     *arrays, beta = (_host_view(b) for b in operands)
     # The result buffers are XLA's, handed to us to fill: writeable views, no copy.
-    _core_call(np, kind, margin, tuple(np.asarray(b) for b in outs), arrays, float(beta))
+    _core_call(kind, margin, tuple(np.asarray(b) for b in outs), arrays, float(beta))
 
 
 class _XlaStream:
@@ -262,4 +249,4 @@ def _run_cupy(
         with stream:
             *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
             beta = float(beta_dev.get())  # waits for the stream: the backend wants a host float
-            _core_call(cupy, kind, margin, tuple(_device_view(cupy, b) for b in outs), arrays, beta)
+            _core_call(kind, margin, tuple(_device_view(cupy, b) for b in outs), arrays, beta)

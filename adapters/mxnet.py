@@ -30,11 +30,9 @@ NumPy 1.23's ``np.from_dlpack`` wants an object with ``__dlpack__``/``__dlpack_d
 as read-only zero-copy views of MXNet's memory.  Labels are converted to an int64 copy
 (:func:`label_indices`).  Results are computed in MXNet's own output buffers when MXNet asks
 for them to be overwritten (``req == 'write'``, the default of ``simple_bind``, Module and
-Gluon): :func:`output_view` gives a writeable view of the buffer, the plain layer's GEMMs
-write into it (``numpy.matmul(..., out=)``) and the core's ``add_margin`` /
-``add_margin_grad`` apply the margin in place, exactly what ``forward``/``backward`` do.
-For ``'add'`` (gradient accumulation) and ``'inplace'`` the core's results go through
-``self.assign``, one engine copy or add.
+Gluon): :func:`output_view` gives a writeable view of the buffer, passed to the core as
+``out=``.  For ``'add'`` (gradient accumulation) and ``'inplace'`` the core's results go
+through ``self.assign``, one engine copy or add.
 
 Errors.  MXNet 1.9.1 runs CustomOp callbacks behind ctypes: an exception raised inside them
 is printed by MXNet and surfaces as a generic ``MXNetError`` (a ``RuntimeError``) whose text
@@ -360,9 +358,7 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
             margin, beta = 1, 0.0  # evaluation: plain logits x @ w.T (margin 1 is exactly that)
         self._last = (margin, beta, bool(is_train))
         if req[0] == "write":
-            logits = output_view(out_data[0])
-            np.matmul(x, w.T, out=logits)
-            lsm.add_margin(logits, x, w, label, margin=margin, beta=beta)
+            lsm.forward(x, w, label, margin=margin, beta=beta, out=output_view(out_data[0]))
         elif req[0] != "null":
             self.assign(out_data[0], req[0], _as_ndarray(lsm.forward(x, w, label, margin=margin, beta=beta)))
 
@@ -383,10 +379,8 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         w = as_numpy(in_data[2], "weight")
         label = label_indices(as_numpy(in_data[1], "label"), self.params.num_hidden)
         if req[0] == req[2] == "write":
-            grad_x, grad_w = output_view(in_grad[0]), output_view(in_grad[2])
-            np.matmul(g, w, out=grad_x)
-            np.matmul(g.T, x, out=grad_w)
-            lsm.add_margin_grad(grad_x, grad_w, g, x, w, label, margin=margin, beta=beta)
+            out = (output_view(in_grad[0]), output_view(in_grad[2]))
+            lsm.backward(g, x, w, label, margin=margin, beta=beta, out=out)
         elif req[0] != "null" or req[2] != "null":
             grad_x, grad_w = lsm.backward(g, x, w, label, margin=margin, beta=beta)
             self.assign(in_grad[0], req[0], _as_ndarray(grad_x))

@@ -3,7 +3,8 @@
 ``forward(x, w, label, margin=, beta=)`` returns the (N, C) logits of a linear layer whose
 target logits carry the angular margin; ``backward`` returns ``(grad_x, grad_w)``.  NumPy
 arrays run the CPU backend, CuPy arrays the CUDA kernels; the result has the inputs'
-array library and dtype.  This module imports neither CuPy nor any framework.
+array library and dtype (or is the caller's ``out=``).  This module imports neither CuPy
+nor any framework.
 
 ``add_margin`` and ``add_margin_grad`` are the same maths without the GEMMs: they turn
 the plain layer's results, computed by any GEMM (a framework's own BLAS and thread pool,
@@ -77,7 +78,7 @@ def _backend(**arrays: Any) -> ModuleType:
     return _cupy_backend
 
 
-def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0) -> Any:
+def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, out: Any = None) -> Any:
     """L-Softmax logits, shape (N, C).
 
     x: (N, D) features; w: (C, D) class weights (a Linear layer's weight); label: (N,)
@@ -85,16 +86,37 @@ def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0) -
     ``(beta·x·w_y + |x||w_y|·psi(theta)) / (1 + beta)`` with
     ``psi = (-1)^k cos(m·theta) - 2k``; the other logits are ``x·w_j``.
     margin = 1 gives a plain linear layer for any beta.  Inputs are never modified.
+
+    ``out``: an (N, C) array of x's dtype and library to write the logits into (and
+    return) instead of a new one: writeable, sharing no memory with the inputs (CuPy:
+    C-contiguous).  Every argument is checked before it is written.
     """
-    return _backend(x=x, w=w, label=label).forward(x, w, label, margin=margin, beta=beta)
+    named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
+    return _backend(**named).forward(x, w, label, margin=margin, beta=beta, out=out)
 
 
 def backward(
-    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0
+    grad_logits: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: float = 0.0,
+    out: tuple[Any, Any] | None = None,
 ) -> tuple[Any, Any]:
-    """Gradients ``(grad_x, grad_w)`` of ``sum(grad_logits * forward(x, w, label))``."""
-    backend = _backend(grad_logits=grad_logits, x=x, w=w, label=label)
-    return backend.backward(grad_logits, x, w, label, margin=margin, beta=beta)  # type: ignore[no-any-return]
+    """Gradients ``(grad_x, grad_w)`` of ``sum(grad_logits * forward(x, w, label))``.
+
+    ``out``: a pair of arrays, (N, D) and (C, D), to write the gradients into (and return),
+    with the rules of :func:`forward`'s ``out``.
+    """
+    named = {"grad_logits": grad_logits, "x": x, "w": w, "label": label}
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be a pair (grad_x, grad_w) of arrays, got {type(out).__name__}")
+        named.update(zip(("out[0]", "out[1]"), out))
+    backend = _backend(**named)
+    return backend.backward(grad_logits, x, w, label, margin=margin, beta=beta, out=out)  # type: ignore[no-any-return]
 
 
 def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0) -> Any:

@@ -263,20 +263,25 @@ def _check_out(name: str, out: Any, shape: tuple[int, ...], p: Problem, *inputs:
     check_out(name, out, shape, p.dtype, *inputs)
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (the kernels update it in place by rows)")
+    # Bounds only (pointers and strides, on the host): no device work, no synchronisation.
+    if any(isinstance(a, cupy.ndarray) and cupy.may_share_memory(out, a) for a in inputs):
+        raise ValueError(f"{name} must not share memory with the inputs (it is updated in place)")
 
 
-def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy.ndarray:
+def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None) -> cupy.ndarray:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
-    st = _state(x=x, w=w, label=label)
+    if out is not None:
+        _check_out("out", out, (p.n, p.c), p, x, w, label)
+    st = _state(x=x, w=w, label=label, **({} if out is None else {"out": out}))
     x, w = _contiguous(x), _contiguous(w)
-    logits = cupy.matmul(x, w.T)
+    logits = cupy.matmul(x, w.T, out=out)
     _margin_forward(st, p, logits, x, w, label)
     return logits
 
 
 def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy.ndarray:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
-    _check_out("logits", logits, (p.n, p.c), p)
+    _check_out("logits", logits, (p.n, p.c), p, x, w, label)
     st = _state(logits=logits, x=x, w=w, label=label)
     _margin_forward(st, p, logits, _contiguous(x), _contiguous(w), label)
     return logits
@@ -293,13 +298,18 @@ def _margin_forward(st: _DeviceState, p: Problem, logits: Any, x: Any, w: Any, l
 
 
 def backward(
-    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None
 ) -> tuple[cupy.ndarray, cupy.ndarray]:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
-    st = _state(grad_logits=grad_logits, x=x, w=w, label=label)
+    outs: dict[str, Any] = {}
+    if out is not None:
+        outs = {"out[0]": out[0], "out[1]": out[1]}
+        _check_out("out[0]", out[0], (p.n, p.d), p, grad_logits, x, w, label)
+        _check_out("out[1]", out[1], (p.c, p.d), p, grad_logits, x, w, label, out[0])
+    st = _state(grad_logits=grad_logits, x=x, w=w, label=label, **outs)
     g, x, w = _contiguous(grad_logits), _contiguous(x), _contiguous(w)
-    grad_x = cupy.matmul(g, w)
-    grad_w = cupy.matmul(g.T, x)
+    grad_x = cupy.matmul(g, w, out=outs.get("out[0]"))
+    grad_w = cupy.matmul(g.T, x, out=outs.get("out[1]"))
     _margin_backward(st, p, grad_x, grad_w, g, x, w, label)
     return grad_x, grad_w
 
@@ -308,8 +318,8 @@ def add_margin_grad(
     grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
 ) -> tuple[cupy.ndarray, cupy.ndarray]:
     p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
-    _check_out("grad_x", grad_x, (p.n, p.d), p)
-    _check_out("grad_w", grad_w, (p.c, p.d), p)
+    _check_out("grad_x", grad_x, (p.n, p.d), p, grad_logits, x, w, label)
+    _check_out("grad_w", grad_w, (p.c, p.d), p, grad_logits, x, w, label, grad_x)
     st = _state(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
     g, x, w = _contiguous(grad_logits), _contiguous(x), _contiguous(w)
     _margin_backward(st, p, grad_x, grad_w, g, x, w, label)

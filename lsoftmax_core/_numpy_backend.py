@@ -115,9 +115,13 @@ def prepare(
     return p
 
 
-def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.NDArray[Any]:
+def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None) -> npt.NDArray[Any]:
     p = prepare(x, w, label, margin, beta)
-    logits = x @ w.T
+    if out is None:
+        logits = x @ w.T
+    else:
+        check_out("out", out, (p.n, p.c), p.dtype, x, w)
+        logits = np.matmul(x, w.T, out=out)
     _margin_forward(logits, x, w, label, p)
     return logits
 
@@ -149,11 +153,18 @@ def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k:
 
 
 def backward(
-    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     p = prepare(x, w, label, margin, beta, grad_logits)
-    grad_x = grad_logits @ w
-    grad_w = grad_logits.T @ x
+    if out is None:
+        grad_x = grad_logits @ w
+        grad_w = grad_logits.T @ x
+    else:
+        grad_x, grad_w = out
+        check_out("out[0]", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits)
+        check_out("out[1]", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, grad_x)
+        np.matmul(grad_logits, w, out=grad_x)
+        np.matmul(grad_logits.T, x, out=grad_w)
     _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
     return grad_x, grad_w
 

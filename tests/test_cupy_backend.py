@@ -166,6 +166,23 @@ def test_add_margin_on_plain_results_equals_forward_and_backward(m) -> None:
         lsm.add_margin(cupy.asnumpy(x @ w.T), x, w, label, margin=m)  # mixed libraries
 
 
+def test_out_arguments_give_the_same_bits() -> None:
+    x, w, label, g = _gpu(*_case(12, 50, 9, 33, np.float32))
+    out, gx, gw = _run(x, w, label, g, 3, 1.0)
+    logits = cupy.full((50, 9), cupy.nan, dtype=cupy.float32)
+    assert lsm.forward(x, w, label, margin=3, beta=1.0, out=logits) is logits
+    _assert_bitwise(logits, out)
+    px, pw = cupy.full_like(gx, cupy.nan), cupy.full_like(gw, cupy.nan)
+    got = lsm.backward(g, x, w, label, margin=3, beta=1.0, out=(px, pw))
+    assert got[0] is px and got[1] is pw
+    _assert_bitwise(px, gx)
+    _assert_bitwise(pw, gw)
+    with pytest.raises(ValueError, match=r"out must be C-contiguous"):
+        lsm.forward(x, w, label, out=cupy.asfortranarray(logits))
+    with pytest.raises(ValueError, match=r"out\[1\] must not share memory with the inputs"):
+        lsm.backward(g, x, w, label, out=(px, px.ravel()[: 9 * 33].reshape(9, 33)))  # a view of out[0]
+
+
 def _plain(x, w, g):
     return x @ w.T, g @ w, g.T @ x
 

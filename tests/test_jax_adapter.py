@@ -196,19 +196,20 @@ def test_vmap_maps_independent_problems():
 
 
 class _Spy:
-    """Wraps the core's in-place entry points to record what the adapter hands them (the
-    real core runs): (name, [(data pointer, writeable) for each array argument])."""
+    """Wraps the core's forward/backward to record what the adapter hands them (the real
+    core runs): (name, [(pointer, writeable) of each input], [(pointer, writeable) of out])."""
 
     def __init__(self, monkeypatch):
-        self.seen: list[tuple[str, list[tuple[int, bool]]]] = []
-        for name in ("add_margin", "add_margin_grad"):
+        self.seen: list[tuple[str, list[tuple[int, bool]], list[tuple[int, bool]]]] = []
+        for name in ("forward", "backward"):
             real = getattr(lsoftmax_core, name)
             monkeypatch.setattr(lsoftmax_core, name, self._wrap(name, real))
 
     def _wrap(self, name, real):
-        def spy(*arrays, **kw):
-            self.seen.append((name, [(a.ctypes.data, a.flags.writeable) for a in arrays]))
-            return real(*arrays, **kw)
+        def spy(*arrays, out=None, **kw):
+            outs = [] if out is None else [out] if name == "forward" else list(out)
+            self.seen.append((name, *([(a.ctypes.data, a.flags.writeable) for a in v] for v in (arrays, outs))))
+            return real(*arrays, out=out, **kw)
 
         return spy
 
@@ -229,15 +230,15 @@ def test_cpu_zero_copy_both_ways(monkeypatch):
         name: a.unsafe_buffer_pointer()
         for name, a in dict(x=x, w=w, label=label, g=g, logits=logits, grad_x=grad_x, grad_w=grad_w).items()
     }
-    (fwd_name, fwd), (bwd_name, bwd) = spy.seen
-    assert (fwd_name, bwd_name) == ("add_margin", "add_margin_grad")
+    (fwd_name, fwd_in, fwd_out), (bwd_name, bwd_in, bwd_out) = spy.seen
+    assert (fwd_name, bwd_name) == ("forward", "backward")
     # In: the NumPy backend reads XLA's own operand buffers (same addresses) and cannot
     # write into them.
-    assert fwd[1:] == [(ptr["x"], False), (ptr["w"], False), (ptr["label"], False)]
-    assert bwd[2:] == [(ptr["g"], False), (ptr["x"], False), (ptr["w"], False), (ptr["label"], False)]
+    assert fwd_in == [(ptr["x"], False), (ptr["w"], False), (ptr["label"], False)]
+    assert bwd_in == [(ptr["g"], False), (ptr["x"], False), (ptr["w"], False), (ptr["label"], False)]
     # Out: the results are computed in XLA's result buffers, which jit returns as they are.
-    assert fwd[0] == (ptr["logits"], True)
-    assert bwd[:2] == [(ptr["grad_x"], True), (ptr["grad_w"], True)]
+    assert fwd_out == [(ptr["logits"], True)]
+    assert bwd_out == [(ptr["grad_x"], True), (ptr["grad_w"], True)]
     check_forward(np.asarray(logits), x, w, label, margin=2, beta=0.0, dtype="float32")
     check_backward([np.asarray(grad_x), np.asarray(grad_w)], g, x, w, label, margin=2, beta=0.0, dtype="float32")
 
@@ -409,15 +410,13 @@ def test_gpu_operands_are_device_views_on_xla_stream(monkeypatch):
     rng = np.random.default_rng(8)
     x, w, label = (jax.device_put(a, dev) for a in _problem(rng, 16, 8, 4, "float32"))
     seen = []
-    real = lsoftmax_core.add_margin
+    real = lsoftmax_core.forward
 
-    def spy(logits, x, w, label, **kw):
-        seen.append(
-            (type(x), logits.data.ptr, x.data.ptr, w.data.ptr, label.data.ptr, cupy.cuda.get_current_stream().ptr)
-        )
-        return real(logits, x, w, label, **kw)
+    def spy(x, w, label, *, out, **kw):
+        seen.append((type(x), out.data.ptr, x.data.ptr, w.data.ptr, label.data.ptr, cupy.cuda.get_current_stream().ptr))
+        return real(x, w, label, out=out, **kw)
 
-    monkeypatch.setattr(lsoftmax_core, "add_margin", spy)
+    monkeypatch.setattr(lsoftmax_core, "forward", spy)
     logits = jax.block_until_ready(jax.jit(lambda x, w, label: lsoftmax(x, w, label))(x, w, label))
     ((kind, po, px, pw, pl, stream),) = seen
     assert kind is cupy.ndarray

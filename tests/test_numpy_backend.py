@@ -259,6 +259,58 @@ def test_add_margin_on_plain_results_equals_forward_and_backward(p) -> None:
     np.testing.assert_array_equal(gw, want[1])
 
 
+@given(problems())
+def test_out_arguments_give_the_same_bits(p) -> None:
+    x, w, label, m, beta = p
+    g = _grad((len(x), len(w)), dtype=x.dtype)
+    logits = np.full((len(x), len(w)), np.nan, dtype=x.dtype)
+    assert lsm.forward(x, w, label, margin=m, beta=beta, out=logits) is logits
+    np.testing.assert_array_equal(logits, lsm.forward(x, w, label, margin=m, beta=beta))
+    # Outputs with other layouts (Fortran order, a strided view) work too.
+    gx = np.full((x.shape[1], len(x)), np.nan, dtype=x.dtype).T
+    gw = np.full((len(w), 2 * x.shape[1]), np.nan, dtype=x.dtype)[:, ::2]
+    got = lsm.backward(g, x, w, label, margin=m, beta=beta, out=(gx, gw))
+    assert got[0] is gx and got[1] is gw
+    want = lsm.backward(g, x, w, label, margin=m, beta=beta)
+    np.testing.assert_allclose(gx, want[0], rtol=1e-12 if x.dtype == np.float64 else 1e-5, atol=0)
+    np.testing.assert_allclose(gw, want[1], rtol=1e-12 if x.dtype == np.float64 else 1e-5, atol=0)
+    check_backward([gx, gw], g, x, w, label, margin=m, beta=beta, dtype=x.dtype.name)
+
+
+def test_out_arguments_are_checked_before_they_are_written() -> None:
+    x, w, label = np.ones((3, 4)), np.ones((5, 4)), np.array([0, 1, 4])
+    g = np.ones((3, 5))
+    out = np.full((3, 5), 7.0)
+    with pytest.raises(ValueError, match=r"label must lie in \[0, C\) = \[0, 5\): label\[1\]=9"):
+        lsm.forward(x, w, np.array([0, 9, 4]), out=out)
+    with pytest.raises(ValueError, match=r"margin=0 must be an integer"):
+        lsm.forward(x, w, label, margin=0, out=out)
+    assert np.all(out == 7.0)  # untouched
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 5\), got out.shape=\(5, 3\)"):
+        lsm.forward(x, w, label, out=np.empty((5, 3)))
+    with pytest.raises(TypeError, match=r"out.dtype=float32 must equal x.dtype=float64"):
+        lsm.forward(x, w, label, out=np.empty((3, 5), np.float32))
+    ro = np.empty((3, 5))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out must be writeable"):
+        lsm.forward(x, w, label, out=ro)
+    sq = np.ones((3, 3))
+    with pytest.raises(ValueError, match=r"out must not share memory with the inputs"):
+        lsm.forward(sq, np.ones((3, 3)), np.array([0, 1, 2]), out=sq)
+    with pytest.raises(TypeError, match=r"out must be a numpy.ndarray like x, got builtins.list"):
+        lsm.forward(x, w, label, out=[[0.0] * 5] * 3)
+    with pytest.raises(TypeError, match=r"out must be a pair \(grad_x, grad_w\) of arrays, got ndarray"):
+        lsm.backward(g, x, w, label, out=np.empty((3, 4)))
+    gx, gw = np.full((3, 4), 7.0), np.full((5, 4), 7.0)
+    with pytest.raises(ValueError, match=r"label must lie in"):
+        lsm.backward(g, x, w, np.array([0, -1, 4]), out=(gx, gw))
+    assert np.all(gx == 7.0) and np.all(gw == 7.0)
+    with pytest.raises(ValueError, match=r"out\[1\] must have shape \(5, 4\)"):
+        lsm.backward(g, x, w, label, out=(gx, np.empty((4, 5))))
+    with pytest.raises(ValueError, match=r"out\[1\] must not share memory with the inputs"):
+        lsm.backward(g, x, w, label, out=(gx, np.lib.stride_tricks.as_strided(gx, (5, 4), (0, 8))))
+
+
 def test_add_margin_rejects_bad_outputs() -> None:
     x, w, label = np.ones((3, 4)), np.ones((5, 4)), np.array([0, 1, 4])
     ro = x @ w.T
