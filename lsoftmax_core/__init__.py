@@ -89,7 +89,9 @@ def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, o
 
     ``out``: an (N, C) array of x's dtype and library to write the logits into (and
     return) instead of a new one: writeable, sharing no memory with the inputs (CuPy:
-    C-contiguous).  Every argument is checked before it is written.
+    C-contiguous).  Every argument is checked before ``out`` is written, except CuPy labels,
+    which the GPU checks without a host synchronisation (a bad one is reported by the next
+    call, see the CuPy backend).
     """
     named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
     return _backend(**named).forward(x, w, label, margin=margin, beta=beta, out=out)
