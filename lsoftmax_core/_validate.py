@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,14 +135,25 @@ def check_labels_host(label: Any, c: int) -> None:
         raise ValueError(f"label must lie in [0, C) = [0, {c}): label[{i}]={int(label[i])}")
 
 
-def check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], *inputs: Any) -> None:
+def check_out(
+    name: str,
+    out: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    *inputs: Any,
+    overlaps: Callable[[Any, Any], bool] = np.may_share_memory,
+) -> None:
     """An array the caller hands in to be updated in place: right shape and dtype,
-    writeable, and not overlapping any input (an in-place update would corrupt it)."""
+    writeable, and not overlapping any input (an in-place update would corrupt it).
+
+    ``overlaps`` is the array library's own bounds test (NumPy's by default); it must look
+    at pointers and strides only, never at the data.
+    """
     if tuple(out.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {name}.shape={tuple(out.shape)}")
     if out.dtype != dtype:
         raise TypeError(f"{name}.dtype={out.dtype} must equal x.dtype={dtype}")
     if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name} must be writeable (it is updated in place); got a read-only array")
-    if isinstance(out, np.ndarray) and any(np.may_share_memory(out, a) for a in inputs):
+    if any(overlaps(out, a) for a in inputs):
         raise ValueError(f"{name} must not share memory with the inputs (it is updated in place)")
