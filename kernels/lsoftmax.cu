@@ -133,6 +133,25 @@ struct RowSums {
   int ex, ew;
 };
 
+// Calls f(x_k, w_k) (as Acc values) for this thread's elements of the rows xr and wr: the
+// 16-byte groups g = threadIdx.x, threadIdx.x + LSM_BLOCK, ..., in order within a thread.
+template <typename F, typename Fn>
+__device__ __forceinline__ void for_each_pair(const typename F::Storage* xr, bool xa,
+                                              const typename F::Storage* wr, bool wa, long long d, Fn f) {
+  typedef typename F::Storage S;
+  const int N = Group<F>::N;
+  const long long ngroups = (d + N - 1) / N;
+  for (long long g = threadIdx.x; g < ngroups; g += LSM_BLOCK) {
+    S bx[Group<F>::N], bw[Group<F>::N];
+    const int cnt = load_group<F>(xr, xa, d, g, bx);
+    load_group<F>(wr, wa, d, g, bw);
+#pragma unroll
+    for (int k = 0; k < Group<F>::N; ++k) {
+      if (k < cnt) f(to_acc<F>(bx[k]), to_acc<F>(bw[k]));
+    }
+  }
+}
+
 // Scaled sums of one sample row x_i and its class row w_y, in every thread of the block.
 // Pass 1 finds max|x| and max|w| (for the power-of-two scales), pass 2 sums the scaled
 // squares and products with fma; both passes read the rows (the second from L1/L2).
@@ -140,44 +159,26 @@ template <typename F>
 __device__ RowSums<typename F::Acc> row_sums(const typename F::Storage* xr, const typename F::Storage* wr,
                                              long long d, typename F::Acc* red) {
   typedef typename F::Acc A;
-  typedef typename F::Storage S;
-  const int N = Group<F>::N;
   const bool xa = aligned16(xr), wa = aligned16(wr);
-  const long long ngroups = (d + N - 1) / N;
   A amax[2] = {A(0), A(0)};
-  for (long long g = threadIdx.x; g < ngroups; g += LSM_BLOCK) {
-    S bx[Group<F>::N], bw[Group<F>::N];
-    const int cnt = load_group<F>(xr, xa, d, g, bx);
-    load_group<F>(wr, wa, d, g, bw);
-#pragma unroll
-    for (int k = 0; k < Group<F>::N; ++k) {
-      if (k < cnt) {
-        const A vx = abs_(to_acc<F>(bx[k])), vw = abs_(to_acc<F>(bw[k]));
-        if (vx > amax[0]) amax[0] = vx;
-        if (vw > amax[1]) amax[1] = vw;
-      }
-    }
-  }
+  for_each_pair<F>(xr, xa, wr, wa, d, [&](A vx, A vw) {
+    vx = abs_(vx);
+    vw = abs_(vw);
+    if (vx > amax[0]) amax[0] = vx;
+    if (vw > amax[1]) amax[1] = vw;
+  });
   block_reduce(amax, red, MaxOp());
   RowSums<A> r;
   r.ex = scale_exponent(amax[0]);
   r.ew = scale_exponent(amax[1]);
   const A sx = ldexp_(A(1), -r.ex), sw = ldexp_(A(1), -r.ew);
   A s[3] = {A(0), A(0), A(0)};
-  for (long long g = threadIdx.x; g < ngroups; g += LSM_BLOCK) {
-    S bx[Group<F>::N], bw[Group<F>::N];
-    const int cnt = load_group<F>(xr, xa, d, g, bx);
-    load_group<F>(wr, wa, d, g, bw);
-#pragma unroll
-    for (int k = 0; k < Group<F>::N; ++k) {
-      if (k < cnt) {
-        const A ux = to_acc<F>(bx[k]) * sx, uw = to_acc<F>(bw[k]) * sw;
-        s[0] = fma_(ux, ux, s[0]);
-        s[1] = fma_(uw, uw, s[1]);
-        s[2] = fma_(ux, uw, s[2]);
-      }
-    }
-  }
+  for_each_pair<F>(xr, xa, wr, wa, d, [&](A vx, A vw) {
+    const A ux = vx * sx, uw = vw * sw;
+    s[0] = fma_(ux, ux, s[0]);
+    s[1] = fma_(uw, uw, s[1]);
+    s[2] = fma_(ux, uw, s[2]);
+  });
   block_reduce(s, red, SumOp());
   r.xx = s[0];
   r.ww = s[1];
