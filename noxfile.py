@@ -1,7 +1,7 @@
 """One command runs every test environment: `nox` (see the README).
 
-* ``lint``: ruff over the whole tree; mypy over the package (adapters included, with the
-  frameworks absent, so only our own annotations are checked).
+* ``lint``: ruff over the whole tree; mypy over the installed package (adapters, kernels and
+  demo included, with the frameworks absent, so only our own annotations are checked).
 * ``tests``: the core, the CuPy backend's CPU-side checks (NVRTC compilation of every
   kernel, the shared scalar header built for the host), the PyTorch and JAX adapters and
   the demo, on the current numpy.  GPU tests are marked ``gpu`` and skip without a device.
@@ -10,6 +10,8 @@
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -23,9 +25,13 @@ TORCH_CPU = "torch==2.13.0"
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6", "mypy>=1.10", "numpy")
+    session.install("ruff>=0.6", "mypy>=1.10", "numpy", ".")
     session.run("ruff", "check", ".")
-    session.run("mypy", "lsoftmax_core")
+    # The installed copy, from a folder outside the checkout: there the top-level folders
+    # are lsoftmax_core's subpackages (pyproject's package-dir), as users import them.
+    config = str(Path("pyproject.toml").resolve())
+    with session.chdir(session.create_tmp()):
+        session.run("mypy", "--config-file", config, "-p", "lsoftmax_core")
 
 
 @nox.session

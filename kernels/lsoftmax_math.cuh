@@ -1,8 +1,8 @@
 // The scalar maths of L-Softmax, shared by the CUDA kernels (NVRTC) and the host C++ tests (g++).
 //
 // Everything here is plain C++ on scalars: no CUDA headers, no libraries.  The kernels in
-// lsoftmax.cu include this file; tests/host_shim.cpp compiles the same file with g++ so the
-// CPU tests run exactly this code against lsoftmax_core/_chebyshev.py and tests/reference.py.
+// lsoftmax.cu include this file; tests/support/host_shim.cpp compiles the same file with g++ so the
+// CPU tests run exactly this code against lsoftmax_core/_chebyshev.py and tests/support/reference.py.
 //
 // Bitwise agreement with the NumPy backend (double): the Chebyshev recurrences below are
 // written in the same operation order as _chebyshev.py, the interval thresholds cos(j*pi/m)

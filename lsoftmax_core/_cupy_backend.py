@@ -15,7 +15,7 @@ GEMM output in float64 and rounded once.  float64 for float32 inputs, because Cu
 compiles every kernel with -ftz=true, so float32 arithmetic would flush float32
 subnormal inputs (a row of tiny norm would lose its angle), and because float32
 Chebyshev recurrences at m = 64 already spend 4e-6 of the float32 gradient tolerance of
-1e-5 on psi' (tests/test_math_header.py measures it).  These are O(N·D) operations against
+1e-5 on psi' (tests/kernels/test_math_header.py measures it).  These are O(N·D) operations against
 the GEMMs' O(N·C·D) (float64 runs at full rate on an H100/H200).  Rows are scaled by
 powers of two before squaring, so huge and tiny norms neither overflow nor underflow.
 bfloat16 values below 2^-126 (float32 subnormals) are flushed to zero in the float32

@@ -1,8 +1,8 @@
 """What the CuPy backend launches, as plain data: kernel names, grids and arguments.
 
 This module imports only NumPy, so the CPU tests can run the very launch sequence the GPU
-runs through a host emulation of the kernels (tests/test_kernels_host.py), and compile
-every kernel instantiation with NVRTC (tests/test_kernels_compile.py), without a GPU.
+runs through a host emulation of the kernels (tests/kernels/test_host_emulator.py), and compile
+every kernel instantiation with NVRTC (tests/kernels/test_compile.py), without a GPU.
 
 A plan is a tuple of steps: ``Zero`` (clear the start of a buffer with cudaMemsetAsync) and
 ``Launch``.  Arguments are either names (``str``), which the executor maps to arrays or to

@@ -10,8 +10,8 @@
 #                           are missing the stage says so and is skipped, nothing is fetched)
 #   3. benchmark    (75 s)  bench/bench_cupy.py: lsoftmax-core vs three cuBLAS GEMMs
 #   4. optional, PEER_BENCH=1 (200 s): python -m bench --gpu (PyTorch and peers), into $OUT/peers
-# Nothing is installed from a network: the package is used from the checkout
-# (PYTHONPATH=.), and wheels carried in ./.whl are installed offline (see below).  Logs and the
+# Nothing is installed from a network: the package is laid out from the checkout into a
+# private folder as pip would install it (pyproject's package-dir map), and wheels carried in ./.whl are installed offline (see below).  Logs and the
 # benchmark table go to $OUT_DIR (default: ./out/gpu-check, git-ignored).  Override the interpreter with
 # PYTHON=..., the limits with ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT (seconds).
 set -u
@@ -19,7 +19,24 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT_DIR:-$PWD/out/gpu-check}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${TMPDIR:-/tmp}/lsoftmax-gpu-site
+rm -rf "$SITE" && mkdir -p "$SITE"
+# The installed layout without pip or setuptools (neither may be on a bare machine): a
+# folder per package of pyproject's [tool.setuptools.package-dir], holding links to its
+# source files.  The repository root never goes first on sys.path (python -P): its
+# lsoftmax_core/ has no adapters, and adapters/ must not be importable a second time.
+"$PY" - "$SITE" <<'EOF_STAGE' || { echo "could not lay out the package"; exit 1; }
+import os, sys, tomllib
+site = sys.argv[1]
+cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]
+for pkg, src in cfg.items():
+    dst = os.path.join(site, *pkg.split("."))
+    os.makedirs(dst, exist_ok=True)
+    for entry in os.listdir(src):
+        if entry != "__pycache__":
+            os.symlink(os.path.abspath(os.path.join(src, entry)), os.path.join(dst, entry))
+EOF_STAGE
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export CI=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} PYTHONDONTWRITEBYTECODE=1
 # One pytest process runs the CuPy, PyTorch and JAX GPU tests: without this, JAX's first
 # GPU use would take 75% of the device for XLA and leave CuPy and PyTorch the rest.
@@ -29,9 +46,9 @@ declare -a SUMMARY=()
 # Wheels carried along in ./.whl (scripts/fetch_gpu_wheels.sh: pytorch-metric-learning for
 # the peer benchmark) are installed into a private folder, offline, without dependencies.
 if compgen -G ".whl/*.whl" >/dev/null; then
-  SITE=${TMPDIR:-/tmp}/lsoftmax-gpu-site
-  if PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
-    export PYTHONPATH="$PYTHONPATH:$SITE"
+  WHEELS=${TMPDIR:-/tmp}/lsoftmax-gpu-wheels
+  if PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WHEELS" .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:$WHEELS"
   else
     echo "warning: could not install the wheels in .whl; going on without them"
   fi
@@ -72,7 +89,7 @@ elif ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
   echo "pytest and/or hypothesis are not installed: the GPU tests cannot run here (nothing is fetched)."
   SUMMARY+=("| gpu tests | SKIPPED: pytest/hypothesis missing | 0 s |")
 else
-  stage "gpu tests" "${TEST_TIMEOUT:-240}" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider \
+  stage "gpu tests" "${TEST_TIMEOUT:-240}" "$PY" -P -m pytest -m gpu tests/ -q -p no:cacheprovider \
     --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
 fi
 

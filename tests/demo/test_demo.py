@@ -21,9 +21,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from lsoftmax_core import demo  # noqa: E402
-from lsoftmax_core._demo_data import MNIST_FILES, DataError, load_mnist, read_idx  # noqa: E402
-from lsoftmax_core._demo_plot import angle_stats, class_palette, markdown_table  # noqa: E402
+from lsoftmax_core.demo import app as demo  # noqa: E402
+from lsoftmax_core.demo.data import MNIST_FILES, DataError, load_mnist, read_idx  # noqa: E402
+from lsoftmax_core.demo.plot import angle_stats, class_palette, markdown_table  # noqa: E402
 
 RUN_KEYS = {"margin", "test_accuracy", "intra_class_angle_deg", "inter_class_min_angle_deg", "train_seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,11 +14,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-import reference
-from kernel_host import BFLOAT16, build_math, compiler
 
 from lsoftmax_core import _cupy_plan as plan
 from lsoftmax_core._chebyshev import MAX_MARGIN, psi_and_derivative, thresholds
+
+from support import reference
+from support.kernel_host import BFLOAT16, build_math, compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a host C++ compiler (g++)")
 

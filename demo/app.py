@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._chebyshev import MAX_MARGIN
-from ._demo_data import DataError, Dataset, load_digits_split, load_mnist
-from ._demo_plot import angle_stats, markdown_table, save_combined, save_features
-from .schedule import ExponentialSchedule
+from lsoftmax_core import MAX_MARGIN, ExponentialSchedule
+
+from .data import DataError, Dataset, load_digits_split, load_mnist
+from .plot import angle_stats, markdown_table, save_combined, save_features
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +156,7 @@ def run_margin(
     import torch
     from tqdm import tqdm
 
-    from .adapters.torch import LSoftmaxLinear
+    from lsoftmax_core.adapters.torch import LSoftmaxLinear
 
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -350,6 +350,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(runs))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import forward as ref_forward
-from strategies import BETAS, MARGINS, problems
-from tolerances import FD_TOL, assert_close, check_backward, check_forward, grad_scales
 
 import lsoftmax_core as lsm
+
+from support.reference import forward as ref_forward
+from support.strategies import BETAS, MARGINS, problems
+from support.tolerances import FD_TOL, assert_close, check_backward, check_forward, grad_scales
 
 DTYPES = ["float64", "float32"]
 

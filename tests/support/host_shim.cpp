@@ -1,4 +1,4 @@
-// ctypes entry points over kernels/lsoftmax_math.cuh, built with g++ by tests/kernel_host.py.
+// ctypes entry points over kernels/lsoftmax_math.cuh, built with g++ by tests/support/kernel_host.py.
 // Loops over arrays only; every number is computed by the header's own functions.
 #include "lsoftmax_math.cuh"
 

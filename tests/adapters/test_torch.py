@@ -13,11 +13,19 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import problems
-from tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales, logit_scale
 
 import lsoftmax_core as lsm
 from lsoftmax_core.adapters.torch import LSoftmaxLinear, lsoftmax
+
+from support.strategies import problems
+from support.tolerances import (
+    TOLERANCES,
+    assert_close,
+    check_backward,
+    check_forward,
+    grad_scales,
+    logit_scale,
+)
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 OPS = torch.ops.lsoftmax_core

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.test_util import check_grads
-from tolerances import check_backward, check_forward
 
 import lsoftmax_core
 from lsoftmax_core.adapters.jax import lsoftmax
+
+from support.tolerances import check_backward, check_forward
 
 # A failing callback makes JAX log the traceback before re-raising; the tests check the raise.
 logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)

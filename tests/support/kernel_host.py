@@ -1,8 +1,8 @@
 """Host builds of the CUDA code for the CPU tests (no GPU, no CUDA toolkit: only g++).
 
-* ``build_math``: tests/host_shim.cpp over kernels/lsoftmax_math.cuh (the scalar maths).
+* ``build_math``: tests/support/host_shim.cpp over kernels/lsoftmax_math.cuh (the scalar maths).
 * ``build_emulator``: kernels/lsoftmax.cu itself, every instantiation the backend names,
-  run by the fiber emulator in tests/cuda_emulator.hpp.
+  run by the fiber emulator in tests/support/cuda_emulator.hpp.
 * ``EmuBackend``: forward/backward exactly as lsoftmax_core/_cupy_backend.py runs them
   (same validation, same launch plan from lsoftmax_core/_cupy_plan.py, same buffers and
   argument packing), with NumPy GEMMs in place of cuBLAS and the emulator in place of the GPU.
@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from reference import backward as ref_backward
-from reference import forward as ref_forward
 
 from lsoftmax_core import _cupy_plan as plan
 from lsoftmax_core._validate import validate
 
-ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ROOT / "kernels"
-TESTS = ROOT / "tests"
-CXXFLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{KERNELS}", f"-I{TESTS}"]
+from support.reference import backward as ref_backward
+from support.reference import forward as ref_forward
+
+SUPPORT = Path(__file__).resolve().parent
+KERNELS = SUPPORT.parents[1] / "kernels"
+CXXFLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{KERNELS}", f"-I{SUPPORT}"]
 
 try:
     import ml_dtypes
@@ -60,7 +60,7 @@ def _build(out: Path, sources: list[Path]) -> ctypes.CDLL:
 
 
 def build_math(tmp: Path) -> ctypes.CDLL:
-    lib = _build(tmp / "libhostmath.so", [TESTS / "host_shim.cpp"])
+    lib = _build(tmp / "libhostmath.so", [SUPPORT / "host_shim.cpp"])
     u64p, f64p, f32p = (np.ctypeslib.ndpointer(t, flags="C") for t in (np.uint64, np.float64, np.float32))
     i, ll, d = ctypes.c_int, ctypes.c_longlong, ctypes.c_double
     lib.lsm_convert.argtypes = [i, i, i, i, u64p, u64p, ll]

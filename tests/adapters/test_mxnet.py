@@ -22,11 +22,12 @@ mx = pytest.importorskip("mxnet")
 
 from hypothesis import given  # noqa: E402 (mxnet must be importable first)
 from hypothesis import strategies as st  # noqa: E402 (mxnet must be importable first)
-from strategies import problems  # noqa: E402 (mxnet must be importable first)
-from tolerances import TOLERANCES, check_backward, check_forward  # noqa: E402 (mxnet must be importable first)
 
 import lsoftmax_core as lsm  # noqa: E402 (mxnet must be importable first)
 from lsoftmax_core.adapters import mxnet as lmx  # noqa: E402 (mxnet must be importable first)
+
+from support.strategies import problems  # noqa: E402 (mxnet must be importable first)
+from support.tolerances import TOLERANCES, check_backward, check_forward  # noqa: E402 (mxnet must be importable first)
 
 MXNetError = mx.base.MXNetError
 DTYPES = ["float64", "float32"]

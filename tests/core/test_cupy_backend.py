@@ -1,7 +1,7 @@
 """The CuPy backend on a CUDA device (every test is marked ``gpu`` and skipped without one).
 
-Against the float64 reference per dtype (tests/tolerances.py), bitwise determinism,
-bitwise agreement with the host build of the same kernels (tests/kernel_host.py) given
+Against the float64 reference per dtype (tests/support/tolerances.py), bitwise determinism,
+bitwise agreement with the host build of the same kernels (tests/support/kernel_host.py) given
 the same cuBLAS outputs, bad labels, untouched inputs, nasty cases, odd shapes, streams,
 and memory that stays flat over 10,000 calls.
 """
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from kernel_host import EmuBackend, build_emulator, compiler, nasty_rows, representable
-from strategies import problems
-from tolerances import check_backward, check_forward
 
 import lsoftmax_core as lsm
+
+from support.kernel_host import EmuBackend, build_emulator, compiler, nasty_rows, representable
+from support.strategies import problems
+from support.tolerances import check_backward, check_forward
 
 cupy = pytest.importorskip("cupy")
 cb = pytest.importorskip("lsoftmax_core._cupy_backend")
@@ -195,7 +196,7 @@ def test_deterministic(dtype, shape) -> None:
     """Same inputs, bitwise same outputs: repeated runs; and on another stream or from
     misaligned copies whenever cuBLAS itself gives the same bits there (it may pick another
     GEMM kernel for another stream's workspace or for unaligned pointers; our kernels'
-    independence of alignment is proven on the CPU by tests/test_kernels_host.py)."""
+    independence of alignment is proven on the CPU by tests/kernels/test_host_emulator.py)."""
     x, w, label, g = _gpu(*_case(11, *shape, dtype))
     first = _run(x, w, label, g, 3, 0.25)
     for _ in range(3):

@@ -70,14 +70,14 @@ def assert_close(actual, expected, scale, tol: float, what: str = "", *, dtype: 
 
 
 def check_forward(actual, x, w, label, *, margin: int, beta: float, dtype: str) -> None:
-    from reference import forward
+    from support.reference import forward
 
     expected = forward(_np(x), _np(w), _np(label).astype(np.int64), margin=margin, beta=beta)
     assert_close(actual, expected, logit_scale(x, w, margin), TOLERANCES[dtype].forward, f"forward {dtype} m={margin}", dtype=dtype)
 
 
 def check_backward(grads, grad_logits, x, w, label, *, margin: int, beta: float, dtype: str) -> None:
-    from reference import backward
+    from support.reference import backward
 
     lab = _np(label).astype(np.int64)
     ex, ew = backward(_np(grad_logits), _np(x), _np(w), lab, margin=margin, beta=beta)

@@ -1,6 +1,6 @@
 """kernels/lsoftmax.cu run on the CPU: every kernel the CuPy backend launches, with the
 backend's own launch plan and argument packing, on the fiber emulator of
-tests/cuda_emulator.hpp (NumPy GEMMs stand in for cuBLAS).
+tests/support/cuda_emulator.hpp (NumPy GEMMs stand in for cuBLAS).
 
 What this proves without a GPU: the kernels' indexing, reductions, per-class grouping and
 label handling are right (against the float64 reference, per dtype tolerance), results do
@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from kernel_host import (
+
+from lsoftmax_core import _cupy_plan as plan
+
+from support.kernel_host import (
     BFLOAT16,
     DTYPES,
     EmuBackend,
@@ -26,11 +29,9 @@ from kernel_host import (
     nasty_rows,
     representable,
 )
-from reference import backward as ref_backward
-from strategies import problems
-from tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales
-
-from lsoftmax_core import _cupy_plan as plan
+from support.reference import backward as ref_backward
+from support.strategies import problems
+from support.tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a host C++ compiler (g++)")
 

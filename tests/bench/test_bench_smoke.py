@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not installed
 
 from bench import report
 from bench.contenders import (
