@@ -58,8 +58,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 import lsoftmax_core as core
-from lsoftmax_core._numpy_backend import FLOAT_DTYPES
-from lsoftmax_core._validate import check_beta, check_labels_host, check_margin, validate
+from lsoftmax_core.checks import check_arrays, check_beta, check_label_values, check_margin, supported_dtypes
 
 __all__ = ["lsoftmax"]
 
@@ -92,9 +91,9 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
             )
     # Shapes and dtypes are known at trace time: the core's checks run here, so a bad
     # call fails at the call site (under jit: when tracing), before any callback runs.
-    p = validate(x, w, label, m, beta_now, float_dtypes=FLOAT_DTYPES)
+    p = check_arrays(x, w, label, m, beta_now, dtypes=supported_dtypes("numpy"))
     if isinstance(label, np.ndarray):
-        check_labels_host(label, p.c)  # host data: check now, before any narrowing to int32
+        check_label_values(label, p.c)  # host data: check now, before any narrowing to int32
     xj = _to_jax("x", x)
     wj = _to_jax("w", w)
     lj = _to_jax("label", label)

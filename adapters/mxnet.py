@@ -66,7 +66,7 @@ from mxnet import gluon
 from mxnet.base import _LIB, check_call
 
 import lsoftmax_core as lsm
-from lsoftmax_core._validate import check_integer, check_nonnegative
+from lsoftmax_core.checks import check_integer, check_nonnegative
 
 __all__ = [
     "FLOAT_DTYPES",

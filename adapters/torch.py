@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lsoftmax_core as _core
-from lsoftmax_core import _numpy_backend
-from lsoftmax_core._validate import check_beta, check_margin
+from lsoftmax_core.checks import check_beta, check_margin
 from lsoftmax_core.schedule import (
     ConstantSchedule,
     ExponentialSchedule,
@@ -164,9 +163,9 @@ def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Ten
         # and torch's OpenMP workers fight over the cores when they alternate), then the
         # core rewrites the N target logits in place.
         xa, wa, la = _cpu_views(x=x, weight=weight, label=label)
-        _numpy_backend.prepare(xa, wa, la, margin, b)  # the core's checks, before any GEMM
+        checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
         logits = torch.mm(x.detach(), weight.detach().t())
-        _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b)
+        _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked)
         return logits
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
@@ -187,11 +186,11 @@ def _backward_op(
     b = float(beta)
     if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
         ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
-        _numpy_backend.prepare(xa, wa, la, margin, b, ga)
+        checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
         g = grad_logits.detach()
         grad_x = torch.mm(g, weight.detach())
         grad_w = torch.mm(g.t(), x.detach())
-        _core.add_margin_grad(grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b)
+        _core.add_margin_grad(grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked)
         return grad_x, grad_w
 
     def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:

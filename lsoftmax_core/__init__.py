@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._chebyshev import MAX_MARGIN
+from .checks import Problem, supported_dtypes
 from .schedule import (
     ConstantSchedule,
     ExponentialSchedule,
@@ -33,13 +34,17 @@ __all__ = [
     "ExponentialSchedule",
     "InverseSchedule",
     "MAX_MARGIN",
+    "Problem",
     "Schedule",
     "__version__",
     "add_margin",
     "add_margin_grad",
     "backward",
+    "check_arguments",
+    "check_labels",
     "forward",
     "schedule_from_dict",
+    "supported_dtypes",
 ]
 
 __version__ = "0.1.0"
@@ -121,16 +126,54 @@ def backward(
     return backend.backward(grad_logits, x, w, label, margin=margin, beta=beta, out=out)  # type: ignore[no-any-return]
 
 
-def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0) -> Any:
+def check_arguments(
+    x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, grad_logits: Any = None
+) -> Problem:
+    """Every check :func:`forward` (or, with ``grad_logits``, :func:`backward`) makes, without
+    computing anything; returns the :class:`Problem` (sizes, dtype, margin, beta).
+
+    NumPy labels are range-checked here (host data); CuPy labels are checked by the GPU
+    (see :func:`check_labels`).  Pass the result as ``checked=`` to :func:`add_margin` /
+    :func:`add_margin_grad` with the same array objects to skip their own checks: an
+    adapter that runs the GEMMs itself checks once, before them.
+    """
+    named = {"x": x, "w": w, "label": label} | ({} if grad_logits is None else {"grad_logits": grad_logits})
+    return _backend(**named).prepare(x, w, label, margin, beta, grad_logits)  # type: ignore[no-any-return]
+
+
+def check_labels(device: int | None = None) -> None:
+    """Raise the ValueError of any label outside [0, C) that the GPU met since the last report.
+
+    The CuPy backend checks labels on the device without synchronising the host: a bad
+    label is reported by the next ``forward``/``backward`` on that CUDA device, or here at
+    once (this synchronises ``device``, default the current one).  Without CuPy in use
+    there is nothing to report and this returns immediately.
+    """
+    cupy_backend = sys.modules.get(f"{__name__}._cupy_backend")
+    if cupy_backend is not None:
+        cupy_backend.check_labels(device)
+
+
+def add_margin(
+    logits: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: float = 0.0,
+    checked: Problem | None = None,
+) -> Any:
     """Turn plain logits ``x @ w.T`` into L-Softmax logits in place; returns ``logits``.
 
     Only the N target entries ``logits[i, label[i]]`` are rewritten, so
     ``add_margin(x @ w.T, x, w, label, ...)`` equals ``forward(x, w, label, ...)``.
     ``logits`` must be writeable, of x's dtype and array library, and share no memory with
-    the inputs (CuPy: also C-contiguous).
+    the inputs (CuPy: also C-contiguous).  ``checked``: :func:`check_arguments`'s result
+    for these x, w, label (the argument checks then are not repeated).
     """
     backend = _backend(logits=logits, x=x, w=w, label=label)
-    return backend.add_margin(logits, x, w, label, margin=margin, beta=beta)
+    return backend.add_margin(logits, x, w, label, margin=margin, beta=beta, checked=checked)
 
 
 def add_margin_grad(
@@ -143,15 +186,16 @@ def add_margin_grad(
     *,
     margin: int = 2,
     beta: float = 0.0,
+    checked: Problem | None = None,
 ) -> tuple[Any, Any]:
     """Turn the plain gradients ``grad_logits @ w`` and ``grad_logits.T @ x`` into the
     L-Softmax gradients in place; returns ``(grad_x, grad_w)``.
 
     ``add_margin_grad(G @ w, G.T @ x, G, x, w, label, ...)`` equals
     ``backward(G, x, w, label, ...)``.  The same rules as for :func:`add_margin` apply to
-    ``grad_x`` and ``grad_w``.
+    ``grad_x`` and ``grad_w``; ``checked`` comes from ``check_arguments(..., grad_logits=G)``.
     """
     backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
     return backend.add_margin_grad(  # type: ignore[no-any-return]
-        grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta
+        grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta, checked=checked
     )

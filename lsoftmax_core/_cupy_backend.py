@@ -37,7 +37,7 @@ recorded on the device and the call's serial number is written to pinned, mapped
 memory.  The host reads that memory (no CUDA call) at the start of the next
 ``forward``/``backward`` on the same device, which then raises
 ``ValueError("label must lie in [0, C) = [0, C): label[i]=v ...")`` naming the earlier
-call.  ``check_labels()`` synchronises and raises at once; with the environment variable
+call.  ``lsoftmax_core.check_labels()`` synchronises and raises at once; with the environment variable
 ``LSOFTMAX_CUPY_SYNC_LABEL_CHECK=1`` every call does so before returning (a debugging aid).
 
 Memory.  The outputs are the only per-call allocations, except a contiguous copy of a
@@ -62,30 +62,11 @@ import numpy as np
 from cupy.cuda import runtime
 
 from . import _cupy_plan as plan
-from ._validate import Problem, check_out, validate
+from .checks import Problem, check_arrays, check_out, supported_dtypes
 
-__all__ = ["FLOAT_DTYPES", "add_margin", "add_margin_grad", "backward", "check_labels", "forward"]
+__all__ = ["add_margin", "add_margin_grad", "backward", "check_labels", "forward", "prepare"]
 
-
-def _bfloat16() -> np.dtype[Any] | None:
-    """bfloat16 when ml_dtypes is installed and CuPy's matmul accepts it."""
-    try:
-        import ml_dtypes
-        from cupy._core._routines_linalg import to_compute_type_index
-
-        dt = np.dtype(ml_dtypes.bfloat16)
-        to_compute_type_index(dt)
-    except Exception:  # ImportError, or a CuPy without bfloat16 GEMMs
-        return None
-    return dt
-
-
-_BF16 = _bfloat16()
-FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (
-    np.dtype(np.float32),
-    np.dtype(np.float64),
-    np.dtype(np.float16),
-) + ((_BF16,) if _BF16 is not None else ())
+_DTYPES = supported_dtypes("cupy")
 
 _UINT64_MAX = np.uint64(2**64 - 1)
 _BLOCK = (plan.BLOCK,)
@@ -196,7 +177,7 @@ class _DeviceState:
         where = f"found by the GPU in {_OPS.get(op, '?')} call #{serial} on CUDA device {self.dev}"
         note = (
             "labels are checked on the device without synchronising: the error surfaces at the next "
-            "forward/backward on that device or at lsoftmax_core._cupy_backend.check_labels(); "
+            "forward/backward on that device or at lsoftmax_core.check_labels(); "
             "rows with bad labels were left uncorrected"
         )
         if key == int(_UINT64_MAX):
@@ -266,8 +247,24 @@ def _check_out(name: str, out: Any, shape: tuple[int, ...], p: Problem, *inputs:
         raise ValueError(f"{name} must be C-contiguous (the kernels update it in place by rows)")
 
 
+def prepare(
+    x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
+) -> Problem:
+    """The argument checks of this backend on the host: shapes, dtypes, hyper-parameters
+    (label values are checked on the GPU by the kernels)."""
+    return check_arrays(x, w, label, margin, beta, dtypes=_DTYPES, grad_logits=grad_logits)
+
+
+def _checked(
+    checked: Problem | None, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
+) -> Problem:
+    if checked is None:
+        return prepare(x, w, label, margin, beta, grad_logits)
+    return checked.same_call(x, w, label, margin, beta, grad_logits)
+
+
 def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None) -> cupy.ndarray:
-    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
+    p = prepare(x, w, label, margin, beta)
     if out is not None:
         _check_out("out", out, (p.n, p.c), p, x, w, label)
     st = _state(x=x, w=w, label=label, **({} if out is None else {"out": out}))
@@ -277,8 +274,10 @@ def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: An
     return logits
 
 
-def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object) -> cupy.ndarray:
-    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES)
+def add_margin(
+    logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, checked: Problem | None = None
+) -> cupy.ndarray:
+    p = _checked(checked, x, w, label, margin, beta)
     _check_out("logits", logits, (p.n, p.c), p, x, w, label)
     st = _state(logits=logits, x=x, w=w, label=label)
     _margin_forward(st, p, logits, _contiguous(x), _contiguous(w), label)
@@ -298,7 +297,7 @@ def _margin_forward(st: _DeviceState, p: Problem, logits: Any, x: Any, w: Any, l
 def backward(
     grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None
 ) -> tuple[cupy.ndarray, cupy.ndarray]:
-    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
+    p = prepare(x, w, label, margin, beta, grad_logits)
     outs: dict[str, Any] = {}
     if out is not None:
         outs = {"out[0]": out[0], "out[1]": out[1]}
@@ -313,9 +312,18 @@ def backward(
 
 
 def add_margin_grad(
-    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+    grad_x: Any,
+    grad_w: Any,
+    grad_logits: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: object,
+    beta: object,
+    checked: Problem | None = None,
 ) -> tuple[cupy.ndarray, cupy.ndarray]:
-    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
+    p = _checked(checked, x, w, label, margin, beta, grad_logits)
     _check_out("grad_x", grad_x, (p.n, p.d), p, grad_logits, x, w, label)
     _check_out("grad_w", grad_w, (p.c, p.d), p, grad_logits, x, w, label, grad_x)
     st = _state(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)

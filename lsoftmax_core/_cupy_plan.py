@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 
 from ._chebyshev import MAX_MARGIN, thresholds
-from ._validate import Problem
+from .checks import Problem
 
 __all__ = [
     "BLOCK",

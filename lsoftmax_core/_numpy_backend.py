@@ -44,11 +44,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ._chebyshev import psi_and_derivative
-from ._validate import Problem, check_labels_host, check_out, validate
+from .checks import Problem, check_arrays, check_label_values, check_out, supported_dtypes
 
-__all__ = ["FLOAT_DTYPES", "add_margin", "add_margin_grad", "backward", "forward", "prepare"]
+__all__ = ["add_margin", "add_margin_grad", "backward", "forward", "prepare"]
 
-FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = supported_dtypes("numpy")
 
 F64 = npt.NDArray[np.float64]
 
@@ -110,9 +110,17 @@ def prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
 ) -> Problem:
     """All argument checks of this backend, labels included (host data); the problem's sizes."""
-    p = validate(x, w, label, margin, beta, float_dtypes=FLOAT_DTYPES, grad_logits=grad_logits)
-    check_labels_host(label, p.c)
+    p = check_arrays(x, w, label, margin, beta, dtypes=_DTYPES, grad_logits=grad_logits)
+    check_label_values(label, p.c)
     return p
+
+
+def _checked(
+    checked: Problem | None, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
+) -> Problem:
+    if checked is None:
+        return prepare(x, w, label, margin, beta, grad_logits)
+    return checked.same_call(x, w, label, margin, beta, grad_logits)
 
 
 def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None) -> npt.NDArray[Any]:
@@ -120,15 +128,17 @@ def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: An
     if out is None:
         logits = x @ w.T
     else:
-        check_out("out", out, (p.n, p.c), p.dtype, x, w)
+        check_out("out", out, (p.n, p.c), p.dtype, x, w, label)
         logits = np.matmul(x, w.T, out=out)
     _margin_forward(logits, x, w, label, p)
     return logits
 
 
-def add_margin(logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object) -> npt.NDArray[Any]:
-    p = prepare(x, w, label, margin, beta)
-    check_out("logits", logits, (p.n, p.c), p.dtype, x, w)
+def add_margin(
+    logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, checked: Problem | None = None
+) -> npt.NDArray[Any]:
+    p = _checked(checked, x, w, label, margin, beta)
+    check_out("logits", logits, (p.n, p.c), p.dtype, x, w, label)
     _margin_forward(logits, x, w, label, p)
     return logits  # type: ignore[no-any-return]
 
@@ -161,8 +171,8 @@ def backward(
         grad_w = grad_logits.T @ x
     else:
         grad_x, grad_w = out
-        check_out("out[0]", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits)
-        check_out("out[1]", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, grad_x)
+        check_out("out[0]", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits, label)
+        check_out("out[1]", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
         np.matmul(grad_logits, w, out=grad_x)
         np.matmul(grad_logits.T, x, out=grad_w)
     _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
@@ -170,11 +180,20 @@ def backward(
 
 
 def add_margin_grad(
-    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object
+    grad_x: Any,
+    grad_w: Any,
+    grad_logits: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: object,
+    beta: object,
+    checked: Problem | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    p = prepare(x, w, label, margin, beta, grad_logits)
-    check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits)
-    check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, grad_x)
+    p = _checked(checked, x, w, label, margin, beta, grad_logits)
+    check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits, label)
+    check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
     _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
     return grad_x, grad_w
 

@@ -24,7 +24,7 @@ import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
-from ._validate import check_beta, check_nonnegative
+from .checks import check_beta, check_nonnegative
 
 __all__ = [
     "ConstantSchedule",

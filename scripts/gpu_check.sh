@@ -78,8 +78,8 @@ name = props["name"].decode() if isinstance(props["name"], bytes) else props["na
 print(f"python {sys.version.split()[0]}, cupy {cupy.__version__}, CUDA runtime {runtime.runtimeGetVersion()}, "
       f"driver {runtime.driverGetVersion()}, NVRTC {nvrtc.getVersion()}, {n} device(s): {name}, "
       f"cc {props['major']}.{props['minor']}")
-import lsoftmax_core._cupy_backend as cb
-print("CuPy backend dtypes:", ", ".join(str(d) for d in cb.FLOAT_DTYPES))
+import lsoftmax_core as lsm
+print("CuPy backend dtypes:", ", ".join(str(d) for d in lsm.supported_dtypes("cupy")))
 EOF
 env_rc=$?
 

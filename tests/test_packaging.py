@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -71,10 +72,17 @@ def test_the_editable_install_maps_the_top_level_folders(tmp_path: Path) -> None
 
 def test_a_non_editable_install_into_a_fresh_venv_has_every_subpackage(tmp_path: Path) -> None:
     pytest.importorskip("setuptools")
+    # Built from a copy: an in-tree build would leave build/ in the checkout, and files
+    # left there by an older build would go into the wheel.
+    src = tmp_path / "src"
+    for name in ("lsoftmax_core", *SUBPACKAGES):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, src / name)
     wheels = tmp_path / "wheels"
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(wheels), str(ROOT)],
+         "-w", str(wheels), str(src)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr

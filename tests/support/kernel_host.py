@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lsoftmax_core import _cupy_plan as plan
-from lsoftmax_core._validate import validate
+from lsoftmax_core.checks import check_arrays
 
 from support.reference import backward as ref_backward
 from support.reference import forward as ref_forward
@@ -221,7 +221,7 @@ class EmuBackend:
     def forward(
         self, x: np.ndarray, w: np.ndarray, label: np.ndarray, *, margin: Any, beta: Any
     ) -> np.ndarray:
-        p = validate(x, w, label, margin, beta, float_dtypes=DTYPES)
+        p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES)
         bufs = self._common(label, p.beta)
         bufs.update(x=np.ascontiguousarray(x), w=np.ascontiguousarray(w), logits=gemm(x, w.T, p.dtype))
         self.run(plan.forward_launches(p, bufs["label"].dtype), bufs)
@@ -237,7 +237,7 @@ class EmuBackend:
         margin: Any,
         beta: Any,
     ) -> tuple[np.ndarray, np.ndarray]:
-        p = validate(x, w, label, margin, beta, float_dtypes=DTYPES, grad_logits=grad_logits)
+        p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES, grad_logits=grad_logits)
         bufs = self._common(label, p.beta)
         ncoef, nclasses = plan.workspace_sizes(p)
         if self.coef.size < ncoef:

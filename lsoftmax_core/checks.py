@@ -1,15 +1,20 @@
-"""Argument checks shared by every backend.
+"""Argument checks without computing: the contract between the core, its backends and
+the framework adapters.
 
-Everything here looks only at shapes, dtypes and Python scalars, so it never touches
-array data and never synchronises a device.  The one data-dependent check, labels in
-[0, C), belongs to each backend (a host min/max for NumPy, a device-side flag for CuPy).
+Every check raises a ``ValueError``/``TypeError`` naming the argument and the bad value.
+Everything here except :func:`check_label_values` looks only at shapes, dtypes and Python
+scalars, so it never touches array data and never synchronises a device; it works on any
+array object with ``shape``, ``ndim`` and a NumPy ``dtype`` (NumPy, CuPy, JAX).  The one
+data-dependent check, labels in [0, C), is :func:`check_label_values` for host memory; the
+CuPy backend checks device labels on the GPU (:func:`lsoftmax_core.check_labels`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -18,19 +23,57 @@ from ._chebyshev import MAX_MARGIN
 
 __all__ = [
     "Problem",
+    "check_arrays",
     "check_beta",
     "check_integer",
-    "check_labels_host",
+    "check_label_values",
     "check_margin",
     "check_nonnegative",
     "check_out",
-    "validate",
+    "supported_dtypes",
 ]
+
+#: The floating dtypes of x and w per array library (bfloat16 is added for CuPy at run
+#: time, see :func:`supported_dtypes`).
+_DTYPES: dict[str, tuple[np.dtype[Any], ...]] = {
+    "numpy": (np.dtype(np.float32), np.dtype(np.float64)),
+    "cupy": (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)),
+}
+
+
+@functools.cache
+def _cupy_bfloat16() -> tuple[np.dtype[Any], ...]:
+    """(bfloat16,) when ml_dtypes is installed and CuPy's matmul accepts it, else ()."""
+    try:
+        import ml_dtypes
+        from cupy._core._routines_linalg import to_compute_type_index
+
+        dt = np.dtype(ml_dtypes.bfloat16)
+        to_compute_type_index(dt)
+    except Exception:  # ImportError, or a CuPy without bfloat16 GEMMs
+        return ()
+    return (dt,)
+
+
+def supported_dtypes(library: str = "numpy") -> tuple[np.dtype[Any], ...]:
+    """The floating dtypes of x and w the backend for ``library`` computes in.
+
+    ``"numpy"`` (the CPU backend): float32, float64.  ``"cupy"`` (the CUDA kernels):
+    float32, float64, float16, and bfloat16 where ml_dtypes is installed and the installed
+    CuPy's matmul takes it (asking for ``"cupy"`` imports CuPy).  Adapters accept what the
+    backend that will run their device's arrays accepts.
+    """
+    if library not in _DTYPES:
+        raise ValueError(f"library={library!r} must be one of {sorted(_DTYPES)}")
+    if library == "cupy":
+        return _DTYPES["cupy"] + _cupy_bfloat16()
+    return _DTYPES[library]
 
 
 @dataclass(frozen=True)
 class Problem:
-    """The validated sizes and hyper-parameters of one call."""
+    """The checked sizes and hyper-parameters of one call, and the arrays they were checked
+    for (``inputs``: x, w, label, grad_logits or None)."""
 
     n: int
     c: int
@@ -38,6 +81,22 @@ class Problem:
     dtype: np.dtype[Any]
     margin: int
     beta: float
+    inputs: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    def same_call(self, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None) -> Problem:
+        """This problem, if it was checked for these very arrays (identity: O(1), no data
+        read) and hyper-parameters; a ValueError naming ``checked`` otherwise."""
+        given = (x, w, label, grad_logits)
+        if len(self.inputs) != len(given) or any(a is not b for a, b in zip(self.inputs, given)):
+            raise ValueError(
+                "checked= must be lsoftmax_core.check_arguments()'s result for the same x, w, label "
+                "(and grad_logits) objects"
+            )
+        if check_margin(margin) != self.margin or check_beta(beta) != self.beta:
+            raise ValueError(
+                f"checked= was made for margin={self.margin}, beta={self.beta}, not margin={margin!r}, beta={beta!r}"
+            )
+        return self
 
 
 def check_integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -76,19 +135,20 @@ def _check_ndim(name: str, a: Any, ndim: int) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)} ({a.ndim}-D)")
 
 
-def validate(
+def check_arrays(
     x: Any,
     w: Any,
     label: Any,
     margin: object,
     beta: object,
     *,
-    float_dtypes: tuple[np.dtype[Any], ...],
+    dtypes: tuple[np.dtype[Any], ...],
     grad_logits: Any = None,
 ) -> Problem:
-    """Check shapes, dtypes and hyper-parameters; return the problem's sizes.
+    """Check shapes, dtypes and hyper-parameters (not label values); the problem's sizes.
 
-    ``float_dtypes`` are the floating dtypes the calling backend supports.
+    ``dtypes`` are the floating dtypes the backend that will run supports
+    (:func:`supported_dtypes`).
     """
     m = check_margin(margin)
     b = check_beta(beta)
@@ -110,8 +170,8 @@ def validate(
         raise TypeError(
             f"x and w must have the same dtype (no silent promotion): x.dtype={x.dtype}, w.dtype={w.dtype}"
         )
-    if x.dtype not in float_dtypes:
-        names = ", ".join(str(t) for t in float_dtypes)
+    if x.dtype not in dtypes:
+        names = ", ".join(str(t) for t in dtypes)
         raise TypeError(f"x.dtype={x.dtype} is not supported by this backend (supported: {names})")
     if label.dtype.kind not in "iu":
         raise TypeError(f"label must have an integer dtype, got label.dtype={label.dtype}")
@@ -122,10 +182,10 @@ def validate(
             )
         if grad_logits.dtype != x.dtype:
             raise TypeError(f"grad_logits.dtype={grad_logits.dtype} must equal x.dtype={x.dtype}")
-    return Problem(n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b)
+    return Problem(n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b, inputs=(x, w, label, grad_logits))
 
 
-def check_labels_host(label: Any, c: int) -> None:
+def check_label_values(label: Any, c: int) -> None:
     """Labels held in host memory (a NumPy array) must lie in [0, C); O(N), no copy."""
     if label.size == 0:
         return
