@@ -6,12 +6,15 @@ import json
 
 import pytest
 
+import lsoftmax_core as lsm
 from lsoftmax_core import (
     ConstantSchedule,
     ExponentialSchedule,
     InverseSchedule,
+    Schedule,
     schedule_from_dict,
 )
+from lsoftmax_core.schedule import check_schedule
 
 
 def test_exponential_known_values() -> None:
@@ -25,12 +28,12 @@ def test_exponential_known_values() -> None:
 
 
 def test_inverse_known_values() -> None:
-    # Caffe: lambda = base * (1 + gamma * iter)^(-power), then max with lambda_min.
-    s = InverseSchedule(base=1000.0, gamma=0.12, power=1.0, lambda_min=3.0)
+    # Caffe: lambda = base * (1 + gamma * iter)^(-power), then max with lambda_min (our beta_min).
+    s = InverseSchedule(base=1000.0, gamma=0.12, power=1.0, beta_min=3.0)
     assert s(0) == 1000.0
     assert s(100) == pytest.approx(1000.0 / 13.0)
     assert s(10**6) == 3.0
-    s2 = InverseSchedule(base=1000.0, gamma=0.5, power=2.0, lambda_min=0.0)
+    s2 = InverseSchedule(base=1000.0, gamma=0.5, power=2.0, beta_min=0.0)
     assert s2(2) == pytest.approx(250.0)
 
 
@@ -54,7 +57,10 @@ def test_dict_round_trip_through_json(s) -> None:
 @pytest.mark.parametrize(
     "make,pattern",
     [
-        (lambda: ExponentialSchedule(beta0=-1.0), r"beta=-1.0"),
+        (lambda: ExponentialSchedule(beta0=-1.0), r"beta0=-1.0"),
+        (lambda: ExponentialSchedule(beta0=1.0, scale=1.5), r"scale=1.5 must lie in \[0, 1\]"),
+        (lambda: InverseSchedule(beta_min=float("inf")), r"beta_min=inf"),
+        (lambda: ConstantSchedule(-2.0), r"beta_value=-2.0"),
         (lambda: ExponentialSchedule(scale=float("nan")), r"scale=nan"),
         (lambda: InverseSchedule(power=-2.0), r"power=-2.0"),
         (lambda: schedule_from_dict({"kind": "cosine"}), r"unknown schedule kind='cosine'"),
@@ -73,3 +79,57 @@ def test_step_type_errors() -> None:
         ExponentialSchedule()(1.5)
     with pytest.raises(TypeError, match=r"step=True"):
         ExponentialSchedule()(True)
+
+
+def test_every_built_in_names_its_floor_beta_min() -> None:
+    for cls in (ExponentialSchedule, InverseSchedule):
+        assert cls(beta_min=4.0)(10**6) == 4.0
+
+
+def test_an_inverse_schedule_saved_with_the_old_floor_name_still_loads() -> None:
+    old = {"kind": "inverse", "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 3.0}
+    assert schedule_from_dict(old) == InverseSchedule(1000.0, 0.12, 1.0, beta_min=3.0)
+
+
+def test_scale_one_and_zero_are_the_edges_of_decay() -> None:
+    assert ExponentialSchedule(beta0=7.0, scale=1.0)(10**9) == 7.0
+    assert ExponentialSchedule(beta0=7.0, scale=0.0, beta_min=1.0)(1) == 1.0
+    assert ExponentialSchedule(beta0=7.0, scale=0.0)(0) == 7.0
+
+
+class Cosine:
+    """A schedule of a user's own: the protocol, no base class."""
+
+    def __init__(self, beta0: float, steps: int) -> None:
+        self.beta0, self.steps = beta0, steps
+
+    def beta(self, step: int) -> float:
+        import math
+
+        return 0.5 * self.beta0 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+
+    __call__ = beta
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": "cosine", "beta0": self.beta0, "steps": self.steps}
+
+
+def test_a_users_own_schedule_meets_the_protocol() -> None:
+    mine = Cosine(10.0, 100)
+    assert isinstance(mine, Schedule)
+    assert check_schedule(mine) is mine
+    assert lsm.forward(*_tiny(), margin=2, beta=mine(50)).shape == (2, 3)
+    for builtin in (ConstantSchedule(1.0), ExponentialSchedule(), InverseSchedule()):
+        assert isinstance(builtin, Schedule)
+
+
+@pytest.mark.parametrize("bad", [0.5, lambda t: 1.0, "exponential", None])
+def test_an_object_without_the_protocol_is_refused_naming_schedule(bad) -> None:
+    with pytest.raises(TypeError, match=r"schedule=.* must have beta\(step\), __call__\(step\) and to_dict\(\)"):
+        check_schedule(bad)
+
+
+def _tiny():
+    import numpy as np
+
+    return np.ones((2, 2)), np.eye(3, 2), np.array([0, 2])
