@@ -60,13 +60,15 @@ _SAFE_SQ = {np.dtype(np.float32): (1e-30, 1e36), np.dtype(np.float64): (1e-280, 
 
 
 class _Stats(NamedTuple):
-    a: F64  # |x_i|
+    a: F64  # |x_i| (inf on careful rows whose norm itself overflows float64)
     b: F64  # |w_{y_i}|
     c: F64  # cos(theta_i), clamped
     psi: F64
     dpsi: F64
     wy: npt.NDArray[Any]  # w[label]: a fresh gather, owned here (backward reuses it in place)
     careful: npt.NDArray[np.intp]  # rows whose statistics needed per-row scaling
+    a_parts: tuple[F64, npt.NDArray[np.int64]]  # careful rows: |x| = ldexp(mantissa, exponent)
+    b_parts: tuple[F64, npt.NDArray[np.int64]]
 
 
 def _rowdot(u: npt.NDArray[Any], v: npt.NDArray[Any]) -> F64:
@@ -74,15 +76,21 @@ def _rowdot(u: npt.NDArray[Any], v: npt.NDArray[Any]) -> F64:
     return np.einsum("ij,ij->i", u, v).astype(np.float64)
 
 
-def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, F64]:
-    """Row norms and unit rows in float64, scaled by max|row| to avoid over/underflow."""
+def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, npt.NDArray[np.int64], F64]:
+    """Row norms as ``ldexp(mantissa, exponent)`` and unit rows, in float64.
+
+    Each row is divided by its largest magnitude first, so nothing over- or underflows;
+    the norm stays split in two because it may exceed float64 although every entry, and
+    the quantities built from it (a target logit, a gradient), do not.
+    """
     r = np.asarray(rows, dtype=np.float64)
     amax = np.max(np.abs(r), axis=1, initial=0.0)
     scale = np.where(amax > 0.0, amax, 1.0)
     s = r / scale[:, None]
     rel = np.sqrt(np.einsum("ij,ij->i", s, s))
     unit = s / np.where(rel > 0.0, rel, 1.0)[:, None]
-    return amax * rel, unit
+    mant, exp = np.frexp(amax)
+    return mant * rel, exp.astype(np.int64), unit
 
 
 def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
@@ -93,9 +101,11 @@ def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p:
     a, b = np.sqrt(sx), np.sqrt(sw)
     with np.errstate(divide="ignore", invalid="ignore"):
         c = dot / (a * b)
-    if careful.size:  # zero rows, and float64 rows with extreme norms
-        a[careful], xhat = _norm_and_unit(x[careful])
-        b[careful], what = _norm_and_unit(wy[careful])
+    am, ae, xhat = _norm_and_unit(x[careful])  # zero rows, and float64 rows with extreme norms
+    bm, be, what = _norm_and_unit(wy[careful])
+    if careful.size:
+        with np.errstate(over="ignore"):  # a norm beyond float64: inf here, split in a_parts
+            a[careful], b[careful] = np.ldexp(am, ae), np.ldexp(bm, be)
         c[careful] = np.einsum("ij,ij->i", xhat, what)
     np.clip(c, -1.0, 1.0, out=c)
     psi, dpsi = psi_and_derivative(c, p.margin)
@@ -103,7 +113,7 @@ def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p:
     c[degenerate] = 0.0
     psi[degenerate] = 0.0
     dpsi[degenerate] = 1.0
-    return _Stats(a, b, c, psi, dpsi, wy, careful)
+    return _Stats(a, b, c, psi, dpsi, wy, careful, (am, ae), (bm, be))
 
 
 def prepare(
@@ -149,17 +159,27 @@ def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> None
     s = _stats(x, w, label, p)
     h = (p.beta * s.c + s.psi) / (1.0 + p.beta)
     # (a·h)·b rather than a·b·h: a·b may overflow where the true product does not.
-    logits[np.arange(p.n), label] = (s.a * h) * s.b
+    with np.errstate(invalid="ignore", over="ignore"):  # careful rows are redone below
+        target = (s.a * h) * s.b
+    if s.careful.size:  # mantissas times h, then the exponents: inf only if the value overflows
+        (am, ae), (bm, be) = s.a_parts, s.b_parts
+        target[s.careful] = np.ldexp(h[s.careful] * am * bm, ae + be)
+    logits[np.arange(p.n), label] = target
 
 
 def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k: F64, ell: F64) -> tuple[F64, F64]:
-    """q and r for ``rows`` with unit vectors: no ratio b/a or a/b is ever formed."""
-    _, xhat = _norm_and_unit(x[rows])
-    _, what = _norm_and_unit(s.wy[rows])
-    a, b = s.a[rows, None], s.b[rows, None]
+    """q and r for ``rows`` with unit vectors: no ratio b/a or a/b, and no norm that may
+    exceed float64, is ever formed."""
+    am, ae, xhat = _norm_and_unit(x[rows])
+    bm, be, what = _norm_and_unit(s.wy[rows])
     k, ell = k[rows, None], ell[rows, None]
-    # k·w_y = (k·b)·w^ and ell·(b/a)·x = (ell·b)·x^; symmetrically for r.
-    return (k * b) * what + (ell * b) * xhat, (k * a) * xhat + (ell * a) * what
+    # q = k·w_y + ell·(b/a)·x = b·(k·w^ + ell·x^) and r = a·(k·x^ + ell·w^): the brackets are
+    # O(m^2·|g|); the norms' mantissas multiply them and the exponents come last, so an
+    # entry is inf only where its true value overflows (and never 0·inf = NaN).
+    with np.errstate(over="ignore"):
+        q = np.ldexp(bm[:, None] * (k * what + ell * xhat), be[:, None])
+        r = np.ldexp(am[:, None] * (k * xhat + ell * what), ae[:, None])
+    return q, r
 
 
 def backward(

@@ -330,3 +330,79 @@ def test_add_margin_rejects_bad_outputs() -> None:
         lsm.add_margin_grad(g @ w, np.ones((4, 5)), g, x, w, label)
     with pytest.raises(TypeError, match=r"grad_x must be a numpy.ndarray"):
         lsm.add_margin_grad([[0.0]], g.T @ x, g, x, w, label)
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
+def test_a_norm_beyond_float64_still_gives_the_finite_target_logit(m) -> None:
+    # |w| = 1.8e308 overflows float64, |x||w|psi does not: the target logit is finite.
+    x, w, label = np.array([[1e-10, 0.0]]), np.array([[1.5e308, 1e308]]), np.array([0])
+    out = lsm.forward(x, w, label, margin=m, beta=0.5)
+    # The target logit is invariant under x -> 2^529 x, w -> 2^-529 w (exact in binary; the
+    # reference can then square both norms).
+    expected = ref_forward(x * 2.0**529, w * 2.0**-529, label, margin=m, beta=0.5)
+    assert np.isfinite(out).all()
+    assert out[0, 0] == pytest.approx(expected[0, 0], rel=1e-13)
+    if m == 2:  # the figure the issue gave: beta 0, about 6.9e297
+        assert lsm.forward(x, w, label, margin=2)[0, 0] == pytest.approx(6.9337524528e297, rel=1e-10)
+
+
+def test_a_norm_beyond_float64_gives_no_nan_in_the_gradients() -> None:
+    x, w, label = np.array([[1e-10, 0.0]]), np.array([[1.5e308, 1e308]]), np.array([0])
+    with np.errstate(over="ignore"):
+        gx, gw = lsm.backward(np.ones((1, 1)), x, w, label, margin=2, beta=0.0)
+    # Scaled copy: grad_x scales by 2^529, grad_w by 2^-529 (the plain terms too).
+    sx, sw = lsm.backward(np.ones((1, 1)), x * 2.0**529, w * 2.0**-529, label, margin=2, beta=0.0)
+    assert not np.isnan(gx).any() and not np.isnan(gw).any()
+    assert gx[0, 0] == pytest.approx(sx[0, 0] * 2.0**529, rel=1e-13)  # 6.9e307: finite
+    assert gx[0, 1] == np.inf  # the true value, about -(psi - c psi')... beyond float64
+    np.testing.assert_allclose(gw, sw * 2.0**-529, rtol=1e-13)
+
+
+@pytest.mark.parametrize("call", ["forward", "backward", "add_margin", "add_margin_grad"])
+def test_an_output_sharing_memory_with_label_is_refused_before_writing(call) -> None:
+    x, w = np.ones((2, 2)), np.eye(2)
+    out = np.zeros((2, 2))
+    label = out.view(np.int64)[0]  # the labels live in out's first row
+    before = out.copy()
+    g = np.ones((2, 2))
+    calls = {
+        "forward": lambda: lsm.forward(x, w, label, margin=2, out=out),
+        "backward": lambda: lsm.backward(g, x, w, label, margin=2, out=(out, np.zeros((2, 2)))),
+        "add_margin": lambda: lsm.add_margin(out, x, w, label, margin=2),
+        "add_margin_grad": lambda: lsm.add_margin_grad(out, np.zeros((2, 2)), g, x, w, label, margin=2),
+    }
+    with pytest.raises(ValueError, match=r"must not share memory with the inputs"):
+        calls[call]()
+    assert np.array_equal(out, before, equal_nan=True)
+
+
+def test_check_arguments_reports_what_forward_would_and_computes_nothing() -> None:
+    x, w, label = np.ones((3, 4)), np.ones((5, 4)), np.array([0, 1, 4])
+    p = lsm.check_arguments(x, w, label, margin=3, beta=0.5)
+    assert (p.n, p.c, p.d, p.dtype, p.margin, p.beta) == (3, 5, 4, np.dtype(np.float64), 3, 0.5)
+    with pytest.raises(ValueError, match=r"label must lie in \[0, C\) = \[0, 5\): label\[2\]=5"):
+        lsm.check_arguments(x, w, np.array([0, 1, 5]))
+    with pytest.raises(ValueError, match=r"grad_logits must have shape \(N, C\) = \(3, 5\)"):
+        lsm.check_arguments(x, w, label, grad_logits=np.ones((5, 3)))
+
+
+def test_checked_skips_the_checks_only_for_the_arrays_it_was_made_for() -> None:
+    rng = np.random.default_rng(0)
+    x, w, label = rng.standard_normal((4, 3)), rng.standard_normal((5, 3)), np.array([0, 4, 2, 2])
+    g = rng.standard_normal((4, 5))
+    p = lsm.check_arguments(x, w, label, margin=3, beta=1.0)
+    logits = lsm.add_margin(x @ w.T, x, w, label, margin=3, beta=1.0, checked=p)
+    assert np.array_equal(logits, lsm.forward(x, w, label, margin=3, beta=1.0))
+    pg = lsm.check_arguments(x, w, label, margin=3, beta=1.0, grad_logits=g)
+    gx, gw = lsm.add_margin_grad(g @ w, g.T @ x, g, x, w, label, margin=3, beta=1.0, checked=pg)
+    ex, ew = lsm.backward(g, x, w, label, margin=3, beta=1.0)
+    assert np.array_equal(gx, ex) and np.array_equal(gw, ew)
+    with pytest.raises(ValueError, match=r"checked= must be lsoftmax_core.check_arguments\(\)'s result"):
+        lsm.add_margin(x @ w.T, x, w, label.copy(), margin=3, beta=1.0, checked=p)
+    with pytest.raises(ValueError, match=r"checked= was made for margin=3, beta=1.0, not margin=2"):
+        lsm.add_margin(x @ w.T, x, w, label, margin=2, beta=1.0, checked=p)
+    with pytest.raises(ValueError, match=r"checked= must be"):
+        lsm.add_margin_grad(g @ w, g.T @ x, g, x, w, label, margin=3, beta=1.0, checked=p)  # no grad_logits
