@@ -1,4 +1,9 @@
-"""Command line: ``python -m bench --cpu | --gpu | --render DEVICE`` (see docs/BENCHMARKS.md)."""
+"""Command line: ``python -m bench --cpu | --gpu | --render DEVICE`` (see docs/BENCHMARKS.md).
+
+One harness for both devices: the sizes come from the one table
+(:data:`bench.contenders.SIZES`), the timing from :mod:`bench.harness`, the files and the
+doc section from :mod:`bench.report`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import report
+from .contenders import sizes_for
 from .runner import CPU_FULL, GPU_FULL, REPO, Settings, run_cpu, run_gpu
 
 __all__ = ["main"]
@@ -22,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--cpu", action="store_true", help="CPU run (about 3-5 minutes on 2 cores)")
-    what.add_argument("--gpu", action="store_true", help="GPU run (about 2-3 minutes)")
+    what.add_argument("--gpu", action="store_true", help="GPU run (every contender and LeNet; not yet timed on a GPU)")
     what.add_argument("--render", choices=("cpu", "gpu"),
                       help="only rebuild the doc section and plot from a run's files (--from), copying them to --out")
     p.add_argument("--from", dest="source", type=Path, default=None,
@@ -31,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for the CSV/JSON files (default bench/results; a temporary one with --quick)")
     p.add_argument("--no-doc", action="store_true",
                    help="do not touch docs/: the plot and a markdown fragment go into --out instead")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plot (fewer files in --out)")
+    p.add_argument("--layer-only", action="store_true",
+                   help="only the backend against its linear floor (NumPy on CPU, CuPy vs cuBLAS on GPU): "
+                        "no PyTorch contender, no LeNet; what scripts/gpu_check.sh runs")
+    p.add_argument("--sizes", type=lambda v: [s for s in v.split(",") if s], default=None, metavar="NAME[,NAME]",
+                   help="only these sizes of the device's table (default: all of them)")
     p.add_argument("--quick", action="store_true",
                    help="2 repetitions, LeNet at batch 128 only: checks the harness; implies --no-doc")
     p.add_argument("--threads", type=int, default=None,
@@ -39,8 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_out(argv: Sequence[str]) -> list[str]:
+    """The arguments without ``--out DIR``: the command recorded in the results names no local folder."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv_used)
     no_doc = args.no_doc or args.quick
     out = args.out or (Path(tempfile.mkdtemp(prefix="lsoftmax-bench-")) if args.quick else REPO / "bench" / "results")
     doc = None if no_doc else REPO / "docs" / "BENCHMARKS.md"
@@ -55,16 +81,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = report.read_csv(out / names[0])
         lenet = report.read_csv(out / names[1])
         env = json.loads((out / names[2]).read_text())
-        report.publish(doc, plot_dir, device, rows, lenet, env, out if doc is None else None)
+        report.publish(doc, None if args.no_plot else plot_dir, device, rows, lenet, env,
+                       out if doc is None else None)
         print(f"rendered {device} from {source}" + ("" if doc is None else f" into {doc}"))
         return 0
+    device = "cpu" if args.cpu else "gpu"
+    try:
+        sizes = sizes_for(device, args.sizes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     settings = QUICK if args.quick else (CPU_FULL if args.cpu else GPU_FULL)
     if args.repeat is not None:
         settings = Settings(args.repeat, settings.warmup, settings.min_time, settings.lenet_batches)
+    command = " ".join(["python -m bench", *_without_out(argv_used)])
+    if args.no_plot:
+        plot_dir = None
     if args.cpu:
-        run_cpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir, threads=args.threads)
+        run_cpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir, sizes=sizes, threads=args.threads,
+                layer_only=args.layer_only, command=command)
     else:
-        run_gpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir)
+        run_gpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir, sizes=sizes, layer_only=args.layer_only,
+                command=command)
     print(f"results in {out}" + ("" if doc is None else f"; section and plot in {doc}"))
     return 0
 

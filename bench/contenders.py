@@ -1,11 +1,16 @@
-"""The contenders, each prepared at one size as a :class:`bench.harness.Case`.
+"""The one size table and the contenders, each prepared at one size as a :class:`bench.harness.Case`.
 
 Two kinds of work are timed:
 
 * ``layer``: forward + backward of the last layer alone, with a fixed random upstream
   gradient G: ``Y = X W^T``, ``dX = G W``, ``dW = G^T X`` for a plain linear layer (three
   GEMMs, the floor), ``lsoftmax_core.forward`` + ``lsoftmax_core.backward`` for ours.
-  NumPy on CPU, CuPy (cuBLAS) on GPU.
+  NumPy on CPU, CuPy on GPU: there the floor is the three cuBLAS GEMMs through CuPy, on
+  the same device arrays, and the ratio is what the margin costs on top of a linear
+  layer, i.e. the kernels of ``kernels/*.cu`` (O(N·D) work) plus the Python of
+  ``forward``/``backward``.  At tiny sizes the GPU waits on the CPU, so the ratio there
+  measures launch and Python overhead, which is what a user pays.  These are the only
+  contenders of ``python -m bench --layer-only`` (no PyTorch needed).
 * ``loss``: forward + backward of the whole loss, ``d loss / d(X, W)`` by
   ``torch.autograd.grad``: ``cross_entropy(F.linear(X, W))`` (the floor),
   ``cross_entropy(lsoftmax(X, W, y))`` through our PyTorch adapter,
@@ -15,14 +20,17 @@ Two kinds of work are timed:
 
 Every contender uses margin 4 (the seed's LeNet and pytorch-metric-learning's default)
 and beta 0 (the only value pytorch-metric-learning has); neither changes our cost, which
-is O(m) per sample.  Inputs are standard normal features and N(0, 1/D) weights, so no
-value is subnormal.
+is O(m) per sample.  Inputs are standard normal features and N(0, 1/D) weights, drawn
+once per size in float64 and converted to each library and dtype, so no float32 value
+is subnormal (in float16 about 1% of the upstream gradient is).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -34,12 +42,16 @@ from .harness import Case, cpu_clock, cupy_clock, torch_cuda_clock
 __all__ = [
     "BETA",
     "CPU_SIZES",
+    "DEVICES",
+    "DTYPES",
     "GPU_SIZES",
     "MARGIN",
+    "SIZES",
     "Size",
     "cupy_cases",
     "naive_lsoftmax",
     "numpy_cases",
+    "sizes_for",
     "torch_cases",
 ]
 
@@ -47,21 +59,64 @@ MARGIN = 4
 BETA = 0.0
 
 
+DEVICES = ("cpu", "gpu")
+
+
 @dataclass(frozen=True)
 class Size:
+    """One N x D x C of the last layer, and the devices it is measured on.
+
+    A name is unique per device, not overall: "face" is the face-recognition scale of
+    each device (10k classes on a 2-core CPU, 100k on a GPU), so that a goal or a table
+    column keeps its name from one device to the other.
+    """
+
     name: str
     n: int
     d: int
     c: int
+    devices: tuple[str, ...] = DEVICES
+
+    @property
+    def dims(self) -> str:
+        c = f"{self.c // 1000}k" if self.c >= 1000 and self.c % 1000 == 0 else str(self.c)
+        return f"{self.n}x{self.d}x{c}"
 
     @property
     def label(self) -> str:
-        c = f"{self.c // 1000}k" if self.c >= 1000 and self.c % 1000 == 0 else str(self.c)
-        return f"{self.name} {self.n}x{self.d}x{c}"
+        return f"{self.name} {self.dims}"
 
 
-CPU_SIZES = (Size("mnist", 256, 2, 10), Size("cifar", 256, 256, 100), Size("face", 256, 512, 10_000))
-GPU_SIZES = (Size("mnist", 256, 2, 10), Size("cifar", 256, 256, 100), Size("face", 512, 512, 100_000))
+#: The one size table of ``python -m bench``, for every device.  "mnist" is the seed's
+#: LeNet head (a 2-D embedding, 10 classes): there the GEMMs cost nothing and what is
+#: measured is per-call overhead.  "cifar" is a small classifier head; "face" a large
+#: one, where the three GEMMs dominate and the margin's O(N·D) work should vanish.
+SIZES: tuple[Size, ...] = (
+    Size("mnist", 256, 2, 10),
+    Size("cifar", 256, 256, 100),
+    Size("face", 256, 512, 10_000, devices=("cpu",)),
+    Size("face", 512, 512, 100_000, devices=("gpu",)),
+)
+
+#: The dtypes measured on each device (CPU: float32 only; the CuPy backend also float16).
+DTYPES: dict[str, tuple[str, ...]] = {"cpu": ("float32",), "gpu": ("float32", "float16")}
+
+
+def sizes_for(device: str, names: Sequence[str] | None = None) -> tuple[Size, ...]:
+    """The sizes of :data:`SIZES` measured on ``device``, optionally only those ``names``."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    sizes = tuple(s for s in SIZES if device in s.devices)
+    if names is None:
+        return sizes
+    unknown = sorted(set(names) - {s.name for s in sizes})
+    if unknown:
+        raise ValueError(f"no size {', '.join(unknown)} on {device}; known: {', '.join(s.name for s in sizes)}")
+    return tuple(s for s in sizes if s.name in names)
+
+
+CPU_SIZES = sizes_for("cpu")
+GPU_SIZES = sizes_for("gpu")
 
 # Contender names, used as keys in the CSV and the goals.
 NP_LINEAR = "numpy linear"
@@ -74,13 +129,20 @@ TORCH_PML = "pytorch-metric-learning LargeMarginSoftmaxLoss"
 TORCH_NAIVE = "torch autograd (acos) + CE"
 
 
+@lru_cache(maxsize=1)
 def _data(size: Size, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """float64 x (N, D), w (C, D), upstream gradient (N, C) and int64 labels (N,)."""
+    """float64 x (N, D), w (C, D), upstream gradient (N, C) and int64 labels (N,).
+
+    The last size's arrays are kept (read-only): every library and dtype at one size
+    converts the same ones, and at 512x512x100k drawing them takes seconds.
+    """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((size.n, size.d))
     w = rng.standard_normal((size.c, size.d)) / math.sqrt(size.d)
     g = rng.standard_normal((size.n, size.c)) / size.n
     label = rng.integers(0, size.c, size.n)
+    for a in (x, w, g, label):
+        a.flags.writeable = False
     return x, w, g, label
 
 
@@ -91,7 +153,7 @@ def _layer_cases(xp: Any, library: str, linear_name: str, lsm_name: str, clock: 
                  size: Size, dtype: str, seed: int) -> list[Case]:
     x64, w64, g64, label64 = _data(size, seed)
     x, w, g = (xp.asarray(a.astype(dtype)) for a in (x64, w64, g64))
-    label = xp.asarray(label64)
+    label = xp.asarray(label64.copy())  # a writable array of the library, like a user's
 
     def linear() -> object:
         return x @ w.T, g @ w, g.T @ x

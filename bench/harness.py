@@ -11,7 +11,9 @@ milliseconds of each other) and then the median over repetitions: a ratio surviv
 noisy machine, an absolute time does not.
 
 Clocks.  CPU: ``time.perf_counter``.  CUDA: events recorded on the stream the contender
-runs on, after a device synchronisation, read after the end event completes.
+runs on, after a device synchronisation, read after the end event completes.  A sample
+includes the host-side Python of each call: where the GPU work is tiny, the GPU waits on
+the CPU and the sample measures launch and Python overhead, which is what a user pays.
 
 Memory.  CPU: the peak resident set size (VmHWM) above the resident size just before one
 call, after a warm-up call, in a separate process started with glibc's mmap threshold
@@ -314,7 +316,7 @@ def environment(gpu: bool) -> dict[str, Any]:
         ) or "none found"
     except ImportError:
         env["numpy_blas"] = "threadpoolctl not installed"
-    if "torch" in sys.modules or env["torch"] != "not installed":
+    if "torch" in sys.modules:  # imported by the run: not imported here only to be described
         try:
             import torch
 

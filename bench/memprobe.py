@@ -7,7 +7,9 @@ The peak RSS above that (``bench.harness.peak_rss_delta``) is then what one
 forward+backward needs on top of its inputs: outputs, gradients and temporaries, from
 NumPy, BLAS and PyTorch alike.  Prints one JSON object per line.
 
-    python -m bench.memprobe SIZE_NAME N D C DTYPE [SIZE_NAME N D C DTYPE ...]
+    python -m bench.memprobe [--layer-only] SIZE_NAME N D C DTYPE [SIZE_NAME N D C DTYPE ...]
+
+``--layer-only``: the NumPy pair alone (PyTorch is not imported).
 """
 
 from __future__ import annotations
@@ -22,19 +24,22 @@ __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
+    layer_only = bool(argv) and argv[0] == "--layer-only"
+    argv = argv[1:] if layer_only else argv
     if len(argv) % 5:
-        raise SystemExit("usage: python -m bench.memprobe SIZE_NAME N D C DTYPE [...]")
+        raise SystemExit("usage: python -m bench.memprobe [--layer-only] SIZE_NAME N D C DTYPE [...]")
     for i in range(0, len(argv), 5):
         name, n, d, c, dtype = argv[i:i + 5]
         size = Size(name, int(n), int(d), int(c))
-        for case in numpy_cases(size, dtype) + torch_cases(size, dtype, "cpu"):
+        cases = numpy_cases(size, dtype) + ([] if layer_only else torch_cases(size, dtype, "cpu"))
+        for case in cases:
             try:
                 case.run()  # warm-up: one-time initialisation is not the layer's memory
                 peak = peak_rss_delta(case.run)
             except Exception:  # noqa: BLE001 - the timing table carries the error
                 peak = float("nan")
             print(json.dumps({"size": name, "dtype": dtype, "contender": case.name, "peak_mib": peak}), flush=True)
-        del case
+        del case, cases
     return 0
 
 

@@ -12,7 +12,7 @@ import csv
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .contenders import (
     CP_LINEAR,
@@ -23,6 +23,7 @@ from .contenders import (
     TORCH_LINEAR,
     TORCH_NAIVE,
     TORCH_PML,
+    Size,
 )
 
 __all__ = [
@@ -91,39 +92,46 @@ def _ok(v: Any) -> bool:
     return isinstance(v, (int, float)) and not math.isnan(v)
 
 
+#: The issue's goals per device: (what, N, D, C, contender, peer, target, test, format),
+#: all float32.  Without ``peer`` the value is the contender's ratio to its floor; with
+#: one it is "x times faster than the peer", the ratio of the two ratios to the same
+#: floor, i.e. of two times measured in the same repetitions.  Found by shape, not by
+#: size name: a goal names its N x D x C and is "not measured" if the table lacks it.
+GOALS: dict[str, list[tuple[str, int, int, int, str, str | None, str, Callable[[float], bool], str]]] = {
+    "cpu": [
+        ("NumPy backend fwd+bwd vs NumPy linear", 256, 512, 10_000, NP_LSM, None,
+         "<= 1.05x", lambda v: v <= 1.05, "{:.3f}x"),
+        ("torch adapter + CE vs pytorch-metric-learning", 256, 512, 10_000, TORCH_ADAPTER, TORCH_PML,
+         ">= 3x faster", lambda v: v >= 3.0, "{:.2f}x faster"),
+    ],
+    "gpu": [
+        ("CuPy backend fwd+bwd vs 3 cuBLAS GEMMs", 512, 512, 100_000, CP_LSM, None,
+         "<= 1.03x", lambda v: v <= 1.03, "{:.3f}x"),
+        ("CuPy backend fwd+bwd vs 3 cuBLAS GEMMs", 256, 2, 10, CP_LSM, None,
+         "<= 1.5x", lambda v: v <= 1.5, "{:.3f}x"),
+        ("torch adapter + CE vs pytorch-metric-learning", 512, 512, 100_000, TORCH_ADAPTER, TORCH_PML,
+         ">= 3x faster", lambda v: v >= 3.0, "{:.2f}x faster"),
+    ],
+}
+
+
 def goals(device: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals for ``device`` with the measured value and met / MISSED / not measured.
+    """The issue's goals for ``device`` with the measured value and met / MISSED / not measured."""
+    def ratio(n: int, d: int, c: int, contender: str) -> float:
+        for r in rows:
+            if (int(r.get("n", -1)), int(r.get("d", -1)), int(r.get("c", -1))) == (n, d, c) \
+                    and r["dtype"] == "float32" and r["contender"] == contender:
+                return float(r["ratio_to_floor"]) if _ok(r["ratio_to_floor"]) else math.nan
+        return math.nan
 
-    "x times faster than pytorch-metric-learning" is the ratio of the two ratios to the
-    same floor, i.e. of two times measured in the same repetitions.
-    """
-    def ratio(size: str, contender: str) -> float:
-        r = _find(rows, size, "float32", contender)
-        return float(r["ratio_to_floor"]) if r and _ok(r["ratio_to_floor"]) else math.nan
-
-    def speedup(size: str) -> float:
-        return ratio(size, TORCH_PML) / ratio(size, TORCH_ADAPTER)
-
-    if device == "cpu":
-        spec = [
-            ("NumPy backend fwd+bwd vs NumPy linear, 256x512x10k float32", "<= 1.05x",
-             ratio("face", NP_LSM), lambda v: v <= 1.05, "{:.3f}x"),
-            ("torch adapter + CE vs pytorch-metric-learning, 256x512x10k float32", ">= 3x faster",
-             speedup("face"), lambda v: v >= 3.0, "{:.2f}x faster"),
-        ]
-    else:
-        spec = [
-            ("CuPy backend fwd+bwd vs 3 cuBLAS GEMMs, 512x512x100k float32", "<= 1.03x",
-             ratio("face", CP_LSM), lambda v: v <= 1.03, "{:.3f}x"),
-            ("CuPy backend fwd+bwd vs 3 cuBLAS GEMMs, 256x2x10 float32", "<= 1.5x",
-             ratio("mnist", CP_LSM), lambda v: v <= 1.5, "{:.3f}x"),
-            ("torch adapter + CE vs pytorch-metric-learning, 512x512x100k float32", ">= 3x faster",
-             speedup("face"), lambda v: v >= 3.0, "{:.2f}x faster"),
-        ]
     out = []
-    for name, target, value, test, fmt in spec:
+    for what, n, d, c, contender, peer, target, test, fmt in GOALS[device]:
+        value = ratio(n, d, c, contender)
+        if peer is not None:
+            value = ratio(n, d, c, peer) / value
         measured = _ok(value)
-        out.append({"goal": name, "target": target, "measured": fmt.format(value) if measured else UNMEASURED,
+        out.append({"goal": f"{what}, {Size('', n, d, c).dims} float32", "target": target,
+                    "measured": fmt.format(value) if measured else UNMEASURED,
                     "status": ("met" if test(value) else "MISSED") if measured else "not measured"})
     return out
 
@@ -140,9 +148,7 @@ def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
 def _sizes(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     seen: dict[str, str] = {}
     for r in rows:
-        c = int(r["c"])
-        cs = f"{c // 1000}k" if c >= 1000 and c % 1000 == 0 else str(c)
-        seen.setdefault(r["size"], f"{r['size']} {r['n']}x{r['d']}x{cs}")
+        seen.setdefault(r["size"], Size(r["size"], int(r["n"]), int(r["d"]), int(r["c"])).label)
     return list(seen.items())
 
 
@@ -265,8 +271,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ticks = [int(r["c"]) for size, _ in sizes if (r := _find(rows, size, dtype, NP_LINEAR) or
-                                                      _find(rows, size, dtype, TORCH_LINEAR)) is not None]
+        ticks = [int(next(r for r in rows if r["size"] == size and r["dtype"] == dtype)["c"]) for size, _ in sizes]
         ax.set_xticks(ticks, [label.replace(" ", "\n", 1) for _, label in sizes][: len(ticks)])
         ax.set_xlabel("C (classes); size = N x D x C")
         ax.set_ylabel("time / floor time (forward+backward)")
@@ -284,39 +289,54 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 HOWTO = """\
-Run from the repository root (PyTorch, pytorch-metric-learning and matplotlib: `pip install -e '.[bench]'`):
+One harness, `python -m bench`, measures both devices over one size table
+(`SIZES` in `bench/contenders.py`: each size is marked for the devices it runs on, e.g.
+512x512x100k on GPU only, 256x512x10k on CPU only) and writes one section per device
+below. Run from the repository root (PyTorch, pytorch-metric-learning and matplotlib:
+`pip install -e '.[bench]'`):
 
 ```bash
 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m bench --cpu   # ~2-5 min on 2 cores
 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m bench --cpu --threads 1   # on a shared machine
-python -m bench --gpu                          # ~1-3 min; PEER_BENCH=1 scripts/gpu_check.sh runs it
+python -m bench --gpu                          # every GPU contender and LeNet (not yet timed on a GPU)
+python -m bench --gpu --layer-only             # the CuPy backend against 3 cuBLAS GEMMs only (no PyTorch)
 python -m bench --cpu --quick                  # < 1 min: checks the harness only, touches no file here
+python -m bench --cpu --quick --sizes mnist    # one size of the table (names: mnist, cifar, face)
 python -m bench.profile_cpu                    # where the NumPy backend's time goes beyond the GEMMs
+scripts/gpu_check.sh                           # on a GPU machine: GPU tests, then --gpu --layer-only (about 6 min at most)
+PEER_BENCH=1 scripts/gpu_check.sh              # the same with the whole --gpu run (PyTorch, peers, LeNet)
+scripts/fetch_gpu_wheels.sh                    # beforehand, where PyPI is reachable: the peer's wheel into .whl/
 ```
 
 Each run writes `bench/results/{cpu,gpu}.csv` (every contender at every size),
-`{cpu,gpu}_lenet.csv` (the seed's LeNet table), `{cpu,gpu}_env.json` (machine, versions,
-threads, BLAS kernel, date), the plot `docs/bench/{cpu,gpu}_ratio.png` and its section
-below. `python -m bench --gpu --out DIR --no-doc` writes the files into DIR only (for a
-remote GPU machine); `python -m bench --render gpu --from DIR` then copies that run's files to `bench/results/` and puts its
-section and plot into this file. On machines that set `OPENBLAS_CORETYPE` or
-`OPENBLAS_L2_SIZE` (a workaround for old OpenBLAS builds), unset both for the benchmark
-command only, as above: they select a slower kernel in a current NumPy. The run records
-the kernel that actually ran (`numpy_blas` below, from threadpoolctl).
+`{cpu,gpu}_lenet.csv` (the seed's LeNet table; empty with `--layer-only`),
+`{cpu,gpu}_env.json` (machine, versions, threads, BLAS kernel, the command, date), the
+plot `docs/bench/{cpu,gpu}_ratio.png` and its section below. With `--out DIR --no-doc`
+the files, the plot and the section (`DEVICE.md`) go into DIR only (`--no-plot`: no
+plot), which is how `scripts/gpu_check.sh` runs it on a remote GPU machine, into
+`$OUT_DIR/bench`; `python -m bench --render gpu --from DIR` then copies that run's files
+to `bench/results/` and puts its section and plot into this file. On a GPU machine
+without pytorch-metric-learning, carry `.whl/` along: `gpu_check.sh` installs what it
+finds there offline. On machines that set `OPENBLAS_CORETYPE` or `OPENBLAS_L2_SIZE` (a
+workaround for old OpenBLAS builds), unset both for the benchmark command only, as
+above: they select a slower kernel in a current NumPy. The run records the kernel that
+actually ran (`numpy_blas` below, from threadpoolctl).
 
-Method: the contenders of one comparison (NumPy's pair, PyTorch's four on CPU; all of
-them on GPU) run in one process, warmed up, then round-robin with the order shuffled per
-repetition; a sample is enough back-to-back calls to last about
-20 ms (CPU) or 5 ms (GPU, timed with CUDA events after a synchronisation). Ratios are
-taken against the plain linear layer of the same library (NumPy, CuPy/cuBLAS, PyTorch)
-within each repetition, then the median over repetitions: a ratio survives a noisy,
-shared machine far better than an absolute time. CPU memory is the peak resident set
-size above the resident size just before one call (after a warm-up call), in a separate
-process where glibc returns every freed block of 64 KiB or more to the OS, so NumPy,
-OpenBLAS and PyTorch allocations all count; GPU memory is the allocator's own peak
-(PyTorch's `max_memory_allocated`, a counting allocator over CuPy's pool), without
-library workspaces. All contenders use margin 4 and beta 0 (pytorch-metric-learning has
-no beta); LeNet uses margin 4, beta 1 as the seed did.
+Method (`bench/harness.py`, the same on both devices): the contenders of one comparison
+(NumPy's pair, PyTorch's four on CPU; all of them on GPU) run in one process, warmed up
+(kernels compiled, cuBLAS plans made), then round-robin with the order shuffled per
+repetition; a sample is enough back-to-back calls to last about 20 ms (CPU) or 5 ms
+(GPU, timed with CUDA events recorded after a device synchronisation), divided by the
+number of calls, and includes the host-side Python of each call. Ratios are taken
+against the plain linear layer of the same library (NumPy, CuPy/cuBLAS, PyTorch) within
+each repetition, then the median over repetitions: a ratio survives a noisy, shared
+machine far better than an absolute time. CPU memory is the peak resident set size above
+the resident size just before one call (after a warm-up call), in a separate process
+where glibc returns every freed block of 64 KiB or more to the OS, so NumPy, OpenBLAS and
+PyTorch allocations all count; GPU memory is the allocator's own peak (PyTorch's
+`max_memory_allocated`, a counting allocator over CuPy's pool), without library
+workspaces. All contenders use margin 4 and beta 0 (pytorch-metric-learning has no
+beta); LeNet uses margin 4, beta 1 as the seed did.
 """
 
 

@@ -1,9 +1,14 @@
-"""The CPU and GPU runs: every contender at every size, the LeNet table, memory, files.
+"""The CPU and GPU runs: every contender at every size of the one table, LeNet, memory, files.
 
-Each (size, dtype) is one interleaved measurement per comparison (NumPy pair, CuPy pair,
-PyTorch four on CPU; all together on GPU; see :mod:`bench.harness`); the rows carry the
-median time, the paired ratio to the
-library's floor and the peak memory.
+Both devices go through the same steps: for each size of :data:`bench.contenders.SIZES`
+marked for the device and each of its dtypes, one interleaved measurement per comparison
+(on CPU the NumPy pair, then PyTorch's four; on GPU the CuPy pair and PyTorch's four
+together; see :mod:`bench.harness`), then the seed's LeNet table, then the files
+(``DEVICE.csv``, ``DEVICE_lenet.csv``, ``DEVICE_env.json``) and, through
+:func:`bench.report.publish`, the doc section.  The rows carry the median time, the
+paired ratio to the library's floor and the peak memory.  ``layer_only`` keeps the
+backend against its linear floor alone (NumPy or CuPy; no PyTorch, no LeNet): that is
+what ``scripts/gpu_check.sh`` runs within its time budget.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .contenders import CPU_SIZES, GPU_SIZES, Size, cupy_cases, numpy_cases, torch_cases
+from .contenders import DTYPES, Size, cupy_cases, numpy_cases, sizes_for, torch_cases
 from .harness import Case, Measured, cupy_peak, environment, measure, paired_ratio, torch_cuda_peak
 from .lenet import lenet_rows
 
@@ -58,17 +63,28 @@ def _rows(device: str, size: Size, dtype: str, measured: Sequence[Measured],
     return rows
 
 
-def cpu_memory(sizes: Sequence[Size], dtype: str, threads: int | None = None) -> dict[tuple[str, str], float]:
+#: Started by :func:`cpu_memory` with ``python -P -c``: the probe gets this process's
+#: sys.path (so it imports the same lsoftmax_core, whether laid out, installed or
+#: editable) with bench's parent at the end, never the repository root first.
+_PROBE = "import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); from bench.memprobe import main; sys.exit(main(sys.argv[1:]))"
+
+
+def cpu_memory(sizes: Sequence[Size], dtype: str, threads: int | None = None,
+               layer_only: bool = False) -> dict[tuple[str, str], float]:
     """(size name, contender) -> peak MiB, from :mod:`bench.memprobe` in a fresh process."""
     args = [str(v) for s in sizes for v in (s.name, s.n, s.d, s.c, dtype)]
+    if layer_only:
+        args.insert(0, "--layer-only")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     if threads:
         env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    path = [p for p in sys.path if p] + ([] if str(REPO) in sys.path else [str(REPO)])
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.memprobe", *args], cwd=REPO, env=env,
+        out = subprocess.run([sys.executable, "-P", "-c", _PROBE, json.dumps(path), *args], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        print(f"memory probe failed, no memory figures: {e}", file=sys.stderr)
+        detail = (getattr(e, "stderr", None) or "").strip().splitlines()[-1:]
+        print(f"memory probe failed, no memory figures: {e} {' '.join(detail)}", file=sys.stderr)
         return {}
     result = {}
     for line in out.splitlines():
@@ -83,15 +99,17 @@ def _progress(text: str) -> None:
 
 
 @contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    """Cap NumPy's BLAS and PyTorch at ``threads`` threads for the block (None: leave them)."""
+def _threads(threads: int | None, torch_too: bool = True) -> Iterator[None]:
+    """Cap NumPy's BLAS (and PyTorch, unless not ``torch_too``) at ``threads`` threads for the block (None: leave them)."""
     if not threads:
         yield
         return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch: Any = None
+    if torch_too:
+        import torch
+    before = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # the BLAS keeps its threads; the environment record says how many
@@ -101,73 +119,114 @@ def _threads(threads: int | None) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
         if limits is not None:
             limits.restore_original_limits()
 
 
 def run_cpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
-            sizes: Sequence[Size] = CPU_SIZES, memory: bool = True, threads: int | None = None) -> list[dict[str, Any]]:
+            sizes: Sequence[Size] | None = None, memory: bool = True, threads: int | None = None,
+            layer_only: bool = False, command: str | None = None) -> list[dict[str, Any]]:
     """Measure the CPU contenders; write ``cpu.csv``, ``cpu_lenet.csv``, ``cpu_env.json`` and the doc.
 
-    ``threads`` caps NumPy's BLAS and PyTorch (default: the libraries' own choice, one
-    per core).
+    ``sizes`` default to the CPU sizes of the one table; ``threads`` caps NumPy's BLAS
+    and PyTorch (default: the libraries' own choice, one per core).
     """
-    with _threads(threads):
-        return _run_cpu(settings, out_dir, doc, plot_dir, sizes, memory, threads)
+    with _threads(threads, torch_too=not layer_only):
+        return _run_cpu(settings, out_dir, doc, plot_dir, sizes_for("cpu") if sizes is None else sizes,
+                        memory, threads, layer_only, command)
 
 
 def _run_cpu(settings: Settings, out_dir: Path, doc: Path | None, plot_dir: Path | None,
-             sizes: Sequence[Size], memory: bool, threads: int | None) -> list[dict[str, Any]]:
-    import torch
+             sizes: Sequence[Size], memory: bool, threads: int | None, layer_only: bool,
+             command: str | None) -> list[dict[str, Any]]:
+    if not layer_only:
+        import torch  # noqa: F401 - imported before the environment record, which then lists its threads
 
     env = environment(gpu=False)
     env["threads_requested"] = threads or "library default"
-    env["command"] = "python -m bench --cpu" + (f" --threads {threads}" if threads else "")
-    dtype = "float32"
-    mem = cpu_memory(sizes, dtype, threads) if memory else {}
+    env["command"] = command or "python -m bench --cpu" + (f" --threads {threads}" if threads else "")
     rows: list[dict[str, Any]] = []
-    for size in sizes:
-        _progress(f"cpu {size.label} {dtype}")
-        # One interleaved measurement per comparison: NumPy's pair, then PyTorch's four.
-        # Interleaving NumPy with PyTorch calls would only add the two thread pools
-        # (OpenBLAS's pthreads, PyTorch's OpenMP) waking and spinning against each other.
-        measured: list[Measured] = []
-        for cases in (numpy_cases(size, dtype), torch_cases(size, dtype, "cpu")):
-            measured += measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
-        rows += _rows("cpu", size, dtype, measured, {k[1]: v for k, v in mem.items() if k[0] == size.name})
-        del cases, measured
-    _progress("cpu LeNet")
-    lenet = lenet_rows("cpu", settings.lenet_batches, repeat=settings.repeat, warmup=settings.warmup,
-                       min_time=settings.min_time)
+    for dtype in DTYPES["cpu"]:
+        mem = cpu_memory(sizes, dtype, threads, layer_only) if memory else {}
+        for size in sizes:
+            _progress(f"cpu {size.label} {dtype}")
+            # One interleaved measurement per comparison: NumPy's pair, then PyTorch's four.
+            # Interleaving NumPy with PyTorch calls would only add the two thread pools
+            # (OpenBLAS's pthreads, PyTorch's OpenMP) waking and spinning against each other.
+            comparisons = [numpy_cases(size, dtype)]
+            if not layer_only:
+                comparisons.append(torch_cases(size, dtype, "cpu"))
+            measured: list[Measured] = []
+            for cases in comparisons:
+                measured += measure(cases, repeat=settings.repeat, warmup=settings.warmup,
+                                    min_time=settings.min_time)
+            rows += _rows("cpu", size, dtype, measured, {k[1]: v for k, v in mem.items() if k[0] == size.name})
+            del comparisons, measured
+    lenet: list[dict[str, Any]] = []
+    if not layer_only:
+        _progress("cpu LeNet")
+        lenet = lenet_rows("cpu", settings.lenet_batches, repeat=settings.repeat, warmup=settings.warmup,
+                           min_time=settings.min_time)
     env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    env["torch_threads"] = torch.get_num_threads()
+    if "torch" in sys.modules:
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
     _write(out_dir, "cpu", rows, lenet, env)
     report.publish(doc, plot_dir, "cpu", rows, lenet, env, out_dir)
     return rows
 
 
-def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
-            sizes: Sequence[Size] = GPU_SIZES, dtypes: Sequence[str] = ("float32", "float16")) -> list[dict[str, Any]]:
-    """Measure the GPU contenders; write ``gpu.csv``, ``gpu_lenet.csv``, ``gpu_env.json`` and, if asked, the doc."""
-    import torch
+def _cupy_device() -> None:
+    """Raise SystemExit unless CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
 
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device visible to PyTorch: nothing to measure on GPU")
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return
+        problem = "no CUDA device"
+    except Exception as e:  # noqa: BLE001 - CuPy missing, no driver, ...
+        problem = f"{type(e).__name__}: {e}"
+    raise SystemExit(f"CuPy sees no usable GPU ({problem}): nothing to measure with --layer-only")
+
+
+def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
+            sizes: Sequence[Size] | None = None, dtypes: Sequence[str] | None = None,
+            layer_only: bool = False, command: str | None = None) -> list[dict[str, Any]]:
+    """Measure the GPU contenders; write ``gpu.csv``, ``gpu_lenet.csv``, ``gpu_env.json`` and, if asked, the doc.
+
+    ``sizes`` and ``dtypes`` default to the GPU sizes and dtypes of the one table.  With
+    ``layer_only`` only the CuPy pair runs (CuPy's three cuBLAS GEMMs, the CuPy backend)
+    and PyTorch is not imported.
+    """
+    sizes = sizes_for("gpu") if sizes is None else sizes
+    dtypes = DTYPES["gpu"] if dtypes is None else dtypes
+    torch: Any = None
+    if layer_only:
+        _cupy_device()
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device visible to PyTorch: nothing to measure on GPU")
     env = environment(gpu=True)
-    env["command"] = "python -m bench --gpu"
-    env["torch_matmul_tf32"] = str(torch.backends.cuda.matmul.allow_tf32)
+    env["command"] = command or "python -m bench --gpu" + (" --layer-only" if layer_only else "")
+    if torch is not None:
+        env["torch_matmul_tf32"] = str(torch.backends.cuda.matmul.allow_tf32)
     env["CUPY_TF32"] = os.environ.get("CUPY_TF32", "(unset)")
     rows: list[dict[str, Any]] = []
-    for dtype in dtypes:
-        for size in sizes:
+    for size in sizes:  # size outer: every dtype converts the same drawn arrays
+        for dtype in dtypes:
             _progress(f"gpu {size.label} {dtype}")
             cases: list[Case] = []
             try:
                 cases += cupy_cases(size, dtype)
             except Exception as e:  # noqa: BLE001 - CuPy missing or broken: the torch rows still come
+                if layer_only:
+                    raise
                 _progress(f"  CuPy contenders skipped: {e}")
-            cases += torch_cases(size, dtype, "cuda")
+            if not layer_only:
+                cases += torch_cases(size, dtype, "cuda")
             measured = measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
             mem = {}
             for m in measured:
@@ -179,14 +238,27 @@ def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
                     _progress(f"  memory of {m.case.name} not measured: {e}")
             rows += _rows("gpu", size, dtype, measured, mem)
             del cases, measured
-            torch.cuda.empty_cache()
-    _progress("gpu LeNet")
-    lenet = lenet_rows("cuda", settings.lenet_batches, repeat=settings.repeat, warmup=settings.warmup,
-                       min_time=settings.min_time)
+            _free_gpu_memory(torch)
+    lenet: list[dict[str, Any]] = []
+    if not layer_only:
+        _progress("gpu LeNet")
+        lenet = lenet_rows("cuda", settings.lenet_batches, repeat=settings.repeat, warmup=settings.warmup,
+                           min_time=settings.min_time)
     env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     _write(out_dir, "gpu", rows, lenet, env)
     report.publish(doc, plot_dir, "gpu", rows, lenet, env, out_dir)
     return rows
+
+
+def _free_gpu_memory(torch: Any) -> None:
+    """Hand the cached blocks of the last size back, so that the next one has the whole device."""
+    import gc
+
+    gc.collect()
+    if torch is not None:
+        torch.cuda.empty_cache()
+    if "cupy" in sys.modules:
+        sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
 
 
 def _write(out_dir: Path, device: str, rows: list[dict[str, Any]], lenet: list[dict[str, Any]],

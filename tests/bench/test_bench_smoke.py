@@ -1,11 +1,15 @@
-"""The benchmark harness runs end to end at a tiny size and writes well-formed files.
+"""The one benchmark harness (`python -m bench`) runs end to end at tiny sizes and writes well-formed files.
 
-No timing is asserted: speed is for `python -m bench`, not for tests.
+CPU runs go through the same code as GPU runs (size table, harness, files, doc section);
+the GPU run itself is marked ``gpu`` and skipped without a device.  No timing is
+asserted: speed is for `python -m bench`, not for tests.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -15,21 +19,61 @@ import pytest
 
 pytest.importorskip("torch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not installed
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_bench() -> None:
+    """Import ``bench`` (not installed) from the checkout without putting the repository root on sys.path.
+
+    The root first on sys.path would shadow the installed lsoftmax_core with the source
+    folder, which has no ``adapters`` (see scripts/gpu_check.sh); only ``bench`` is exposed.
+    """
+    loaded = sys.modules.get("bench")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == ROOT / "bench":
+        return
+    spec = importlib.util.spec_from_file_location(
+        "bench", ROOT / "bench" / "__init__.py", submodule_search_locations=[str(ROOT / "bench")])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module
+    spec.loader.exec_module(module)
+
+
+_load_bench()
 
 from bench import report
+from bench.__main__ import main
 from bench.contenders import (
+    CP_LINEAR,
+    CP_LSM,
+    DTYPES,
     NP_LINEAR,
     NP_LSM,
+    SIZES,
     TORCH_ADAPTER,
     TORCH_LINEAR,
     TORCH_NAIVE,
     TORCH_PML,
     Size,
     naive_lsoftmax,
+    sizes_for,
 )
 from bench.harness import peak_rss_delta
-from bench.runner import Settings, run_cpu
+from bench.runner import Settings, run_cpu, run_gpu
+
+
+def _gpu() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no CuPy, no driver
+        return False
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 FOREIGN = "## GPU kernels\n\nsomeone else's text, kept verbatim\n"
 
@@ -88,13 +132,112 @@ def test_cpu_harness_writes_csv_markdown_and_plot(tmp_path: Path) -> None:
 
 def test_goals_say_met_missed_and_not_measured() -> None:
     def row(contender: str, ratio: float) -> dict[str, object]:
-        return {"size": "face", "dtype": "float32", "contender": contender, "ratio_to_floor": ratio}
+        return {"size": "face", "n": 256, "d": 512, "c": 10_000, "dtype": "float32", "contender": contender,
+                "ratio_to_floor": ratio}
 
     met = report.goals("cpu", [row(NP_LSM, 1.01), row(TORCH_ADAPTER, 1.2), row(TORCH_PML, 4.8)])
     assert [g["status"] for g in met] == ["met", "met"]
     missed = report.goals("cpu", [row(NP_LSM, 1.2), row(TORCH_ADAPTER, 2.0), row(TORCH_PML, 4.0)])
     assert [g["status"] for g in missed] == ["MISSED", "MISSED"]
     assert [g["status"] for g in report.goals("gpu", [])] == ["not measured"] * 3
+    # Goals are found by shape: the same ratios at another N x D x C measure nothing.
+    other = [dict(r, c=100) for r in (row(NP_LSM, 1.01), row(TORCH_ADAPTER, 1.2), row(TORCH_PML, 4.8))]
+    assert [g["status"] for g in report.goals("cpu", other)] == ["not measured"] * 2
+
+
+def test_one_size_table_for_both_devices() -> None:
+    cpu, gpu = sizes_for("cpu"), sizes_for("gpu")
+    assert set(cpu) | set(gpu) == set(SIZES)  # every size of the table runs somewhere, nothing else does
+    for device, sizes in (("cpu", cpu), ("gpu", gpu)):
+        assert len({s.name for s in sizes}) == len(sizes), device  # a name means one shape per device
+        assert all(device in s.devices for s in sizes)
+        # Every goal's shape is a size measured on its device.
+        shapes = {(s.n, s.d, s.c) for s in sizes}
+        assert {(n, d, c) for _, n, d, c, *_ in report.GOALS[device]} <= shapes, device
+        assert "float32" in DTYPES[device]
+    # The per-call overhead size (the seed's LeNet head) is on both devices; 100k classes on GPU only.
+    assert Size("mnist", 256, 2, 10) in cpu and Size("mnist", 256, 2, 10) in gpu
+    assert {s.dims for s in gpu if s.name == "face"} == {"512x512x100k"}
+    assert {s.dims for s in cpu if s.name == "face"} == {"256x512x10k"}
+    assert sizes_for("gpu", ["mnist"]) == (Size("mnist", 256, 2, 10),)
+    with pytest.raises(ValueError, match="no size nope"):
+        sizes_for("cpu", ["nope"])
+
+
+def test_cli_quick_layer_only_cpu_run_writes_what_render_reads(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["--cpu", "--quick", "--layer-only", "--sizes", "mnist", "--no-plot", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cpu.csv", "cpu.md", "cpu_env.json", "cpu_lenet.csv"]
+    rows = _csv(out / "cpu.csv")
+    assert [(r["size"], r["contender"]) for r in rows] == [("mnist", NP_LINEAR), ("mnist", NP_LSM)]
+    assert all(r["note"] == "" and float(r["median_ms"]) > 0 for r in rows), rows
+    # The memory probe ran in its own process and found bench and lsoftmax_core there.
+    assert all(math.isfinite(float(r["peak_mib"])) for r in rows), rows
+    assert _csv(out / "cpu_lenet.csv") == []  # --layer-only: no LeNet
+    env = json.loads((out / "cpu_env.json").read_text())
+    assert env["command"] == "python -m bench --cpu --quick --layer-only --sizes mnist --no-plot"  # no local path
+
+    # --render rebuilds the same section from the files alone (how a GPU run comes back).
+    again = tmp_path / "rendered"
+    assert main(["--render", "cpu", "--from", str(out), "--out", str(again), "--no-doc", "--no-plot"]) == 0
+    assert (again / "cpu.md").read_text() == (out / "cpu.md").read_text()
+
+
+def test_render_gpu_files_into_the_gpu_section_only(tmp_path: Path) -> None:
+    """A GPU run's files (made up here, never published) become the GPU section; the CPU one stays."""
+    source = tmp_path / "from-gpu"
+    source.mkdir()
+    rows = []
+    for size in sizes_for("gpu"):
+        for dtype in DTYPES["gpu"]:
+            for name, ratio in ((CP_LINEAR, 1.0), (CP_LSM, 1.2)):
+                rows.append({"device": "gpu", "size": size.name, "n": size.n, "d": size.d, "c": size.c,
+                             "dtype": dtype, "contender": name, "library": "cupy", "kind": "layer",
+                             "floor": CP_LINEAR, "median_ms": 1.0 * ratio, "ratio_to_floor": ratio,
+                             "peak_mib": 1.0, "repeats": 3, "inner": 1, "note": ""})
+    report.write_csv(source / "gpu.csv", rows, report.COLUMNS)
+    report.write_csv(source / "gpu_lenet.csv", [], report.LENET_COLUMNS)
+    (source / "gpu_env.json").write_text(json.dumps({"command": "python -m bench --gpu --layer-only"}))
+    out = tmp_path / "out"
+    assert main(["--render", "gpu", "--from", str(source), "--out", str(out), "--no-doc", "--no-plot"]) == 0
+    text = (out / "gpu.md").read_text()
+    assert "#### GPU, float32: time" in text and "#### GPU, float16: time" in text
+    assert "| 1.20x (1.2 ms) |" in text and "512x512x100k" in text
+    status = {g["goal"]: g["status"] for g in report.goals("gpu", report.read_csv(out / "gpu.csv"))}
+    assert status == {
+        "CuPy backend fwd+bwd vs 3 cuBLAS GEMMs, 512x512x100k float32": "MISSED",
+        "CuPy backend fwd+bwd vs 3 cuBLAS GEMMs, 256x2x10 float32": "met",
+        "torch adapter + CE vs pytorch-metric-learning, 512x512x100k float32": "not measured",
+    }
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench:cpu:begin -->\nCPU text\n<!-- bench:cpu:end -->\n")
+    env = json.loads((out / "gpu_env.json").read_text())
+    report.publish(doc, None, "gpu", report.read_csv(out / "gpu.csv"), [], env, None)
+    published = doc.read_text()
+    assert "CPU text" in published and published.count("<!-- bench:gpu:begin -->") == 1
+    assert text.strip() in published
+
+
+@pytest.mark.skipif(_gpu(), reason="a GPU is present: the layer run is tested by the gpu test below")
+def test_gpu_layer_run_refuses_without_a_device(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="nothing to measure"):
+        main(["--gpu", "--layer-only", "--quick", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # no half-written files
+
+
+@pytest.mark.gpu
+def test_gpu_layer_run_measures_the_cupy_pair(tmp_path: Path) -> None:
+    size = Size("tiny", 8, 3, 5)
+    run_gpu(Settings(repeat=2, warmup=1, min_time=0.0, lenet_batches=()), out_dir=tmp_path, doc=None,
+            plot_dir=None, sizes=(size,), layer_only=True)
+    rows = _csv(tmp_path / "gpu.csv")
+    assert [(r["dtype"], r["contender"]) for r in rows] == [
+        (dtype, name) for dtype in DTYPES["gpu"] for name in (CP_LINEAR, CP_LSM)]
+    for r in rows:
+        assert r["note"] == "" and float(r["median_ms"]) > 0 and r["repeats"] == "2", r
+        assert math.isfinite(float(r["ratio_to_floor"])) and math.isfinite(float(r["peak_mib"])), r
+    assert _csv(tmp_path / "gpu_lenet.csv") == []
+    assert "cupy" in json.loads((tmp_path / "gpu_env.json").read_text())
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
