@@ -9,6 +9,8 @@ printed table give the numbers (accuracy, intra-class and inter-class angles).
     pip install -e '.[demo]' && lsoftmax-demo          # digits 8x8, no download, about 1 min
     lsoftmax-demo --mnist ~/data/mnist                 # the four standard MNIST IDX files
 
+(shell commands; ``main(argv)`` runs the same from Python).
+
 Data: scikit-learn's bundled 8x8 digits by default (fixed stratified 70/30 split), or
 MNIST with ``--mnist DIR``.  Annealing (the seed's): beta_t = max(beta0 * 0.99**t,
 beta_min), t counted in optimizer steps, beta0 = 100 (1000 for margins >= 6, as the seed
@@ -16,8 +18,9 @@ did for margin 6), and beta_min = BETA_MIN (see the note there).
 
 A run is reproducible: every margin starts from ``torch.manual_seed(seed)`` and PyTorch
 runs deterministic algorithms on one CPU thread, so on the CPU the same seed gives the
-same results.json (except train_seconds) and figures, and a margin's run does not depend
-on which other margins were asked for.  (--device cuda asks for deterministic algorithms
+same results.json (except train_seconds) and figures with the same library versions
+(recorded in results.json), and a margin's run does not depend on which other margins
+were asked for.  (--device cuda asks for deterministic algorithms
 too, but the L-Softmax kernels' own reductions decide what that means there.)
 """
 
@@ -51,15 +54,10 @@ DEFAULT_OUT = "demo-out"
 
 SCALE = 0.99  # the seed's decay of beta per iteration
 
-#: Floor of the annealed beta.  The seed's default was 0: once annealed, the target logit
-#: is the pure margin term |x||w|psi(theta).  psi falls to -(2m - 1) at theta = pi, so for a
-#: feature on the wrong side the pure term pulls |x| towards 0, where its angle, and so
-#: its gradient, is lost.  With 10 classes in a 2-D plane that is what happened to margin
-#: 6 on the digits while tuning: with floors 0 and 0.1, several classes sank into the
-#: origin (70% and 60% test accuracy, seed 0); with 1, on seeds 2 and 3 (79%, 69%).  With 2
-#: (and 5) margin 6 trained on every seed tried (0-3, 98-99%), so 2 is the smallest floor
-#: that worked.  It keeps the target logit |x||w|(2 cos(theta) + psi(theta))/3: a third of
-#: the margin's pull, still enough to thin the rays steadily with the margin (the table).
+#: Floor of the annealed beta (the seed's was 0).  With beta 0 a feature on the wrong side
+#: is pulled towards the origin, where its angle and so its gradient are lost; 2 is the
+#: smallest floor with which margin 6 trained on every seed tried on the 8x8 digits
+#: (docs/design.md, "The demo's beta floor", has the runs).
 BETA_MIN = 2.0
 
 
@@ -289,6 +287,21 @@ def _preset(base: Preset, epochs: int | None) -> Preset:
     return base if epochs is None else replace(base, epochs=epochs)
 
 
+def _versions() -> dict[str, str]:
+    """The libraries a run's numbers depend on: the same seed gives the same results.json
+    only with the same versions (another torch release rounds the CNN differently)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for dist in ("lsoftmax-core", "torch", "numpy", "scikit-learn"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -344,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **asdict(preset),
             "lr_drop_epoch": preset.lr_drop_epoch,
             "torch": torch.__version__,
+            "versions": _versions(),
         },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -4,11 +4,15 @@
 target logits carry the angular margin; ``backward`` returns ``(grad_x, grad_w)``.  NumPy
 arrays run the CPU backend, CuPy arrays the CUDA kernels; the result has the inputs'
 array library and dtype (or is the caller's ``out=``).  This module imports neither CuPy
-nor any framework.
+nor any framework.  The maths: docs/derivatives.md.
 
 ``add_margin`` and ``add_margin_grad`` are the same maths without the GEMMs: they turn
 the plain layer's results, computed by any GEMM (a framework's own BLAS and thread pool,
 or into buffers the caller owns), into L-Softmax results in place, at O(N·D) cost.
+
+The contract with framework adapters is public: :func:`check_arguments` (every check,
+nothing computed) with ``checked=``, :func:`check_labels`, :func:`supported_dtypes`, and
+the scalar and array checks of :mod:`lsoftmax_core.checks`.
 """
 
 from __future__ import annotations
@@ -87,10 +91,17 @@ def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, o
     """L-Softmax logits, shape (N, C).
 
     x: (N, D) features; w: (C, D) class weights (a Linear layer's weight); label: (N,)
-    integers in [0, C).  For each sample the target logit is
-    ``(beta·x·w_y + |x||w_y|·psi(theta)) / (1 + beta)`` with
-    ``psi = (-1)^k cos(m·theta) - 2k``; the other logits are ``x·w_j``.
-    margin = 1 gives a plain linear layer for any beta.  Inputs are never modified.
+    integers in [0, C).  Each sample's target logit ``logits[i, label[i]]`` carries the
+    angular margin (the formula: docs/derivatives.md, "Forward"); the other logits are
+    ``x·w_j``.  margin = 1 gives a plain linear layer for any beta.  Inputs are never
+    modified.
+
+    >>> import numpy as np, lsoftmax_core as lsm
+    >>> x, w, y = np.array([[1.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0])
+    >>> lsm.forward(x, w, y, margin=1).tolist()   # margin 1: x @ w.T
+    [[1.0, 2.0]]
+    >>> lsm.forward(x, w, y, margin=3).round(6).tolist()   # theta = 45 deg: |x||w|cos(3 theta) = -1
+    [[-1.0, 2.0]]
 
     ``out``: an (N, C) array of x's dtype and library to write the logits into (and
     return) instead of a new one: writeable, sharing no memory with the inputs (CuPy:

@@ -1,22 +1,10 @@
-"""The per-sample scalar maths of L-Softmax, vectorised over samples with NumPy.
+"""The per-sample scalar maths of L-Softmax, vectorised over samples with NumPy: psi, its
+derivative psi' and the interval index k, for cosines c in [-1, 1] (float64 arrays).
 
 This is the host mirror of ``kernels/lsoftmax_math.cuh``: the CUDA kernels run that
 header, the NumPy backend runs this module, and the tests check one against the other
-(the header is also compiled for the host).  Everything here works on float64 arrays.
-
-Notation (Liu et al. 2016, eq. 4-7): ``c = cos(theta)`` in [-1, 1], ``m`` the integer
-margin, ``k`` the integer with ``theta in [k*pi/m, (k+1)*pi/m]`` and
-
-    psi(theta) = (-1)^k cos(m*theta) - 2k = (-1)^k T_m(c) - 2k            (eq. 6)
-
-``psi`` is monotonically decreasing in theta on [0, pi], continuous, and its
-derivative with respect to c is
-
-    psi'(c) = (-1)^k T_m'(c) = (-1)^k m U_{m-1}(c),
-
-which vanishes at every interval boundary c = cos(j*pi/m) (U_{m-1}(cos(j*pi/m)) =
-sin(j*pi)/sin(j*pi/m) = 0), so psi' is continuous as well and the choice of k exactly on
-a boundary does not matter.
+(the header is also compiled for the host).  The formulas and why they need no acos and
+no division by cos: docs/derivatives.md ("Forward", "Derivative of psi").
 """
 
 from __future__ import annotations

@@ -1,39 +1,19 @@
 """The NumPy (CPU) backend: two BLAS GEMMs plus O((N + C)·D) work.
 
-Forward (paper eq. 4-7), with a = |x_i|, b = |w_y|, c = cos(theta):
+``forward`` is ``x @ w.T`` and then the N target logits are rewritten; ``backward`` is the
+plain layer's ``G @ w`` and ``G.T @ x`` plus, per sample, the correction rows q_i (added to
+grad_x[i]) and r_i (added to grad_w[y_i], summed per class in a fixed order).  The maths,
+the zero-norm convention and the numerics are in docs/derivatives.md ("Backward at the
+cost of the plain layer", "Zero-norm rows", "Numerics"); this module follows it line by
+line.  Implementation choices:
 
-    f_y = (beta·x·w_y + a·b·psi(c)) / (1 + beta) = a·b·(beta·c + psi(c)) / (1 + beta)
-
-Backward.  With g_i = grad_logits[i, y_i] and psi' = dpsi/dc the exact derivatives are
-
-    df_y/dx   = ((beta + psi')/(1+beta))·w_y + (b/a)·((psi - c·psi')/(1+beta))·x
-    df_y/dw_y = ((beta + psi')/(1+beta))·x   + (a/b)·((psi - c·psi')/(1+beta))·w_y
-
-The plain GEMMs G @ w and G^T @ x already add g_i·w_y and g_i·x_i, so only the
-difference is added afterwards, per sample, as two scaled rows:
-
-    q_i = k_i·w_y + ell_i·(b/a)·x      added to grad_x[i]
-    r_i = k_i·x   + ell_i·(a/b)·w_y    added to grad_w[y_i]
-    k_i = g_i·(psi' - 1)/(1+beta),   ell_i = g_i·(psi - c·psi')/(1+beta)
-
-r is reduced per class after a stable sort by label, so the result does not depend on
-accumulation order.
-
-Zero-norm rows (a = 0 or b = 0) have no angle, and a·b·psi(c) has no derivative there
-for m > 1.  Convention: such a sample gets no margin, as if m = 1: f_y = x·w_y (= 0) with
-the plain gradients df_y/dx = w_y, df_y/dw_y = x.  This is the only choice that agrees
-with m = 1 being exactly a linear layer; in the formulas above it is psi' = 1 and
-psi - c·psi' = 0, so q_i = r_i = 0.
-
-Numerics.  The per-sample sums x·x, w_y·w_y and x·w_y accumulate in the input dtype
-(einsum's SIMD loops: for float32 about 1e-6 of |x||w_y| at D = 4096, the error of the
-GEMM's own logits; a float64 accumulation costs more than the 5% of the GEMMs this layer
-may add) and everything after them runs in float64; the row updates run in the input dtype
-with float64-computed coefficients.  Rows whose squared norms leave the range where those
-sums can neither over- nor underflow, and rows whose coefficients b/a, a/b do not fit the
-input dtype, take a careful float64 path with per-row scaling and unit vectors, so huge
-and tiny norms give accurate, finite results.  Large N×D temporaries are few and reused in
-place: each one costs page faults that show against the GEMMs.
+* the per-sample sums x·x, w_y·w_y, x·w_y accumulate in the input dtype (einsum's SIMD
+  loops: as accurate as the GEMM's own logits), everything after them in float64, and the
+  row updates in the input dtype with float64 coefficients;
+* rows whose norms or coefficients leave the safe range take a careful float64 path with
+  per-row scaling, unit vectors and norms kept as mantissa and exponent;
+* large N×D temporaries are few and reused in place (each costs page faults that show
+  against the GEMMs).
 """
 
 from __future__ import annotations
@@ -55,7 +35,7 @@ F64 = npt.NDArray[np.float64]
 
 # Squared norms inside these ranges were summed free of under- and overflow in the input
 # dtype (no entry's square above the dtype's max, the largest one normal), and keep a·b
-# and the ratios a/b, b/a finite and normal in float64.
+# and the ratios a/b, b/a finite and normal in float64.  Zero rows fall outside too.
 _SAFE_SQ = {np.dtype(np.float32): (1e-30, 1e36), np.dtype(np.float64): (1e-280, 1e280)}
 
 
@@ -109,7 +89,7 @@ def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p:
         c[careful] = np.einsum("ij,ij->i", xhat, what)
     np.clip(c, -1.0, 1.0, out=c)
     psi, dpsi = psi_and_derivative(c, p.margin)
-    degenerate = (a == 0.0) | (b == 0.0)  # no angle: plain linear (see module docstring)
+    degenerate = (a == 0.0) | (b == 0.0)  # no angle: plain linear (docs/derivatives.md)
     c[degenerate] = 0.0
     psi[degenerate] = 0.0
     dpsi[degenerate] = 1.0

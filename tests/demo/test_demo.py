@@ -307,6 +307,11 @@ def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
         assert 0.0 <= r["inter_class_min_angle_deg"] <= 36.0 + 1e-9  # ten rays: at most 360/10 apart
         assert r["train_seconds"] > 0.0
     assert results["config"]["test_size"] == 540 and results["config"]["epochs"] == 1
+    import torch
+
+    versions = results["config"]["versions"]  # the numbers hold for these versions only
+    assert versions["torch"] == torch.__version__ and versions["numpy"] == np.__version__
+    assert set(versions) == {"python", "lsoftmax-core", "torch", "numpy", "scikit-learn"}
     assert runs[1]["schedule"] == {"kind": "exponential", "beta0": 100.0, "scale": 0.99,
                                    "beta_min": demo.BETA_MIN}
     table = capsys.readouterr().out.strip().splitlines()
