@@ -5,7 +5,8 @@
 #
 #     scripts/fetch_gpu_wheels.sh           # then carry .whl along with the checkout
 #
-# Only pytorch-metric-learning (a benchmark peer) is fetched: its own needs (torch, numpy,
+# Only pytorch-metric-learning (a benchmark peer, measured by `PEER_BENCH=1 scripts/gpu_check.sh`,
+# i.e. the whole `python -m bench --gpu`) is fetched: its own needs (torch, numpy,
 # scikit-learn, tqdm) are on the GPU image already, so --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
