@@ -1,8 +1,9 @@
 """JAX adapter: ``lsoftmax(x, w, label, margin=, beta=)``, differentiable with ``jax.grad``.
 
-A thin bridge: shapes and dtypes are checked at trace time with the core's own
-validation, the work is done by ``lsoftmax_core.forward``/``backward`` inside an XLA
-callback, and ``jax.custom_vjp`` wires the core's backward into JAX's reverse mode.
+L-Softmax logits (the maths: ``docs/derivatives.md``) as a JAX function: the core's
+``forward``/``backward`` run inside an XLA callback and ``jax.custom_vjp`` wires the
+backward into JAX's reverse mode.  This module adds no maths of its own: it checks the
+arguments, hands XLA's buffers to the core and says which backend runs them.
 
 Execution.  Both devices go through ``jax.experimental.buffer_callback``, which hands
 the callback XLA's own buffers:
@@ -24,19 +25,34 @@ On CUDA, CuPy allocates the backend's temporaries and results from its own memor
 next to XLA's: if XLA preallocates most of the GPU (its default), set
 ``XLA_PYTHON_CLIENT_MEM_FRACTION`` lower or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
 
+Dtypes.  x and w are accepted in the dtypes of the backend that will run them
+(``lsoftmax_core.checks.supported_dtypes``): float32 and float64 on the CPU; on CUDA also
+float16, and bfloat16 where the installed CuPy computes in it.  The device is x's (or
+w's) device when it is a concrete array, else (under ``jit``, or for NumPy inputs)
+``jax.default_backend()``.  float64 needs ``jax_enable_x64``.
+
 Errors.  Shapes, dtypes, margin and a Python beta are checked at the call (under ``jit``:
 while tracing), with the core's messages.  Label values (and a traced beta) can only be
 checked when the callback runs; JAX re-raises the core's error as
 ``jax.errors.JaxRuntimeError`` whose message ends with the core's
-``ValueError: label must lie in [0, C) ...``.
+``ValueError: label must lie in [0, C) ...``.  The core's call inside the callback repeats
+its O(1) shape and dtype checks (they also catch a computation compiled for another
+platform than the one checked at the call); the label values are scanned there once
+(NumPy labels given to :func:`lsoftmax` are also scanned at the call, before JAX may
+narrow int64 to int32).
 
 beta is an operand, not a static argument: a new value (a schedule changing every step)
-re-uses the compiled computation.  Pass it as an argument of your jitted function.  A
-Python number is checked at the call; a traced beta is checked when the callback runs
-(ValueError naming beta).  It is cast to x's dtype, and treated as a constant: the
-gradient with respect to beta is zero (``stop_gradient``), as for a hyper-parameter.
-On CUDA the callback reads beta from the device, which waits for XLA's stream
-(a 4- or 8-byte copy) because the CuPy backend takes beta as a host number.
+re-uses the compiled computation.  A Python number is checked at the call and reaches
+the core exactly, as the float64 the core computes with (its 64 bits travel as two
+uint32 words, so this holds without ``jax_enable_x64`` and for values beyond float32's
+range).  A jax scalar (e.g. a traced argument of your jitted function) reaches the core
+in its own dtype, unrounded, and is checked when the callback runs (ValueError naming
+beta); note that without x64 JAX itself turns a Python float passed to a jitted function
+into float32 (1e39 becomes inf), so pass such a beta with x64 enabled or directly to
+:func:`lsoftmax`.  beta is treated as a constant: the gradient with respect to it is zero
+(``stop_gradient``), as for a hyper-parameter.  On CUDA the callback reads beta from the
+device, which waits for XLA's stream (an 8-byte copy) because the CuPy backend takes
+beta as a host number.
 
 vmap: each slice of the mapped axis is an independent L-Softmax problem (its own x, w,
 label and beta), computed by one call of the core after the other (buffer_callback's
@@ -70,16 +86,28 @@ _Callback = Callable[..., None]
 
 
 def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) -> jax.Array:
-    """L-Softmax logits (N, C) of ``x`` (N, D) against class weights ``w`` (C, D).
+    """L-Softmax logits (N, C) of ``x`` (N, D) against class weights ``w`` (C, D), see
+    ``docs/derivatives.md``.
 
     ``label`` (N,) holds integers in [0, C).  x and w are jax or NumPy arrays of the same
-    dtype, float32 or float64 (float64 needs ``jax_enable_x64``).  ``margin`` is a static
-    Python int; ``beta`` a Python number or a scalar jax array (traced, no recompile for
-    a new value).  Differentiable in x and w with ``jax.grad``/``jax.vjp``; works under
-    ``jit`` and ``vmap`` (see the module docstring).  Labels outside [0, C) are an error
-    naming label: a ValueError at the call for NumPy labels; for jax labels a
-    ``jax.errors.JaxRuntimeError`` carrying the core's ValueError when the computation
-    runs (JAX dispatches asynchronously: at the latest when the result is used).
+    dtype, one the backend for their device computes in (see the module docstring).
+    ``margin`` is a static Python int; ``beta`` a Python number (exact, checked now) or a
+    scalar jax array (traced: no recompile for a new value).  Differentiable in x and w
+    with ``jax.grad``/``jax.vjp``; works under ``jit`` and ``vmap``.  Labels outside
+    [0, C) are an error naming label: a ValueError at the call for NumPy labels; for jax
+    labels a ``jax.errors.JaxRuntimeError`` carrying the core's ValueError when the
+    computation runs (JAX dispatches asynchronously: at the latest when the result is
+    used).
+
+    >>> import numpy as np
+    >>> from lsoftmax_core.adapters.jax import lsoftmax
+    >>> x = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    >>> w = np.array([[1.0, 1.0], [1.0, -1.0]], dtype=np.float32)
+    >>> np.asarray(lsoftmax(x, w, np.array([0, 1]), margin=1)).tolist()  # margin 1: x @ w.T
+    [[1.0, 1.0], [2.0, -2.0]]
+    >>> logits = np.asarray(lsoftmax(x, w, np.array([0, 1]), margin=2))
+    >>> bool(logits[0, 0] < 1.0), bool(logits[1, 1] < -2.0), logits[0, 1].item()  # targets only
+    (True, True, 1.0)
     """
     m = check_margin(margin)
     beta_now = _check_concrete_beta(beta)
@@ -91,32 +119,59 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
             )
     # Shapes and dtypes are known at trace time: the core's checks run here, so a bad
     # call fails at the call site (under jit: when tracing), before any callback runs.
-    p = check_arrays(x, w, label, m, beta_now, dtypes=supported_dtypes("numpy"))
+    p = check_arrays(x, w, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(x, w))
     if isinstance(label, np.ndarray):
         check_label_values(label, p.c)  # host data: check now, before any narrowing to int32
     xj = _to_jax("x", x)
     wj = _to_jax("w", w)
     lj = _to_jax("label", label)
-    beta_arr = _beta_operand(beta, p.dtype)
-    return _lsoftmax(xj, wj, lj, beta_arr, m)  # type: ignore[no-any-return]
+    if beta_now is None:
+        # A jax scalar in its own dtype, unrounded.  A hyper-parameter: no gradient flows to
+        # it (the custom VJP returns none for it).
+        return _lsoftmax(xj, wj, lj, jax.lax.stop_gradient(beta), m, False)  # type: ignore[no-any-return]
+    return _lsoftmax(xj, wj, lj, _beta_bits(beta_now), m, True)  # type: ignore[no-any-return]
 
 
-def _check_concrete_beta(beta: Any) -> float:
-    """beta as a float if it is a Python/NumPy number (checked now), else 0.0 for now."""
+def _dtypes(x: Any, w: Any) -> tuple[np.dtype[Any], ...]:
+    """The dtypes of the backend that will run: the CuPy backend's when the computation
+    runs on a CUDA device (the device of x or w when concrete, else JAX's default
+    backend), else the NumPy backend's."""
+    platform = jax.default_backend()
+    for a in (x, w):
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+            platform = next(iter(a.devices())).platform
+            break
+    if platform not in ("gpu", "cuda"):
+        return supported_dtypes("numpy")
+    try:
+        return supported_dtypes("cupy")
+    except ImportError as e:
+        raise ImportError(
+            f"lsoftmax_core.adapters.jax runs CUDA arrays with the CuPy backend, which needs CuPy: {e}"
+        ) from e
+
+
+def _check_concrete_beta(beta: Any) -> float | None:
+    """beta as a float if it is a Python/NumPy number (checked now), else None (a jax
+    scalar, checked by the core when the callback runs)."""
     if isinstance(beta, jax.Array):
         if beta.ndim != 0 or beta.dtype.kind not in "fiu":
             raise TypeError(
                 f"beta must be a real scalar, got a jax array of shape {tuple(beta.shape)} "
                 f"and dtype {beta.dtype}"
             )
-        return 0.0  # a traced value: checked by the core when the callback runs
+        return None
     return check_beta(beta)
 
 
-def _beta_operand(beta: Any, dtype: np.dtype[Any]) -> jax.Array:
-    b = jnp.asarray(beta, dtype=dtype)
-    # A hyper-parameter: no gradient flows to it (the custom VJP returns none for it).
-    return jax.lax.stop_gradient(b)
+def _beta_bits(beta: float) -> jax.Array:
+    """The 64 bits of the float64 ``beta`` as two uint32 words (any value, without x64)."""
+    return jnp.asarray(np.array([beta], dtype=np.float64).view(np.uint32))
+
+
+def _beta_value(a: np.ndarray[Any, Any], bits: bool) -> float:
+    """beta on the host, from :func:`_beta_bits`' words or from a scalar array."""
+    return float(a.view(np.float64)[0]) if bits else float(a)
 
 
 def _to_jax(name: str, a: Any) -> jax.Array:
@@ -138,27 +193,34 @@ def _shape_dtype(a: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lsoftmax(x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int) -> jax.Array:
-    return _forward_call(x, w, label, beta, margin)
+# margin and bits (whether beta is _beta_bits' words) are static.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lsoftmax(
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
+) -> jax.Array:
+    return _forward_call(x, w, label, beta, margin, bits)
 
 
-def _forward_call(x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int) -> jax.Array:
+def _forward_call(
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
+) -> jax.Array:
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype)
-    call = buffer_callback(_callback("forward", margin), out, vmap_method="sequential")
+    call = buffer_callback(_callback("forward", margin, bits), out, vmap_method="sequential")
     return call(x, w, label, beta)  # type: ignore[no-any-return]
 
 
 def _lsoftmax_fwd(
-    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return _forward_call(x, w, label, beta, margin), (x, w, label, beta)
+    return _forward_call(x, w, label, beta, margin, bits), (x, w, label, beta)
 
 
-def _lsoftmax_bwd(margin: int, res: tuple[jax.Array, ...], grad_logits: jax.Array) -> tuple[Any, ...]:
+def _lsoftmax_bwd(
+    margin: int, bits: bool, res: tuple[jax.Array, ...], grad_logits: jax.Array
+) -> tuple[Any, ...]:
     x, w, label, beta = res
     outs = (_shape_dtype(x), _shape_dtype(w))
-    call = buffer_callback(_callback("backward", margin), outs, vmap_method="sequential")
+    call = buffer_callback(_callback("backward", margin, bits), outs, vmap_method="sequential")
     grad_x, grad_w = call(grad_logits, x, w, label, beta)
     # No cotangent for the integer labels nor for beta (a constant, see lsoftmax).
     return grad_x, grad_w, None, None
@@ -168,16 +230,16 @@ _lsoftmax.defvjp(_lsoftmax_fwd, _lsoftmax_bwd)
 
 
 @functools.cache
-def _callback(kind: str, margin: int) -> _Callback:
-    """One callback object per (kind, margin): JAX caches compiled calls by its identity."""
+def _callback(kind: str, margin: int, bits: bool) -> _Callback:
+    """One callback object per (kind, margin, bits): JAX caches compiled calls by its identity."""
 
     def callback(ctx: Any, out: Any, *operands: Any) -> None:
         outs = out if isinstance(out, tuple) else (out,)
         device_type, device_id = operands[0].__dlpack_device__()
         if device_type == _DL_CPU:
-            _run_numpy(kind, margin, outs, operands)
+            _run_numpy(kind, margin, bits, outs, operands)
         elif device_type == _DL_CUDA:
-            _run_cupy(kind, margin, ctx, int(device_id), outs, operands)
+            _run_cupy(kind, margin, bits, ctx, int(device_id), outs, operands)
         else:
             raise NotImplementedError(
                 f"lsoftmax_core.adapters.jax runs on CPU and CUDA devices only, not on DLPack "
@@ -203,10 +265,10 @@ def _host_view(buf: Any) -> np.ndarray[Any, Any]:
     return a
 
 
-def _run_numpy(kind: str, margin: int, outs: tuple[Any, ...], operands: tuple[Any, ...]) -> None:
+def _run_numpy(kind: str, margin: int, bits: bool, outs: tuple[Any, ...], operands: tuple[Any, ...]) -> None:
     *arrays, beta = (_host_view(b) for b in operands)
     # The result buffers are XLA's, handed to us to fill: writeable views, no copy.
-    _core_call(kind, margin, tuple(np.asarray(b) for b in outs), arrays, float(beta))
+    _core_call(kind, margin, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits))
 
 
 class _XlaStream:
@@ -229,11 +291,22 @@ def _device_view(cupy: Any, buf: Any) -> Any:
         # An empty buffer may have a null pointer, which CuPy cannot look up.
         return cupy.empty(tuple(buf.shape), dtype=buf.dtype)
     # __cuda_array_interface__ v2 (no stream field): a view, no copy and no synchronisation.
-    return cupy.asarray(buf)
+    a = cupy.asarray(buf)
+    if a.dtype != buf.dtype:
+        # bfloat16 has no array-interface type string of its own (it travels as 2-byte
+        # void): reinterpret the same memory in the buffer's dtype.
+        a = a.view(buf.dtype)
+    return a
 
 
 def _run_cupy(
-    kind: str, margin: int, ctx: Any, device_id: int, outs: tuple[Any, ...], operands: tuple[Any, ...]
+    kind: str,
+    margin: int,
+    bits: bool,
+    ctx: Any,
+    device_id: int,
+    outs: tuple[Any, ...],
+    operands: tuple[Any, ...],
 ) -> None:
     import cupy
 
@@ -247,5 +320,5 @@ def _run_cupy(
         # is ordered after the producers of the operands and before their consumers.
         with stream:
             *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
-            beta = float(beta_dev.get())  # waits for the stream: the backend wants a host float
+            beta = _beta_value(beta_dev.get(), bits)  # waits for the stream: the backend wants a host float
             _core_call(kind, margin, tuple(_device_view(cupy, b) for b in outs), arrays, beta)

@@ -293,6 +293,11 @@ def test_numpy_inputs():
             TypeError,
             "not supported",
         ),
+        (  # the CPU computes with the NumPy backend: its dtypes and the core's message
+            {"x": jnp.ones((5, 4), jnp.float16), "w": jnp.ones((3, 4), jnp.float16)},
+            TypeError,
+            r"^x.dtype=float16 is not supported by this backend \(supported: float32, float64\)",
+        ),
         ({"x": [[1.0] * 4] * 5}, TypeError, "x must be a jax.Array or numpy.ndarray"),
         ({"x": np.ones((5, 4)), "w": np.ones((3, 4))}, TypeError, "x.dtype=float64 needs jax_enable_x64"),
         (
@@ -335,6 +340,67 @@ def test_label_out_of_range_at_run_time(jit, bad):
         f = jax.jit(f) if jit else f
         with pytest.raises(RUNTIME_ERRORS, match=rf"label must lie in \[0, C\) = \[0, 3\): label\[3\]={bad}"):
             jax.block_until_ready(f(x, w, label))
+
+
+def _core_results(x, w, label, g, margin, beta):
+    return (
+        lsoftmax_core.forward(x, w, label, margin=margin, beta=beta),
+        *lsoftmax_core.backward(g, x, w, label, margin=margin, beta=beta),
+    )
+
+
+def _assert_same(got, want):
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize("beta", [1e39, 1e300, 1.0 / 3.0, 0.1, 5e-324])
+@pytest.mark.parametrize("jit", [False, True])
+def test_python_beta_reaches_the_core_exactly(beta, jit):
+    """A Python beta is the float64 the core computes with, also beyond float32's range
+    and without x64: the results are the core's own, bit for bit."""
+    rng = np.random.default_rng(11)
+    x, w, label = _problem(rng, 6, 4, 3, "float32")
+    g = rng.standard_normal((6, 4)).astype(np.float32)
+
+    def fwd_bwd(x, w):
+        logits, vjp = jax.vjp(lambda x, w: lsoftmax(x, w, label, margin=3, beta=beta), x, w)
+        return (logits, *vjp(jnp.asarray(g)))
+
+    got = (jax.jit(fwd_bwd) if jit else fwd_bwd)(jnp.asarray(x), jnp.asarray(w))
+    want = _core_results(x, w, label, g, 3, beta)
+    _assert_same(got, want)
+    for a in got:
+        assert np.all(np.isfinite(np.asarray(a)))
+    check_forward(np.asarray(got[0]), x, w, label, margin=3, beta=beta, dtype="float32")
+    check_backward([np.asarray(a) for a in got[1:]], g, x, w, label, margin=3, beta=beta, dtype="float32")
+
+
+def test_traced_float64_beta_beyond_float32_range():
+    """With x64 a traced beta is a float64 operand: 1e39 with float32 inputs is the core's result."""
+    rng = np.random.default_rng(12)
+    x, w, label = _problem(rng, 5, 3, 4, "float32")
+    g = rng.standard_normal((5, 3)).astype(np.float32)
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def fwd_bwd(x, w, beta):
+            logits, vjp = jax.vjp(lambda x, w: lsoftmax(x, w, label, margin=4, beta=beta), x, w)
+            return (logits, *vjp(jnp.asarray(g)))
+
+        for beta in (1e39, 1.0 / 3.0):
+            got = fwd_bwd(jnp.asarray(x), jnp.asarray(w), jnp.float64(beta))
+            _assert_same(got, _core_results(x, w, label, g, 4, beta))
+        assert fwd_bwd._cache_size() == 1
+
+
+def test_traced_beta_keeps_its_dtype():
+    """A traced float32 beta reaches the core unrounded: the core's result for that float32 value."""
+    rng = np.random.default_rng(13)
+    x, w, label = _problem(rng, 5, 3, 4, "float32")
+    beta = np.float32(0.1)
+    got = jax.jit(lambda b: lsoftmax(x, w, label, beta=b))(jnp.float32(beta))
+    np.testing.assert_array_equal(np.asarray(got), lsoftmax_core.forward(x, w, label, beta=float(beta)))
 
 
 def test_traced_beta_checked_at_run_time():
@@ -401,6 +467,48 @@ def test_gpu_matches_reference(dtype, jit):
             check_backward(
                 [np.asarray(a) for a in grads], g, x, w, label, margin=margin, beta=beta, dtype=dtype
             )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_gpu_half_precision_matches_reference(dtype, jit):
+    """On CUDA the adapter accepts what the CuPy backend accepts."""
+    dev = _jax_gpu()
+    jdtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16}[dtype]
+    rng = np.random.default_rng(14)
+    x, w, label = _problem(rng, 37, 11, 9, "float32")
+    g = rng.standard_normal((37, 11)).astype(np.float32)
+    xj, wj, gj = (jax.device_put(jnp.asarray(a, dtype=jdtype), dev) for a in (x, w, g))
+    lj = jax.device_put(label, dev)
+    # The reference sees the values the device computes with.
+    xr, wr, gr = (np.asarray(a.astype(jnp.float32)) for a in (xj, wj, gj))
+    if np.dtype(jdtype) not in lsoftmax_core.supported_dtypes("cupy"):
+        with pytest.raises(TypeError, match=f"x.dtype={dtype} is not supported"):
+            lsoftmax(xj, wj, lj)
+        return
+    for margin, beta in ((1, 0.0), (2, 0.0), (4, 5.0)):
+
+        def f(x, w, margin=margin, beta=beta):
+            return lsoftmax(x, w, lj, margin=margin, beta=beta)
+
+        f = jax.jit(f) if jit else f
+        logits, vjp = jax.vjp(f, xj, wj)
+        grads = vjp(gj)
+        assert logits.dtype == jdtype and logits.devices() == {dev}
+        as64 = [np.asarray(a.astype(jnp.float32)) for a in (logits, *grads)]
+        check_forward(as64[0], xr, wr, label, margin=margin, beta=beta, dtype=dtype)
+        check_backward(as64[1:], gr, xr, wr, label, margin=margin, beta=beta, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_python_beta_beyond_float32_range():
+    dev = _jax_gpu()
+    rng = np.random.default_rng(15)
+    x, w, label = _problem(rng, 9, 5, 3, "float32")
+    xj, wj, lj = (jax.device_put(a, dev) for a in (x, w, label))
+    got = jax.jit(lambda x, w: lsoftmax(x, w, lj, margin=3, beta=1e39))(xj, wj)
+    check_forward(np.asarray(got), x, w, label, margin=3, beta=1e39, dtype="float32")
 
 
 @pytest.mark.gpu
