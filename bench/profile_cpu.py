@@ -1,10 +1,11 @@
 """Where the CPU time of lsoftmax-core goes beyond the plain layer: ``python -m bench.profile_cpu``.
 
-Splits one forward+backward of the NumPy backend at a size (default the face-recognition
-one, N=256, D=512, C=10,000, float32) into
+Splits one forward+backward of the NumPy backend at a CPU size of the one size table
+(``--size``, default the face-recognition one, N=256, D=512, C=10,000; ``--n/--d/--c``
+override it), float32, into
 
 * the three GEMMs alone (NumPy's BLAS, then PyTorch's for the same shapes: the PyTorch
-  adapter runs NumPy's on CPU, the PyTorch floor PyTorch's);
+  adapter and the PyTorch floor both run PyTorch's on CPU);
 * the whole backend call, and the same call at C=10, where the GEMMs cost nothing and
   what is left is the O(N·D) work around them;
 * the minor page faults per call (fresh float64 temporaries of N·D elements are mapped
@@ -27,7 +28,7 @@ import numpy as np
 
 import lsoftmax_core as lsm
 
-from .contenders import BETA, MARGIN
+from .contenders import BETA, MARGIN, sizes_for
 from .harness import Case, cpu_clock, measure
 
 __all__ = ["main"]
@@ -45,12 +46,16 @@ def _faults(fn: Callable[[], object], repeat: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_cpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--c", type=int, default=10_000)
+    names = [s.name for s in sizes_for("cpu")]
+    p.add_argument("--size", choices=names, default="face", help="a CPU size of bench.contenders.SIZES")
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--d", type=int, default=None)
+    p.add_argument("--c", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeat", type=int, default=15)
     a = p.parse_args(argv)
+    (size,) = sizes_for("cpu", [a.size])
+    a.n, a.d, a.c = a.n or size.n, a.d or size.d, a.c or size.c
     rng = np.random.default_rng(0)
     x = rng.standard_normal((a.n, a.d)).astype(a.dtype)
     w = (rng.standard_normal((a.c, a.d)) / np.sqrt(a.d)).astype(a.dtype)

@@ -257,3 +257,11 @@ def test_naive_autograd_agrees_with_the_core() -> None:
     ours = lsm.forward(x, w, y, margin=4, beta=0.5)
     naive = naive_lsoftmax(torch.tensor(x), torch.tensor(w), torch.tensor(y), 4, 0.5).numpy()
     np.testing.assert_allclose(naive, ours, rtol=1e-9, atol=1e-9)
+
+
+def test_profile_cpu_runs_at_a_size_of_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import profile_cpu
+
+    assert profile_cpu.main(["--size", "mnist", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("N=256 D=2 C=10 float32") and "lsoftmax-core numpy fwd+bwd" in out
