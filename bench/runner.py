@@ -239,6 +239,11 @@ def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
             rows += _rows("gpu", size, dtype, measured, mem)
             del cases, measured
             _free_gpu_memory(torch)
+            # What is measured so far, in case the run is cut short (gpu_check.sh's timeout):
+            # the files --render reads, and the section when no doc is written.
+            _write(out_dir, "gpu", rows, [], env, quiet=True)
+            if doc is None:
+                report.publish(None, None, "gpu", rows, [], env, out_dir)
     lenet: list[dict[str, Any]] = []
     if not layer_only:
         _progress("gpu LeNet")
@@ -262,9 +267,10 @@ def _free_gpu_memory(torch: Any) -> None:
 
 
 def _write(out_dir: Path, device: str, rows: list[dict[str, Any]], lenet: list[dict[str, Any]],
-           env: dict[str, Any]) -> None:
+           env: dict[str, Any], quiet: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_csv(out_dir / f"{device}.csv", rows, report.COLUMNS)
     report.write_csv(out_dir / f"{device}_lenet.csv", lenet, report.LENET_COLUMNS)
     (out_dir / f"{device}_env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
-    _progress(f"wrote {out_dir / f'{device}.csv'}, {device}_lenet.csv, {device}_env.json")
+    if not quiet:
+        _progress(f"wrote {out_dir / f'{device}.csv'}, {device}_lenet.csv, {device}_env.json")

@@ -218,6 +218,46 @@ def test_render_gpu_files_into_the_gpu_section_only(tmp_path: Path) -> None:
     assert text.strip() in published
 
 
+def test_gpu_run_steps_with_numpy_standing_in_for_cupy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU run's own steps (sizes x dtypes, files after each, the section) on any machine.
+
+    NumPy's pair stands in for CuPy's under CuPy's names: what is checked is the runner,
+    not a measurement (the files go to a temporary folder and nowhere else).
+    """
+    from bench import runner
+    from bench.contenders import numpy_cases
+
+    def stand_in(size: Size, dtype: str, seed: int = 0) -> list:
+        cases = numpy_cases(size, dtype, seed)
+        for case, name in zip(cases, (CP_LINEAR, CP_LSM)):
+            case.name, case.floor, case.library = name, CP_LINEAR, "cupy"
+        return cases
+
+    written: list[int] = []
+    real_write = runner._write
+
+    def write(*args: object, **kwargs: object) -> None:
+        written.append(len(args[2]))  # type: ignore[arg-type]
+        real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "cupy_cases", stand_in)
+    monkeypatch.setattr(runner, "_cupy_device", lambda: None)
+    monkeypatch.setattr(runner, "cupy_peak", lambda fn: 0.0)
+    monkeypatch.setattr(runner, "_free_gpu_memory", lambda torch: None)
+    monkeypatch.setattr(runner, "_write", write)
+    sizes = (Size("tiny", 8, 3, 5), Size("small", 16, 4, 7))
+    run_gpu(Settings(repeat=1, warmup=1, min_time=0.0, lenet_batches=()), out_dir=tmp_path, doc=None,
+            plot_dir=None, sizes=sizes, layer_only=True, command="python -m bench --gpu --layer-only")
+    rows = _csv(tmp_path / "gpu.csv")
+    assert [(r["size"], r["dtype"], r["contender"]) for r in rows] == [
+        (s.name, dtype, name) for s in sizes for dtype in DTYPES["gpu"] for name in (CP_LINEAR, CP_LSM)]
+    assert written == [2, 4, 6, 8, 8]  # after every (size, dtype): a run cut short keeps its rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.csv", "gpu.md", "gpu_env.json", "gpu_lenet.csv"]
+    md = (tmp_path / "gpu.md").read_text()
+    assert "#### GPU, float32: time" in md and "#### GPU, float16: time" in md and "LeNet" not in md
+    assert json.loads((tmp_path / "gpu_env.json").read_text())["command"] == "python -m bench --gpu --layer-only"
+
+
 @pytest.mark.skipif(_gpu(), reason="a GPU is present: the layer run is tested by the gpu test below")
 def test_gpu_layer_run_refuses_without_a_device(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="nothing to measure"):
