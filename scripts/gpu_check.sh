@@ -67,7 +67,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a timeout, log, record stat
   shift 2
   local t0=$SECONDS rc
   echo "=== $name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/${name// /-}.log"  # no spaces: file names travel back
   rc=${PIPESTATUS[0]}
   local status=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT"; elif [ $rc -ne 0 ]; then status="FAILED (rc=$rc)"; fi
