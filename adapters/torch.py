@@ -1,6 +1,7 @@
 """PyTorch adapter: ``lsoftmax`` (a differentiable function) and ``LSoftmaxLinear`` (a layer).
 
-A thin DLPack bridge with no L-Softmax maths of its own.  Both directions are
+L-Softmax logits (the maths: ``docs/derivatives.md``) for torch tensors on the CPU and
+on CUDA.  A thin DLPack bridge with no maths of its own.  Both directions are
 ``torch.library.custom_op`` operators with a fake (meta) implementation and an autograd
 formula, so the function works in eager autograd, under ``torch.compile(fullgraph=True)``
 and passes ``torch.library.opcheck``.
@@ -9,12 +10,24 @@ CPU: the plain layer's GEMMs run in torch (its BLAS and its thread pool: NumPy's
 workers and torch's OpenMP workers slow each other down badly when they alternate on the
 same cores), and the core's :func:`lsoftmax_core.add_margin` /
 :func:`lsoftmax_core.add_margin_grad` then apply the margin in place on those results,
-reading the inputs through read-only NumPy views of the tensors' memory (no copy).
+reading the inputs through read-only NumPy views of the tensors' memory (no copy).  The
+arguments are checked once per call, by :func:`lsoftmax_core.check_arguments` before the
+GEMMs (labels included), whose result lets ``add_margin*`` skip their checks.
 
 CUDA: the CuPy backend runs on PyTorch's current stream, and every array it allocates
 (outputs and temporaries) comes from PyTorch's caching allocator, so the returned tensors
 belong to PyTorch like any other (they show in ``torch.cuda.memory_allocated``) and no
-memory is held in CuPy's pool.
+memory is held in CuPy's pool.  The core's ``forward``/``backward`` check the arguments
+once; labels are checked on the GPU (see :func:`lsoftmax_core.check_labels`).
+
+Autocast: the forward operator is on autocast's float32 list (a registered autocast rule
+for CPU and CUDA, like torch's own numerically sensitive ops): under
+``torch.autocast`` float16 and bfloat16 inputs are computed in float32 and the logits are
+float32; float32 and float64 inputs run in their own dtype, unchanged.  So features that
+an autocast layer produced in bfloat16 meet a float32 weight in float32.  Outside
+autocast x and weight must have the same dtype (a TypeError naming both otherwise), and
+float16/bfloat16 run on CUDA only.  The backward operator is never autocast: it runs in
+the dtype of the forward's inputs.
 
 beta travels to the operators as a 0-d float64 CPU tensor rather than a Python float:
 custom operators specialise on float arguments, so a float beta that changes every step
@@ -22,13 +35,28 @@ custom operators specialise on float arguments, so a float beta that changes eve
 input instead.  Reading it on the host is free because it lives on the CPU.
 
 Gradients are first order (the backward operator has no derivative of its own).
+
+>>> import torch
+>>> from lsoftmax_core.adapters.torch import lsoftmax
+>>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+>>> weight = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+>>> label = torch.tensor([0, 1])
+>>> lsoftmax(x, weight, label, margin=1).tolist()  # margin 1: the plain x @ weight.T
+[[1.0, 1.0], [2.0, -2.0]]
+>>> logits = lsoftmax(x, weight, label, margin=2)
+>>> bool(logits[0, 0] < 1.0), bool(logits[1, 1] < -2.0), logits[0, 1].item()  # targets only
+(True, True, 1.0)
+>>> torch.nn.functional.cross_entropy(logits, label).backward()
+>>> x.grad.shape
+torch.Size([2, 2])
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
 
 import numpy as np
@@ -37,18 +65,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_beta, check_margin
-from lsoftmax_core.schedule import (
-    ConstantSchedule,
-    ExponentialSchedule,
-    InverseSchedule,
-    Schedule,
-    schedule_from_dict,
-)
+from lsoftmax_core.checks import check_beta, check_integer, check_margin
+from lsoftmax_core.schedule import ConstantSchedule, Schedule, check_schedule, schedule_from_dict
 
 __all__ = ["LSoftmaxLinear", "lsoftmax"]
-
-_SCHEDULE_TYPES = (ConstantSchedule, ExponentialSchedule, InverseSchedule)
 
 
 # --------------------------------------------------------------------------- conversions
@@ -155,6 +175,31 @@ def _cpu_views(**named: Tensor) -> list[np.ndarray]:
     return [_as_numpy(name, t) for name, t in named.items()]
 
 
+def _check_same_dtype(x: Tensor, weight: Tensor) -> None:
+    """x and weight in one dtype, named as the user knows them (the core says x and w)."""
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"x and weight must have the same dtype: x.dtype={x.dtype}, weight.dtype={weight.dtype} "
+            "(no silent promotion; under torch.autocast float16/bfloat16 inputs are computed in float32)"
+        ) from None
+
+
+@contextmanager
+def _dtype_errors_name_weight(x: Tensor, weight: Tensor) -> Iterator[None]:
+    """The core's checks keep their order (shapes first); a dtype error caused by x and
+    weight differing is reported with the adapter's names."""
+    try:
+        yield
+    except TypeError:
+        _check_same_dtype(x, weight)
+        raise
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """The operators' own GEMMs run in the inputs' dtype, whatever autocast is doing."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
     b = float(beta)  # a CPU scalar: no device synchronisation
@@ -162,21 +207,31 @@ def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Ten
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
         # and torch's OpenMP workers fight over the cores when they alternate), then the
         # core rewrites the N target logits in place.
-        xa, wa, la = _cpu_views(x=x, weight=weight, label=label)
-        checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
-        logits = torch.mm(x.detach(), weight.detach().t())
+        with _dtype_errors_name_weight(x, weight):
+            xa, wa, la = _cpu_views(x=x, weight=weight, label=label)
+            checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
+        with _no_autocast(x.device):
+            logits = torch.mm(x.detach(), weight.detach().t())
         _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked)
         return logits
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
-        return _core.forward(xa, wa, la, margin=margin, beta=b)
+        return _core.forward(xa, wa, la, margin=margin, beta=b)  # checks once, then computes
 
-    return _run(call, x=x, weight=weight, label=label)[0]
+    with _dtype_errors_name_weight(x, weight):
+        return _run(call, x=x, weight=weight, label=label)[0]
 
 
 @_forward_op.register_fake
 def _forward_fake(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+    _check_same_dtype(x, weight)
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# On autocast's float32 list (see the module docstring): float16/bfloat16 operands are cast
+# to float32 (float64 is left alone), then the operator runs with autocast off.
+_forward_op.register_autocast("cpu", torch.float32)
+_forward_op.register_autocast("cuda", torch.float32)
 
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_backward", mutates_args=())
@@ -185,18 +240,23 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor]:
     b = float(beta)
     if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
-        ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
-        checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
+        with _dtype_errors_name_weight(x, weight):
+            ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+            checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
         g = grad_logits.detach()
-        grad_x = torch.mm(g, weight.detach())
-        grad_w = torch.mm(g.t(), x.detach())
+        # Not autocast: a backward run inside an autocast region (loss.backward() under
+        # torch.autocast) computes in the forward's dtype too.
+        with _no_autocast(x.device):
+            grad_x = torch.mm(g, weight.detach())
+            grad_w = torch.mm(g.t(), x.detach())
         _core.add_margin_grad(grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked)
         return grad_x, grad_w
 
     def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
         return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
 
-    grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
+    with _dtype_errors_name_weight(x, weight):
+        grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
     return grad_x, grad_w
 
 
@@ -204,6 +264,7 @@ def _backward_op(
 def _backward_fake(
     grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
 ) -> tuple[Tensor, Tensor]:
+    _check_same_dtype(x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
@@ -275,14 +336,15 @@ def _beta_tensor(beta: object) -> Tensor:
 def lsoftmax(
     x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0
 ) -> Tensor:
-    """L-Softmax logits (N, C) with autograd (Liu et al. 2016, eq. 4-7).
+    """L-Softmax logits (N, C) with autograd, see ``docs/derivatives.md``.
 
-    x: (N, D) float features; weight: (C, D) class weights (an ``nn.Linear`` weight);
-    label: (N,) integer class indices, all three on one device (CPU or CUDA).  The target
-    logit is ``(beta·x·w_y + |x||w_y|·psi(theta)) / (1 + beta)``, the others ``x·w_j``;
-    feed the result to ``F.cross_entropy(logits, label)`` for the L-Softmax loss.  beta
-    is a number >= 0 or a 0-d tensor (best on the CPU: it is read on the host).  No input
-    is modified.  Errors are ValueError/TypeError naming the argument.
+    x: (N, D) float features; weight: (C, D) class weights (an ``nn.Linear`` weight), of
+    x's dtype; label: (N,) integer class indices, all three on one device (CPU or CUDA).
+    Feed the result to ``F.cross_entropy(logits, label)`` for the L-Softmax loss.  beta
+    is a number >= 0 or a 0-d tensor (best on the CPU: it is read on the host).  Under
+    ``torch.autocast`` float16/bfloat16 inputs are computed in float32 (see the module
+    docstring).  No input is modified.  Errors are ValueError/TypeError naming the
+    argument.
     """
     _check_tensors(x=x, weight=weight, label=label)
     m = check_margin(margin)
@@ -302,8 +364,26 @@ class LSoftmaxLinear(nn.Module):
 
     beta (lambda in the paper) follows ``schedule`` (default ``ConstantSchedule(0.0)``) as a
     function of ``layer.iteration``, the number of :meth:`step` calls: call ``layer.step()``
-    once per optimizer step.  The iteration and the schedule are saved in ``state_dict``
-    and restored by ``load_state_dict``, so a resumed run continues the same annealing.
+    once per optimizer step.  ``schedule`` is any :class:`lsoftmax_core.Schedule` (an
+    object with ``beta(step)``, ``__call__(step)`` and ``to_dict()``), a built-in or your
+    own.  The iteration and ``schedule.to_dict()`` are saved in ``state_dict``;
+    ``load_state_dict`` restores the iteration and rebuilds a built-in schedule from its
+    dict.  A schedule of your own cannot be rebuilt from a dict: the layer keeps its own
+    schedule when its ``to_dict()`` equals the saved one, and refuses the checkpoint
+    otherwise (construct the layer with the schedule the checkpoint was saved with).
+
+    >>> import torch
+    >>> import lsoftmax_core as lsm
+    >>> from lsoftmax_core.adapters.torch import LSoftmaxLinear
+    >>> layer = LSoftmaxLinear(4, 3, margin=2, schedule=lsm.ExponentialSchedule(beta0=8.0, scale=0.5))
+    >>> logits = layer(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))  # training mode
+    >>> layer.step(); layer.beta
+    4.0
+    >>> resumed = LSoftmaxLinear(4, 3, margin=2)
+    >>> resumed.load_state_dict(layer.state_dict())
+    <All keys matched successfully>
+    >>> resumed.iteration, resumed.beta
+    (1, 4.0)
     """
 
     def __init__(
@@ -346,9 +426,8 @@ class LSoftmaxLinear(nn.Module):
 
     @schedule.setter
     def schedule(self, schedule: Schedule) -> None:
-        if not isinstance(schedule, _SCHEDULE_TYPES):
-            names = ", ".join(t.__name__ for t in _SCHEDULE_TYPES)
-            raise TypeError(f"schedule must be one of lsoftmax_core's schedules ({names}), got {schedule!r}")
+        schedule = check_schedule(schedule)
+        self._check_beta_at(schedule, self._iteration)  # before the layer changes
         self._schedule = schedule
         self._sync_beta()
 
@@ -359,20 +438,30 @@ class LSoftmaxLinear(nn.Module):
 
     @iteration.setter
     def iteration(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"iteration={value!r} must be an integer >= 0")
-        self._iteration = int(value)
+        iteration = check_integer("iteration", value, 0)
+        self._check_beta_at(self._schedule, iteration)
+        self._iteration = iteration
         self._sync_beta()
 
     @property
     def beta(self) -> float:
         """The current beta, ``schedule(iteration)``."""
-        return self._schedule(self._iteration)
+        return self._check_beta_at(self._schedule, self._iteration)
 
     def step(self) -> None:
         """Advance the schedule by one iteration; call once per optimizer step."""
+        self._check_beta_at(self._schedule, self._iteration + 1)
         self._iteration += 1
         self._sync_beta()
+
+    @staticmethod
+    def _check_beta_at(schedule: Schedule, iteration: int) -> float:
+        """``schedule(iteration)``, which must be a valid beta (a user's schedule may not be)."""
+        value = schedule(iteration)
+        try:
+            return check_beta(value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"schedule={schedule!r} gave an invalid beta at iteration {iteration}: {e}") from None
 
     def _sync_beta(self) -> None:
         with torch.no_grad():
@@ -399,8 +488,22 @@ class LSoftmaxLinear(nn.Module):
         margin = state.get("margin", self.margin)
         if margin != self.margin:
             raise ValueError(f"checkpoint has margin={margin!r} but this layer has margin={self.margin}")
-        schedule = schedule_from_dict(dict(state["schedule"]))
-        self.iteration = state["iteration"]
+        saved = state["schedule"]
+        own = self._schedule.to_dict()
+        if saved == own:
+            schedule = self._schedule  # also the one way to restore a schedule of the user's own
+        else:
+            try:
+                schedule = schedule_from_dict(dict(saved))
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"checkpoint has schedule {saved!r}, which cannot be rebuilt ({e}), and this layer's "
+                    f"schedule.to_dict() is {own!r}: construct the layer with the schedule the checkpoint "
+                    "was saved with, then load_state_dict"
+                ) from None
+        iteration = check_integer("iteration", state["iteration"], 0)
+        self._check_beta_at(schedule, iteration)  # nothing changes on an error
+        self._iteration = iteration
         self.schedule = schedule
 
     def extra_repr(self) -> str:

@@ -206,6 +206,126 @@ def test_errors_name_the_argument(change, exc, words) -> None:
     assert words in str(info.value)
 
 
+def test_mixed_dtypes_name_x_and_weight() -> None:
+    """Outside autocast no silent promotion: the error names the adapter's arguments."""
+    x, w, label = _problem(dtype=torch.float32)
+    for xd, wd in [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)]:
+        with pytest.raises(TypeError) as info:
+            lsoftmax(x.to(xd), w.to(wd), label)
+        assert str(info.value).startswith(
+            f"x and weight must have the same dtype: x.dtype={xd}, weight.dtype={wd}"
+        ), info.value
+
+
+def test_arguments_are_checked_once_per_call_on_the_cpu(monkeypatch) -> None:
+    """One check_arguments per direction, before torch's GEMMs; add_margin* reuse it."""
+    calls: list[tuple[str, object]] = []
+    real = {name: getattr(lsm, name) for name in ("check_arguments", "add_margin", "add_margin_grad")}
+
+    def spy(name):
+        def wrapped(*args, **kw):
+            result = real[name](*args, **kw)
+            calls.append((name, result if name == "check_arguments" else kw.get("checked")))
+            return result
+
+        return wrapped
+
+    for name in real:
+        monkeypatch.setattr(lsm, name, spy(name))
+    x, w, label = _problem(dtype=torch.float32)
+    x.requires_grad_()
+    out = lsoftmax(x, w, label, margin=3, beta=0.5)
+    assert [c[0] for c in calls] == ["check_arguments", "add_margin"]
+    assert isinstance(calls[0][1], lsm.Problem) and calls[1][1] is calls[0][1]
+    calls.clear()
+    out.sum().backward()
+    assert [c[0] for c in calls] == ["check_arguments", "add_margin_grad"]
+    assert isinstance(calls[0][1], lsm.Problem) and calls[1][1] is calls[0][1]
+
+
+# --------------------------------------------------------------------------- autocast
+
+
+def _autocast_case(device, autocast_dtype, backward_inside):
+    """lsoftmax and a cross-entropy under autocast, against the same calls without it."""
+    x, w, label = _problem(n=9, c=5, d=6, dtype=torch.float32, seed=3, device=device)
+    g = torch.randn(9, 5, generator=torch.Generator().manual_seed(4)).to(device)
+    results = []
+    for enabled in (False, True):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(device, dtype=autocast_dtype, enabled=enabled):
+            logits = lsoftmax(xr, wr, label, margin=4, beta=0.5)
+            loss = F.cross_entropy(logits, label)
+            if backward_inside:
+                grads = torch.autograd.grad(logits, (xr, wr), g, retain_graph=True)
+                loss_grads = torch.autograd.grad(loss, (xr, wr))
+        if not backward_inside:
+            grads = torch.autograd.grad(logits, (xr, wr), g, retain_graph=True)
+            loss_grads = torch.autograd.grad(loss, (xr, wr))
+        results.append((logits.detach(), *grads, loss.detach(), *loss_grads))
+    plain, autocast = results
+    # The operator is on the float32 list: float32 inputs run exactly as without autocast.
+    assert autocast[0].dtype == torch.float32 and autocast[1].dtype == autocast[2].dtype == torch.float32
+    for a, b in zip(autocast, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check_forward(autocast[0].cpu(), x.cpu(), w.cpu(), label.cpu(), margin=4, beta=0.5, dtype="float32")
+    check_backward(
+        (autocast[1].cpu(), autocast[2].cpu()), g.cpu(), x.cpu(), w.cpu(), label.cpu(), margin=4, beta=0.5, dtype="float32"
+    )
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_autocast_cpu_runs_in_the_inputs_dtype(autocast_dtype, backward_inside) -> None:
+    _autocast_case("cpu", autocast_dtype, backward_inside)
+
+
+def _autocast_features_case(device, autocast_dtype):
+    """Features an autocast layer produced in low precision meet a float32 weight in float32."""
+    torch.manual_seed(5)
+    body = torch.nn.Linear(6, 6).to(device)
+    x, w, label = _problem(n=9, c=5, d=6, dtype=torch.float32, seed=6, device=device)
+    w.requires_grad_()
+    with torch.autocast(device, dtype=autocast_dtype):
+        h = body(x)
+        assert h.dtype == autocast_dtype
+        logits = lsoftmax(h, w, label, margin=3, beta=1.0)
+        loss = F.cross_entropy(logits, label)
+    assert logits.dtype == torch.float32
+    want = lsoftmax(h.detach().float(), w.detach(), label, margin=3, beta=1.0)
+    torch.testing.assert_close(logits.detach(), want, rtol=0, atol=0)
+    loss.backward()
+    assert body.weight.grad is not None and torch.isfinite(body.weight.grad).all()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    # float64 is never cast by autocast: it stays float64.
+    x64, w64 = x.double(), w.detach().double()
+    with torch.autocast(device, dtype=autocast_dtype):
+        assert lsoftmax(x64, w64, label, margin=3).dtype == torch.float64
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu_promotes_low_precision_features(autocast_dtype) -> None:
+    _autocast_features_case("cpu", autocast_dtype)
+
+
+def test_autocast_under_torch_compile() -> None:
+    x, w, label = _problem(n=8, c=5, d=4, dtype=torch.float32)
+
+    def loss_fn(x, w):
+        return F.cross_entropy(lsoftmax(x, w, label, margin=3, beta=1.5), label)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    results = []
+    for f in (loss_fn, compiled):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = f(xr, wr)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (xr, wr))))
+    assert results[1][0].dtype == torch.float32
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- torch.library checks
 
 
@@ -298,7 +418,7 @@ def test_layer_step_between_forward_and_backward_keeps_the_forward_beta() -> Non
 
 
 def test_layer_argument_errors() -> None:
-    with pytest.raises(TypeError, match="schedule must be one of"):
+    with pytest.raises(TypeError, match=r"schedule=.* must have beta\(step\), __call__\(step\) and to_dict\(\)"):
         LSoftmaxLinear(3, 4, schedule=lambda t: 0.0)
     with pytest.raises(ValueError, match="out_features=0"):
         LSoftmaxLinear(3, 0)
@@ -306,6 +426,75 @@ def test_layer_argument_errors() -> None:
         LSoftmaxLinear(3, 4, margin=0)
     with pytest.raises(ValueError, match="iteration=-1"):
         LSoftmaxLinear(3, 4).iteration = -1
+
+
+class _StepSchedule:
+    """A user's own schedule (no lsoftmax_core base class): beta drops by ``drop`` every step."""
+
+    def __init__(self, start: float, drop: float) -> None:
+        self.start, self.drop = start, drop
+
+    def beta(self, step: int) -> float:
+        return max(self.start - self.drop * step, 0.0)
+
+    def __call__(self, step: int) -> float:
+        return self.beta(step)
+
+    def to_dict(self) -> dict:
+        return {"kind": "step", "start": self.start, "drop": self.drop}
+
+    def __repr__(self) -> str:
+        return f"_StepSchedule({self.start}, {self.drop})"
+
+
+def test_layer_takes_a_users_own_schedule() -> None:
+    sched = _StepSchedule(3.0, 1.0)
+    assert isinstance(sched, lsm.Schedule)
+    layer = LSoftmaxLinear(3, 4, margin=2, schedule=sched, dtype=torch.float64)
+    x, _, label = _problem(n=5, c=4, d=3)
+    for t in range(5):
+        assert layer.iteration == t and layer.beta == sched(t)
+        want = lsoftmax(x, layer.weight, label, margin=2, beta=sched(t))
+        torch.testing.assert_close(layer(x, label), want, rtol=0, atol=0)
+        layer.step()
+    assert "_StepSchedule(3.0, 1.0)" in repr(layer)
+
+    # A checkpoint of the same schedule: the layer keeps its own object (it cannot rebuild one).
+    state = layer.state_dict()
+    same = LSoftmaxLinear(3, 4, margin=2, schedule=_StepSchedule(3.0, 1.0), dtype=torch.float64)
+    own = same.schedule
+    same.load_state_dict(state)
+    assert same.schedule is own and same.iteration == 5 and same.beta == 0.0
+    torch.testing.assert_close(same(x, label), layer(x, label), rtol=0, atol=0)
+
+    # A different schedule of the user's kind, or a built-in layer: a clear error, nothing changed.
+    for other in (LSoftmaxLinear(3, 4, margin=2, schedule=_StepSchedule(9.0, 1.0)), LSoftmaxLinear(3, 4, margin=2)):
+        before = (other.schedule, other.iteration, other.beta)
+        with pytest.raises(ValueError, match=r"checkpoint has schedule \{'kind': 'step'.*cannot be rebuilt") as info:
+            other.load_state_dict(state)
+        assert "construct the layer with the schedule the checkpoint was saved with" in str(info.value)
+        assert (other.schedule, other.iteration, other.beta) == before
+
+    # A built-in checkpoint loads into a layer that has a user schedule: it is rebuilt.
+    builtin = LSoftmaxLinear(3, 4, margin=2, schedule=lsm.ExponentialSchedule(8.0, 0.5, 0.0))
+    builtin.step()
+    layer.load_state_dict(builtin.state_dict())
+    assert layer.schedule == lsm.ExponentialSchedule(8.0, 0.5, 0.0) and layer.iteration == 1 and layer.beta == 4.0
+
+
+def test_layer_refuses_a_schedule_giving_a_bad_beta() -> None:
+    class Rising(_StepSchedule):
+        def beta(self, step: int) -> float:
+            return self.start - self.drop * step  # goes negative
+
+    layer = LSoftmaxLinear(3, 4, schedule=Rising(1.0, 1.0))
+    layer.step()
+    assert layer.beta == 0.0
+    with pytest.raises(ValueError, match=r"gave an invalid beta at iteration 2: beta=-1.0 must be"):
+        layer.step()
+    assert layer.iteration == 1 and layer.beta == 0.0
+    with pytest.raises(ValueError, match="beta=-1.0"):
+        LSoftmaxLinear(3, 4, schedule=Rising(-1.0, 0.0))
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="needs torch >= 2.6")
@@ -400,6 +589,32 @@ def test_cuda_forward_and_autograd_match_reference(dtype, margin, beta) -> None:
     check_backward(
         (gx.cpu().numpy(), gw.cpu().numpy()), gn, xn, wn, label.numpy(), margin=margin, beta=beta, dtype=dtype
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_cuda_autocast_runs_in_the_inputs_dtype(autocast_dtype, backward_inside) -> None:
+    _autocast_case("cuda", autocast_dtype, backward_inside)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_promotes_low_precision_features(autocast_dtype) -> None:
+    _autocast_features_case("cuda", autocast_dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_arguments_are_checked_once_per_call(monkeypatch) -> None:
+    """On CUDA the core's forward/backward check once; the CPU path's functions are not used."""
+    calls: list[str] = []
+    for name in ("check_arguments", "add_margin", "add_margin_grad", "forward", "backward"):
+        real = getattr(lsm, name)
+        monkeypatch.setattr(lsm, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    x, w, label = _problem(dtype=torch.float32, device="cuda")
+    x.requires_grad_()
+    lsoftmax(x, w, label, margin=3, beta=0.5).sum().backward()
+    assert calls == ["forward", "backward"]
 
 
 @pytest.mark.gpu
