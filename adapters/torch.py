@@ -26,8 +26,9 @@ for CPU and CUDA, like torch's own numerically sensitive ops): under
 float32; float32 and float64 inputs run in their own dtype, unchanged.  So features that
 an autocast layer produced in bfloat16 meet a float32 weight in float32.  Outside
 autocast x and weight must have the same dtype (a TypeError naming both otherwise), and
-float16/bfloat16 run on CUDA only.  The backward operator is never autocast: it runs in
-the dtype of the forward's inputs.
+float16/bfloat16 run on CUDA only.  The backward operator is never autocast (also when
+``backward()`` is called inside the autocast region): it runs in the dtype the forward
+computed in.
 
 beta travels to the operators as a 0-d float64 CPU tensor rather than a Python float:
 custom operators specialise on float arguments, so a float beta that changes every step
