@@ -30,12 +30,21 @@
 // which the host reads without synchronising.  No label is used as an index before the
 // range check.
 //
-// Launch configuration: blockDim.x == LSM_BLOCK (== _cupy_plan.BLOCK) always.  Every early
-// return is block-uniform (it depends only on blockIdx and on values all threads read the
-// same), so no thread skips a __syncthreads another thread waits at.
+// Launch contract.  lsoftmax_core/_cupy_plan.py holds it: kernel names, grids, argument
+// order, and the constants below, which reach this file only as compiler definitions
+// (_cupy_plan.DEFINES, given to NVRTC and to the tests' g++ build alike): LSM_BLOCK, the
+// threads per block of every launch (blockDim.x == LSM_BLOCK always), and the bad-label op
+// codes LSM_OP_FORWARD / LSM_OP_BACKWARD.  Every early return is block-uniform (it depends
+// only on blockIdx and on values all threads read the same), so no thread skips a
+// __syncthreads another thread waits at.
 #include "lsoftmax_math.cuh"
 
-#define LSM_BLOCK 128
+#if !defined(LSM_BLOCK) || !defined(LSM_OP_FORWARD) || !defined(LSM_OP_BACKWARD)
+#error "compile with lsoftmax_core._cupy_plan.DEFINES (-DLSM_BLOCK=... -DLSM_OP_FORWARD=... -DLSM_OP_BACKWARD=...)"
+#endif
+static_assert(LSM_BLOCK >= 32 && LSM_BLOCK <= 1024 && (LSM_BLOCK & (LSM_BLOCK - 1)) == 0,
+              "LSM_BLOCK must be a power of two in [32, 1024] (the reduction trees halve it)");
+static_assert(LSM_OP_FORWARD != LSM_OP_BACKWARD, "the bad-label op codes must differ");
 
 // Turing (sm_75) holds at most 1024 threads per SM, and there ptxas keeps a kernel to 64
 // registers for full occupancy even when 128 are allowed, spilling one register in the
@@ -49,6 +58,9 @@
 #endif
 
 namespace lsm {
+
+// What a bad-label record says the reporting call was (_cupy_plan.OP_FORWARD / OP_BACKWARD).
+enum Op : long long { OP_FORWARD = LSM_OP_FORWARD, OP_BACKWARD = LSM_OP_BACKWARD };
 
 // 16-byte groups: each thread loads N consecutive elements with one 128-bit load when the
 // row is 16-byte aligned, element by element otherwise (same values, same arithmetic).
@@ -187,7 +199,7 @@ __device__ RowSums<typename F::Acc> row_sums(const typename F::Storage* xr, cons
 }
 
 // Report a label outside [0, C).  err_rec is pinned host memory mapped into the device
-// address space: {serial of the bad call, C, op (0 forward, 1 backward), unused}.  Only the
+// address space: {serial of the bad call, C, op (an lsm::Op), unused}.  Only the
 // first bad call since the host last read the record writes it; err_key keeps the smallest
 // bad index (high 32 bits) with its label saturated to int32 (low 32 bits).
 __device__ __forceinline__ void record_bad_label(long long i, long long y, long long c, u64* err_key,
@@ -232,7 +244,7 @@ __global__ void LSM_BOUNDS
   const long long i = blockIdx.x;
   const long long y = (long long)label[i];
   if (y < 0 || y >= c) {
-    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, 0);
+    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_FORWARD);
     return;
   }
   const lsm::RowSums<A> s = lsm::row_sums<F>(x + i * d, w + y * d, d, red);
@@ -260,7 +272,7 @@ __global__ void LSM_BOUNDS
   const long long i = blockIdx.x;
   const long long y = (long long)label[i];
   if (y < 0 || y >= c) {
-    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, 1);
+    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_BACKWARD);
     return;
   }
   const S* xr = x + i * d;

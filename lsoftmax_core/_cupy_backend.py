@@ -1,7 +1,9 @@
 """The CuPy (CUDA) backend: cuBLAS GEMMs plus O(N·D) kernels from kernels/lsoftmax.cu.
 
-Same maths, signature, validation and errors as the NumPy backend (see its docstring for
-q_i and r_i); CuPy arrays in, CuPy arrays out, on CuPy's current device and stream.
+Same maths (docs/derivatives.md, where q_i and r_i are defined), signature, validation
+and errors as the NumPy backend; CuPy arrays in, CuPy arrays out, on CuPy's current device
+and stream.  What is launched, and how a call's arrays become kernel arguments, is
+lsoftmax_core/_cupy_plan.py; this module adds the GEMMs, the device state and the launches.
 
 forward:  logits = x @ w.T (cuBLAS), then ``lsm_forward`` rewrites the N target logits.
 backward: grad_x = G @ w and grad_w = G.T @ x (cuBLAS), then ``lsm_backward_rows`` adds
@@ -51,6 +53,7 @@ correctly (bad-label reports then surface only at the next eager call or check_l
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import os
 import threading
@@ -68,7 +71,6 @@ __all__ = ["add_margin", "add_margin_grad", "backward", "check_labels", "forward
 
 _DTYPES = supported_dtypes("cupy")
 
-_UINT64_MAX = np.uint64(2**64 - 1)
 _BLOCK = (plan.BLOCK,)
 _SERIAL = itertools.count(1)
 _LOCK = threading.Lock()
@@ -102,13 +104,13 @@ class _Workspace:
         self.coef = cupy.empty(0, dtype=cupy.float64)
         self.classes = cupy.empty(0, dtype=cupy.uint32)
 
-    def prepare(self, p: Problem) -> None:
-        """Grow (never shrink) to this call's sizes."""
-        ncoef, nclasses = plan.workspace_sizes(p)
+    def get(self, ncoef: int, nclasses: int) -> tuple[cupy.ndarray, cupy.ndarray]:
+        """(coef, classes), grown (never shrunk) to at least these sizes."""
         if self.coef.size < ncoef:
             self.coef = cupy.empty(ncoef, dtype=cupy.float64)
         if self.classes.size < nclasses:
             self.classes = cupy.empty(nclasses, dtype=cupy.uint32)
+        return self.coef, self.classes
 
 
 class _DeviceState:
@@ -117,18 +119,14 @@ class _DeviceState:
     def __init__(self, dev: int) -> None:
         self.dev = dev
         self.functions: dict[str, Any] = {}
-        thresholds = cupy.asarray(plan.threshold_table())  # one upload per device
-        self.err_key = cupy.full(1, _UINT64_MAX, dtype=cupy.uint64)
         # {serial, C, op, unused}: written by kernels, read by the host without a CUDA call.
-        ptr = runtime.hostAlloc(32, runtime.hostAllocMapped | runtime.hostAllocPortable)
-        self.rec = np.ctypeslib.as_array((ctypes.c_int64 * 4).from_address(ptr))
+        words = plan.RECORD_WORDS
+        ptr = runtime.hostAlloc(8 * words, runtime.hostAllocMapped | runtime.hostAllocPortable)
+        self.rec = np.ctypeslib.as_array((ctypes.c_int64 * words).from_address(ptr))
         self.rec[:] = 0
-        rec_dev = runtime.pointerGetAttributes(ptr).devicePointer
-        self.bufs: dict[str, Any] = {
-            "thresholds": thresholds,
-            "err_key": self.err_key,
-            "err_rec": np.uint64(rec_dev),
-        }
+        # One upload of the threshold table per device.
+        self.bufs = plan.DeviceBuffers.create(cupy, runtime.pointerGetAttributes(ptr).devicePointer)
+        self.err_key = self.bufs.err_key
         self.workspaces: OrderedDict[tuple[int, int], _Workspace] = OrderedDict()
 
     def function(self, name: str, dtype_name: str) -> Any:
@@ -153,15 +151,11 @@ class _DeviceState:
             self.workspaces.move_to_end(key)
         return ws
 
-    def run(self, steps: tuple[plan.Step, ...], bufs: dict[str, Any], dtype_name: str) -> None:
-        for step in steps:
-            if isinstance(step, plan.Zero):  # a memset node: captured CUDA graphs replay it too
-                buf = bufs[step.name]
-                stream = cupy.cuda.get_current_stream().ptr
-                runtime.memsetAsync(buf.data.ptr, 0, step.count * buf.itemsize, stream)
-            else:
-                args = tuple(bufs[a] if a.__class__ is str else a for a in step.args)
-                self.function(step.name, dtype_name)(step.grid, _BLOCK, args)
+    def launch(self, dtype_name: str, name: str, grid: tuple[int, int], args: tuple[Any, ...]) -> None:
+        self.function(name, dtype_name)(grid, _BLOCK, args)
+
+    def run(self, call: plan.Call, dtype_name: str) -> None:
+        call.run(functools.partial(self.launch, dtype_name), _zero)
 
     def raise_pending(self) -> None:
         """Synchronise, then raise the recorded bad-label error and clear the record."""
@@ -171,7 +165,7 @@ class _DeviceState:
             if serial == 0:
                 return
             key = int(self.err_key.get()[0])
-            self.err_key.fill(_UINT64_MAX)
+            self.err_key.fill(plan.ERR_KEY_NONE)
             runtime.deviceSynchronize()
         self.rec[:] = 0
         where = f"found by the GPU in {_OPS.get(op, '?')} call #{serial} on CUDA device {self.dev}"
@@ -180,13 +174,19 @@ class _DeviceState:
             "forward/backward on that device or at lsoftmax_core.check_labels(); "
             "rows with bad labels were left uncorrected"
         )
-        if key == int(_UINT64_MAX):
+        if key == int(plan.ERR_KEY_NONE):
             raise ValueError(f"label must lie in [0, C) = [0, {c}) ({where}; {note})")
         index, value = key >> 32, int(np.uint32(key & 0xFFFFFFFF).view(np.int32))
         shown = f"label[{index}]={value}"
         if value in (2**31 - 1, -(2**31)):
             shown = f"label[{index}]{'>=' if value > 0 else '<='}{value}"
         raise ValueError(f"label must lie in [0, C) = [0, {c}): {shown} ({where}; {note})")
+
+
+def _zero(buf: cupy.ndarray, count: int) -> None:
+    """Clear buf[:count] on the current stream (a memset node: CUDA graphs replay it too)."""
+    stream = cupy.cuda.get_current_stream().ptr
+    runtime.memsetAsync(buf.data.ptr, 0, count * buf.itemsize, stream)
 
 
 _STATES: dict[int, _DeviceState] = {}
@@ -222,13 +222,6 @@ def _contiguous(a: cupy.ndarray) -> cupy.ndarray:
     if a.flags.c_contiguous:
         return a
     return cupy.ascontiguousarray(a.view(_UINT_OF_SIZE[a.dtype.itemsize])).view(a.dtype)
-
-
-def _kernel_labels(label: cupy.ndarray) -> cupy.ndarray:
-    dt = plan.kernel_label_dtype(label.dtype)
-    if label.dtype == dt and label.flags.c_contiguous:
-        return label
-    return cupy.ascontiguousarray(label, dtype=dt)
 
 
 def _finish(st: _DeviceState) -> None:
@@ -285,12 +278,8 @@ def add_margin(
 
 
 def _margin_forward(st: _DeviceState, p: Problem, logits: Any, x: Any, w: Any, label: Any) -> None:
-    lab = _kernel_labels(label)
-    launches = plan.forward_launches(p, lab.dtype)
-    if launches:
-        bufs = {"x": x, "w": w, "label": lab, "logits": logits, **st.bufs}
-        bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
-        st.run(launches, bufs, p.dtype.name)
+    call = plan.bind_forward(p, cupy, st.bufs, x=x, w=w, label=label, logits=logits, serial=next(_SERIAL))
+    st.run(call, p.dtype.name)
     _finish(st)
 
 
@@ -335,16 +324,11 @@ def add_margin_grad(
 def _margin_backward(
     st: _DeviceState, p: Problem, grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any
 ) -> None:
-    lab = _kernel_labels(label)
-    launches = plan.backward_launches(p, lab.dtype)
-    if launches:
-        bufs = {"grad_logits": g, "x": x, "w": w, "label": lab, "grad_x": grad_x, "grad_w": grad_w, **st.bufs}
-        bufs.update(beta=np.float64(p.beta), serial=np.int64(next(_SERIAL)))
-        if p.margin > 1:
-            ws = st.workspace()
-            ws.prepare(p)
-            bufs.update(coef=ws.coef, classes=ws.classes)
-        st.run(launches, bufs, p.dtype.name)
+    call = plan.bind_backward(
+        p, cupy, st.bufs, grad_logits=g, x=x, w=w, label=label, grad_x=grad_x, grad_w=grad_w,
+        serial=next(_SERIAL), workspace=lambda ncoef, nclasses: st.workspace().get(ncoef, nclasses),
+    )  # fmt: skip
+    st.run(call, p.dtype.name)
     _finish(st)
 
 

@@ -1,20 +1,29 @@
-"""What the CuPy backend launches, as plain data: kernel names, grids and arguments.
+"""What the CuPy backend launches, as plain data, and how a call's arrays bind to it.
 
-This module imports only NumPy, so the CPU tests can run the very launch sequence the GPU
-runs through a host emulation of the kernels (tests/kernels/test_host_emulator.py), and compile
-every kernel instantiation with NVRTC (tests/kernels/test_compile.py), without a GPU.
+This module imports only NumPy, so the CPU tests run the very launch sequence and the very
+argument binding the GPU runs, through a host emulation of the kernels
+(tests/kernels/test_host_emulator.py), and compile every kernel instantiation with NVRTC
+(tests/kernels/test_compile.py), without a GPU.
+
+The launch contract has its one home here: kernel names, grids, argument order, the block
+size and the bad-label op codes (passed to the compilers as ``DEFINES``), and the
+conversion of a call's arrays and scalars into kernel arguments (``bind_forward``,
+``bind_backward``).  An executor differs only in its array library, its GEMMs and how it
+launches a kernel or zeroes a buffer (``Call.run``).
 
 A plan is a tuple of steps: ``Zero`` (clear the start of a buffer with cudaMemsetAsync) and
-``Launch``.  Arguments are either names (``str``), which the executor maps to arrays or to
-the per-call scalars ``beta`` and ``serial``, or NumPy scalars whose itemsize is exactly
-the C type of the kernel parameter (CuPy passes a NumPy scalar by its own size).  Nothing
-per call is baked into a step, so a captured CUDA graph replays correctly.
-Plans are cached per (N, C, D, dtype, margin, label dtype): a call pays a dictionary
-lookup, not the construction (beta, which a schedule changes every step, is per call).
+``Launch``.  Arguments are either names (``str``), which a ``Call`` maps to that call's
+arrays, the per-device buffers and the per-call scalars ``beta`` and ``serial``, or NumPy
+scalars whose itemsize is exactly the C type of the kernel parameter (CuPy passes a NumPy
+scalar by its own size).  Nothing per call is baked into a step, so a captured CUDA graph
+replays correctly.  Plans are cached per (N, C, D, dtype, margin, label dtype): a call pays
+a dictionary lookup, not the construction (beta, which a schedule changes every step, is
+per call).  The maths the kernels compute is in docs/derivatives.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -27,16 +36,27 @@ from .checks import Problem
 
 __all__ = [
     "BLOCK",
+    "DEFINES",
+    "ERR_KEY_NONE",
     "FORMATS",
     "LABEL_TYPES",
-    "Launch",
     "NVRTC_OPTIONS",
+    "OP_BACKWARD",
+    "OP_FORWARD",
+    "RECORD_WORDS",
+    "Call",
+    "DeviceBuffers",
+    "Launch",
     "Zero",
     "backward_launches",
+    "bind_backward",
+    "bind_forward",
     "class_layout",
+    "define_options",
     "forward_launches",
     "group_size",
     "kernel_label_dtype",
+    "kernel_labels",
     "kernel_name",
     "kernel_source",
     "name_expressions",
@@ -44,8 +64,34 @@ __all__ = [
     "workspace_sizes",
 ]
 
-#: Threads per block of every kernel; must equal LSM_BLOCK in kernels/lsoftmax.cu.
+#: Threads per block of every kernel (a power of two); the kernels get it as LSM_BLOCK.
 BLOCK = 128
+
+#: Operation codes a kernel stores with a bad label (the record's third word); the kernels
+#: get them as LSM_OP_FORWARD / LSM_OP_BACKWARD (lsm::Op in kernels/lsoftmax.cu).
+OP_FORWARD = 0
+OP_BACKWARD = 1
+
+#: The preprocessor definitions kernels/lsoftmax.cu requires (it refuses to compile without
+#: them): NVRTC gets them in ``NVRTC_OPTIONS``, the host build of the tests the same list.
+DEFINES: dict[str, int] = {
+    "LSM_BLOCK": BLOCK,
+    "LSM_OP_FORWARD": OP_FORWARD,
+    "LSM_OP_BACKWARD": OP_BACKWARD,
+}
+
+
+def define_options() -> tuple[str, ...]:
+    """``DEFINES`` as compiler options (``-DNAME=value``), for NVRTC and g++ alike."""
+    return tuple(f"-D{name}={value}" for name, value in DEFINES.items())
+
+
+#: err_key when no bad label is recorded; a kernel keeps the smallest (index << 32 | label).
+ERR_KEY_NONE = np.uint64(2**64 - 1)
+
+#: int64 words of the bad-label record {serial of the bad call, C, op, unused}, which the
+#: kernels write through the device address of pinned, mapped host memory.
+RECORD_WORDS = 4
 
 #: Element dtype name -> format tag of kernels/lsoftmax_math.cuh.
 FORMATS: dict[str, str] = {
@@ -62,16 +108,12 @@ LABEL_TYPES: dict[str, str] = {"int32": "int", "int64": "long long"}
 #: Options for NVRTC.  --fmad=false: no silent multiply-add contraction, so the kernels
 #: round exactly like the host build of the same code (and like _chebyshev.py); the fused
 #: operations that are wanted are written as fma().  --maxrregcount=128: without it ptxas
-#: for sm_70 targets 64 registers and spills in the float16 backward (sm_80/sm_90 use ~56
-#: either way).  CuPy adds -ftz=true itself, which the kernels tolerate by converting
-#: formats with integer code (see lsoftmax_math.cuh).
-NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false", "--maxrregcount=128")
+#: for sm_70 targets 64 registers and spills in the float16 backward.  CuPy adds -ftz=true
+#: itself, which the kernels tolerate by converting formats with integer code (see
+#: lsoftmax_math.cuh).  Then ``DEFINES``.
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false", "--maxrregcount=128", *define_options())
 
 KERNELS = ("lsm_forward", "lsm_backward_rows", "lsm_backward_classes")
-
-#: Operation codes recorded with a bad label.
-OP_FORWARD = 0
-OP_BACKWARD = 1
 
 Arg = Union[str, np.generic]
 
@@ -124,6 +166,15 @@ _KERNEL_LABEL_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
 def kernel_label_dtype(label_dtype: Any) -> np.dtype[Any]:
     """The dtype the kernels read labels as: int32/int64 in place, any other integer as int64."""
     return _KERNEL_LABEL_DTYPES.get(label_dtype, _KERNEL_LABEL_DTYPES[np.dtype(np.int64)])
+
+
+def kernel_labels(label: Any, xp: Any) -> Any:
+    """``label`` as the kernels read it: itself when C-contiguous int32/int64, otherwise a
+    C-contiguous int64 copy made by the array library ``xp`` (numpy or cupy)."""
+    dt = kernel_label_dtype(label.dtype)
+    if label.dtype == dt and label.flags.c_contiguous:
+        return label
+    return xp.ascontiguousarray(label, dtype=dt)
 
 
 def kernel_source() -> str:
@@ -227,12 +278,116 @@ def _backward(
 
 
 def forward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
-    """Kernels after ``logits = x @ w.T``: the target fix-up (or only the label check).
-    Per-call names: beta (float64), serial (int64)."""
+    """Steps after ``logits = x @ w.T``: the target fix-up (or only the label check)."""
     return _forward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
 
 
 def backward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
-    """Steps after ``grad_x = G @ w`` and ``grad_w = G.T @ x``.  Per-call names: beta
-    (float64), serial (int64); workspace buffers coef and classes (``workspace_sizes``)."""
+    """Steps after ``grad_x = G @ w`` and ``grad_w = G.T @ x``."""
     return _backward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
+
+
+# ---------------------------------------------------------------- binding a call
+
+
+@dataclass(frozen=True)
+class DeviceBuffers:
+    """What every call on one device shares: the threshold table, the bad-label key and the
+    device address of the pinned bad-label record (``RECORD_WORDS`` int64)."""
+
+    thresholds: Any
+    err_key: Any
+    err_rec: np.uint64
+
+    @classmethod
+    def create(cls, xp: Any, record_address: int) -> DeviceBuffers:
+        """Upload the threshold table and a cleared key with the array library ``xp``."""
+        return cls(
+            thresholds=xp.asarray(threshold_table()),
+            err_key=xp.full(1, ERR_KEY_NONE, dtype=xp.uint64),
+            err_rec=np.uint64(record_address),
+        )
+
+
+#: launch(kernel_name, grid, args) and zero(buffer, count) of an executor.
+Launcher = Callable[[str, tuple[int, int], tuple[Any, ...]], object]
+Zeroer = Callable[[Any, int], object]
+
+
+class Call:
+    """One call's steps with the values their argument names stand for.
+
+    Built by ``bind_forward`` / ``bind_backward`` for every call (a cached plan holds only
+    names, so a CUDA graph captured from ``run`` replays with its own call's buffers)."""
+
+    __slots__ = ("steps", "values")
+
+    def __init__(self, steps: tuple[Step, ...], values: dict[str, Any]) -> None:
+        self.steps = steps
+        self.values = values
+
+    def args(self, launch: Launch) -> tuple[Any, ...]:
+        """The launch's arguments in kernel order: arrays, NumPy scalars."""
+        v = self.values
+        return tuple(v[a] if a.__class__ is str else a for a in launch.args)
+
+    def run(self, launch: Launcher, zero: Zeroer) -> None:
+        """Execute the steps in order: ``launch(kernel_name, grid, args)`` launches one
+        kernel with ``BLOCK`` threads per block; ``zero(buffer, count)`` clears the first
+        ``count`` elements of a buffer.  Both are issued in stream order."""
+        for step in self.steps:
+            if isinstance(step, Zero):
+                zero(self.values[step.name], step.count)
+            else:
+                launch(step.name, step.grid, self.args(step))
+
+
+def _values(p: Problem, dev: DeviceBuffers, serial: int, label: Any) -> dict[str, Any]:
+    # The per-call scalars as the kernels take them: double beta, long long serial.
+    return {
+        "label": label,
+        "thresholds": dev.thresholds,
+        "err_key": dev.err_key,
+        "err_rec": dev.err_rec,
+        "beta": np.float64(p.beta),
+        "serial": np.int64(serial),
+    }
+
+
+def bind_forward(
+    p: Problem, xp: Any, dev: DeviceBuffers, *, x: Any, w: Any, label: Any, logits: Any, serial: int
+) -> Call:
+    """The forward's steps after ``logits = x @ w.T``, bound to this call.  ``x``, ``w`` and
+    ``logits`` are C-contiguous arrays of ``xp``; ``label`` may be any integer dtype and
+    layout (``kernel_labels``); ``serial`` numbers the call in bad-label reports."""
+    lab = kernel_labels(label, xp)
+    values = _values(p, dev, serial, lab)
+    values.update(x=x, w=w, logits=logits)
+    return Call(forward_launches(p, lab.dtype), values)
+
+
+def bind_backward(
+    p: Problem,
+    xp: Any,
+    dev: DeviceBuffers,
+    *,
+    grad_logits: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    grad_x: Any,
+    grad_w: Any,
+    serial: int,
+    workspace: Callable[[int, int], tuple[Any, Any]],
+) -> Call:
+    """The backward's steps after ``grad_x = G @ w`` and ``grad_w = G.T @ x``, bound to this
+    call (arrays as for ``bind_forward``).  ``workspace(ncoef, nclasses)`` returns a float64
+    ``coef`` and a uint32 ``classes`` buffer of at least those sizes (contents need not be
+    cleared); it is called only when the steps use them."""
+    lab = kernel_labels(label, xp)
+    steps = backward_launches(p, lab.dtype)
+    values = _values(p, dev, serial, lab)
+    values.update(grad_logits=grad_logits, x=x, w=w, grad_x=grad_x, grad_w=grad_w)
+    if steps and p.margin > 1:  # margin 1 only checks labels
+        values["coef"], values["classes"] = workspace(*workspace_sizes(p))
+    return Call(steps, values)

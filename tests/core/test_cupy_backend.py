@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 import lsoftmax_core as lsm
 
-from support.kernel_host import EmuBackend, build_emulator, compiler, nasty_rows, representable
+from support.kernel_host import (
+    EXTREME_NORMS,
+    EmuBackend,
+    build_emulator,
+    check_extreme_norms,
+    compiler,
+    nasty_rows,
+    representable,
+)
+from support.reference import forward as ref_forward
 from support.strategies import problems
 from support.tolerances import check_backward, check_forward
 
@@ -124,6 +133,25 @@ def test_nasty_cases(dtype, m) -> None:
         assert _finite(out)
         check_forward(out, x, w, label, margin=m, beta=beta, dtype=dtype.name)
         check_backward((gx, gw), g, x, w, label, margin=m, beta=beta, dtype=dtype.name)
+
+
+@pytest.mark.parametrize("case", list(EXTREME_NORMS))
+@pytest.mark.parametrize("m, beta", [(2, 0.0), (3, 0.0), (2, 7.0), (64, 0.5)])
+def test_norms_beyond_float64_range(case, m, beta) -> None:
+    """Finite logits and gradients when a norm overflows float64 (only a gradient whose exact
+    value overflows is inf), as tests/kernels/test_host_emulator.py checks on the CPU."""
+    x, w, s = EXTREME_NORMS[case]
+    label = np.array([0])
+    dx, dw, dl = _gpu(x, w, label)
+    out = lsm.forward(dx, dw, dl, margin=m, beta=beta)
+    want = ref_forward(x * s, w / s, label, margin=m, beta=beta)[0, 0]
+    assert float(out[0, 0]) == pytest.approx(want, rel=1e-12)
+    for gv in (2.0**-8, -0.25, 1.0):
+        g = np.array([[gv]])
+        grads = lsm.backward(cupy.asarray(g), dx, dw, dl, margin=m, beta=beta)
+        check_extreme_norms(out, grads, g, x, w, label, s, margin=m, beta=beta)
+        if gv == 2.0**-8:
+            assert all(_finite(a) for a in grads)
 
 
 def test_float32_subnormal_target_survives() -> None:
@@ -239,7 +267,7 @@ def test_bitwise_equal_to_host_build_of_the_same_kernels(tmp_path_factory, dtype
     host = EmuBackend(emu)
     # The host run gets cuBLAS's GEMM results instead of NumPy's.
     queue = [gemms["fwd"], gemms["gx"], gemms["gw"]]
-    monkeypatch.setattr("kernel_host.gemm", lambda a, b, dt: queue.pop(0).copy())
+    monkeypatch.setattr("support.kernel_host.gemm", lambda a, b, dt: queue.pop(0).copy())
     h_out = host.forward(x, w, label, margin=4, beta=0.75)
     h_gx, h_gw = host.backward(g, x, w, label, margin=4, beta=0.75)
     for a, b in zip((out, gx, gw), (h_out, h_gx, h_gw)):

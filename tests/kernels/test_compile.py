@@ -66,6 +66,25 @@ def test_source_is_package_data_with_the_header_inlined() -> None:
     assert "psi_and_derivative" in src and "lsm_backward_classes" in src
 
 
+def test_definitions_come_from_the_plan() -> None:
+    """LSM_BLOCK and the op codes have one source, _cupy_plan: NVRTC gets them as options,
+    and the source refuses to compile without them."""
+    for name, value in plan.DEFINES.items():
+        assert f"-D{name}={value}" in plan.NVRTC_OPTIONS
+        assert f"#define {name}" not in plan.kernel_source()
+    assert plan.DEFINES["LSM_BLOCK"] == plan.BLOCK
+    assert (plan.DEFINES["LSM_OP_FORWARD"], plan.DEFINES["LSM_OP_BACKWARD"]) == (
+        plan.OP_FORWARD,
+        plan.OP_BACKWARD,
+    )
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(plan.kernel_source(), "lsoftmax.cu", [], [])
+    opts = [o for o in plan.NVRTC_OPTIONS if not o.startswith("-D")]
+    with pytest.raises(nvrtc.NVRTCError):
+        nvrtc.compileProgram(prog, [*opts, *CUPY_ADDS, "-arch=compute_90"])
+    assert "_cupy_plan.DEFINES" in nvrtc.getProgramLog(prog)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_compiles_without_spills(dtype_name, arch) -> None:

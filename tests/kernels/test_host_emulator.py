@@ -12,6 +12,8 @@ What it cannot prove: GPU timing, the memory model beyond barriers, and cuBLAS.
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -22,14 +24,20 @@ from lsoftmax_core import _cupy_plan as plan
 from support.kernel_host import (
     BFLOAT16,
     DTYPES,
+    EXTREME_NORMS,
+    KERNELS,
+    SUPPORT,
     EmuBackend,
     build_emulator,
+    check_extreme_norms,
     compiler,
+    emulator_source,
     gemm,
     nasty_rows,
     representable,
 )
 from support.reference import backward as ref_backward
+from support.reference import forward as ref_forward
 from support.strategies import problems
 from support.tolerances import TOLERANCES, assert_close, check_backward, check_forward, grad_scales
 
@@ -69,6 +77,44 @@ def test_registry_matches_plan(emu) -> None:
     # Every scalar parameter is 8 bytes (long long / double / unsigned long long), like
     # the NumPy scalars the plan passes.
     assert all(s == 8 for sizes in emu.sizes.values() for s in sizes)
+
+
+def test_kernels_do_not_compile_without_the_plan_definitions(tmp_path) -> None:
+    src = emulator_source(tmp_path)
+    cmd = [compiler(), "-std=c++17", "-fsyntax-only", f"-I{KERNELS}", f"-I{SUPPORT}", str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "_cupy_plan.DEFINES" in res.stderr
+    res = subprocess.run([*cmd, *plan.define_options()], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_kernels_follow_the_definitions_they_are_built_with(tmp_path) -> None:
+    """The block size and the op codes come from the build's definitions alone: a build with
+    LSM_BLOCK=64 and other op codes, launched with 64 threads per block, computes the same
+    results and records its own op codes (a hard-coded 128 or 0/1 in the kernels would
+    show).  Margin > 1 and D <= 64 groups only: there the plan's grids do not depend on
+    BLOCK (per-sample blocks, at most 64 column groups per class block)."""
+    other = {"LSM_BLOCK": 64, "LSM_OP_FORWARD": 5, "LSM_OP_BACKWARD": 9}
+    emu64 = build_emulator(tmp_path, other)
+    assert emu64.block == 64
+    n, c, d = 150, 3, 37  # more members per class than one chunk of 64 labels
+    x, w, label, g = _case(30, n, c, d, np.float64)
+    assert plan.class_layout(d, np.float64)[0] <= 64
+    for order in (0, 1):
+        b = EmuBackend(emu64, order=order)
+        check_forward(
+            b.forward(x, w, label, margin=3, beta=0.5), x, w, label, margin=3, beta=0.5, dtype="float64"
+        )
+        grads = b.backward(g, x, w, label, margin=3, beta=0.5)
+        check_backward(grads, g, x, w, label, margin=3, beta=0.5, dtype="float64")
+    bad = label.copy()
+    bad[4] = c
+    b = EmuBackend(emu64)
+    b.forward(x, w, bad, margin=3, beta=0.5)
+    assert list(b.err_rec) == [b.serial, c, 5, 0]
+    b.err_key[0], b.err_rec[:] = UINT64_MAX, 0
+    b.backward(g, x, w, bad, margin=3, beta=0.5)
+    assert list(b.err_rec) == [b.serial, c, 9, 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -203,6 +249,24 @@ def test_float32_subnormal_inputs(emu) -> None:
         out = b.forward(x, w, label, margin=m, beta=0.0)
         check_forward(out, x, w, label, margin=m, beta=0.0, dtype="float32")
         assert out[0, 0] != 0.0 and abs(out[0, 0]) < np.finfo(np.float32).tiny  # a subnormal target survives
+
+
+@pytest.mark.parametrize("case", list(EXTREME_NORMS))
+@pytest.mark.parametrize("m, beta", [(2, 0.0), (3, 0.0), (2, 7.0), (64, 0.5)])
+def test_norms_beyond_float64_range(emu, case, m, beta) -> None:
+    """Finite logits and gradients when a norm overflows float64 (only a gradient whose exact
+    value overflows is inf: with G = 1 and m = 2, the w_y part of grad_x is 3.3e308)."""
+    x, w, s = EXTREME_NORMS[case]
+    label = np.array([0])
+    b = EmuBackend(emu)
+    out = b.forward(x, w, label, margin=m, beta=beta)
+    assert out[0, 0] == pytest.approx(ref_forward(x * s, w / s, label, margin=m, beta=beta)[0, 0], rel=1e-12)
+    for gv in (2.0**-8, -0.25, 1.0):
+        g = np.array([[gv]])
+        grads = b.backward(g, x, w, label, margin=m, beta=beta)
+        check_extreme_norms(out, grads, g, x, w, label, s, margin=m, beta=beta)
+        if gv == 2.0**-8:
+            assert all(np.all(np.isfinite(a)) for a in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

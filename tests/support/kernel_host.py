@@ -3,11 +3,13 @@
 * ``build_math``: tests/support/host_shim.cpp over kernels/lsoftmax_math.cuh (the scalar maths).
 * ``build_emulator``: kernels/lsoftmax.cu itself, every instantiation the backend names,
   run by the fiber emulator in tests/support/cuda_emulator.hpp.
-* ``EmuBackend``: forward/backward exactly as lsoftmax_core/_cupy_backend.py runs them
-  (same validation, same launch plan from lsoftmax_core/_cupy_plan.py, same buffers and
-  argument packing), with NumPy GEMMs in place of cuBLAS and the emulator in place of the GPU.
+* ``EmuBackend``: forward/backward as lsoftmax_core/_cupy_backend.py runs them: same
+  validation, and the same launch plan and argument binding (``_cupy_plan.bind_forward`` /
+  ``bind_backward``, executed by ``Call.run``), with NumPy arrays and GEMMs in place of
+  CuPy and cuBLAS and the emulator in place of the GPU.
 
-Both libraries are compiled with -ffp-contract=off, matching NVRTC's --fmad=false.
+Both libraries are compiled with -ffp-contract=off, matching NVRTC's --fmad=false, and
+with the plan's definitions (``_cupy_plan.DEFINES``: block size, op codes) like NVRTC.
 """
 
 from __future__ import annotations
@@ -26,10 +28,16 @@ from lsoftmax_core.checks import check_arrays
 
 from support.reference import backward as ref_backward
 from support.reference import forward as ref_forward
+from support.tolerances import TOLERANCES, assert_close, check_forward, grad_scales
 
 SUPPORT = Path(__file__).resolve().parent
 KERNELS = SUPPORT.parents[1] / "kernels"
 CXXFLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{KERNELS}", f"-I{SUPPORT}"]
+# g++ marks inline variables and the statics of templates and inline functions (the
+# emulator's registry and thread indices, the kernels' __shared__ arrays) STB_GNU_UNIQUE,
+# which the dynamic loader merges across libraries even when loaded RTLD_LOCAL: a second
+# emulator in the process (built with other definitions) would run the first one's kernels.
+GXX_ONLY_FLAGS = ["-fno-gnu-unique"]
 
 try:
     import ml_dtypes
@@ -48,11 +56,15 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _build(out: Path, sources: list[Path]) -> ctypes.CDLL:
+def _build(out: Path, sources: list[Path], defines: dict[str, int] | None = None) -> ctypes.CDLL:
+    """g++ with CXXFLAGS and ``defines`` (default: the plan's, as NVRTC gets them)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    cmd = [cxx, *CXXFLAGS, "-o", str(out), *map(str, sources)]
+    flags = [f"-D{k}={v}" for k, v in (plan.DEFINES if defines is None else defines).items()]
+    if "clang" not in Path(cxx).name:
+        flags += GXX_ONLY_FLAGS
+    cmd = [cxx, *CXXFLAGS, *flags, "-o", str(out), *map(str, sources)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr}")
@@ -75,8 +87,9 @@ def build_math(tmp: Path) -> ctypes.CDLL:
 class Emulator:
     """The kernels of lsoftmax.cu, launched by name like CuPy's RawModule functions."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, block: int = plan.BLOCK) -> None:
         self.lib = lib
+        self.block = block  # threads per block of every launch: the LSM_BLOCK it was built with
         lib.emu_kernel_name.restype = ctypes.c_char_p
         lib.emu_launch.argtypes = [
             ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
@@ -105,34 +118,27 @@ class Emulator:
                 return ctypes.c_uint64(int(value))
         raise TypeError(f"cannot pass {value!r} ({type(value).__name__}) to a kernel")
 
-    def launch(self, launch: plan.Launch, bufs: dict[str, Any], order: int = 0) -> None:
-        values = [bufs[a] if isinstance(a, str) else a for a in launch.args]
-        packed = [self._pack(v) for v in values]
+    def launch(self, name: str, grid: tuple[int, int], args: tuple[Any, ...], order: int = 0) -> None:
+        """Launch kernel ``name`` with ``self.block`` threads per block, like
+        ``RawModule.get_function(name)(grid, (plan.BLOCK,), args)``."""
+        packed = [self._pack(v) for v in args]
         sizes = [ctypes.sizeof(p) for p in packed]
-        if self.sizes.get(launch.name) != sizes:
-            raise TypeError(
-                f"{launch.name}: kernel parameter sizes {self.sizes.get(launch.name)}, passed {sizes}"
-            )
+        if self.sizes.get(name) != sizes:
+            raise TypeError(f"{name}: kernel parameter sizes {self.sizes.get(name)}, passed {sizes}")
         argv = (ctypes.c_void_p * len(packed))(
             *[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in packed]
         )
         err = ctypes.create_string_buffer(512)
         rc = self.lib.emu_launch(
-            launch.name.encode(),
-            launch.grid[0],
-            launch.grid[1],
-            plan.BLOCK,
-            argv,
-            len(packed),
-            order,
-            err,
-            512,
+            name.encode(), grid[0], grid[1], self.block, argv, len(packed), order, err, 512
         )
         if rc != 0:
-            raise RuntimeError(f"emulated launch of {launch.name} failed: {err.value.decode()}")
+            raise RuntimeError(f"emulated launch of {name} failed: {err.value.decode()}")
 
 
-def build_emulator(tmp: Path) -> Emulator:
+def emulator_source(tmp: Path) -> Path:
+    """The translation unit of the emulator: lsoftmax.cu and a registry of every kernel
+    instantiation the plan names."""
     lines = [
         '#include "cuda_emulator.hpp"',
         '#include "lsoftmax.cu"',
@@ -143,7 +149,13 @@ def build_emulator(tmp: Path) -> Emulator:
     lines += ["  };", "}"]
     src = tmp / "emulated_kernels.cpp"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return Emulator(_build(tmp / "libemu.so", [src]))
+    return src
+
+
+def build_emulator(tmp: Path, defines: dict[str, int] | None = None) -> Emulator:
+    """The emulator built with the plan's DEFINES, or (tests of the definitions) others."""
+    lib = _build(tmp / "libemu.so", [emulator_source(tmp)], defines)
+    return Emulator(lib, (plan.DEFINES if defines is None else defines)["LSM_BLOCK"])
 
 
 def nasty_rows(dtype: Any, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -180,6 +192,47 @@ def representable(dtype: Any, x: Any, w: Any, label: Any, g: Any, m: int, beta: 
     return all(float(np.max(np.abs(r), initial=0.0)) < bound for r in results)
 
 
+# |w_y| = 1.8e308 overflows float64 although every entry is finite (and |x| = 1e-10 in the
+# other orientation); the target logit |x||w_y|psi (about 6.9e297) does not.  Scaling x by
+# s and w by 1/s (s a power of two) leaves every logit unchanged and scales grad_x by 1/s and
+# grad_w by s, exactly: the reference runs on the scaled problem, where no norm overflows.
+EXTREME_NORMS: dict[str, tuple[np.ndarray, np.ndarray, float]] = {
+    "huge_w": (np.array([[1e-10, 0.0]]), np.array([[1.5e308, 1e308]]), 2.0**520),
+}
+
+
+def check_extreme_norms(
+    out: Any,
+    grads: Any,
+    g: np.ndarray,
+    x: np.ndarray,
+    w: np.ndarray,
+    label: np.ndarray,
+    s: float,
+    *,
+    margin: int,
+    beta: float,
+) -> None:
+    """out/grads of the extreme-norm problem (x, w) against the reference on (x*s, w/s);
+    an exact value beyond the float64 range must be inf of its sign, everything else finite
+    and within the float64 tolerances."""
+    xs, ws = x * s, w / s
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.sum(w * w) + np.sum(x * x))  # the problem's norms do overflow
+    assert np.isfinite(np.sum(xs * xs) + np.sum(ws * ws))  # the scaled problem's do not
+    check_forward(out, xs, ws, label, margin=margin, beta=beta, dtype="float64")
+    want = ref_backward(g, xs, ws, label, margin=margin, beta=beta)
+    scales = grad_scales(g, xs, ws, margin)
+    for name, got, ref, back, scale in zip(("grad_x", "grad_w"), grads, want, (1 / s, s), scales):
+        got = np.asarray(got.get() if hasattr(got, "get") else got)  # cupy
+        with np.errstate(over="ignore"):
+            exact = ref / back  # inf where the exact gradient overflows
+        fin = np.isfinite(exact)
+        np.testing.assert_array_equal(got[~fin], exact[~fin])
+        scale = np.broadcast_to(scale, got.shape)
+        assert_close(got[fin] * back, ref[fin], scale[fin], TOLERANCES["float64"].grad, name)
+
+
 def gemm(a: np.ndarray, b: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     """cuBLAS stand-in: float64 products rounded once to the dtype (fp32 accumulation or better)."""
     return np.ascontiguousarray((a.astype(np.float64) @ b.astype(np.float64)).astype(dtype))
@@ -187,45 +240,49 @@ def gemm(a: np.ndarray, b: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 class EmuBackend:
     """forward/backward as _cupy_backend runs them, on the emulator.  Keeps its workspace
-    and error record across calls like the backend's per-stream state; a new workspace
-    starts as garbage (not zeros), like CuPy's ``empty``."""
+    and error record across calls like the backend's per-device and per-stream state; a
+    new workspace starts as garbage (not zeros), like CuPy's ``empty``."""
 
     def __init__(self, emu: Emulator, order: int = 0) -> None:
         self.emu = emu
         self.order = order
-        self.table = plan.threshold_table()
-        self.err_key = np.full(1, np.iinfo(np.uint64).max, dtype=np.uint64)
-        self.err_rec = np.zeros(4, dtype=np.int64)
+        # The record the kernels write (pinned, mapped host memory on the GPU).
+        self.err_rec = np.zeros(plan.RECORD_WORDS, dtype=np.int64)
+        self.bufs = plan.DeviceBuffers.create(np, self.err_rec.ctypes.data)
+        self.err_key: np.ndarray = self.bufs.err_key
         self.coef = np.zeros(0, dtype=np.float64)
         self.classes = np.zeros(0, dtype=np.uint32)
         self.serial = 0
 
-    def run(self, steps: tuple[plan.Step, ...], bufs: dict[str, Any]) -> None:
-        for step in steps:
-            if isinstance(step, plan.Zero):
-                bufs[step.name][: step.count] = 0
-            else:
-                self.emu.launch(step, bufs, self.order)
+    def _launch(self, name: str, grid: tuple[int, int], args: tuple[Any, ...]) -> None:
+        self.emu.launch(name, grid, args, self.order)
 
-    def _common(self, label: np.ndarray, beta: float) -> dict[str, Any]:
+    @staticmethod
+    def _zero(buf: np.ndarray, count: int) -> None:
+        buf[:count] = 0
+
+    def _workspace(self, ncoef: int, nclasses: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.coef.size < ncoef:
+            self.coef = np.full(ncoef, np.nan)  # never read before written
+        if self.classes.size < nclasses:
+            self.classes = np.full(nclasses, 0xDEADBEEF, dtype=np.uint32)  # cleared by a Zero step
+        return self.coef, self.classes
+
+    def _next_serial(self) -> int:
         self.serial += 1
-        return {
-            "label": np.ascontiguousarray(label, dtype=plan.kernel_label_dtype(label.dtype)),
-            "thresholds": self.table,
-            "err_key": self.err_key,
-            "err_rec": np.uint64(self.err_rec.ctypes.data),
-            "beta": np.float64(beta),
-            "serial": np.int64(self.serial),
-        }
+        return self.serial
 
     def forward(
         self, x: np.ndarray, w: np.ndarray, label: np.ndarray, *, margin: Any, beta: Any
     ) -> np.ndarray:
         p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES)
-        bufs = self._common(label, p.beta)
-        bufs.update(x=np.ascontiguousarray(x), w=np.ascontiguousarray(w), logits=gemm(x, w.T, p.dtype))
-        self.run(plan.forward_launches(p, bufs["label"].dtype), bufs)
-        return bufs["logits"]  # type: ignore[no-any-return]
+        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+        logits = gemm(x, w.T, p.dtype)
+        call = plan.bind_forward(
+            p, np, self.bufs, x=x, w=w, label=label, logits=logits, serial=self._next_serial()
+        )
+        call.run(self._launch, self._zero)
+        return logits
 
     def backward(
         self,
@@ -238,20 +295,11 @@ class EmuBackend:
         beta: Any,
     ) -> tuple[np.ndarray, np.ndarray]:
         p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES, grad_logits=grad_logits)
-        bufs = self._common(label, p.beta)
-        ncoef, nclasses = plan.workspace_sizes(p)
-        if self.coef.size < ncoef:
-            self.coef = np.full(ncoef, np.nan)  # never read before written
-        if self.classes.size < nclasses:
-            self.classes = np.full(nclasses, 0xDEADBEEF, dtype=np.uint32)  # cleared by a Zero step
-        bufs.update(
-            grad_logits=np.ascontiguousarray(grad_logits),
-            x=np.ascontiguousarray(x),
-            w=np.ascontiguousarray(w),
-            grad_x=gemm(grad_logits, w, p.dtype),
-            grad_w=gemm(grad_logits.T, x, p.dtype),
-            coef=self.coef,
-            classes=self.classes,
-        )
-        self.run(plan.backward_launches(p, bufs["label"].dtype), bufs)
-        return bufs["grad_x"], bufs["grad_w"]
+        g, x, w = (np.ascontiguousarray(a) for a in (grad_logits, x, w))
+        grad_x, grad_w = gemm(g, w, p.dtype), gemm(g.T, x, p.dtype)
+        call = plan.bind_backward(
+            p, np, self.bufs, grad_logits=g, x=x, w=w, label=label, grad_x=grad_x, grad_w=grad_w,
+            serial=self._next_serial(), workspace=self._workspace,
+        )  # fmt: skip
+        call.run(self._launch, self._zero)
+        return grad_x, grad_w
