@@ -73,7 +73,8 @@ def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, npt.NDArray[np.int64], 
     return mant * rel, exp.astype(np.int64), unit
 
 
-def _stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
+def stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
+    """Per-sample norms, cosine, psi and psi' (float64), for labels already checked."""
     wy = w[label]
     sx, sw, dot = _rowdot(x, x), _rowdot(wy, wy), _rowdot(x, wy)
     lo, hi = _SAFE_SQ[p.dtype]
@@ -136,7 +137,11 @@ def add_margin(
 def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> None:
     if p.margin == 1 or p.n == 0:
         return  # psi(c) = c: the target logit is already x·w_y.
-    s = _stats(x, w, label, p)
+    logits[np.arange(p.n), label] = target_logits(stats(x, w, label, p), p)
+
+
+def target_logits(s: _Stats, p: Problem) -> F64:
+    """The N target logits in float64, from the per-sample statistics."""
     h = (p.beta * s.c + s.psi) / (1.0 + p.beta)
     # (a·h)·b rather than a·b·h: a·b may overflow where the true product does not.
     with np.errstate(invalid="ignore", over="ignore"):  # careful rows are redone below
@@ -144,7 +149,7 @@ def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> None
     if s.careful.size:  # mantissas times h, then the exponents: inf only if the value overflows
         (am, ae), (bm, be) = s.a_parts, s.b_parts
         target[s.careful] = np.ldexp(h[s.careful] * am * bm, ae + be)
-    logits[np.arange(p.n), label] = target
+    return target
 
 
 def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k: F64, ell: F64) -> tuple[F64, F64]:
@@ -203,8 +208,15 @@ def _margin_backward(
 ) -> None:
     if p.margin == 1 or p.n == 0:
         return
-    s = _stats(x, w, label, p)
     g = np.asarray(grad_logits[np.arange(p.n), label], dtype=np.float64)
+    add_margin_terms(grad_x, grad_w, g, stats(x, w, label, p), x, label, p)
+
+
+def add_margin_terms(
+    grad_x: Any, grad_w: Any, g: F64, s: _Stats, x: Any, label: Any, p: Problem
+) -> None:
+    """Add q_i to grad_x[i] and r_i to grad_w[label[i]] (docs/derivatives.md), given the
+    target entries g of the upstream gradient; consumes ``s.wy``."""
     k = g * (s.dpsi - 1.0) / (1.0 + p.beta)
     ell = g * (s.psi - s.c * s.dpsi) / (1.0 + p.beta)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
