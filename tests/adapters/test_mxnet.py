@@ -35,6 +35,33 @@ DTYPES = ["float64", "float32"]
 
 # ------------------------------------------------------------------ helpers
 
+# Executors bound by this module's tests, kept alive until the engine has finished with them.
+_EXECUTORS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _retire_executors_when_idle():
+    """Free each test's executors only once MXNet's engine is idle, and leave it idle.
+
+    On a loaded machine MXNet 1.9.1 crashed here: an engine thread completed a block of the
+    previous test's already deleted ``_backward_Custom`` operator (``ThreadedEngine::
+    OnComplete`` reading freed memory) while the next test was in ``simple_bind`` (the
+    segfault Python reports "in simple_bind", the only Python thread).  ``asnumpy`` waits
+    for an array's writers only; ``mx.nd.waitall()`` waits until the engine has retired all
+    the work, so no executor is freed while its CustomOp work is still being retired.
+    """
+    yield
+    mx.nd.waitall()
+    _EXECUTORS.clear()
+    mx.nd.waitall()
+
+
+def _simple_bind(sym, **kwargs):
+    """``sym.simple_bind(mx.cpu(), **kwargs)``, the executor kept until the test's end."""
+    ex = sym.simple_bind(mx.cpu(), **kwargs)
+    _EXECUTORS.append(ex)
+    return ex
+
 
 def _bind(n: int, d: int, c: int, dtype: str, label_grad: str = "null", **kwargs: object):
     """The seed's symbolic call, bound with simple_bind."""
@@ -47,8 +74,8 @@ def _bind(n: int, d: int, c: int, dtype: str, label_grad: str = "null", **kwargs
         name="lsoftmax",
         **kwargs,
     )
-    return sym.simple_bind(
-        mx.cpu(),
+    return _simple_bind(
+        sym,
         data=(n, d),
         label=(n,),
         weight=(c, d),
@@ -165,7 +192,7 @@ def test_gradient_accumulation_adds(monkeypatch):
     x, w, label, grad = _problem(8, 5, 4, 3, "float64")
     sym = mx.sym.Custom(data=mx.sym.var("data"), label=mx.sym.var("label"), weight=mx.sym.var("weight"),
                         num_hidden=3, margin=2, beta=1.0, op_type="LSoftmax")
-    ex = sym.simple_bind(mx.cpu(), data=(5, 4), label=(5,), weight=(3, 4),
+    ex = _simple_bind(sym, data=(5, 4), label=(5,), weight=(3, 4),
                          type_dict={"data": "float64", "weight": "float64", "label": "float64"},
                          grad_req={"data": "add", "weight": "add", "label": "null"})
     ex.grad_dict["data"][:] = 1.0
