@@ -1,20 +1,26 @@
 """MXNet 1.9.1 adapter: the seed's ``LSoftmax`` CustomOp and a Gluon ``LSoftmaxDense`` block.
 
 Importing this module registers a CustomOp named ``LSoftmax`` that is a drop-in for the
-seed (luoyetx/mx-lsoftmax); the seed's own call works unchanged::
+seed (luoyetx/mx-lsoftmax); the seed's own call works unchanged:
 
-    fc = mx.sym.Custom(data=embedding, label=label, weight=weight, num_hidden=10,
-                       beta=100, margin=2, scale=0.99, beta_min=0, op_type='LSoftmax')
+>>> import mxnet as mx
+>>> import lsoftmax_core.adapters.mxnet  # registers op_type='LSoftmax'
+>>> embedding, label, weight = mx.sym.var("embedding"), mx.sym.var("label"), mx.sym.var("weight")
+>>> fc = mx.sym.Custom(data=embedding, label=label, weight=weight, num_hidden=10,
+...                    beta=100, margin=2, scale=0.99, beta_min=0, op_type='LSoftmax')
+>>> fc.list_arguments()
+['embedding', 'label', 'weight']
+>>> fc.infer_shape(embedding=(4, 2))[1]
+[(4, 10)]
 
 Inputs are ``(data, label, weight)`` in that order: data (N, D), label (N,) class indices
-(MXNet labels are usually floats), weight (num_hidden, D).  All the maths is
-``lsoftmax_core.forward``/``backward`` on the NumPy backend, so this runs on CPU contexts
-only (MXNet 1.9.1's CUDA wheels are CUDA 11; this project's GPU path is CuPy).
+(MXNet labels are usually floats), weight (num_hidden, D).  The maths is the core's, on
+the NumPy backend (``docs/derivatives.md``), so this runs on CPU contexts only.
 
 Semantics, as in the seed: training (``is_train``) gives the large-margin logits,
-evaluation the plain ``x @ w.T``; beta (lambda, paper eq. 7) follows
-``beta_t = max(beta * scale**t, beta_min)`` (:class:`lsoftmax_core.ExponentialSchedule`),
-t counting the training backward passes.  The counter is explicit operator state, read at
+evaluation the plain ``x @ w.T``; beta (lambda in the paper) follows
+:class:`lsoftmax_core.ExponentialSchedule` ``(beta, scale, beta_min)`` at step t, t
+counting the training backward passes.  The counter is explicit operator state, read at
 forward and advanced once per training backward (which reuses its forward's beta).  An
 executor (``simple_bind``, ``Module``) keeps one operator per device, so each device counts
 its own iterations like the seed.  Imperative calls and non-static hybridised graphs make a
@@ -28,11 +34,17 @@ Data exchange.  MXNet 1.9.1 hands out DLPack *capsules* (``to_dlpack_for_read``)
 NumPy 1.23's ``np.from_dlpack`` wants an object with ``__dlpack__``/``__dlpack_device__``;
 :func:`as_numpy` wraps the capsule, so data, weight and the incoming gradient reach the core
 as read-only zero-copy views of MXNet's memory.  Labels are converted to an int64 copy
-(:func:`label_indices`).  Results are computed in MXNet's own output buffers when MXNet asks
-for them to be overwritten (``req == 'write'``, the default of ``simple_bind``, Module and
-Gluon): :func:`output_view` gives a writeable view of the buffer, passed to the core as
-``out=``.  For ``'add'`` (gradient accumulation) and ``'inplace'`` the core's results go
-through ``self.assign``, one engine copy or add.
+(:func:`label_indices`).  The plain GEMMs run on those views and the core's
+``add_margin``/``add_margin_grad`` finish them in place.  When MXNet asks for a result to
+be overwritten (``req == 'write'``, the default of ``simple_bind``, Module and Gluon) this
+happens in MXNet's own buffer (:func:`output_view`, a writeable view); for ``'add'``
+(gradient accumulation) and ``'inplace'`` the result goes through ``self.assign``, one
+engine copy or add.
+
+Validation.  Each forward and backward checks its arguments once: :func:`label_indices`
+checks the label values (the one check that reads data), ``lsoftmax_core.checks.check_arrays``
+the shapes, dtypes, margin and beta, and the resulting ``Problem`` is passed to the core as
+``checked=``.
 
 Errors.  MXNet 1.9.1 runs CustomOp callbacks behind ctypes: an exception raised inside them
 is printed by MXNet and surfaces as a generic ``MXNetError`` (a ``RuntimeError``) whose text
@@ -44,9 +56,8 @@ For a real ``ValueError``/``TypeError`` at the call site use :func:`lsoftmax_sym
 :class:`LSoftmaxDense` (both validate in Python first; the block also checks labels before
 the operator runs when it is not hybridised).
 
-Threads: the seed asks for ``MXNET_CPU_WORKER_NTHREADS >= 2`` before ``import mxnet`` for
-CustomOps on CPU.  MXNet 1.9.1 runs CustomOps on their own threads and the tests pass either
-way; the project's tests and nox session set it to 2 as the seed did.
+Threads: set ``MXNET_CPU_WORKER_NTHREADS=2`` (or more) before importing mxnet, as the seed
+asked for CustomOps on CPU.
 """
 
 from __future__ import annotations
@@ -66,10 +77,9 @@ from mxnet import gluon
 from mxnet.base import _LIB, check_call
 
 import lsoftmax_core as lsm
-from lsoftmax_core.checks import check_integer, check_nonnegative
+from lsoftmax_core.checks import check_arrays, check_integer, check_nonnegative
 
 __all__ = [
-    "FLOAT_DTYPES",
     "OP_TYPE",
     "LSoftmaxDense",
     "LSoftmaxOp",
@@ -85,8 +95,8 @@ __all__ = [
 #: The CustomOp name, as in the seed.
 OP_TYPE = "LSoftmax"
 
-#: Floating dtypes the NumPy backend computes in.
-FLOAT_DTYPES: tuple[type[Any], ...] = (np.float32, np.float64)
+# The dtypes of data and weight: the NumPy backend's (this adapter runs on CPU only).
+_DTYPES = lsm.supported_dtypes("numpy")
 
 _DL_CPU = 1  # DLPack's kDLCPU device type
 
@@ -160,9 +170,23 @@ def output_view(array: Any) -> npt.NDArray[Any]:
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def _as_ndarray(a: npt.NDArray[Any]) -> Any:
-    """Wrap a freshly computed NumPy result as an NDArray without copying (it becomes read-only)."""
-    return mx.nd.from_numpy(np.ascontiguousarray(a), zero_copy=True)
+def _dtype_names() -> str:
+    return ", ".join(str(t) for t in _DTYPES)
+
+
+def _result_buffer(dst: Any, req: str) -> Any:
+    """Where to compute a result that MXNet wants in ``dst`` with ``req``: ``dst`` itself for
+    'write', otherwise a new MXNet-owned array of the same shape and dtype (then assigned).
+
+    Results never reach MXNet as NumPy-owned memory (``mx.nd.from_numpy(zero_copy=True)``):
+    MXNet frees such an array through a Python callback, on the engine thread that drops it
+    last, which can be after ``mx.nd.waitall()`` has returned; at interpreter exit Python
+    ends that thread when it asks for the GIL, inside a C++ destructor, and the process
+    aborts ("terminate called without an active exception").
+    """
+    if req == "write":
+        return dst
+    return mx.nd.empty(dst.shape, ctx=dst.context, dtype=dst.dtype)
 
 
 def label_indices(label: npt.NDArray[Any], num_classes: int) -> npt.NDArray[np.int64]:
@@ -357,10 +381,17 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         else:
             margin, beta = 1, 0.0  # evaluation: plain logits x @ w.T (margin 1 is exactly that)
         self._last = (margin, beta, bool(is_train))
-        if req[0] == "write":
-            lsm.forward(x, w, label, margin=margin, beta=beta, out=output_view(out_data[0]))
-        elif req[0] != "null":
-            self.assign(out_data[0], req[0], _as_ndarray(lsm.forward(x, w, label, margin=margin, beta=beta)))
+        if req[0] == "null":
+            return
+        # label_indices checked the label values; the rest is checked here, once.
+        p = check_arrays(x, w, label, margin, beta, dtypes=_DTYPES)
+        buf = _result_buffer(out_data[0], req[0])
+        # The buffer has the shape and dtype infer_shape/infer_type gave it; add_margin
+        # checks it again (shape, dtype, no overlap with the inputs) before its own writes.
+        logits = np.matmul(x, w.T, out=output_view(buf))
+        lsm.add_margin(logits, x, w, label, margin=margin, beta=beta, checked=p)
+        if buf is not out_data[0]:
+            self.assign(out_data[0], req[0], buf)
 
     def backward(
         self,
@@ -378,13 +409,15 @@ class LSoftmaxOp(mx.operator.CustomOp):  # type: ignore[misc]
         x = as_numpy(in_data[0], "data")
         w = as_numpy(in_data[2], "weight")
         label = label_indices(as_numpy(in_data[1], "label"), self.params.num_hidden)
-        if req[0] == req[2] == "write":
-            out = (output_view(in_grad[0]), output_view(in_grad[2]))
-            lsm.backward(g, x, w, label, margin=margin, beta=beta, out=out)
-        elif req[0] != "null" or req[2] != "null":
-            grad_x, grad_w = lsm.backward(g, x, w, label, margin=margin, beta=beta)
-            self.assign(in_grad[0], req[0], _as_ndarray(grad_x))
-            self.assign(in_grad[2], req[2], _as_ndarray(grad_w))
+        if req[0] != "null" or req[2] != "null":
+            p = check_arrays(x, w, label, margin, beta, dtypes=_DTYPES, grad_logits=g)
+            bufs = [_result_buffer(in_grad[i], req[i]) for i in (0, 2)]
+            grad_x = np.matmul(g, w, out=output_view(bufs[0]))
+            grad_w = np.matmul(g.T, x, out=output_view(bufs[1]))
+            lsm.add_margin_grad(grad_x, grad_w, g, x, w, label, margin=margin, beta=beta, checked=p)
+            for i, buf in zip((0, 2), bufs):
+                if buf is not in_grad[i]:
+                    self.assign(in_grad[i], req[i], buf)  # nothing for 'null'
         if req[1] in ("write", "inplace"):
             in_grad[1][:] = 0  # labels are not differentiable; never leave the buffer uninitialised
         if trained:
@@ -437,8 +470,8 @@ class LSoftmaxProp(mx.operator.CustomOpProp):  # type: ignore[misc]
 
     def infer_type(self, in_type: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
         dtype = in_type[0] if in_type[0] is not None else in_type[2]
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            raise TypeError(f"data dtype {np.dtype(dtype)} is not supported (float32, float64)")
+        if dtype is not None and np.dtype(dtype) not in _DTYPES:
+            raise TypeError(f"data dtype {np.dtype(dtype)} is not supported ({_dtype_names()})")
         label_type = in_type[1] if in_type[1] is not None else dtype
         return [dtype, label_type, dtype], [dtype], []
 
@@ -516,8 +549,12 @@ class LSoftmaxDense(gluon.HybridBlock):  # type: ignore[misc]
             step_key=uuid.uuid4().hex,
         )
         in_units = _parse_int("in_units", in_units, 0)
-        if np.dtype(dtype).type not in FLOAT_DTYPES:
-            raise TypeError(f"dtype={dtype!r} is not supported (float32, float64)")
+        try:
+            supported = np.dtype(dtype) in _DTYPES
+        except TypeError:
+            supported = False
+        if not supported:
+            raise TypeError(f"dtype={dtype!r} is not supported ({_dtype_names()})")
         self._units = self._lsm.num_hidden
         # Forget this block's counters with it; at interpreter exit there is nothing to free.
         weakref.finalize(self, _SHARED_STEPS.drop, self._lsm.step_key).atexit = False

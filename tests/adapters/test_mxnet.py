@@ -165,21 +165,27 @@ def test_output_view_is_writeable_and_shared(dtype):
 
 
 def test_results_are_computed_in_mxnets_buffers(monkeypatch):
-    """With req 'write' the core works in the executor's own output and gradient buffers."""
+    """With req 'write' the core works in the executor's own output and gradient buffers,
+    and gets the arguments' checks as ``checked=``: validation runs once per call."""
     x, w, label, grad = _problem(7, 5, 4, 3, "float32")
     ex = _bind(5, 4, 3, "float32", margin=3, beta=0.5)
     seen = {}
-    for name in ("forward", "backward"):
+    for name, n_out in (("add_margin", 1), ("add_margin_grad", 2)):
         real = getattr(lsm, name)
 
-        def spy(*arrays, _real=real, _name=name, out=None, **kw):
-            seen[_name] = [a.ctypes.data for a in ([out] if _name == "forward" else out)]
-            return _real(*arrays, out=out, **kw)
+        def spy(*arrays, _real=real, _name=name, _n_out=n_out, checked=None, **kw):
+            # (logits, x, w, label) or (grad_x, grad_w, grad_logits, x, w, label)
+            grad_logits = arrays[2] if _n_out == 2 else None
+            assert isinstance(checked, lsm.Problem), "the adapter's checks were not passed on"
+            expected = (*arrays[-3:], grad_logits)  # Problem.inputs: x, w, label, grad_logits
+            assert len(checked.inputs) == 4 and all(a is b for a, b in zip(checked.inputs, expected))
+            seen[_name] = [a.ctypes.data for a in arrays[:_n_out]]
+            return _real(*arrays, checked=checked, **kw)
 
         monkeypatch.setattr(lsm, name, spy)
     out, gx, gw = _run(ex, x, w, label.astype(np.float32), grad)
-    assert seen["forward"] == [lmx.as_numpy(ex.outputs[0]).ctypes.data]
-    assert seen["backward"] == [
+    assert seen["add_margin"] == [lmx.as_numpy(ex.outputs[0]).ctypes.data]
+    assert seen["add_margin_grad"] == [
         lmx.as_numpy(ex.grad_dict["data"]).ctypes.data,
         lmx.as_numpy(ex.grad_dict["weight"]).ctypes.data,
     ]
@@ -201,6 +207,18 @@ def test_gradient_accumulation_adds(monkeypatch):
     ex_gx, ex_gw = lsm.backward(grad, x, w, label, margin=2, beta=1.0)
     np.testing.assert_allclose(gx, ex_gx + 1.0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(gw, ex_gw + 2.0, rtol=1e-12, atol=1e-12)
+
+
+def test_dtypes_are_the_cores():
+    """The adapter has no dtype list of its own: it takes the NumPy backend's."""
+    assert not hasattr(lmx, "FLOAT_DTYPES")
+    supported = lsm.supported_dtypes("numpy")
+    assert {np.dtype(d) for d in DTYPES} == set(supported)
+    for dtype in supported:
+        assert lmx.LSoftmaxDense(3, dtype=dtype).weight.dtype == dtype
+    for bad in ("float16", "int32", "not-a-dtype"):
+        with pytest.raises(TypeError, match=rf"dtype={bad!r} is not supported \(float32, float64\)"):
+            lmx.LSoftmaxDense(3, dtype=bad)
 
 
 def test_as_numpy_rejects_non_ndarrays():
