@@ -46,6 +46,9 @@ __all__ = [
     "backward",
     "check_arguments",
     "check_labels",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "cross_entropy_with_grad",
     "forward",
     "schedule_from_dict",
     "supported_dtypes",
@@ -210,3 +213,99 @@ def add_margin_grad(
     return backend.add_margin_grad(  # type: ignore[no-any-return]
         grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta, checked=checked
     )
+
+
+def _loss_backend(**arrays: Any) -> ModuleType:
+    if _backend(**arrays).__name__.endswith("_cupy_backend"):
+        raise NotImplementedError(
+            "the fused cross-entropy takes NumPy arrays only so far (the CUDA kernels for it are "
+            "not written yet); on CuPy use forward() and a log-softmax"
+        )
+    from . import _numpy_loss
+
+    return _numpy_loss
+
+
+def cross_entropy(
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    chunking: str | None = None,
+    memory_budget: int | None = None,
+    return_lse: bool = False,
+) -> Any:
+    """The L-Softmax cross-entropy ``logsumexp_j f_ij - f_{i,y_i}`` of :func:`forward`'s
+    logits f, computed in chunks without ever holding the N×C logits.
+
+    ``reduction``: "mean" (over the rows whose label is not ``ignore_index``, as
+    ``torch.nn.functional.cross_entropy``; a batch with every row ignored gives 0, not
+    NaN), "sum" (0-d results) or "none" (shape (N,), 0 on ignored rows).  Labels must lie
+    in [0, C) or equal ``ignore_index``; ignored rows get no margin and no gradient.
+    ``chunking`` "rows" or "classes" and ``chunk_size`` (rows or classes per chunk) are
+    chosen from ``memory_budget`` bytes of temporaries when not given (default 64 MiB, or
+    the environment variable LSOFTMAX_CE_BUDGET); they change the result only by rounding.
+    ``return_lse=True`` also returns each row's float64 log-sum-exp, which
+    :func:`cross_entropy_backward` takes to skip a pass.  NumPy arrays only so far.
+
+    >>> import numpy as np, lsoftmax_core as lsm
+    >>> x, w, y = np.array([[1.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0])
+    >>> f = lsm.forward(x, w, y, margin=3)
+    >>> bool(np.isclose(lsm.cross_entropy(x, w, y, margin=3), np.log(np.exp(f).sum()) - f[0, 0]))
+    True
+    """
+    return _loss_backend(x=x, w=w, label=label).cross_entropy(
+        x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
+        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, return_lse=return_lse,
+    )  # fmt: skip
+
+
+def cross_entropy_backward(
+    grad_loss: Any,
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    chunking: str | None = None,
+    memory_budget: int | None = None,
+    lse: Any = None,
+) -> tuple[Any, Any]:
+    """Gradients ``(grad_x, grad_w)`` of ``sum(grad_loss * cross_entropy(...))``: grad_loss
+    has the loss's shape (0-d, or (N,) for reduction "none").  ``lse``: the forward's
+    ``return_lse`` output, saving the class-chunked path one pass."""
+    return _loss_backend(x=x, w=w, label=label).cross_entropy_backward(  # type: ignore[no-any-return]
+        grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
+        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, lse=lse,
+    )  # fmt: skip
+
+
+def cross_entropy_with_grad(
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    chunking: str | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """``(loss, grad_x, grad_w)`` in one pass for reduction "mean" or "sum": row chunks
+    form the gradients as they go (three GEMMs in all, no recomputation); class chunks
+    take a log-sum-exp pass first (four).  Scale the gradients by the upstream gradient."""
+    return _loss_backend(x=x, w=w, label=label).cross_entropy_with_grad(  # type: ignore[no-any-return]
+        x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
+        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget,
+    )  # fmt: skip

@@ -1,0 +1,70 @@
+"""How the fused cross-entropy walks the N×C logits: by rows or by classes, in chunks
+sized from a memory budget.  Plain Python, shared by every backend.
+
+Rows (Liger-Kernel's way): a chunk of R rows holds all C logits, so the softmax of each
+row is complete inside the chunk and the gradients can be formed at once: three GEMMs in
+all (logits, G·W, Gᵀ·X), the last one accumulated into grad_w once per chunk.  Classes
+(Cut Cross-Entropy's way): a chunk of K classes for all N rows; a first pass builds each
+row's log-sum-exp online, the gradient pass recomputes the chunk's logits: four GEMMs, but
+the chunk never needs a whole row, so it fits any C.  The maths: docs/derivatives.md,
+"Cross-entropy".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .checks import check_integer
+
+__all__ = ["CHUNKINGS", "DEFAULT_BUDGET", "ChunkPlan", "plan_chunks"]
+
+#: Bytes the chunk's temporaries may take by default; the environment variable
+#: LSOFTMAX_CE_BUDGET (bytes) or the ``memory_budget`` argument override it.
+DEFAULT_BUDGET = 64 * 2**20
+
+CHUNKINGS = ("rows", "classes")
+
+#: Bytes per logit held at once: the chunk's logits (input dtype), its exponentials /
+#: gradient (input dtype, in place) and a float64 row or column statistic share.
+_PER_ELEMENT_EXTRA = 8
+
+#: Fewest rows worth a row chunk: below this the GEMMs run on slivers and grad_w is
+#: re-read once per few rows, so classes are chunked instead.
+_MIN_ROWS = 32
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """``mode`` 'rows' or 'classes', and the chunk's length along that axis."""
+
+    mode: str
+    size: int
+
+
+def plan_chunks(
+    n: int, c: int, itemsize: int, *, chunk_size: object = None, chunking: object = None, memory_budget: object = None
+) -> ChunkPlan:
+    """The chunking for an (N, C) problem; explicit ``chunking``/``chunk_size`` win.
+
+    Default: rows when at least min(N, 32) rows of all C logits fit the budget (the
+    three-GEMM path), else classes, as many as fit for all N rows.
+    """
+    if chunking is not None and chunking not in CHUNKINGS:
+        raise ValueError(f"chunking={chunking!r} must be one of {CHUNKINGS} or None")
+    if memory_budget is None:
+        env = os.environ.get("LSOFTMAX_CE_BUDGET", "")
+        budget = check_integer("LSOFTMAX_CE_BUDGET", int(env), 1) if env.strip() else DEFAULT_BUDGET
+    else:
+        budget = check_integer("memory_budget", memory_budget, 1)
+    size = None if chunk_size is None else check_integer("chunk_size", chunk_size, 1)
+    per_element = itemsize * 2 + _PER_ELEMENT_EXTRA
+    rows_fit = budget // max(1, c * per_element)
+    if chunking is None:
+        chunking = "rows" if rows_fit >= min(max(n, 1), _MIN_ROWS) else "classes"
+    if size is None:
+        if chunking == "rows":
+            size = max(1, rows_fit)
+        else:
+            size = max(1, budget // max(1, n * per_element))
+    return ChunkPlan(str(chunking), size)
