@@ -66,7 +66,7 @@ backward pass is itself a callback without a derivative rule.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,15 +74,30 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 import lsoftmax_core as core
-from lsoftmax_core.checks import check_arrays, check_beta, check_label_values, check_margin, supported_dtypes
+from lsoftmax_core.checks import (
+    check_arrays,
+    check_beta,
+    check_integer,
+    check_label_values,
+    check_margin,
+    supported_dtypes,
+)
 
-__all__ = ["lsoftmax"]
+__all__ = ["lsoftmax", "lsoftmax_cross_entropy"]
 
 # DLPack device types (dlpack.h), as reported by Buffer.__dlpack_device__().
 _DL_CPU = 1
 _DL_CUDA = 2
 
 _Callback = Callable[..., None]
+#: Static keyword arguments of a core call beyond margin and beta, as (name, value) pairs.
+_Options = tuple[tuple[str, Any], ...]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_CUDA_LOSS = (
+    "lsoftmax_cross_entropy runs on the CPU only so far: the core has no CUDA fused "
+    "cross-entropy yet; on CUDA use jax.nn.log_softmax over lsoftmax()'s logits"
+)
 
 
 def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) -> jax.Array:
@@ -109,6 +124,80 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
     >>> bool(logits[0, 0] < 1.0), bool(logits[1, 1] < -2.0), logits[0, 1].item()  # targets only
     (True, True, 1.0)
     """
+    a = _prepare(x, w, label, margin, beta, _platform(x, w))
+    return _lsoftmax(a.x, a.w, a.label, a.beta, a.margin, a.bits)  # type: ignore[no-any-return]
+
+
+def lsoftmax_cross_entropy(
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    margin: int = 2,
+    beta: Any = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> jax.Array:
+    """The L-Softmax cross-entropy of ``x`` (N, D) against class weights ``w`` (C, D): the
+    log-softmax cross-entropy of :func:`lsoftmax`'s logits, computed by the core's fused
+    ``lsoftmax_core.cross_entropy`` without forming the (N, C) logits (the maths:
+    ``docs/derivatives.md``, "Cross-entropy").
+
+    The arguments are :func:`lsoftmax`'s (``margin`` static, ``beta`` a Python number or a
+    traced scalar: no recompile for a new value; no gradient to beta) and
+    ``torch.nn.functional.cross_entropy``'s: ``reduction`` "mean" (over the rows whose label
+    is not ``ignore_index``; 0 when every row is ignored), "sum" (both 0-d) or "none" (N,);
+    labels lie in [0, C) or equal ``ignore_index`` (those rows get loss 0, no margin, no
+    gradient).  Differentiable in x and w (``jax.grad``/``jax.vjp``, under ``jit`` and
+    ``vmap``).  Without differentiation one pass computes the loss; under ``jax.grad`` with
+    "mean"/"sum" that pass also forms the gradients, which the backward only scales (three
+    GEMMs in all, no recomputation); with "none" the backward is a second pass that reuses
+    the forward's per-row log-sum-exp.  Errors as for :func:`lsoftmax`.  CPU only so far:
+    on CUDA a NotImplementedError (at the call when the arrays or, under ``jit``,
+    ``jax.default_backend()`` say CUDA; else when the computation runs).
+
+    >>> import numpy as np, jax, jax.numpy as jnp
+    >>> from lsoftmax_core.adapters.jax import lsoftmax, lsoftmax_cross_entropy
+    >>> x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=np.float32)
+    >>> w = np.array([[1.0, 1.0], [1.0, -1.0]], dtype=np.float32)
+    >>> y = np.array([0, 1, -100])  # the last row is ignored
+    >>> loss = lsoftmax_cross_entropy(x, w, y, margin=3, beta=1.0)
+    >>> logits = lsoftmax(x[:2], w, y[:2], margin=3, beta=1.0)
+    >>> unfused = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), y[:2]])
+    >>> bool(jnp.allclose(loss, unfused))
+    True
+    >>> grad_w = jax.grad(lambda w: lsoftmax_cross_entropy(x, w, y, margin=3, beta=1.0))(jnp.asarray(w))
+    >>> grad_w.shape
+    (2, 2)
+    """
+    if not (isinstance(reduction, str) and reduction in _REDUCTIONS):
+        raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+    ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+    platform = _platform(x, w)
+    if platform in ("gpu", "cuda"):
+        raise NotImplementedError(_CUDA_LOSS)
+    a = _prepare(x, w, label, margin, beta, platform, ignore)
+    options = (("reduction", reduction), ("ignore_index", ignore))
+    return _cross_entropy(a.x, a.w, a.label, a.beta, a.margin, a.bits, options)  # type: ignore[no-any-return]
+
+
+class _Args(NamedTuple):
+    """A checked call's operands as jax arrays, and its static margin and beta encoding."""
+
+    x: jax.Array
+    w: jax.Array
+    label: jax.Array
+    beta: jax.Array  # _beta_bits' words (bits=True) or the caller's jax scalar (bits=False)
+    margin: int
+    bits: bool
+
+
+def _prepare(
+    x: Any, w: Any, label: Any, margin: object, beta: Any, platform: str, ignore_index: int | None = None
+) -> _Args:
+    """Every check that needs no data from the device, then the operands as jax arrays.
+
+    ``ignore_index`` (the loss's): label values equal to it are allowed."""
     m = check_margin(margin)
     beta_now = _check_concrete_beta(beta)
     for name, a in (("x", x), ("w", w), ("label", label)):
@@ -119,28 +208,56 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
             )
     # Shapes and dtypes are known at trace time: the core's checks run here, so a bad
     # call fails at the call site (under jit: when tracing), before any callback runs.
-    p = check_arrays(x, w, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(x, w))
+    p = check_arrays(x, w, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(platform))
     if isinstance(label, np.ndarray):
-        check_label_values(label, p.c)  # host data: check now, before any narrowing to int32
+        # Host data: check now, before any narrowing to int32.
+        if ignore_index is None:
+            check_label_values(label, p.c)
+        else:
+            _check_labels_or_ignored(label, p.c, ignore_index)
     xj = _to_jax("x", x)
     wj = _to_jax("w", w)
     lj = _to_jax("label", label)
+    if ignore_index is not None and lj.dtype != label.dtype and not _fits(ignore_index, lj.dtype):
+        if np.any(label == ignore_index):  # narrowing would turn an ignored row into a class
+            raise TypeError(
+                f"label.dtype={label.dtype} with ignore_index={ignore_index} needs jax_enable_x64 "
+                f"(JAX would convert label to {lj.dtype}, which cannot hold ignore_index)"
+            )
     if beta_now is None:
         # A jax scalar in its own dtype, unrounded.  A hyper-parameter: no gradient flows to
-        # it (the custom VJP returns none for it).
-        return _lsoftmax(xj, wj, lj, jax.lax.stop_gradient(beta), m, False)  # type: ignore[no-any-return]
-    return _lsoftmax(xj, wj, lj, _beta_bits(beta_now), m, True)  # type: ignore[no-any-return]
+        # it (the custom VJPs return none for it).
+        return _Args(xj, wj, lj, jax.lax.stop_gradient(beta), m, False)
+    return _Args(xj, wj, lj, _beta_bits(beta_now), m, True)
 
 
-def _dtypes(x: Any, w: Any) -> tuple[np.dtype[Any], ...]:
-    """The dtypes of the backend that will run: the CuPy backend's when the computation
-    runs on a CUDA device (the device of x or w when concrete, else JAX's default
-    backend), else the NumPy backend's."""
-    platform = jax.default_backend()
+def _check_labels_or_ignored(label: np.ndarray[Any, Any], c: int, ignore_index: int) -> None:
+    """Host labels must lie in [0, C) or equal ignore_index (the core's loss message)."""
+    bad = (label != ignore_index) & ((label < 0) | (label >= c))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"label must lie in [0, C) = [0, {c}) or equal ignore_index={ignore_index}: label[{i}]={int(label[i])}"
+        )
+
+
+def _fits(value: int, dtype: Any) -> bool:
+    info = np.iinfo(dtype)
+    return int(info.min) <= value <= int(info.max)
+
+
+def _platform(x: Any, w: Any) -> str:
+    """The platform that will run: the device of x or w when concrete, else JAX's default
+    backend (under ``jit``, or for NumPy inputs)."""
     for a in (x, w):
         if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
-            platform = next(iter(a.devices())).platform
-            break
+            return str(next(iter(a.devices())).platform)
+    return jax.default_backend()
+
+
+def _dtypes(platform: str) -> tuple[np.dtype[Any], ...]:
+    """The dtypes of the backend that will run: the CuPy backend's on a CUDA device, else
+    the NumPy backend's."""
     if platform not in ("gpu", "cuda"):
         return supported_dtypes("numpy")
     try:
@@ -193,6 +310,13 @@ def _shape_dtype(a: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
+def _call(kind: str, margin: int, bits: bool, options: _Options, outs: Any, *operands: jax.Array) -> Any:
+    """The core's ``kind`` of call on ``operands`` (beta last) as one buffer callback whose
+    results are ``outs`` (ShapeDtypeStructs)."""
+    call = buffer_callback(_callback(kind, margin, bits, options), outs, vmap_method="sequential")
+    return call(*operands)
+
+
 # margin and bits (whether beta is _beta_bits' words) are static.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _lsoftmax(
@@ -205,8 +329,7 @@ def _forward_call(
     x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
 ) -> jax.Array:
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype)
-    call = buffer_callback(_callback("forward", margin, bits), out, vmap_method="sequential")
-    return call(x, w, label, beta)  # type: ignore[no-any-return]
+    return _call("forward", margin, bits, (), out, x, w, label, beta)  # type: ignore[no-any-return]
 
 
 def _lsoftmax_fwd(
@@ -220,8 +343,7 @@ def _lsoftmax_bwd(
 ) -> tuple[Any, ...]:
     x, w, label, beta = res
     outs = (_shape_dtype(x), _shape_dtype(w))
-    call = buffer_callback(_callback("backward", margin, bits), outs, vmap_method="sequential")
-    grad_x, grad_w = call(grad_logits, x, w, label, beta)
+    grad_x, grad_w = _call("backward", margin, bits, (), outs, grad_logits, x, w, label, beta)
     # No cotangent for the integer labels nor for beta (a constant, see lsoftmax).
     return grad_x, grad_w, None, None
 
@@ -229,17 +351,68 @@ def _lsoftmax_bwd(
 _lsoftmax.defvjp(_lsoftmax_fwd, _lsoftmax_bwd)
 
 
+def _loss_struct(x: jax.Array, options: _Options) -> jax.ShapeDtypeStruct:
+    shape = (x.shape[0],) if dict(options)["reduction"] == "none" else ()
+    return jax.ShapeDtypeStruct(shape, x.dtype)
+
+
+# margin, bits and options (reduction, ignore_index) are static.  Without differentiation
+# JAX calls this primal, which computes the loss alone.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _cross_entropy(
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool, options: _Options
+) -> jax.Array:
+    return _call("loss", margin, bits, options, _loss_struct(x, options), x, w, label, beta)  # type: ignore[no-any-return]
+
+
+def _cross_entropy_fwd(
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool, options: _Options
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    loss = _loss_struct(x, options)
+    if loss.shape:
+        # "none": a per-row cotangent comes back, so keep each row's log-sum-exp (float64,
+        # as the two uint32 words of its bits: exact without x64) for the backward call.
+        lse = jax.ShapeDtypeStruct((x.shape[0], 2), jnp.uint32)
+        out, lse_bits = _call("loss_lse", margin, bits, options, (loss, lse), x, w, label, beta)
+        return out, (x, w, label, beta, lse_bits)
+    # "mean"/"sum": the cotangent is a scalar, so the gradients of the loss itself are the
+    # residuals, computed in the same pass as the loss.
+    grads = (_shape_dtype(x), _shape_dtype(w))
+    out, grad_x, grad_w = _call("loss_with_grad", margin, bits, options, (loss, *grads), x, w, label, beta)
+    return out, (grad_x, grad_w)
+
+
+def _cross_entropy_bwd(
+    margin: int, bits: bool, options: _Options, res: tuple[jax.Array, ...], grad_loss: jax.Array
+) -> tuple[Any, ...]:
+    if len(res) == 2:
+        grad_x, grad_w = (grad_loss * g for g in res)
+    else:
+        x, w, label, beta, lse_bits = res
+        outs = (_shape_dtype(x), _shape_dtype(w))
+        grad_x, grad_w = _call(
+            "loss_backward", margin, bits, options, outs, grad_loss, x, w, label, lse_bits, beta
+        )
+    return grad_x, grad_w, None, None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 @functools.cache
-def _callback(kind: str, margin: int, bits: bool) -> _Callback:
-    """One callback object per (kind, margin, bits): JAX caches compiled calls by its identity."""
+def _callback(kind: str, margin: int, bits: bool, options: _Options) -> _Callback:
+    """One callback object per (kind, margin, bits, options): JAX caches compiled calls by
+    its identity.  ``options``: further static keywords of the core's call."""
 
     def callback(ctx: Any, out: Any, *operands: Any) -> None:
         outs = out if isinstance(out, tuple) else (out,)
         device_type, device_id = operands[0].__dlpack_device__()
         if device_type == _DL_CPU:
-            _run_numpy(kind, margin, bits, outs, operands)
+            _run_numpy(kind, margin, bits, options, outs, operands)
         elif device_type == _DL_CUDA:
-            _run_cupy(kind, margin, bits, ctx, int(device_id), outs, operands)
+            if kind.startswith("loss"):
+                raise NotImplementedError(_CUDA_LOSS)
+            _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands)
         else:
             raise NotImplementedError(
                 f"lsoftmax_core.adapters.jax runs on CPU and CUDA devices only, not on DLPack "
@@ -249,14 +422,31 @@ def _callback(kind: str, margin: int, bits: bool) -> _Callback:
     return callback
 
 
-def _core_call(kind: str, margin: int, outs: tuple[Any, ...], arrays: list[Any], beta: float) -> None:
-    """The core's forward/backward, written into ``outs`` (XLA's result buffers)."""
+def _core_call(
+    kind: str, margin: int, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float
+) -> None:
+    """The core's ``kind`` of call, its results in ``outs`` (XLA's result buffers): written
+    there by forward/backward (``out=``), copied there from the fused loss's own arrays."""
+    kw: dict[str, Any] = dict(options, margin=margin, beta=beta)
     if kind == "forward":
-        x, w, label = arrays
-        core.forward(x, w, label, margin=margin, beta=beta, out=outs[0])
-    else:
-        grad_logits, x, w, label = arrays
-        core.backward(grad_logits, x, w, label, margin=margin, beta=beta, out=(outs[0], outs[1]))
+        core.forward(*arrays, out=outs[0], **kw)
+        return
+    if kind == "backward":
+        core.backward(*arrays, out=(outs[0], outs[1]), **kw)
+        return
+    results: tuple[Any, ...]
+    if kind == "loss":
+        results = (core.cross_entropy(*arrays, **kw),)
+    elif kind == "loss_with_grad":
+        results = core.cross_entropy_with_grad(*arrays, **kw)
+    elif kind == "loss_lse":
+        loss, lse = core.cross_entropy(*arrays, return_lse=True, **kw)
+        results = (loss, np.ascontiguousarray(lse, dtype=np.float64).view(np.uint32).reshape(-1, 2))
+    else:  # "loss_backward"
+        *args, lse_bits = arrays
+        results = core.cross_entropy_backward(*args, lse=lse_bits.view(np.float64).reshape(-1), **kw)
+    for o, r in zip(outs, results):
+        o[...] = r
 
 
 def _host_view(buf: Any) -> np.ndarray[Any, Any]:
@@ -265,10 +455,12 @@ def _host_view(buf: Any) -> np.ndarray[Any, Any]:
     return a
 
 
-def _run_numpy(kind: str, margin: int, bits: bool, outs: tuple[Any, ...], operands: tuple[Any, ...]) -> None:
+def _run_numpy(
+    kind: str, margin: int, bits: bool, options: _Options, outs: tuple[Any, ...], operands: tuple[Any, ...]
+) -> None:
     *arrays, beta = (_host_view(b) for b in operands)
     # The result buffers are XLA's, handed to us to fill: writeable views, no copy.
-    _core_call(kind, margin, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits))
+    _core_call(kind, margin, options, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits))
 
 
 class _XlaStream:
@@ -303,6 +495,7 @@ def _run_cupy(
     kind: str,
     margin: int,
     bits: bool,
+    options: _Options,
     ctx: Any,
     device_id: int,
     outs: tuple[Any, ...],
@@ -321,4 +514,4 @@ def _run_cupy(
         with stream:
             *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
             beta = _beta_value(beta_dev.get(), bits)  # waits for the stream: the backend wants a host float
-            _core_call(kind, margin, tuple(_device_view(cupy, b) for b in outs), arrays, beta)
+            _core_call(kind, margin, options, tuple(_device_view(cupy, b) for b in outs), arrays, beta)
