@@ -1,9 +1,10 @@
 // CUDA kernels of the CuPy backend (lsoftmax_core/_cupy_backend.py).  The GEMMs run in
-// cuBLAS; these kernels add the L-Softmax terms to their outputs, O(N*D) work in total.
+// cuBLAS; these kernels add the L-Softmax terms to their outputs (docs/derivatives.md), O(N*D)
+// work in total.
 //
 //   lsm_forward           one block per sample: the target logit of the GEMM output x @ w.T.
 //   lsm_backward_rows     one block per sample: grad_x[i] += q_i, and the per-sample grad_w
-//                         coefficients (alpha_i, eps_i, ew_i) into the workspace `coef`.
+//                         coefficients (alpha_i, eps_i, ex_i, ew_i) into the workspace `coef`.
 //   lsm_backward_classes  one block per (sample, column tile); only the block of each class's
 //                         FIRST sample works: it adds sum_{j in class} r_j to grad_w[class].
 //   lsm_check_labels      margin 1 (a plain GEMM): only the label range check.
@@ -16,10 +17,11 @@
 // N, C, D and the dtype, never on pointer alignment (vector and scalar loads feed the same
 // per-element arithmetic).
 //
-// Per-class grouping without a sort.  The host zeroes classes[0..2C) (one cudaMemsetAsync,
+// Per-class grouping without a sort.  The host zeroes classes[0..3C) (one cudaMemsetAsync,
 // capturable in a CUDA graph); lsm_backward_rows then records, per class y, the first and
-// the last sample index of y with integer atomicMax on N - i and i + 1 (integer atomics:
-// the result does not depend on their order).  The owner block scans labels[first..last]
+// the last sample index of y and the largest row scale exponent ex_i among its samples, with
+// integer atomicMax on N - i, i + 1 and ex_i + lsm::EXP_BIAS (integer atomics: the result does
+// not depend on their order).  The owner block scans labels[first..last]
 // in chunks of LSM_BLOCK, compacts the matches in order (prefix sum in shared memory) and
 // accumulates.  Cost: O(N*D) data plus the sum over classes of (last - first) label reads,
 // small unless many classes each have several samples spread over a huge batch.
@@ -138,6 +140,10 @@ __device__ __forceinline__ void block_reduce(V (&v)[K], V* sh, Op op) {
   for (int q = 0; q < K; ++q) v[q] = sh[q * LSM_BLOCK];
   __syncthreads();  // sh is reused by the next reduction
 }
+
+// Row scale exponents (scale_exponent: [-1023, 1022]) are stored in classes[] as unsigned
+// ex + EXP_BIAS, so that 0, the cleared value, is below every stored one.
+enum { EXP_BIAS = 2048 };
 
 template <typename A>
 struct RowSums {
@@ -283,11 +289,13 @@ __global__ void LSM_BOUNDS
         lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
     const double g = lsm::to_double<F>(grad_logits[i * c + y]);
     const lsm::Coefficients k = lsm::backward_coefficients(st, g, beta);
-    coef[3 * i] = k.alpha;
-    coef[3 * i + 1] = k.eps;
-    coef[3 * i + 2] = (double)s.ew;
-    atomicMax(&classes[2 * y], (lsm::u32)(n - i));      // first sample of class y
-    atomicMax(&classes[2 * y + 1], (lsm::u32)(i + 1));  // last sample of class y
+    coef[4 * i] = k.alpha;
+    coef[4 * i + 1] = k.eps;  // of uw * 2^ex
+    coef[4 * i + 2] = (double)s.ex;
+    coef[4 * i + 3] = (double)s.ew;
+    atomicMax(&classes[3 * y], (lsm::u32)(n - i));                      // first sample of class y
+    atomicMax(&classes[3 * y + 1], (lsm::u32)(i + 1));                  // last sample of class y
+    atomicMax(&classes[3 * y + 2], (lsm::u32)(s.ex + lsm::EXP_BIAS));  // largest ex of class y
     k_sh[0] = k.gx_scale;
     k_sh[1] = k.kw;
     k_sh[2] = k.kx;
@@ -331,8 +339,16 @@ __global__ void LSM_BOUNDS
   const long long i = blockIdx.x;
   const long long y = (long long)label[i];
   if (y < 0 || y >= c) return;  // reported by lsm_backward_rows
-  if (classes[2 * y] != (lsm::u32)(n - i)) return;  // i is not the first sample of y
-  const long long last = (long long)classes[2 * y + 1] - 1;
+  if (classes[3 * y] != (lsm::u32)(n - i)) return;  // i is not the first sample of y
+  const long long last = (long long)classes[3 * y + 1] - 1;
+  // float64 rows: the class's sum is formed scaled by 2^-E, E the largest ex_j of its
+  // samples, so that neither alpha_j x_j nor eps_j 2^ex_j overflows when the sum does not;
+  // 2^E is applied once, in the final fma.  Narrower inputs (|x| < 2^128) cannot overflow
+  // the float64 sums: E = 0, and the scaling folds away (no extra registers, which the
+  // 16-bit instantiations on sm_70 have none to spare).
+  const bool wide = sizeof(S) == 8;
+  const int E = wide ? (int)classes[3 * y + 2] - lsm::EXP_BIAS : 0;
+  const double se = wide ? lsm::ldexp_(1.0, -E) : 1.0;
   // Thread layout: K column groups x R member lanes (K * R == LSM_BLOCK, both powers of two;
   // K depends only on D and the dtype).  Member number o (in index order) goes to lane o % R.
   const int t = threadIdx.x;
@@ -365,16 +381,19 @@ __global__ void LSM_BOUNDS
       for (int p = p0; p < count; p += R) {
         const long long jj = members[p];
         const S* xr = x + jj * d;
-        const double alpha = coef[3 * jj];
+        const double alpha = coef[4 * jj];
         S bx[G::N];
         const int cnt = lsm::load_group<F>(xr, lsm::aligned16(xr), d, g, bx);
 #pragma unroll
         for (int k = 0; k < G::N; ++k)
-          if (k < cnt) acc[k] = lsm::fma_(alpha, lsm::to_double<F>(bx[k]), acc[k]);
+          if (k < cnt) acc[k] = lsm::fma_(alpha, lsm::to_double<F>(bx[k]) * se, acc[k]);
       }
     }
     if (t == 0) {
-      for (int p = 0; p < count; ++p) eps_total += coef[3 * members[p] + 1];
+      for (int p = 0; p < count; ++p) {
+        const long long jj = members[p];
+        eps_total += lsm::ldexp_(coef[4 * jj + 1], (int)coef[4 * jj + 2] - E);
+      }
     }
     ordinal += count;
     __syncthreads();  // scan and members are rewritten by the next chunk
@@ -391,8 +410,8 @@ __global__ void LSM_BOUNDS
     __syncthreads();
   }
   if (lane == 0 && active) {
-    // grad_w[y] += sum_j alpha_j x_j + (sum_j eps_j) * w_y*2^-ew, rounded once.
-    const double sw = lsm::ldexp_(1.0, -(int)coef[3 * i + 2]);
+    // grad_w[y] += 2^E * (sum_j alpha_j x_j 2^-E + (sum_j eps_j 2^(ex_j-E)) * w_y 2^-ew), rounded once.
+    const double sw = lsm::ldexp_(1.0, -(int)coef[4 * i + 3]), scale = wide ? lsm::ldexp_(1.0, E) : 1.0;
     const double eps = eps_sh;
     const S* wr = w + y * d;
     S* gr = grad_w + y * d;
@@ -404,7 +423,7 @@ __global__ void LSM_BOUNDS
     for (int k = 0; k < G::N; ++k) {
       if (k < cnt) {
         const double total = lsm::fma_(eps, lsm::to_double<F>(bw[k]) * sw, red[k * LSM_BLOCK + t]);
-        bg[k] = lsm::from_double<F>(lsm::to_double<F>(bg[k]) + total);
+        bg[k] = lsm::from_double<F>(lsm::fma_(scale, total, lsm::to_double<F>(bg[k])));
       }
     }
     lsm::store_group<F>(gr, ga, g, cnt, bg);

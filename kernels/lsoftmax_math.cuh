@@ -290,21 +290,23 @@ LSM_HD RowStats<S> finish_stats(S sxx, S sww, S sxw, int ex, int ew, int m, cons
   return st;
 }
 
-// f_y = a*b*(beta*c + psi)/(1 + beta), evaluated as ((rel_a*h)*rel_b) * 2^(ex+ew) in double
-// so that neither a*b nor a*h over- or underflows on the way (the NumPy backend's (a*h)*b
-// with the power-of-two factors kept apart).
+// The target logit (docs/derivatives.md, "Forward" and "Numerics"), evaluated as
+// ((rel_a*h)*rel_b) * 2^(ex+ew) in double so that neither a*b nor a*h over- or underflows on
+// the way (the NumPy backend's (a*h)*b with the power-of-two factors kept apart).
 template <typename S>
 LSM_HD double target_logit(const RowStats<S>& st, double beta) {
   const double h = (beta * (double)st.c + (double)st.psi) / (1.0 + beta);
   return ldexp_(((double)st.rel_a * h) * (double)st.rel_b, st.ex + st.ew);
 }
 
-// Backward coefficients of one sample (see _numpy_backend.py for q_i and r_i), with
-// A = (psi' - 1)/(1+beta) and B = (psi - c psi')/(1+beta):
-//   grad_x[i]  += g*b*(A*w^ + B*x^)  = gx_scale * (kw*uw + kx*ux)        (ux = x*2^-ex, uw = w_y*2^-ew)
-//   grad_w[y]  += g*a*(A*x^ + B*w^)  = alpha * x + eps * uw
+// Backward coefficients of one sample, for the terms q_i and r_i of docs/derivatives.md
+// ("Backward at the cost of the plain layer"), with A = (psi' - 1)/(1+beta) and
+// B = (psi - c psi')/(1+beta):
+//   grad_x[i]  += q_i = gx_scale * (kw*uw + kx*ux)        (ux = x*2^-ex, uw = w_y*2^-ew)
+//   grad_w[y]  += r_i = alpha * x + eps * 2^ex * uw
 // Ratios of norms appear only as rel_b/rel_a or rel_a/rel_b (in [2^-1, 2*sqrt(D)] or so) and
-// the powers of two are applied once, so no intermediate over- or underflows.
+// the powers of two are applied once, so no intermediate over- or underflows.  eps leaves
+// out its 2^ex: lsm_backward_classes sums a class's r_i scaled by a common power of two.
 struct Coefficients {
   double gx_scale, kw, kx;  // grad_x row correction
   double alpha, eps;        // grad_w class correction
@@ -320,7 +322,7 @@ LSM_HD Coefficients backward_coefficients(const RowStats<S>& st, double g, doubl
   k.kw = a_coef;
   k.kx = st.ok ? b_coef * ((double)st.rel_b / (double)st.rel_a) : 0.0;
   k.alpha = g * a_coef;
-  k.eps = st.ok ? ldexp_(g * b_coef * ((double)st.rel_a / (double)st.rel_b), st.ex) : 0.0;
+  k.eps = st.ok ? g * b_coef * ((double)st.rel_a / (double)st.rel_b) : 0.0;
   return k;
 }
 

@@ -44,7 +44,7 @@ call.  ``lsoftmax_core.check_labels()`` synchronises and raises at once; with th
 
 Memory.  The outputs are the only per-call allocations, except a contiguous copy of a
 non-contiguous input and an int64 copy of labels that are neither int32 nor int64.  The
-backward's workspace (3 float64 per sample, 2 uint32 per class) is cached per device,
+backward's workspace (4 float64 per sample, 3 uint32 per class) is cached per device,
 stream and thread, and only grows; its per-class part is cleared by one cudaMemsetAsync
 per call.  Nothing per call is baked into a launch, so CUDA-graph replays compute
 correctly (bad-label reports then surface only at the next eager call or check_labels()).

@@ -210,8 +210,9 @@ def class_layout(d: int, dtype: Any) -> tuple[int, int]:
 
 
 def workspace_sizes(p: Problem) -> tuple[int, int]:
-    """(float64 ``coef``, uint32 ``classes``) elements the backward needs."""
-    return 3 * p.n, 2 * p.c
+    """(float64 ``coef``, uint32 ``classes``) elements the backward needs: 4 per sample,
+    3 per class (kernels/lsoftmax.cu)."""
+    return 4 * p.n, 3 * p.c
 
 
 def _check_limits(n: int, d: int, dtype: np.dtype[Any]) -> None:
@@ -265,7 +266,7 @@ def _backward(
             i64(n), i64(c), i64(d), i64(margin), "beta", "thresholds", "err_key", "err_rec", "serial",
         ),
     )  # fmt: skip
-    clear = Zero("classes", 2 * c)  # first/last sample per class, filled by rows' atomicMax
+    clear = Zero("classes", 3 * c)  # first/last sample and largest ex per class: rows' atomicMax
     if d == 0:
         return (clear, rows)
     k, tiles = class_layout(d, dtype)

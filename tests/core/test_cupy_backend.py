@@ -21,6 +21,7 @@ from support.kernel_host import (
     build_emulator,
     check_extreme_norms,
     compiler,
+    mixed_scale_class,
     nasty_rows,
     representable,
 )
@@ -152,6 +153,17 @@ def test_norms_beyond_float64_range(case, m, beta) -> None:
         check_extreme_norms(out, grads, g, x, w, label, s, margin=m, beta=beta)
         if gv == 2.0**-8:
             assert all(_finite(a) for a in grads)
+
+
+@pytest.mark.parametrize("huge_g", [0.0, 0.25, -0.25])
+@pytest.mark.parametrize("m, beta", [(2, 0.0), (3, 0.0), (5, 0.5)])
+def test_norms_beyond_float64_range_in_a_class_of_mixed_scales(huge_g, m, beta) -> None:
+    x, w, label, s = mixed_scale_class()
+    g = _rand(np.random.default_rng(m), (len(x), len(w)), np.float64) * 2.0**-8
+    g[0, 0] = huge_g
+    out, gx, gw = _run(*_gpu(x, w, label, g), m, beta)
+    assert all(_finite(a) for a in (out, gx, gw))
+    check_extreme_norms(out, (gx, gw), g, x, w, label, s, margin=m, beta=beta)
 
 
 def test_float32_subnormal_target_survives() -> None:

@@ -20,6 +20,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from lsoftmax_core import _cupy_plan as plan
+from lsoftmax_core.checks import check_arrays
 
 from support.kernel_host import (
     BFLOAT16,
@@ -33,6 +34,7 @@ from support.kernel_host import (
     compiler,
     emulator_source,
     gemm,
+    mixed_scale_class,
     nasty_rows,
     representable,
 )
@@ -77,6 +79,57 @@ def test_registry_matches_plan(emu) -> None:
     # Every scalar parameter is 8 bytes (long long / double / unsigned long long), like
     # the NumPy scalars the plan passes.
     assert all(s == 8 for sizes in emu.sizes.values() for s in sizes)
+
+
+@pytest.mark.parametrize("margin", [1, 3])
+@pytest.mark.parametrize("n, d", [(0, 4), (5, 0), (5, 4)])
+def test_binding_of_a_call(margin, n, d) -> None:
+    """bind_forward/bind_backward resolve every name of their steps, with the kernels' C
+    types (double beta, long long serial, unsigned long long record address) and labels as
+    the kernels read them (int32/int64 in place, others as an int64 copy); the workspace is
+    requested only when a step uses it."""
+    c = 3
+    x, w, g = np.ones((n, d)), np.ones((c, d)), np.ones((n, c))
+    dev = plan.DeviceBuffers.create(np, 12345)
+    asked = []
+
+    def workspace(ncoef, nclasses):
+        asked.append((ncoef, nclasses))
+        return np.zeros(ncoef), np.zeros(nclasses, np.uint32)
+
+    for label in (
+        np.zeros(n, np.int32),
+        np.zeros(n, np.int64),
+        np.zeros(n, np.uint8),
+        np.zeros(2 * n, np.int64)[::2],
+    ):
+        p = check_arrays(x, w, label, margin, 0.5, dtypes=DTYPES, grad_logits=g)
+        calls = [
+            plan.bind_forward(p, np, dev, x=x, w=w, label=label, logits=g.copy(), serial=7),
+            plan.bind_backward(
+                p, np, dev, grad_logits=g, x=x, w=w, label=label, grad_x=x.copy(), grad_w=w.copy(),
+                serial=8, workspace=workspace,
+            ),
+        ]  # fmt: skip
+        for call in calls:
+            lab = call.values["label"]
+            assert lab.flags.c_contiguous and lab.dtype in (np.int32, np.int64)
+            assert (lab is label) == (label.dtype in (np.int32, np.int64) and label.flags.c_contiguous)
+            assert call.values["beta"].dtype == np.float64 and call.values["serial"].dtype == np.int64
+            assert call.values["err_rec"] == np.uint64(12345) and call.values["err_rec"].dtype == np.uint64
+            for step in call.steps:
+                names = (
+                    [step.name]
+                    if isinstance(step, plan.Zero)
+                    else [a for a in step.args if isinstance(a, str)]
+                )
+                assert all(name in call.values for name in names)
+                if isinstance(step, plan.Launch):
+                    assert all(a.dtype.itemsize == 8 for a in call.args(step) if isinstance(a, np.generic))
+        uses = any(isinstance(s, plan.Zero) for s in calls[1].steps)
+        assert uses == (margin > 1 and n > 0)
+        assert asked == ([plan.workspace_sizes(p)] if uses else [])
+        asked.clear()
 
 
 def test_kernels_do_not_compile_without_the_plan_definitions(tmp_path) -> None:
@@ -267,6 +320,23 @@ def test_norms_beyond_float64_range(emu, case, m, beta) -> None:
         check_extreme_norms(out, grads, g, x, w, label, s, margin=m, beta=beta)
         if gv == 2.0**-8:
             assert all(np.all(np.isfinite(a)) for a in grads)
+
+
+@pytest.mark.parametrize("huge_g", [0.0, 0.25, -0.25])
+@pytest.mark.parametrize("m, beta", [(2, 0.0), (3, 0.0), (5, 0.5)])
+def test_norms_beyond_float64_range_in_a_class_of_mixed_scales(emu, huge_g, m, beta) -> None:
+    """One class sums samples whose norms differ by 2^525, one of them beyond the float64
+    range: its grad_w row is finite and accurate although parts of the huge sample's share
+    (g·(psi'-1)·x and the w_y term, 2e308 at m = 3) overflow on their own, and the small
+    samples' share stays accurate when the huge one's G is 0 (it still sets the scale)."""
+    x, w, label, s = mixed_scale_class()
+    g = _rand(np.random.default_rng(m), (len(x), len(w)), np.float64) * 2.0**-8
+    g[0, 0] = huge_g
+    b = EmuBackend(emu)
+    out = b.forward(x, w, label, margin=m, beta=beta)
+    grads = b.backward(g, x, w, label, margin=m, beta=beta)
+    assert all(np.all(np.isfinite(a)) for a in (out, *grads))
+    check_extreme_norms(out, grads, g, x, w, label, s, margin=m, beta=beta)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

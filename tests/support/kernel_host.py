@@ -198,7 +198,19 @@ def representable(dtype: Any, x: Any, w: Any, label: Any, g: Any, m: int, beta: 
 # grad_w by s, exactly: the reference runs on the scaled problem, where no norm overflows.
 EXTREME_NORMS: dict[str, tuple[np.ndarray, np.ndarray, float]] = {
     "huge_w": (np.array([[1e-10, 0.0]]), np.array([[1.5e308, 1e308]]), 2.0**520),
+    "huge_x": (np.array([[1.5e308, 1e308]]), np.array([[1e-10, 0.0]]), 2.0**-520),
 }
+
+
+def mixed_scale_class() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(x, w, label, s): class 0 holds a row of norm beyond the float64 range, rows 2^-525
+    times smaller and a zero row, class 1 rows of ordinary relative scale; every logit and
+    the scaled problem (x*s, w/s) are finite."""
+    x = np.array(
+        [[1.5e308, 1e308], [1e150, -2e150], [0.0, 0.0], [3e149, 1e149], [-2e150, 5e149], [1e150, 1e150]]
+    )
+    w = np.array([[1e-10, 0.0], [-1e-10, 3e-10]])
+    return x, w, np.array([0, 0, 0, 0, 1, 1]), 2.0**-520
 
 
 def check_extreme_norms(
