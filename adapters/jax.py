@@ -1,9 +1,14 @@
-"""JAX adapter: ``lsoftmax(x, w, label, margin=, beta=)``, differentiable with ``jax.grad``.
+"""JAX adapter: ``lsoftmax(x, w, label, margin=, beta=)`` and the fused loss
+``lsoftmax_cross_entropy(x, w, label, margin=, beta=, reduction=, ignore_index=)``, both
+differentiable with ``jax.grad``.
 
-L-Softmax logits (the maths: ``docs/derivatives.md``) as a JAX function: the core's
-``forward``/``backward`` run inside an XLA callback and ``jax.custom_vjp`` wires the
-backward into JAX's reverse mode.  This module adds no maths of its own: it checks the
-arguments, hands XLA's buffers to the core and says which backend runs them.
+L-Softmax logits and their cross-entropy (the maths: ``docs/derivatives.md``) as JAX
+functions: the core's ``forward``/``backward`` (and ``cross_entropy``,
+``cross_entropy_with_grad``, ``cross_entropy_backward``) run inside an XLA callback and
+``jax.custom_vjp`` wires the backward into JAX's reverse mode.  This module adds no maths
+of its own: it checks the arguments, hands XLA's buffers to the core and says which
+backend runs them.  The fused loss runs on the CPU only so far (the core has no CUDA
+fused cross-entropy yet): on CUDA it raises NotImplementedError.
 
 Execution.  Both devices go through ``jax.experimental.buffer_callback``, which hands
 the callback XLA's own buffers:
@@ -18,8 +23,10 @@ the callback XLA's own buffers:
   (``__cuda_array_interface__``) and the CuPy backend runs on XLA's compute stream,
   under ``jit`` and eagerly; nothing goes through the host.
 
-Results are written straight into XLA's output buffers, never copied: the core's
-``forward``/``backward`` take them as ``out=``.  Other platforms (TPU, ROCm) are not
+The logits and their gradients are written straight into XLA's output buffers, never
+copied: the core's ``forward``/``backward`` take them as ``out=``.  The fused loss's
+results (a loss, O(N) values, and gradients the size of x and w) are copied into them
+once, since the core's cross-entropy allocates its own.  Other platforms (TPU, ROCm) are not
 supported: buffer_callback does not lower on TPU, and the CUDA kernels are CUDA-only.
 On CUDA, CuPy allocates the backend's temporaries and results from its own memory pool,
 next to XLA's: if XLA preallocates most of the GPU (its default), set
