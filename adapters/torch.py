@@ -56,9 +56,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ import lsoftmax_core as _core
 from lsoftmax_core.checks import check_beta, check_integer, check_margin
 from lsoftmax_core.schedule import ConstantSchedule, Schedule, check_schedule, schedule_from_dict
 
-__all__ = ["LSoftmaxLinear", "lsoftmax"]
+__all__ = ["LSoftmaxLinear", "LSoftmaxLoss", "lsoftmax", "lsoftmax_cross_entropy"]
 
 
 # --------------------------------------------------------------------------- conversions
@@ -302,13 +303,13 @@ def _check_tensors(**named: Any) -> None:
             raise TypeError(f"{name} must be a dense (strided) tensor, got {name}.layout={t.layout}")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name}.device={t.device} is not supported (CPU and CUDA tensors only)")
+    names = list(named)  # x, weight, then the labels (label or target)
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name}.device={d}" for name, d in devices.items())
-        raise ValueError(f"x, weight and label must be on the same device: {listed}")
-    label = named["label"]
-    if label.requires_grad:
-        raise ValueError("label must not require grad (it holds class indices)")
+        raise ValueError(f"{', '.join(names[:-1])} and {names[-1]} must be on the same device: {listed}")
+    if named[names[-1]].requires_grad:
+        raise ValueError(f"{names[-1]} must not require grad (it holds class indices)")
 
 
 def _beta_tensor(beta: object) -> Tensor:
@@ -352,10 +353,361 @@ def lsoftmax(
     return _forward_op(x, weight, label, m, _beta_tensor(beta))
 
 
-# --------------------------------------------------------------------------- layer
+# --------------------------------------------------------------------------- fused loss
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+# The core names the arrays w and label; the fused loss's arguments are weight and target.
+_CORE_NAMES = ((re.compile(r"\blabel\b"), "target"), (re.compile(r"\bw\b"), "weight"))
 
 
-class LSoftmaxLinear(nn.Module):
+def _cpu_only(x: Tensor) -> None:
+    if x.device.type != "cpu":
+        raise NotImplementedError(
+            f"lsoftmax_cross_entropy runs on the CPU only so far (x.device={x.device}): the core has no "
+            "CUDA kernels for the fused loss yet. On CUDA use F.cross_entropy(lsoftmax(x, weight, target, "
+            "...), target), which holds the (N, C) logits (its targets must lie in [0, C))"
+        )
+
+
+@contextmanager
+def _loss_errors_name_arguments(x: Tensor, weight: Tensor) -> Iterator[None]:
+    """The core's argument errors with the loss's argument names (target, weight)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if type(e) not in (TypeError, ValueError):
+            raise
+        if isinstance(e, TypeError):
+            _check_same_dtype(x, weight)
+        message = str(e)
+        for pattern, name in _CORE_NAMES:
+            message = pattern.sub(name, message)
+        raise type(e)(message) from None
+
+
+def _run_loss(fn: Callable[..., Any], x: Tensor, weight: Tensor, target: Tensor, **first: Tensor) -> list[Tensor]:
+    """``fn(*first, x, weight, target)`` on NumPy views (CPU only); the core checks once."""
+    _cpu_only(x)
+    with _loss_errors_name_arguments(x, weight):
+        return _run(fn, **first, x=x, weight=weight, target=target)
+
+
+def _loss_kwargs(margin: int, beta: Tensor, reduction: str, ignore_index: int) -> dict[str, Any]:
+    return {"margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index}
+
+
+def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
+    _check_same_dtype(x, weight)
+    return x.new_empty((x.shape[0],) if reduction == "none" else ())
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy", mutates_args=())
+def _loss_op(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """(loss, lse): the loss and each row's float64 log-sum-exp, which the backward reuses."""
+    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+
+    def call(xa: Any, wa: Any, ta: Any) -> Any:
+        return _core.cross_entropy(xa, wa, ta, return_lse=True, **kw)
+
+    loss, lse = _run_loss(call, x, weight, target)
+    return loss, lse
+
+
+@_loss_op.register_fake
+def _loss_op_fake(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    return _loss_fake(x, weight, reduction), x.new_empty((x.shape[0],), dtype=torch.float64)
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy_with_grad", mutates_args=())
+def _loss_with_grad_op(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_w) in one pass, "mean"/"sum": the gradients for an upstream 1."""
+    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+
+    def call(xa: Any, wa: Any, ta: Any) -> Any:
+        return _core.cross_entropy_with_grad(xa, wa, ta, **kw)
+
+    loss, grad_x, grad_w = _run_loss(call, x, weight, target)
+    return loss, grad_x, grad_w
+
+
+@_loss_with_grad_op.register_fake
+def _loss_with_grad_op_fake(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _loss_fake(x, weight, reduction), x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy_backward", mutates_args=())
+def _loss_backward_op(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    margin: int,
+    beta: Tensor,
+    reduction: str,
+    ignore_index: int,
+    lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
+) -> tuple[Tensor, Tensor]:
+    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+    lse_view = None if lse is None else _as_numpy("lse", lse)
+
+    def call(ga: Any, xa: Any, wa: Any, ta: Any) -> Any:
+        return _core.cross_entropy_backward(ga, xa, wa, ta, lse=lse_view, **kw)
+
+    grad_x, grad_w = _run_loss(call, x, weight, target, grad_loss=grad_loss)
+    return grad_x, grad_w
+
+
+@_loss_backward_op.register_fake
+def _loss_backward_op_fake(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    margin: int,
+    beta: Tensor,
+    reduction: str,
+    ignore_index: int,
+    lse: Optional[Tensor],  # noqa: UP045
+) -> tuple[Tensor, Tensor]:
+    _check_same_dtype(x, weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+# Both forward operators are on autocast's float32 list, like lsoftmax_forward.
+for _op in (_loss_op, _loss_with_grad_op):
+    _op.register_autocast("cpu", torch.float32)
+    _op.register_autocast("cuda", torch.float32)
+
+
+def _input_grads(ctx: Any, grad_x: Tensor, grad_w: Tensor) -> tuple[Tensor | None, ...]:
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None, None)
+
+
+def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    """Both forward operators: keep the inputs, and the (non-differentiable) extra outputs."""
+    x, weight, target, margin, beta, reduction, ignore_index = inputs
+    extra = output[1:]  # lse, or the gradients for an upstream 1
+    ctx.mark_non_differentiable(*extra)
+    ctx.save_for_backward(x, weight, target, beta, *extra)
+    ctx.hyper = (margin, reduction, ignore_index)
+
+
+def _loss_backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, target, beta, lse = ctx.saved_tensors
+    margin, reduction, ignore_index = ctx.hyper
+    grad_x, grad_w = _loss_backward_op(grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse)
+    return _input_grads(ctx, grad_x, grad_w)
+
+
+def _loss_with_grad_backward(
+    ctx: Any, grad_loss: Tensor, grad_grad_x: Tensor, grad_grad_w: Tensor
+) -> tuple[Tensor | None, ...]:
+    x, weight, target, beta, grad_x, grad_w = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the saved gradients are constants to autograd, so scaling them
+        # would give silently wrong second derivatives.  The backward operator has no
+        # derivative of its own: a double backward through it fails loudly instead.
+        margin, reduction, ignore_index = ctx.hyper
+        grad_x, grad_w = _loss_backward_op(
+            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None
+        )
+        return _input_grads(ctx, grad_x, grad_w)
+    return _input_grads(ctx, grad_x * grad_loss, grad_w * grad_loss)
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+_loss_with_grad_op.register_autograd(_loss_with_grad_backward, setup_context=_loss_setup_context)
+
+
+def lsoftmax_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    margin: int = 2,
+    beta: float | Tensor = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> Tensor:
+    """The L-Softmax cross-entropy, fused: ``F.cross_entropy(lsoftmax(x, weight, target, ...),
+    target, reduction=reduction, ignore_index=ignore_index)`` without ever holding the (N, C)
+    logits (the core's :func:`lsoftmax_core.cross_entropy`; the maths:
+    ``docs/derivatives.md``, "Cross-entropy").
+
+    x: (N, D) float features; weight: (C, D) class weights, of x's dtype; target: (N,)
+    integer class indices in [0, C), or ``ignore_index`` for a row that takes no part
+    (no margin, no gradient; "mean" divides by the rows that are not ignored, and a batch
+    with every row ignored gives 0 where torch gives NaN).  ``reduction``: "mean", "sum"
+    (0-d results) or "none" ((N,)).  ``margin``, ``beta`` and autocast as for
+    :func:`lsoftmax`.  The chunks' temporaries are sized from the core's memory budget
+    (the environment variable ``LSOFTMAX_CE_BUDGET``, default 64 MiB).
+
+    For "mean"/"sum", when a gradient will be needed (grad mode on and x or weight
+    requiring grad) the forward computes the loss and both gradients in one pass
+    (:func:`lsoftmax_core.cross_entropy_with_grad`) and keeps the gradients, which the
+    backward only scales; otherwise, and for "none", the forward computes the loss only
+    and the backward walks the chunks again.  CPU only for now: CUDA tensors raise
+    NotImplementedError (the core has no CUDA kernels for the fused loss yet; there use
+    ``F.cross_entropy(lsoftmax(...), target)``).  Arguments are checked once, before
+    anything is computed; errors are ValueError/TypeError naming the argument.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from lsoftmax_core.adapters.torch import lsoftmax, lsoftmax_cross_entropy
+    >>> x = torch.tensor([[1.0, 0.5], [0.0, 2.0], [-1.0, 1.0]], requires_grad=True)
+    >>> weight = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    >>> target = torch.tensor([0, 1, -100])  # the last row is ignored
+    >>> loss = lsoftmax_cross_entropy(x, weight, target, margin=3, beta=1.0)
+    >>> unfused = F.cross_entropy(lsoftmax(x, weight, target.clamp(min=0), margin=3, beta=1.0), target)
+    >>> torch.allclose(loss, unfused)
+    True
+    >>> loss.backward(); x.grad[2].tolist()  # no gradient for the ignored row
+    [0.0, 0.0]
+    """
+    _check_tensors(x=x, weight=weight, target=target)
+    m = check_margin(margin)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+    ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+    b = _beta_tensor(beta)
+    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore)[0]
+    return _loss_op(x, weight, target, m, b, reduction, ignore)[0]
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class _AnnealedHead(nn.Module):
+    """What LSoftmaxLinear and LSoftmaxLoss share: a (C, D) ``weight`` initialised like
+    nn.Linear's, the margin, and beta following a schedule of the iteration, saved in
+    ``state_dict`` (see :class:`LSoftmaxLinear` for the rules)."""
+
+    _noun = "layer"  # how error messages call the module
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        *,
+        margin: int,
+        schedule: Schedule | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        for name, v in sizes.items():
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        in_features, out_features = (int(v) for v in sizes.values())
+        self.margin = check_margin(margin)
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
+        # The iteration is a Python int, not a buffer: reading a device buffer to compute
+        # beta would synchronise the GPU every step.  The current beta is mirrored in a
+        # CPU tensor that step() updates in place, so a compiled forward reads it as a
+        # graph input and does not recompile when beta changes.
+        self._iteration = 0
+        self._beta_tensor = torch.zeros((), dtype=torch.float64)
+        self.schedule = ConstantSchedule(0.0) if schedule is None else schedule
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: uniform in ±1/sqrt(in_features)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def schedule(self) -> Schedule:
+        """The lsoftmax_core schedule giving beta as a function of the iteration."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        schedule = check_schedule(schedule)
+        self._check_beta_at(schedule, self._iteration)  # before the module changes
+        self._schedule = schedule
+        self._sync_beta()
+
+    @property
+    def iteration(self) -> int:
+        """The number of :meth:`step` calls so far."""
+        return self._iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        iteration = check_integer("iteration", value, 0)
+        self._check_beta_at(self._schedule, iteration)
+        self._iteration = iteration
+        self._sync_beta()
+
+    @property
+    def beta(self) -> float:
+        """The current beta, ``schedule(iteration)``."""
+        return self._check_beta_at(self._schedule, self._iteration)
+
+    def step(self) -> None:
+        """Advance the schedule by one iteration; call once per optimizer step."""
+        self._check_beta_at(self._schedule, self._iteration + 1)
+        self._iteration += 1
+        self._sync_beta()
+
+    @staticmethod
+    def _check_beta_at(schedule: Schedule, iteration: int) -> float:
+        """``schedule(iteration)``, which must be a valid beta (a user's schedule may not be)."""
+        value = schedule(iteration)
+        try:
+            return check_beta(value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"schedule={schedule!r} gave an invalid beta at iteration {iteration}: {e}") from None
+
+    def _sync_beta(self) -> None:
+        with torch.no_grad():
+            self._beta_tensor.fill_(self.beta)
+
+    def _config(self) -> dict[str, Any]:
+        """Settings a checkpoint must agree with (saved in the extra state)."""
+        return {"margin": self.margin}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**self._config(), "iteration": self._iteration, "schedule": self._schedule.to_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not {"iteration", "schedule"} <= set(state):
+            raise ValueError(
+                f"{type(self).__name__} extra state must be a dict with 'iteration' and 'schedule', got {state!r}"
+            )
+        for key, own in self._config().items():
+            saved = state.get(key, own)
+            if saved != own:
+                raise ValueError(f"checkpoint has {key}={saved!r} but this {self._noun} has {key}={own!r}")
+        saved = state["schedule"]
+        own = self._schedule.to_dict()
+        if saved == own:
+            schedule = self._schedule  # also the one way to restore a schedule of the user's own
+        else:
+            try:
+                schedule = schedule_from_dict(dict(saved))
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"checkpoint has schedule {saved!r}, which cannot be rebuilt ({e}), and this {self._noun}'s "
+                    f"schedule.to_dict() is {own!r}: construct the {self._noun} with the schedule the checkpoint "
+                    "was saved with, then load_state_dict"
+                ) from None
+        iteration = check_integer("iteration", state["iteration"], 0)
+        self._check_beta_at(schedule, iteration)  # nothing changes on an error
+        self._iteration = iteration
+        self.schedule = schedule
+
+
+class LSoftmaxLinear(_AnnealedHead):
     """A bias-free linear layer whose target logit carries the L-Softmax angular margin.
 
     ``layer(x, target)`` in training mode returns ``lsoftmax(x, weight, target,
@@ -397,76 +749,9 @@ class LSoftmaxLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.margin = check_margin(margin)
-        self.weight = nn.Parameter(
-            torch.empty((self.out_features, self.in_features), device=device, dtype=dtype)
-        )
-        # The iteration is a Python int, not a buffer: reading a device buffer to compute
-        # beta would synchronise the GPU every step.  The current beta is mirrored in a
-        # CPU tensor that step() updates in place, so a compiled forward reads it as a
-        # graph input and does not recompile when beta changes.
-        self._iteration = 0
-        self._beta_tensor = torch.zeros((), dtype=torch.float64)
-        self.schedule = ConstantSchedule(0.0) if schedule is None else schedule
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation: uniform in ±1/sqrt(in_features)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    @property
-    def schedule(self) -> Schedule:
-        """The lsoftmax_core schedule giving beta as a function of the iteration."""
-        return self._schedule
-
-    @schedule.setter
-    def schedule(self, schedule: Schedule) -> None:
-        schedule = check_schedule(schedule)
-        self._check_beta_at(schedule, self._iteration)  # before the layer changes
-        self._schedule = schedule
-        self._sync_beta()
-
-    @property
-    def iteration(self) -> int:
-        """The number of :meth:`step` calls so far."""
-        return self._iteration
-
-    @iteration.setter
-    def iteration(self, value: int) -> None:
-        iteration = check_integer("iteration", value, 0)
-        self._check_beta_at(self._schedule, iteration)
-        self._iteration = iteration
-        self._sync_beta()
-
-    @property
-    def beta(self) -> float:
-        """The current beta, ``schedule(iteration)``."""
-        return self._check_beta_at(self._schedule, self._iteration)
-
-    def step(self) -> None:
-        """Advance the schedule by one iteration; call once per optimizer step."""
-        self._check_beta_at(self._schedule, self._iteration + 1)
-        self._iteration += 1
-        self._sync_beta()
-
-    @staticmethod
-    def _check_beta_at(schedule: Schedule, iteration: int) -> float:
-        """``schedule(iteration)``, which must be a valid beta (a user's schedule may not be)."""
-        value = schedule(iteration)
-        try:
-            return check_beta(value)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"schedule={schedule!r} gave an invalid beta at iteration {iteration}: {e}") from None
-
-    def _sync_beta(self) -> None:
-        with torch.no_grad():
-            self._beta_tensor.fill_(self.beta)
+        sizes = {"in_features": in_features, "out_features": out_features}
+        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        self.in_features, self.out_features = int(in_features), int(out_features)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         if not self.training:
@@ -478,37 +763,88 @@ class LSoftmaxLinear(nn.Module):
             )
         return lsoftmax(x, self.weight, target, margin=self.margin, beta=self._beta_tensor)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"margin": self.margin, "iteration": self._iteration, "schedule": self._schedule.to_dict()}
-
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or not {"iteration", "schedule"} <= set(state):
-            raise ValueError(
-                f"LSoftmaxLinear extra state must be a dict with 'iteration' and 'schedule', got {state!r}"
-            )
-        margin = state.get("margin", self.margin)
-        if margin != self.margin:
-            raise ValueError(f"checkpoint has margin={margin!r} but this layer has margin={self.margin}")
-        saved = state["schedule"]
-        own = self._schedule.to_dict()
-        if saved == own:
-            schedule = self._schedule  # also the one way to restore a schedule of the user's own
-        else:
-            try:
-                schedule = schedule_from_dict(dict(saved))
-            except (TypeError, ValueError) as e:
-                raise ValueError(
-                    f"checkpoint has schedule {saved!r}, which cannot be rebuilt ({e}), and this layer's "
-                    f"schedule.to_dict() is {own!r}: construct the layer with the schedule the checkpoint "
-                    "was saved with, then load_state_dict"
-                ) from None
-        iteration = check_integer("iteration", state["iteration"], 0)
-        self._check_beta_at(schedule, iteration)  # nothing changes on an error
-        self._iteration = iteration
-        self.schedule = schedule
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"margin={self.margin}, schedule={self._schedule!r}"
+        )
+
+
+class LSoftmaxLoss(_AnnealedHead):
+    """The L-Softmax loss with its class weights: ``loss(x, target)`` returns
+    :func:`lsoftmax_cross_entropy` of the features ``x`` (N, in_features) against the
+    module's ``weight`` (num_classes, in_features) at the current beta, never holding the
+    (N, C) logits.  The same in training and eval mode (a loss; for predictions use
+    :meth:`logits`).  CPU only for now (see :func:`lsoftmax_cross_entropy`).
+
+    beta follows ``schedule`` exactly as in :class:`LSoftmaxLinear`: :meth:`step` once per
+    optimizer step, ``iteration`` and ``beta``, both saved in ``state_dict`` with the
+    schedule (and ``margin`` and ``normalize_weight``, which a checkpoint must match).
+
+    ``normalize_weight=True`` is A-Softmax (SphereFace): the weight's rows are normalised
+    (``F.normalize(weight, dim=1)``, differentiated by autograd) before the loss, so every
+    class's logit is ``x·ŵ_j`` and only the angle separates the classes.  SphereFace anneals
+    beta (its lambda) with ``lsoftmax_core.InverseSchedule(base=1000, gamma=0.12, power=1,
+    beta_min=5)``.  ``reduction`` and ``ignore_index`` as for :func:`lsoftmax_cross_entropy`.
+
+    >>> import torch
+    >>> import lsoftmax_core as lsm
+    >>> from lsoftmax_core.adapters.torch import LSoftmaxLoss
+    >>> criterion = LSoftmaxLoss(4, 3, margin=4, normalize_weight=True,
+    ...                          schedule=lsm.InverseSchedule(base=1000, gamma=0.12, power=1, beta_min=5))
+    >>> loss = criterion(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.backward(); criterion.weight.grad.shape
+    torch.Size([3, 4])
+    >>> criterion.step(); round(criterion.beta, 3)  # 1000 / (1 + 0.12)
+    892.857
+    """
+
+    _noun = "loss"
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        margin: int = 2,
+        schedule: Schedule | None = None,
+        normalize_weight: bool = False,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(normalize_weight, bool):
+            raise TypeError(f"normalize_weight={normalize_weight!r} must be a bool")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+        sizes = {"in_features": in_features, "num_classes": num_classes}
+        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        self.in_features, self.num_classes = int(in_features), int(num_classes)
+        self.normalize_weight = normalize_weight
+        self.reduction = reduction
+        self.ignore_index = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+
+    def _weight(self) -> Tensor:
+        return F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        return lsoftmax_cross_entropy(
+            x, self._weight(), target, margin=self.margin, beta=self._beta_tensor,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+        )  # fmt: skip
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The plain logits ``x @ weight.T`` (normalised rows with ``normalize_weight``), for
+        predictions: the margin only shapes training."""
+        return F.linear(x, self._weight())
+
+    def _config(self) -> dict[str, Any]:
+        return {"margin": self.margin, "normalize_weight": self.normalize_weight}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin}, "
+            f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
+            f"schedule={self._schedule!r}"
         )
