@@ -1,4 +1,5 @@
-"""PyTorch adapter: ``lsoftmax`` (a differentiable function) and ``LSoftmaxLinear`` (a layer).
+"""PyTorch adapter: ``lsoftmax`` (a differentiable function), ``LSoftmaxLinear`` (a layer),
+and the fused loss ``lsoftmax_cross_entropy`` with its module ``LSoftmaxLoss``.
 
 L-Softmax logits (the maths: ``docs/derivatives.md``) for torch tensors on the CPU and
 on CUDA.  A thin DLPack bridge with no maths of its own.  Both directions are
@@ -36,6 +37,12 @@ custom operators specialise on float arguments, so a float beta that changes eve
 input instead.  Reading it on the host is free because it lives on the CPU.
 
 Gradients are first order (the backward operator has no derivative of its own).
+
+The fused loss (:func:`lsoftmax_cross_entropy`, :class:`LSoftmaxLoss`) is the core's
+:func:`lsoftmax_core.cross_entropy` behind three more custom operators, with the same
+beta, autocast and checking rules; it never holds the (N, C) logits.  Its GEMMs run in
+NumPy (the core walks the logits in chunks), and it runs on the CPU only so far: the core
+has no CUDA kernels for it yet, and CUDA tensors raise NotImplementedError.
 
 >>> import torch
 >>> from lsoftmax_core.adapters.torch import lsoftmax
