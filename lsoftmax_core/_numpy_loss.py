@@ -19,11 +19,16 @@ import numpy.typing as npt
 
 from ._loss_plan import ChunkPlan, plan_chunks
 from ._numpy_backend import add_margin_terms, stats, target_logits
-from .checks import Problem, check_arrays, check_integer, supported_dtypes
+from .checks import (
+    Problem,
+    check_arrays,
+    check_integer,
+    check_label_values,
+    check_reduction,
+    supported_dtypes,
+)
 
-__all__ = ["REDUCTIONS", "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
-
-REDUCTIONS = ("mean", "sum", "none")
+__all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
 
 F64 = npt.NDArray[np.float64]
 _DTYPES = supported_dtypes("numpy")
@@ -45,25 +50,19 @@ def _prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, reduction: object, ignore_index: object,
     chunk_size: object, chunking: object, memory_budget: object,
 ) -> _Loss:  # fmt: skip
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
+    reduction = check_reduction(reduction)
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
     p = check_arrays(x, w, label, margin, beta, dtypes=_DTYPES)
     plan = plan_chunks(
         p.n, p.c, p.dtype.itemsize, chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget
     )
+    check_label_values(label, p.c, ignore)
     valid = label != ignore
-    bad = valid & ((label < 0) | (label >= p.c))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(
-            f"label must lie in [0, C) = [0, {p.c}) or equal ignore_index={ignore}: label[{i}]={int(label[i])}"
-        )
     lab = np.where(valid, label, 0).astype(np.intp, copy=False)
     target = None
     if p.margin > 1 and p.n:
         target = target_logits(stats(x, w, lab, p), p)
-    return _Loss(p, str(reduction), valid, lab, int(valid.sum()), target, plan)
+    return _Loss(p, reduction, valid, lab, int(valid.sum()), target, plan)
 
 
 def _row_weights(s: _Loss, grad_loss: Any) -> F64:
@@ -112,7 +111,9 @@ def _rows(s: _Loss, x: Any, w: Any, weights: F64 | None) -> tuple[F64, F64, Any,
     """Row chunks: per-row loss and log-sum-exp, and with ``weights`` the gradients (3 GEMMs)."""
     p, n = s.p, s.p.n
     loss, lse = np.zeros(n), np.zeros(n)
-    grad_x = grad_w = tmp = None
+    grad_x: Any = None
+    grad_w: Any = None
+    tmp: Any = None
     g = np.zeros(n)
     if weights is not None:
         grad_x, grad_w = np.empty((n, p.d), p.dtype), np.zeros((p.c, p.d), p.dtype)
@@ -158,7 +159,8 @@ def _classes_grad(s: _Loss, x: Any, w: Any, weights: F64, lse: F64) -> tuple[Any
     """Class chunks, gradient pass: recompute each chunk's logits (3 more GEMMs)."""
     p, n = s.p, s.p.n
     grad_x, grad_w = np.empty((n, p.d), p.dtype), np.empty((p.c, p.d), p.dtype)
-    g, tmp = np.zeros(n), None
+    g = np.zeros(n)
+    tmp: Any = None
     for k0 in range(0, p.c, s.plan.size):
         classes = slice(k0, min(p.c, k0 + s.plan.size))
         z, hit, cols = _chunk_logits(s, x, w, slice(0, n), classes)

@@ -23,6 +23,7 @@ from ._chebyshev import MAX_MARGIN
 
 __all__ = [
     "Problem",
+    "REDUCTIONS",
     "check_arrays",
     "check_beta",
     "check_integer",
@@ -30,8 +31,12 @@ __all__ = [
     "check_margin",
     "check_nonnegative",
     "check_out",
+    "check_reduction",
     "supported_dtypes",
 ]
+
+#: The reductions of the cross-entropy, as in torch.nn.functional.cross_entropy.
+REDUCTIONS = ("mean", "sum", "none")
 
 #: The floating dtypes of x and w per array library (bfloat16 is added for CuPy at run
 #: time, see :func:`supported_dtypes`).
@@ -185,14 +190,25 @@ def check_arrays(
     return Problem(n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b, inputs=(x, w, label, grad_logits))
 
 
-def check_label_values(label: Any, c: int) -> None:
-    """Labels held in host memory (a NumPy array) must lie in [0, C); O(N), no copy."""
+def check_label_values(label: Any, c: int, ignore_index: int | None = None) -> None:
+    """Labels held in host memory (a NumPy array) must lie in [0, C), or equal
+    ``ignore_index`` where one is given (the cross-entropy's ignored rows); O(N)."""
     if label.size == 0:
         return
     bad = (label < 0) | (label >= c)
+    if ignore_index is not None:
+        bad &= label != ignore_index
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"label must lie in [0, C) = [0, {c}): label[{i}]={int(label[i])}")
+        also = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        raise ValueError(f"label must lie in [0, C) = [0, {c}){also}: label[{i}]={int(label[i])}")
+
+
+def check_reduction(reduction: object) -> str:
+    """One of :data:`REDUCTIONS`."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
+    return str(reduction)
 
 
 def check_out(
