@@ -304,9 +304,10 @@ LSM_HD double target_logit(const RowStats<S>& st, double beta) {
 // B = (psi - c psi')/(1+beta):
 //   grad_x[i]  += q_i = gx_scale * (kw*uw + kx*ux)        (ux = x*2^-ex, uw = w_y*2^-ew)
 //   grad_w[y]  += r_i = alpha * x + eps * 2^ex * uw
-// Ratios of norms appear only as rel_b/rel_a or rel_a/rel_b (in [2^-1, 2*sqrt(D)] or so) and
-// the powers of two are applied once, so no intermediate over- or underflows.  eps leaves
-// out its 2^ex: lsm_backward_classes sums a class's r_i scaled by a common power of two.
+// Ratios of norms appear only as rel_b/rel_a or rel_a/rel_b (in [2^-1, 2*sqrt(D)] or so), g
+// multiplies them, and the powers of two (gx_scale = 2^ew, and 2^ex) are applied once, last,
+// so no intermediate over- or underflows (g*2^ew could overflow where q_i does not).  eps
+// leaves out its 2^ex: lsm_backward_classes sums a class's r_i scaled by a common power of two.
 struct Coefficients {
   double gx_scale, kw, kx;  // grad_x row correction
   double alpha, eps;        // grad_w class correction
@@ -318,9 +319,9 @@ LSM_HD Coefficients backward_coefficients(const RowStats<S>& st, double g, doubl
   const double a_coef = ((double)st.dpsi - 1.0) * inv;
   const double b_coef = ((double)st.psi - (double)st.c * (double)st.dpsi) * inv;
   Coefficients k;
-  k.gx_scale = ldexp_(g, st.ew);
-  k.kw = a_coef;
-  k.kx = st.ok ? b_coef * ((double)st.rel_b / (double)st.rel_a) : 0.0;
+  k.gx_scale = ldexp_(1.0, st.ew);
+  k.kw = g * a_coef;
+  k.kx = st.ok ? g * b_coef * ((double)st.rel_b / (double)st.rel_a) : 0.0;
   k.alpha = g * a_coef;
   k.eps = st.ok ? g * b_coef * ((double)st.rel_a / (double)st.rel_b) : 0.0;
   return k;

@@ -155,6 +155,20 @@ def test_norms_beyond_float64_range(case, m, beta) -> None:
             assert all(_finite(a) for a in grads)
 
 
+@pytest.mark.parametrize("case", ["huge_w_orthogonal", "huge_x_orthogonal"])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_large_upstream_gradient_at_the_float64_limit(case, beta) -> None:
+    x, w, s = EXTREME_NORMS[case]
+    label = np.array([0])
+    dx, dw, dl = _gpu(x, w, label)
+    out = lsm.forward(dx, dw, dl, margin=2, beta=beta)
+    for gv in (4.0, -4.0):
+        g = np.array([[gv]])
+        grads = lsm.backward(cupy.asarray(g), dx, dw, dl, margin=2, beta=beta)
+        assert all(_finite(a) for a in grads)
+        check_extreme_norms(out, grads, g, x, w, label, s, margin=2, beta=beta)
+
+
 @pytest.mark.parametrize("huge_g", [0.0, 0.25, -0.25])
 @pytest.mark.parametrize("m, beta", [(2, 0.0), (3, 0.0), (5, 0.5)])
 def test_norms_beyond_float64_range_in_a_class_of_mixed_scales(huge_g, m, beta) -> None:

@@ -322,6 +322,23 @@ def test_norms_beyond_float64_range(emu, case, m, beta) -> None:
             assert all(np.all(np.isfinite(a)) for a in grads)
 
 
+@pytest.mark.parametrize("case", ["huge_w_orthogonal", "huge_x_orthogonal"])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_large_upstream_gradient_at_the_float64_limit(emu, case, beta) -> None:
+    """|G| = 4 with a row of norm 2^1021 at a right angle (m = 2: psi' = 0): the exact
+    gradients (up to 2^1023) and the GEMMs are finite, G times the row's power of two is
+    not, and must not be formed."""
+    x, w, s = EXTREME_NORMS[case]
+    label = np.array([0])
+    b = EmuBackend(emu)
+    out = b.forward(x, w, label, margin=2, beta=beta)
+    for gv in (4.0, -4.0):
+        g = np.array([[gv]])
+        grads = b.backward(g, x, w, label, margin=2, beta=beta)
+        assert all(np.all(np.isfinite(a)) for a in grads)
+        check_extreme_norms(out, grads, g, x, w, label, s, margin=2, beta=beta)
+
+
 @pytest.mark.parametrize("huge_g", [0.0, 0.25, -0.25])
 @pytest.mark.parametrize("m, beta", [(2, 0.0), (3, 0.0), (5, 0.5)])
 def test_norms_beyond_float64_range_in_a_class_of_mixed_scales(emu, huge_g, m, beta) -> None:

@@ -193,12 +193,17 @@ def representable(dtype: Any, x: Any, w: Any, label: Any, g: Any, m: int, beta: 
 
 
 # |w_y| = 1.8e308 overflows float64 although every entry is finite (and |x| = 1e-10 in the
-# other orientation); the target logit |x||w_y|psi (about 6.9e297) does not.  Scaling x by
+# other orientation); the target logit |x||w_y|psi (about 6.9e297) does not.  Or |w_y| is
+# finite but its square is not.  Scaling x by
 # s and w by 1/s (s a power of two) leaves every logit unchanged and scales grad_x by 1/s and
 # grad_w by s, exactly: the reference runs on the scaled problem, where no norm overflows.
 EXTREME_NORMS: dict[str, tuple[np.ndarray, np.ndarray, float]] = {
     "huge_w": (np.array([[1e-10, 0.0]]), np.array([[1.5e308, 1e308]]), 2.0**520),
     "huge_x": (np.array([[1.5e308, 1e308]]), np.array([[1e-10, 0.0]]), 2.0**-520),
+    # Orthogonal rows with |w_y| = 2^1021: with |G| = 4, G*|w_y| = 2^1023 is finite but
+    # G*2^ew (ew = 1022, the row's scale exponent) is not.
+    "huge_w_orthogonal": (np.array([[0.0, 2.0**-20, 0.0]]), np.array([[2.0**1021, 0.0, 0.0]]), 2.0**520),
+    "huge_x_orthogonal": (np.array([[2.0**1021, 0.0, 0.0]]), np.array([[0.0, 2.0**-20, 0.0]]), 2.0**-520),
 }
 
 
