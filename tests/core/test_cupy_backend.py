@@ -2,8 +2,8 @@
 
 Against the float64 reference per dtype (tests/support/tolerances.py), bitwise determinism,
 bitwise agreement with the host build of the same kernels (tests/support/kernel_host.py) given
-the same cuBLAS outputs, bad labels, untouched inputs, nasty cases, odd shapes, streams,
-and memory that stays flat over 10,000 calls.
+the same cuBLAS outputs, bad labels, untouched inputs, nasty cases, norms beyond the
+float64 range, odd shapes, streams, and memory that stays flat over 10,000 calls.
 """
 
 from __future__ import annotations

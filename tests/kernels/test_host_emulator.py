@@ -1,12 +1,14 @@
 """kernels/lsoftmax.cu run on the CPU: every kernel the CuPy backend launches, with the
-backend's own launch plan and argument packing, on the fiber emulator of
-tests/support/cuda_emulator.hpp (NumPy GEMMs stand in for cuBLAS).
+backend's own launch plan and argument binding (lsoftmax_core/_cupy_plan.py), on the fiber
+emulator of tests/support/cuda_emulator.hpp (NumPy GEMMs stand in for cuBLAS).
 
 What this proves without a GPU: the kernels' indexing, reductions, per-class grouping and
-label handling are right (against the float64 reference, per dtype tolerance), results do
-not depend on the order threads run between barriers (a missing __syncthreads would show),
-every barrier is reached by the whole block, argument sizes match the kernel signatures,
-and outputs are bitwise independent of run, workspace reuse and pointer alignment.
+label handling are right (against the float64 reference, per dtype tolerance, also where a
+norm exceeds the float64 range), results do not depend on the order threads run between
+barriers (a missing __syncthreads would show), every barrier is reached by the whole block,
+argument sizes match the kernel signatures, the block size and op codes come only from the
+plan's definitions, and outputs are bitwise independent of run, workspace reuse and
+pointer alignment.
 What it cannot prove: GPU timing, the memory model beyond barriers, and cuBLAS.
 """
 
