@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench --cpu | --gpu | --render DEVICE`` (see docs/BENCHMARKS.md).
+"""Command line: ``python -m bench --cpu | --gpu | --render DEVICE [--loss]`` (see docs/BENCHMARKS.md).
 
 One harness for both devices: the sizes come from the one table
 (:data:`bench.contenders.SIZES`), the timing from :mod:`bench.harness`, the files and the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import report
 from .contenders import sizes_for
-from .runner import CPU_FULL, GPU_FULL, REPO, Settings, run_cpu, run_gpu
+from .runner import CPU_FULL, CPU_LOSS, GPU_FULL, GPU_LOSS, REPO, Settings, run_cpu, run_gpu, run_loss
 
 __all__ = ["main"]
 
@@ -41,8 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-only", action="store_true",
                    help="only the backend against its linear floor (NumPy on CPU, CuPy vs cuBLAS on GPU): "
                         "no PyTorch contender, no LeNet; what scripts/gpu_check.sh runs")
+    p.add_argument("--loss", action="store_true",
+                   help="the fused cross-entropy comparison alone (the sizes of the table's loss suite: "
+                        "the core's fused loss in both chunkings at 16/64/256 MiB, unfused, floor, "
+                        "pytorch-metric-learning), into DEVICE_loss.* and its own section; with --render, "
+                        "render that run's files")
+    p.add_argument("--exclude", type=lambda v: [s for s in v.split(",") if s], default=None, metavar="TEXT[,TEXT]",
+                   help="with --loss: leave out the contenders whose name contains one of these texts "
+                        "(e.g. 'lsoftmax_cross_entropy' for an op still being written); the floor and the "
+                        "unfused loss cannot be left out")
     p.add_argument("--sizes", type=lambda v: [s for s in v.split(",") if s], default=None, metavar="NAME[,NAME]",
-                   help="only these sizes of the device's table (default: all of them)")
+                   help="only these sizes of the device's table (default: all of them; of the loss suite with --loss)")
     p.add_argument("--quick", action="store_true",
                    help="2 repetitions, LeNet at batch 128 only: checks the harness; implies --no-doc")
     p.add_argument("--threads", type=int, default=None,
@@ -66,11 +75,28 @@ def _without_out(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv_used = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv_used)
+    parser = _parser()
+    args = parser.parse_args(argv_used)
+    if args.loss and args.layer_only:
+        parser.error("--loss and --layer-only are two different comparisons: choose one")
+    if args.exclude and not args.loss:
+        parser.error("--exclude applies to --loss only")
     no_doc = args.no_doc or args.quick
     out = args.out or (Path(tempfile.mkdtemp(prefix="lsoftmax-bench-")) if args.quick else REPO / "bench" / "results")
     doc = None if no_doc else REPO / "docs" / "BENCHMARKS.md"
     plot_dir = out if no_doc else REPO / "docs" / "bench"
+    if args.render and args.loss:
+        device, source = args.render, args.source or out
+        names = (f"{device}_loss.csv", f"{device}_loss_env.json")
+        if source.resolve() != out.resolve():
+            out.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                shutil.copyfile(source / name, out / name)
+        rows = report.read_csv(out / names[0])
+        env = json.loads((out / names[1]).read_text())
+        report.publish_loss(doc, None if args.no_plot else plot_dir, device, rows, env, out if doc is None else None)
+        print(f"rendered {device} --loss from {source}" + ("" if doc is None else f" into {doc}"))
+        return 0
     if args.render:
         device, source = args.render, args.source or out
         names = (f"{device}.csv", f"{device}_lenet.csv", f"{device}_env.json")
@@ -87,16 +113,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     device = "cpu" if args.cpu else "gpu"
     try:
-        sizes = sizes_for(device, args.sizes)
+        sizes = sizes_for(device, args.sizes, suite="loss" if args.loss else "main")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    settings = QUICK if args.quick else (CPU_FULL if args.cpu else GPU_FULL)
+    if args.loss:
+        full = CPU_LOSS if args.cpu else GPU_LOSS
+    else:
+        full = CPU_FULL if args.cpu else GPU_FULL
+    settings = QUICK if args.quick else full
     if args.repeat is not None:
         settings = Settings(args.repeat, settings.warmup, settings.min_time, settings.lenet_batches)
     command = " ".join(["python -m bench", *_without_out(argv_used)])
     if args.no_plot:
         plot_dir = None
-    if args.cpu:
+    if args.loss:
+        try:
+            run_loss(device, settings, out_dir=out, doc=doc, plot_dir=plot_dir, sizes=sizes,
+                     threads=args.threads if args.cpu else None, command=command, exclude=args.exclude or ())
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    elif args.cpu:
         run_cpu(settings, out_dir=out, doc=doc, plot_dir=plot_dir, sizes=sizes, threads=args.threads,
                 layer_only=args.layer_only, command=command)
     else:

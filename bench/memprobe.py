@@ -7,9 +7,11 @@ The peak RSS above that (``bench.harness.peak_rss_delta``) is then what one
 forward+backward needs on top of its inputs: outputs, gradients and temporaries, from
 NumPy, BLAS and PyTorch alike.  Prints one JSON object per line.
 
-    python -m bench.memprobe [--layer-only] SIZE_NAME N D C DTYPE [SIZE_NAME N D C DTYPE ...]
+    python -m bench.memprobe [--layer-only | --loss[=EXCLUDE,...]] SIZE_NAME N D C DTYPE [SIZE_NAME N D C DTYPE ...]
 
-``--layer-only``: the NumPy pair alone (PyTorch is not imported).
+``--layer-only``: the NumPy pair alone (PyTorch is not imported).  ``--loss``: the fused
+cross-entropy comparison (:func:`bench.contenders.loss_cases`, the loss suite's sizes),
+``--loss=TEXT,...`` without the contenders whose name contains one of the texts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .contenders import Size, numpy_cases, torch_cases
+from .contenders import Size, loss_cases, numpy_cases, torch_cases
 from .harness import peak_rss_delta
 
 __all__ = ["main"]
@@ -25,13 +27,18 @@ __all__ = ["main"]
 
 def main(argv: list[str]) -> int:
     layer_only = bool(argv) and argv[0] == "--layer-only"
-    argv = argv[1:] if layer_only else argv
+    loss = bool(argv) and (argv[0] == "--loss" or argv[0].startswith("--loss="))
+    exclude = [t for t in argv[0].partition("=")[2].split(",") if t] if loss else []
+    argv = argv[1:] if layer_only or loss else argv
     if len(argv) % 5:
-        raise SystemExit("usage: python -m bench.memprobe [--layer-only] SIZE_NAME N D C DTYPE [...]")
+        raise SystemExit("usage: python -m bench.memprobe [--layer-only | --loss] SIZE_NAME N D C DTYPE [...]")
     for i in range(0, len(argv), 5):
         name, n, d, c, dtype = argv[i:i + 5]
-        size = Size(name, int(n), int(d), int(c))
-        cases = numpy_cases(size, dtype) + ([] if layer_only else torch_cases(size, dtype, "cpu"))
+        size = Size(name, int(n), int(d), int(c), suite="loss" if loss else "main")
+        if loss:
+            cases = loss_cases(size, dtype, "cpu", exclude=exclude)
+        else:
+            cases = numpy_cases(size, dtype) + ([] if layer_only else torch_cases(size, dtype, "cpu"))
         for case in cases:
             try:
                 case.run()  # warm-up: one-time initialisation is not the layer's memory

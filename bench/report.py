@@ -1,7 +1,8 @@
 """CSV files, the goals, the markdown section and the plot written into docs/BENCHMARKS.md.
 
 The generated parts of docs/BENCHMARKS.md sit between ``<!-- bench:NAME:begin -->`` and
-``<!-- bench:NAME:end -->`` markers (NAME = howto, cpu, gpu); :func:`update_doc` re-reads
+``<!-- bench:NAME:end -->`` markers (NAME = howto, cpu, gpu, and cpu-loss, gpu-loss for the
+fused cross-entropy comparison); :func:`update_doc` re-reads
 the file and replaces only what lies between one pair, so other sections of the file
 (another author's, hand-written notes) are never touched.
 """
@@ -15,14 +16,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .contenders import (
+    CP_FUSED_MISSING,
     CP_LINEAR,
     CP_LSM,
+    FUSED,
     NP_LINEAR,
     NP_LSM,
+    NP_UNFUSED,
     TORCH_ADAPTER,
+    TORCH_FUSED,
     TORCH_LINEAR,
     TORCH_NAIVE,
     TORCH_PML,
+    Fused,
     Size,
 )
 
@@ -30,9 +36,12 @@ __all__ = [
     "COLUMNS",
     "LENET_COLUMNS",
     "goals",
+    "loss_goals",
+    "loss_markdown",
     "markdown",
     "plot",
     "publish",
+    "publish_loss",
     "read_csv",
     "update_doc",
     "write_csv",
@@ -303,8 +312,11 @@ python -m bench --gpu --layer-only             # the CuPy backend against 3 cuBL
 python -m bench --cpu --quick                  # < 1 min: checks the harness only, touches no file here
 python -m bench --cpu --quick --sizes mnist    # one size of the table (names: mnist, cifar, face)
 python -m bench.profile_cpu                    # where the NumPy backend's time goes beyond the GEMMs
+python -m bench --cpu --loss                   # the fused cross-entropy comparison alone (~10 min on 2 cores)
+python -m bench --cpu --loss --sizes ce-small  # its smaller size only (names: ce-small, ce-large)
 scripts/gpu_check.sh                           # on a GPU machine: GPU tests, then --gpu --layer-only (about 6 min at most)
 PEER_BENCH=1 scripts/gpu_check.sh              # the same with the whole --gpu run (PyTorch, peers, LeNet)
+LOSS_BENCH=1 scripts/gpu_check.sh              # the same with python -m bench --gpu --loss instead (8192x512x1M)
 scripts/fetch_gpu_wheels.sh                    # beforehand, where PyPI is reachable: the peer's wheel into .whl/
 ```
 
@@ -320,7 +332,10 @@ without pytorch-metric-learning, carry `.whl/` along: `gpu_check.sh` installs wh
 finds there offline. On machines that set `OPENBLAS_CORETYPE` or `OPENBLAS_L2_SIZE` (a
 workaround for old OpenBLAS builds), unset both for the benchmark command only, as
 above: they select a slower kernel in a current NumPy. The run records the kernel that
-actually ran (`numpy_blas` below, from threadpoolctl).
+actually ran (`numpy_blas` below, from threadpoolctl). `--loss` runs the fused
+cross-entropy comparison instead (the sizes of the table's `loss` suite), into
+`{cpu,gpu}_loss.csv`, `{cpu,gpu}_loss_env.json`, the plot `docs/bench/{cpu,gpu}_loss.png`
+and its own section; `--render DEVICE --loss` renders its files.
 
 Method (`bench/harness.py`, the same on both devices): the contenders of one comparison
 (NumPy's pair, PyTorch's four on CPU; all of them on GPU) run in one process, warmed up
@@ -378,4 +393,309 @@ def publish(doc: Path | None, plot_dir: Path | None, device: str, rows: Sequence
     if doc is not None:
         update_doc(doc, "howto", "## How to run", HOWTO)
         update_doc(doc, device, f"## {title} results", text)
+    return text
+
+
+# --------------------------------------------------------------------------- the fused cross-entropy (loss suite)
+
+#: Row order of the loss tables: the floor, the unfused references, the peer, then the fused ones.
+LOSS_ORDER = (TORCH_LINEAR, TORCH_ADAPTER, NP_UNFUSED, TORCH_PML, TORCH_FUSED, CP_FUSED_MISSING,
+              *(f.name for lib in FUSED.values() for f in lib))
+_FUSED_BY_NAME = {f.name: f for lib in FUSED.values() for f in lib}
+
+#: The issue's goals for the fused loss, CPU float32 at (N, D, C): (what, contender, metric,
+#: target text, test, format).  ``contender`` "default" is the core's fused loss at its
+#: default settings (the chunking plan_chunks picks at the default budget), "rows" and
+#: "classes" the same budget in that chunking.  Metrics: "mem" the peak memory over the
+#: unfused loss's, "time" the time over the unfused loss's (ratios of the paired ratios
+#: to the same floor), "pml" how many times faster than pytorch-metric-learning.
+LOSS_GOAL_SHAPE = (2048, 256, 100_000)
+LOSS_GOALS: dict[str, list[tuple[str, str, str, str, Callable[[float], bool], str]]] = {
+    "cpu": [
+        ("fused peak memory (default settings) vs unfused", "default", "mem", "<= 1/8",
+         lambda v: v <= 1 / 8, "mem"),
+        ("fused time, row chunks (3 GEMMs), default budget, vs unfused", "rows", "time", "<= 1.10x",
+         lambda v: v <= 1.10, "{:.2f}x"),
+        ("fused time, class chunks (4 GEMMs), default budget, vs unfused", "classes", "time", "<= 1.4x",
+         lambda v: v <= 1.4, "{:.2f}x"),
+        ("fused (default settings) vs pytorch-metric-learning", "default", "pml", ">= 3x faster",
+         lambda v: v >= 3.0, "{:.2f}x faster"),
+        ("torch lsoftmax_cross_entropy peak memory vs unfused", TORCH_FUSED, "mem", "<= 1/8",
+         lambda v: v <= 1 / 8, "mem"),
+        ("torch lsoftmax_cross_entropy time vs unfused", TORCH_FUSED, "time", "<= 1.10x",
+         lambda v: v <= 1.10, "{:.2f}x"),
+        ("torch lsoftmax_cross_entropy vs pytorch-metric-learning", TORCH_FUSED, "pml", ">= 3x faster",
+         lambda v: v >= 3.0, "{:.2f}x faster"),
+    ],
+    "gpu": [],  # the issue sets none: the GPU rows are measured for the record
+}
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}.get(dtype, 4)
+
+
+def default_budget_mib() -> int:
+    from lsoftmax_core._loss_plan import DEFAULT_BUDGET
+
+    return int(DEFAULT_BUDGET // 2**20)
+
+
+def chunk_plan(n: int, c: int, dtype: str, chunking: str | None, budget_mib: int | None) -> tuple[str, int]:
+    """(mode, chunk length) the core picks for an (N, C) problem: its own plan_chunks."""
+    from lsoftmax_core._loss_plan import plan_chunks
+
+    budget = (budget_mib or default_budget_mib()) * 2**20
+    plan = plan_chunks(n, c, _itemsize(dtype), chunking=chunking, memory_budget=budget)
+    return plan.mode, plan.size
+
+
+def _default_fused(library: str, n: int, c: int, dtype: str) -> str:
+    mode, _ = chunk_plan(n, c, dtype, None, None)
+    return Fused(library, mode, default_budget_mib()).name
+
+
+def _fused_library(rows: Sequence[dict[str, Any]]) -> str:
+    libs = [r["library"] for r in rows if r["contender"] in _FUSED_BY_NAME]
+    return libs[0] if libs else "numpy"
+
+
+def _vs(r: dict[str, Any] | None, ref: dict[str, Any] | None, key: str) -> float:
+    """r's time (key "time") or peak memory ("mem") over ref's; NaN when either is missing.
+
+    Times: the ratio of the two paired ratios to the same floor (measured in the same
+    repetitions), or of the median times when the floor has none (e.g. out of memory).
+    """
+    if r is None or ref is None:
+        return math.nan
+    if key == "mem":
+        a, b = r["peak_mib"], ref["peak_mib"]
+    elif _ok(r["ratio_to_floor"]) and _ok(ref["ratio_to_floor"]):
+        a, b = r["ratio_to_floor"], ref["ratio_to_floor"]
+    else:
+        a, b = r["median_ms"], ref["median_ms"]
+    return float(a) / float(b) if _ok(a) and _ok(b) and b else math.nan
+
+
+def loss_goals(device: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fused loss's goals for ``device``: measured value and met / MISSED / not measured."""
+    n, d, c = LOSS_GOAL_SHAPE
+    at = [r for r in rows if (int(r.get("n", -1)), int(r.get("d", -1)), int(r.get("c", -1))) == (n, d, c)
+          and r["dtype"] == "float32"]
+
+    def row(name: str) -> dict[str, Any] | None:
+        return next((r for r in at if r["contender"] == name and (_ok(r["median_ms"]) or _ok(r["peak_mib"]))), None)
+
+    library = _fused_library(rows)
+    unfused, pml = row(TORCH_ADAPTER), row(TORCH_PML)
+    out = []
+    for what, who, metric, target, test, fmt in LOSS_GOALS[device]:
+        if who == "default":
+            name = _default_fused(library, n, c, "float32")
+        elif who in ("rows", "classes"):
+            name = Fused(library, who, default_budget_mib()).name
+        else:
+            name = who
+        r = row(name)
+        if metric == "mem":
+            value = _vs(r, unfused, "mem")
+        elif metric == "time":
+            value = _vs(r, unfused, "time")
+        else:
+            value = _vs(pml, r, "time")
+        if _ok(value) and metric == "mem":
+            assert r is not None and unfused is not None
+            text = f"1/{1 / value:.1f} ({r['peak_mib']:.0f} vs {unfused['peak_mib']:.0f} MiB)"
+        else:
+            text = fmt.format(value) if _ok(value) else UNMEASURED
+        label = name if who in ("default", "rows", "classes") else who
+        out.append({"goal": f"{what}, {Size('', n, d, c).dims} float32", "contender": label, "target": target,
+                    "measured": text, "status": ("met" if test(value) else "MISSED") if _ok(value) else "not measured"})
+    return out
+
+
+def _loss_contenders(rows: Sequence[dict[str, Any]]) -> list[str]:
+    present = {r["contender"] for r in rows}
+    return [c for c in LOSS_ORDER if c in present] + sorted(present - set(LOSS_ORDER))
+
+
+def _fmt_ratio(v: float, unit: str = "x") -> str:
+    return f"{v:.2f}{unit}" if _ok(v) else "n/a"
+
+
+def _loss_size_table(rows: Sequence[dict[str, Any]], size: str, dtype: str) -> list[str]:
+    here = [r for r in rows if r["size"] == size and r["dtype"] == dtype]
+    if not here:
+        return []
+    n, c = int(here[0]["n"]), int(here[0]["c"])
+    default = _default_fused(_fused_library(rows), n, c, dtype)
+    unfused = _find(here, size, dtype, TORCH_ADAPTER)
+    body = []
+    for name in _loss_contenders(here):
+        r = _find(here, size, dtype, name)
+        assert r is not None
+        label = f"**{name}** (default)" if name == default else name
+        if not _ok(r["median_ms"]):
+            body.append([label, "skipped", "", "", _mib(r), ""])
+            continue
+        floor = "**1**" if r["contender"] == r["floor"] else _fmt_ratio(r["ratio_to_floor"])
+        body.append([label, f"{r['median_ms']:.4g} ms", floor, _fmt_ratio(_vs(r, unfused, "time")), _mib(r),
+                     _fmt_ratio(_vs(r, unfused, "mem"))])
+    return _table(["contender", "median time", "time / floor", "time / unfused", "peak MiB above inputs",
+                   "memory / unfused"], body)
+
+
+def _mib(r: dict[str, Any]) -> str:
+    return f"{r['peak_mib']:.0f}" if _ok(r["peak_mib"]) else "n/a"
+
+
+def _sweep_table(rows: Sequence[dict[str, Any]], size: str, dtype: str) -> list[str]:
+    """The fused loss at each budget, both chunkings: chunk length, time and memory over the unfused loss."""
+    here = [r for r in rows if r["size"] == size and r["dtype"] == dtype]
+    settings = [f for f in FUSED.get(_fused_library(rows), ()) if _find(here, size, dtype, f.name) is not None]
+    if not here or not settings:
+        return []
+    n, c = int(here[0]["n"]), int(here[0]["c"])
+    unfused = _find(here, size, dtype, TORCH_ADAPTER)
+    modes = [m for m in ("rows", "classes") if any(f.chunking == m for f in settings)]
+    header = ["budget"]
+    for m in modes:
+        header += [f"{m}: chunk", f"{m}: time / unfused", f"{m}: peak MiB"]
+    body = []
+    for budget in sorted({f.budget_mib for f in settings}):
+        cells = [f"{budget} MiB" + (" (default)" if budget == default_budget_mib() else "")]
+        for m in modes:
+            r = _find(here, size, dtype, Fused(settings[0].library, m, budget).name)
+            if r is None:
+                cells += ["not run", "", ""]
+                continue
+            _, length = chunk_plan(n, c, dtype, m, budget)
+            count = math.ceil((n if m == "rows" else c) / length)
+            cells += [f"{length} {m} x {count}", _fmt_ratio(_vs(r, unfused, "time")), _mib(r)]
+        body.append(cells)
+    return _table(header, body)
+
+
+def loss_markdown(device: str, rows: Sequence[dict[str, Any]], env: dict[str, Any], plot_path: str | None) -> str:
+    """The generated section of the fused cross-entropy comparison for ``device`` (without the markers)."""
+    title = "CPU" if device == "cpu" else "GPU"
+    out = [(f"_Generated by `{env.get('command', 'python -m bench --' + device + ' --loss')}` on "
+            f"{env.get('date_utc', '?')}; load average {env.get('loadavg_start', '?')} at the start, "
+            f"{env.get('loadavg_end', '?')} at the end"
+            + (f"; threads: {env['threads_requested']}" if "threads_requested" in env else "") + "._"), ""]
+    reps = sorted({int(r["repeats"]) for r in rows if _ok(r["repeats"]) and r["repeats"]})
+    out += [("Forward + backward of the whole mean L-Softmax cross-entropy (margin 4, beta 0), gradients "
+             "for X and W. Time: median per call over "
+             f"{'/'.join(map(str, reps)) or '?'} repetitions; `time / floor` is the median of the "
+             "per-repetition ratios to `torch linear + CE` (no margin), `time / unfused` the ratio of "
+             "two such ratios, against `lsoftmax-core torch adapter + CE` = "
+             "`F.cross_entropy(lsoftmax(x, w, y), y)`. Memory: peak above the inputs of one call "
+             + ("(resident set, in a separate process)" if device == "cpu" else "(the allocator's peak)")
+             + "; outputs count (grad_w alone is C x D). The fused rows marked (default) are the core's "
+               "defaults at that size."), ""]
+    sizes = _sizes(rows)
+    for dtype in sorted({r["dtype"] for r in rows}, key=lambda t: t != "float32"):
+        for size, label in sizes:
+            table = _loss_size_table(rows, size, dtype)
+            if not table:
+                continue
+            out += [f"#### {title}, {dtype}, {label}", "", *table, ""]
+            sweep = _sweep_table(rows, size, dtype)
+            if sweep:
+                out += [f"Memory budget sweep, {label} {dtype} (chunk: length x number of chunks):", "",
+                        *sweep, ""]
+    if plot_path:
+        out += [f"![fused cross-entropy: time against peak memory, {title}]({plot_path})", ""]
+    goal_rows = loss_goals(device, rows)
+    out += ["#### Goals of the fused loss", ""]
+    if goal_rows:
+        out += _table(["goal", "contender", "target", "measured", "status"],
+                      [[g["goal"], g["contender"], g["target"], g["measured"], g["status"]] for g in goal_rows])
+    else:
+        out.append(f"No goal is set for the fused loss on {title}: its rows are measured for the record.")
+    out.append("")
+    notes = _notes(rows)
+    if notes:
+        out += ["Notes from the run:", "", *notes, ""]
+    out += ["Machine and libraries:", ""]
+    out += [f"- {k}: {v}" for k, v in sorted(env.items())]
+    return "\n".join(out) + "\n"
+
+
+def loss_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """Time over the unfused loss against peak memory, one panel per size and dtype; the
+    fused settings joined by chunking across budgets.  False if matplotlib is missing or
+    nothing has both figures."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [(size, label, dtype) for dtype in sorted({r["dtype"] for r in rows}, key=lambda t: t != "float32")
+              for size, label in _sizes(rows)
+              if any(r["size"] == size and r["dtype"] == dtype for r in rows)]
+    points: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
+    for size, _, dtype in panels:
+        here = [r for r in rows if r["size"] == size and r["dtype"] == dtype]
+        unfused = _find(here, size, dtype, TORCH_ADAPTER)
+        pts = []
+        for name in _loss_contenders(here):
+            r = _find(here, size, dtype, name)
+            t = _vs(r, unfused, "time")
+            if r is not None and _ok(t) and _ok(r["peak_mib"]):
+                pts.append((name, max(float(r["peak_mib"]), 0.1), t))  # a log axis: below 0.1 MiB at 0.1
+        points[(size, dtype)] = pts
+    panels = [p for p in panels if points[(p[0], p[2])]]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(n for n in LOSS_ORDER if n not in _FUSED_BY_NAME)}
+    for ax, (size, label, dtype) in zip(axes[0], panels):
+        pts = points[(size, dtype)]
+        for mode, marker in (("rows", "o"), ("classes", "s")):
+            line = sorted(((_FUSED_BY_NAME[n].budget_mib, m, t) for n, m, t in pts
+                           if n in _FUSED_BY_NAME and _FUSED_BY_NAME[n].chunking == mode))
+            if line:
+                ax.plot([m for _, m, _ in line], [t for _, _, t in line], marker=marker, color="C9" if mode == "rows"
+                        else "C8", label=f"fused, {mode} (budget {'/'.join(str(b) for b, _, _ in line)} MiB)")
+                for b, m, t in line:
+                    ax.annotate(f"{b}", (m, t), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for name, m, t in pts:
+            if name not in _FUSED_BY_NAME:
+                ax.plot([m], [t], marker="D", linestyle="none", color=colours.get(name, "C7"), label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_xlabel("peak memory above the inputs (MiB)")
+        ax.set_ylabel("time / unfused time (forward+backward)")
+        ax.set_title(f"{title}, {label} {dtype}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def publish_loss(doc: Path | None, plot_dir: Path | None, device: str, rows: Sequence[dict[str, Any]],
+                 env: dict[str, Any], out_dir: Path | None = None) -> str:
+    """Plot and markdown of the loss suite; into ``doc`` (section ``DEVICE-loss``) when given,
+    ``DEVICE_loss.md`` into ``out_dir``."""
+    title = "CPU" if device == "cpu" else "GPU"
+    plot_rel = None
+    if plot_dir is not None:
+        png = plot_dir / f"{device}_loss.png"
+        threads = f", {env['threads_requested']} thread(s)" if isinstance(env.get("threads_requested"), int) else ""
+        if loss_plot(rows, png, f"{title}{threads}: fused L-Softmax CE"):
+            plot_rel = str(png.relative_to(doc.parent)) if doc is not None and png.is_relative_to(doc.parent) \
+                else png.name
+    text = loss_markdown(device, rows, env, plot_rel)
+    if out_dir is not None:
+        (out_dir / f"{device}_loss.md").write_text(text)
+    if doc is not None:
+        update_doc(doc, "howto", "## How to run", HOWTO)
+        update_doc(doc, f"{device}-loss", f"## {title} results: fused cross-entropy", text)
     return text

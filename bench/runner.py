@@ -9,6 +9,11 @@ together; see :mod:`bench.harness`), then the seed's LeNet table, then the files
 paired ratio to the library's floor and the peak memory.  ``layer_only`` keeps the
 backend against its linear floor alone (NumPy or CuPy; no PyTorch, no LeNet): that is
 what ``scripts/gpu_check.sh`` runs within its time budget.
+
+The fused cross-entropy comparison (the sizes of the ``loss`` suite, ``--loss``) is
+:func:`run_loss`, the same steps for either device with the contenders of
+:func:`bench.contenders.loss_cases` in one interleaved measurement per size and dtype,
+into its own files (``DEVICE_loss.csv``, ``DEVICE_loss_env.json``) and doc section.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .contenders import DTYPES, Size, cupy_cases, numpy_cases, sizes_for, torch_cases
+from .contenders import DTYPES, Size, cupy_cases, dtypes_for, loss_cases, numpy_cases, sizes_for, torch_cases
 from .harness import Case, Measured, cupy_peak, environment, measure, paired_ratio, torch_cuda_peak
 from .lenet import lenet_rows
 
-__all__ = ["Settings", "run_cpu", "run_gpu"]
+__all__ = ["Settings", "run_cpu", "run_gpu", "run_loss"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +47,10 @@ class Settings:
 
 CPU_FULL = Settings(repeat=15, warmup=2, min_time=0.02, lenet_batches=(128, 256))
 GPU_FULL = Settings(repeat=30, warmup=3, min_time=0.005, lenet_batches=(128, 256))
+#: The loss suite: one call lasts 0.1-10 s on CPU (about 1 s on GPU at 8192x512x1M), so
+#: fewer repetitions of one call each.
+CPU_LOSS = Settings(repeat=7, warmup=1, min_time=0.02, lenet_batches=())
+GPU_LOSS = Settings(repeat=10, warmup=2, min_time=0.005, lenet_batches=())
 
 
 def _rows(device: str, size: Size, dtype: str, measured: Sequence[Measured],
@@ -70,18 +79,25 @@ _PROBE = "import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); from benc
 
 
 def cpu_memory(sizes: Sequence[Size], dtype: str, threads: int | None = None,
-               layer_only: bool = False) -> dict[tuple[str, str], float]:
-    """(size name, contender) -> peak MiB, from :mod:`bench.memprobe` in a fresh process."""
+               layer_only: bool = False, loss: bool = False,
+               exclude: Sequence[str] = ()) -> dict[tuple[str, str], float]:
+    """(size name, contender) -> peak MiB, from :mod:`bench.memprobe` in a fresh process.
+
+    ``loss``: the contenders of :func:`bench.contenders.loss_cases` (the loss suite),
+    without those ``exclude`` names.
+    """
     args = [str(v) for s in sizes for v in (s.name, s.n, s.d, s.c, dtype)]
     if layer_only:
         args.insert(0, "--layer-only")
+    if loss:
+        args.insert(0, "--loss" + ("=" + ",".join(exclude) if exclude else ""))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     if threads:
         env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     path = [p for p in sys.path if p] + ([] if str(REPO) in sys.path else [str(REPO)])
     try:
         out = subprocess.run([sys.executable, "-P", "-c", _PROBE, json.dumps(path), *args], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600, check=True).stdout
+                             capture_output=True, text=True, timeout=1800 if loss else 600, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:
         detail = (getattr(e, "stderr", None) or "").strip().splitlines()[-1:]
         print(f"memory probe failed, no memory figures: {e} {' '.join(detail)}", file=sys.stderr)
@@ -266,11 +282,94 @@ def _free_gpu_memory(torch: Any) -> None:
         sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
 
 
-def _write(out_dir: Path, device: str, rows: list[dict[str, Any]], lenet: list[dict[str, Any]],
+def _write(out_dir: Path, device: str, rows: list[dict[str, Any]], lenet: list[dict[str, Any]] | None,
            env: dict[str, Any], quiet: bool = False) -> None:
+    """``DEVICE.csv``, ``DEVICE_lenet.csv`` (not for ``lenet=None``), ``DEVICE_env.json``;
+    ``device`` is the file stem: "cpu", "gpu", or "cpu_loss", "gpu_loss" for the loss suite."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_csv(out_dir / f"{device}.csv", rows, report.COLUMNS)
-    report.write_csv(out_dir / f"{device}_lenet.csv", lenet, report.LENET_COLUMNS)
+    if lenet is not None:
+        report.write_csv(out_dir / f"{device}_lenet.csv", lenet, report.LENET_COLUMNS)
     (out_dir / f"{device}_env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
     if not quiet:
-        _progress(f"wrote {out_dir / f'{device}.csv'}, {device}_lenet.csv, {device}_env.json")
+        _progress(f"wrote {out_dir / f'{device}.csv'}" + ("" if lenet is None else f", {device}_lenet.csv")
+                  + f", {device}_env.json")
+
+
+# --------------------------------------------------------------------------- the loss suite
+
+
+def run_loss(device: str, settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Path | None,
+             sizes: Sequence[Size] | None = None, dtypes: Sequence[str] | None = None, memory: bool = True,
+             threads: int | None = None, command: str | None = None,
+             exclude: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The fused cross-entropy comparison on ``device`` ("cpu" or "gpu"), without the
+    contenders whose name contains a text of ``exclude``.
+
+    Writes ``DEVICE_loss.csv`` and ``DEVICE_loss_env.json`` (after every size and dtype,
+    so that a run cut short keeps what it measured) and, through
+    :func:`bench.report.publish_loss`, ``DEVICE_loss.md`` / the doc section.  Memory: on
+    CPU the separate-process peak-RSS probe (:func:`cpu_memory`), on GPU the allocators'
+    peaks.  ``sizes``/``dtypes`` default to the loss suite's of the one table.
+    """
+    import torch
+
+    sizes = sizes_for(device, suite="loss") if sizes is None else sizes
+    dtypes = dtypes_for(device, "loss") if dtypes is None else dtypes
+    if exclude and sizes:
+        loss_cases(Size("check", 2, 2, 3, suite="loss"), "float32", "cpu", exclude=exclude)  # refuse early
+    if device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device visible to PyTorch: nothing to measure on GPU")
+    with _threads(threads if device == "cpu" else None):
+        env = environment(gpu=device == "gpu")
+        env["command"] = command or f"python -m bench --{device} --loss"
+        if device == "cpu":
+            env["threads_requested"] = threads or "library default"
+        else:
+            env["torch_matmul_tf32"] = str(torch.backends.cuda.matmul.allow_tf32)
+        stem = f"{device}_loss"
+        rows: list[dict[str, Any]] = []
+        for dtype in dtypes:
+            mem_cpu: dict[tuple[str, str], float] = {}
+            if device == "cpu" and memory:
+                _progress(f"cpu loss memory probe {dtype} ({', '.join(s.label for s in sizes)})")
+                mem_cpu = cpu_memory(sizes, dtype, threads, loss=True, exclude=exclude)
+            for size in sizes:
+                _progress(f"{device} loss {size.label} {dtype}")
+                cases = loss_cases(size, dtype, "cpu" if device == "cpu" else "cuda", exclude=exclude)
+                measured = measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
+                if device == "cpu":
+                    mem = {k[1]: v for k, v in mem_cpu.items() if k[0] == size.name}
+                else:
+                    mem = _gpu_memory(measured) if memory else {}
+                rows += _rows(device, size, dtype, measured, mem)
+                del cases, measured
+                if device == "gpu":
+                    _free_gpu_memory(torch)
+                _write(out_dir, stem, rows, None, env, quiet=True)
+                if doc is None:
+                    report.publish_loss(None, None, device, report.read_csv(out_dir / f"{stem}.csv"), env, out_dir)
+        env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        if device == "cpu":
+            env["torch_threads"] = torch.get_num_threads()
+    _write(out_dir, stem, rows, None, env)
+    # The section from the CSV's figures (6 digits), as --render makes it: ratios of ratios
+    # computed from the unrounded ones could differ in the last digit shown.
+    report.publish_loss(doc, plot_dir, device, report.read_csv(out_dir / f"{stem}.csv"), env, out_dir)
+    return rows
+
+
+def _gpu_memory(measured: Sequence[Measured]) -> dict[str, float]:
+    mem = {}
+    for m in measured:
+        if m.error:
+            continue
+        try:
+            mem[m.case.name] = (cupy_peak if m.case.library == "cupy" else torch_cuda_peak)(m.case.run)
+        except Exception as e:  # noqa: BLE001
+            _progress(f"  memory of {m.case.name} not measured: {_one_line(e)}")
+    return mem
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:200]

@@ -14,6 +14,11 @@
 #                           float16, 30 repetitions; into $OUT/bench
 #      PEER_BENCH=1 (200 s) the whole python -m bench --gpu instead (PyTorch adapter,
 #                           pytorch-metric-learning, autograd, LeNet): about 8 minutes in all
+#      LOSS_BENCH=1 (240 s) python -m bench --gpu --loss instead: the fused cross-entropy
+#                           comparison at 8192x512x1M, float32 and bfloat16 (the CuPy fused
+#                           loss is a skipped row until the core has one; the unfused PyTorch
+#                           contenders may run out of memory there, which their rows say):
+#                           about 8.5 minutes in all; into $OUT/bench/gpu_loss.{csv,md}, gpu_loss_env.json
 # Budget: 30 + 240 + 75 s of limits, about 6 minutes on a bare machine.
 # Nothing is installed from a network: the package is laid out from the checkout into a
 # private folder as pip would install it (pyproject's package-dir map), and wheels carried in ./.whl are installed offline (see below).  Logs and the
@@ -21,7 +26,8 @@
 # plus $OUT_DIR/bench/gpu.{csv,md}, gpu_lenet.csv, gpu_env.json, 8 files in all; back where
 # the checkout is, `python -m bench --render gpu --from DIR/bench` puts them into
 # docs/BENCHMARKS.md.  Override the interpreter with PYTHON=..., the limits with
-# ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT / PEER_TIMEOUT (seconds).
+# ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT / PEER_TIMEOUT / LOSS_TIMEOUT (seconds).
+# `python -m bench --render gpu --loss --from DIR/bench` renders a LOSS_BENCH=1 run.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -112,7 +118,10 @@ fi
 if [ $env_rc -eq 0 ]; then
   BENCH_PATH=${TMPDIR:-/tmp}/lsoftmax-gpu-bench
   rm -rf "$BENCH_PATH" "$OUT/bench" && mkdir -p "$BENCH_PATH" && ln -s "$PWD/bench" "$BENCH_PATH/bench"
-  if [ "${PEER_BENCH:-0}" = 1 ]; then
+  if [ "${LOSS_BENCH:-0}" = 1 ]; then
+    # The fused cross-entropy comparison in place of the layer one (7 files in $OUT in all).
+    bench_args=(--gpu --loss) bench_limit=${LOSS_TIMEOUT:-240}
+  elif [ "${PEER_BENCH:-0}" = 1 ]; then
     bench_args=(--gpu) bench_limit=${PEER_TIMEOUT:-200}
   else
     # The layer contenders only: bench_cupy.py's comparison at full repetitions (30), which
@@ -139,6 +148,7 @@ fi
 # The benchmark's section, goals included (the text the render puts into docs/BENCHMARKS.md),
 # then the summary table, last.
 [ -f "$OUT/bench/gpu.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu.md"; cat "$OUT/bench/gpu.md"; }
+[ -f "$OUT/bench/gpu_loss.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_loss.md"; cat "$OUT/bench/gpu_loss.md"; }
 echo
 echo "=== summary"
 echo "| stage | status | time |"

@@ -47,19 +47,25 @@ from bench.contenders import (
     CP_LINEAR,
     CP_LSM,
     DTYPES,
+    FUSED,
+    LOSS_DTYPES,
     NP_LINEAR,
     NP_LSM,
+    NP_UNFUSED,
     SIZES,
     TORCH_ADAPTER,
+    TORCH_FUSED,
     TORCH_LINEAR,
     TORCH_NAIVE,
     TORCH_PML,
+    Fused,
     Size,
+    loss_cases,
     naive_lsoftmax,
     sizes_for,
 )
 from bench.harness import peak_rss_delta
-from bench.runner import Settings, run_cpu, run_gpu
+from bench.runner import Settings, run_cpu, run_gpu, run_loss
 
 
 def _gpu() -> bool:
@@ -147,7 +153,9 @@ def test_goals_say_met_missed_and_not_measured() -> None:
 
 def test_one_size_table_for_both_devices() -> None:
     cpu, gpu = sizes_for("cpu"), sizes_for("gpu")
-    assert set(cpu) | set(gpu) == set(SIZES)  # every size of the table runs somewhere, nothing else does
+    loss = set(sizes_for("cpu", suite="loss")) | set(sizes_for("gpu", suite="loss"))
+    assert set(cpu) | set(gpu) | loss == set(SIZES)  # every size of the table runs somewhere, nothing else does
+    assert not loss & (set(cpu) | set(gpu))  # the loss suite runs only with --loss
     for device, sizes in (("cpu", cpu), ("gpu", gpu)):
         assert len({s.name for s in sizes}) == len(sizes), device  # a name means one shape per device
         assert all(device in s.devices for s in sizes)
@@ -305,3 +313,155 @@ def test_profile_cpu_runs_at_a_size_of_the_table(capsys: pytest.CaptureFixture[s
     assert profile_cpu.main(["--size", "mnist", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("N=256 D=2 C=10 float32") and "lsoftmax-core numpy fwd+bwd" in out
+
+
+# --------------------------------------------------------------------------- the fused cross-entropy (--loss)
+
+
+def test_loss_suite_sizes_are_the_issues() -> None:
+    cpu = {s.name: s.dims for s in sizes_for("cpu", suite="loss")}
+    gpu = {s.name: s.dims for s in sizes_for("gpu", suite="loss")}
+    assert cpu["ce-large"] == "2048x256x100k" and len(cpu) >= 2  # the issue's size and a smaller one
+    assert gpu == {"ce-large": "8192x512x1000k"}
+    assert LOSS_DTYPES == {"cpu": ("float32",), "gpu": ("float32", "bfloat16")}
+    # The goals' shape is a CPU size of the loss suite.
+    assert report.LOSS_GOAL_SHAPE in {(s.n, s.d, s.c) for s in sizes_for("cpu", suite="loss")}
+    with pytest.raises(ValueError, match="no size face on cpu --loss"):
+        sizes_for("cpu", ["face"], suite="loss")
+    with pytest.raises(ValueError, match="suite"):
+        Size("x", 1, 1, 1, suite="nope")
+
+
+def _grads(result: object) -> tuple[np.ndarray, np.ndarray]:
+    """(grad_x, grad_w as C x D) from what a loss contender's run returns."""
+    if isinstance(result, tuple) and len(result) == 3:  # cross_entropy_with_grad: loss, grad_x, grad_w
+        gx, gw = result[1], result[2]
+    elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], tuple):  # unfused NumPy
+        gx, gw = result[1]
+    else:  # torch.autograd.grad
+        gx, gw = result  # type: ignore[misc]
+    gx, gw = (np.asarray(a.detach() if hasattr(a, "detach") else a, dtype=np.float64) for a in (gx, gw))
+    return gx, gw
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_loss_contenders_compute_the_same_gradients() -> None:
+    """Every contender but the floor does the same work: the benchmark compares like with like."""
+    size = Size("tiny", 12, 4, 9, suite="loss")
+    cases = {c.name: c for c in loss_cases(size, "float32", "cpu")}
+    fused = {f.name for f in FUSED["numpy"]}
+    assert fused | {TORCH_LINEAR, TORCH_ADAPTER, TORCH_PML, TORCH_FUSED, NP_UNFUSED} == set(cases)
+    assert {f.chunking for f in FUSED["numpy"]} == {"rows", "classes"} and len({f.budget_mib for f in FUSED["numpy"]}) >= 2
+    assert all(c.floor == TORCH_LINEAR and c.kind == "loss" for c in cases.values())
+    ref_x, ref_w = _grads(cases[TORCH_ADAPTER].run())
+    checked = 0
+    for name, case in cases.items():
+        if name == TORCH_LINEAR:
+            continue
+        try:
+            result = case.run()
+        except (ImportError, NotImplementedError):  # pytorch-metric-learning or the torch op missing
+            assert name in (TORCH_PML, TORCH_FUSED), name
+            continue
+        gx, gw = _grads(result)
+        if gw.shape != ref_w.shape:
+            gw = gw.T  # pytorch-metric-learning's W is (D, C)
+        np.testing.assert_allclose(gx, ref_x, rtol=2e-4, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(gw, ref_w, rtol=2e-4, atol=2e-6, err_msg=name)
+        checked += 1
+    assert checked >= len(fused) + 1
+    floor_x, _ = _grads(cases[TORCH_LINEAR].run())
+    assert not np.allclose(floor_x, ref_x)  # the floor has no margin
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cpu_loss_run_writes_csv_section_plot_and_memory(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench:cpu:begin -->\nCPU text\n<!-- bench:cpu:end -->\n\n" + FOREIGN)
+    size = Size("tiny", 16, 3, 7, suite="loss")
+    out = tmp_path / "results"
+    run_loss("cpu", Settings(repeat=2, warmup=1, min_time=0.0, lenet_batches=()), out_dir=out, doc=doc,
+             plot_dir=tmp_path / "plots", sizes=(size,), threads=1, command="python -m bench --cpu --loss")
+    assert sorted(p.name for p in out.iterdir()) == ["cpu_loss.csv", "cpu_loss.md", "cpu_loss_env.json"]
+    rows = _csv(out / "cpu_loss.csv")
+    names = {r["contender"] for r in rows}
+    assert {TORCH_LINEAR, TORCH_ADAPTER, NP_UNFUSED} | {f.name for f in FUSED["numpy"]} <= names
+    for r in rows:
+        if r["note"]:  # only a missing peer or torch op may be skipped, with its reason
+            assert r["contender"] in (TORCH_PML, TORCH_FUSED), r
+            continue
+        assert r["repeats"] == "2" and float(r["median_ms"]) > 0, r
+        assert math.isfinite(float(r["ratio_to_floor"])), r
+        # The separate-process probe measured every contender that ran.
+        assert math.isfinite(float(r["peak_mib"])) and float(r["peak_mib"]) >= 0, r
+    text = doc.read_text()
+    assert "CPU text" in text and FOREIGN in text  # other sections stay
+    assert text.count("<!-- bench:cpu-loss:begin -->") == 1
+    section = text.split("<!-- bench:cpu-loss:begin -->")[1].split("<!-- bench:cpu-loss:end -->")[0]
+    assert "#### CPU, float32, tiny 16x3x7" in section and "Memory budget sweep" in section
+    assert "(default)" in section and "#### Goals of the fused loss" in section
+    assert (out / "cpu_loss.md").read_text().strip() in text
+    # The goals are at 2048x256x100k: a tiny run measures none of them.
+    assert {g["status"] for g in report.loss_goals("cpu", report.read_csv(out / "cpu_loss.csv"))} == {"not measured"}
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "plots" / "cpu_loss.png").stat().st_size > 1000
+
+    # --render --loss rebuilds the same section from the files alone (how a GPU run comes back).
+    again = tmp_path / "rendered"
+    assert main(["--render", "cpu", "--loss", "--from", str(out), "--out", str(again), "--no-doc", "--no-plot"]) == 0
+    def without_plot(text: str) -> list[str]:
+        return [ln for ln in text.splitlines() if ln and not ln.startswith("![")]
+
+    assert without_plot((again / "cpu_loss.md").read_text()) == without_plot((out / "cpu_loss.md").read_text())
+
+
+def _loss_row(contender: str, ratio: float, peak: float, library: str = "numpy") -> dict[str, object]:
+    return {"device": "cpu", "size": "ce-large", "n": 2048, "d": 256, "c": 100_000, "dtype": "float32",
+            "contender": contender, "library": library, "kind": "loss", "floor": TORCH_LINEAR,
+            "median_ms": 1000.0 * ratio, "ratio_to_floor": ratio, "peak_mib": peak, "repeats": 3, "inner": 1,
+            "note": ""}
+
+
+def test_loss_goals_say_met_missed_and_not_measured() -> None:
+    rows = [_loss_row(TORCH_LINEAR, 1.0, 2000.0, "torch"), _loss_row(TORCH_ADAPTER, 1.2, 4000.0, "torch"),
+            _loss_row(TORCH_PML, 5.0, 9000.0, "torch"),
+            _loss_row(Fused("numpy", "rows", 64).name, 1.25, 300.0),  # 1.04x the unfused, 1/13 of its memory
+            _loss_row(Fused("numpy", "classes", 64).name, 1.8, 250.0)]  # 1.5x: over 1.4x
+    status = {g["goal"].split(",")[0] + " " + g["contender"]: g["status"] for g in report.loss_goals("cpu", rows)}
+    default = Fused("numpy", "rows", 64).name  # at 2048x100k float32, 64 MiB holds 41 rows: rows
+    assert status[f"fused peak memory (default settings) vs unfused {default}"] == "met"
+    assert status[f"fused time {Fused('numpy', 'rows', 64).name}"] == "met"
+    assert status[f"fused time {Fused('numpy', 'classes', 64).name}"] == "MISSED"
+    assert status[f"fused (default settings) vs pytorch-metric-learning {default}"] == "met"  # 5 / 1.25 = 4x
+    assert status[f"torch lsoftmax_cross_entropy time vs unfused {TORCH_FUSED}"] == "not measured"
+    worse = [dict(r, peak_mib=600.0) if r["contender"] == default else r for r in rows]
+    assert report.loss_goals("cpu", worse)[0]["status"] == "MISSED"  # 600/4000 > 1/8
+    assert report.loss_goals("gpu", rows) == []  # the issue sets no GPU goal
+
+
+def test_cli_loss_refuses_layer_only_and_unknown_sizes(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--cpu", "--loss", "--layer-only", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no size mnist on cpu --loss"):
+        main(["--cpu", "--loss", "--sizes", "mnist", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_gpu_loss_cases_skip_the_missing_cupy_fused_loss_with_a_note() -> None:
+    """Without a CuPy fused loss (or without CuPy) the GPU run keeps one skipped row saying why."""
+    from bench.contenders import CP_FUSED_MISSING, _cupy_fused_cases
+
+    cases = _cupy_fused_cases(Size("tiny", 4, 3, 5, suite="loss"), "bfloat16", 0)
+    assert [c.name for c in cases] == [CP_FUSED_MISSING]
+    with pytest.raises((NotImplementedError, ImportError), match="not measured"):
+        cases[0].run()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_loss_cases_exclude_leaves_out_by_name_but_never_the_references() -> None:
+    size = Size("tiny", 4, 3, 5, suite="loss")
+    names = [c.name for c in loss_cases(size, "float32", "cpu", exclude=["numpy fused CE", "lsoftmax_cross_entropy"])]
+    assert TORCH_FUSED not in names and not any("numpy fused CE" in n for n in names)
+    assert {TORCH_LINEAR, TORCH_ADAPTER, NP_UNFUSED} <= set(names)
+    with pytest.raises(ValueError, match="floor or the unfused"):
+        loss_cases(size, "float32", "cpu", exclude=["torch adapter"])
