@@ -465,3 +465,50 @@ def test_loss_cases_exclude_leaves_out_by_name_but_never_the_references() -> Non
     assert {TORCH_LINEAR, TORCH_ADAPTER, NP_UNFUSED} <= set(names)
     with pytest.raises(ValueError, match="floor or the unfused"):
         loss_cases(size, "float32", "cpu", exclude=["torch adapter"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_gpu_loss_run_steps_with_the_cpu_standing_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU loss run's own steps (files after every size and dtype, the section) on any machine.
+
+    The CPU contenders stand in for the CUDA ones: what is checked is the runner, not a
+    measurement (the files go to a temporary folder and nowhere else).
+    """
+    import torch
+
+    from bench import runner
+
+    devices: list[str] = []
+
+    def stand_in(size: Size, dtype: str, device: str, seed: int = 0, exclude: object = ()) -> list:
+        devices.append(device)
+        return loss_cases(size, dtype, "cpu", seed, exclude=exclude)  # type: ignore[arg-type]
+
+    written: list[int] = []
+    real_write = runner._write
+
+    def write(*args: object, **kwargs: object) -> None:
+        written.append(len(args[2]))  # type: ignore[arg-type]
+        real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner, "loss_cases", stand_in)
+    monkeypatch.setattr(runner, "torch_cuda_peak", lambda fn: 1.0)
+    monkeypatch.setattr(runner, "cupy_peak", lambda fn: 1.0)
+    monkeypatch.setattr(runner, "_free_gpu_memory", lambda torch: None)
+    monkeypatch.setattr(runner, "_write", write)
+    sizes = (Size("tiny", 8, 3, 5, suite="loss"), Size("small", 6, 4, 7, suite="loss"))
+    dtypes = ("float32", "float64")
+    run_loss("gpu", Settings(repeat=1, warmup=1, min_time=0.0, lenet_batches=()), out_dir=tmp_path, doc=None,
+             plot_dir=None, sizes=sizes, dtypes=dtypes, exclude=["numpy"], command="python -m bench --gpu --loss")
+    rows = _csv(tmp_path / "gpu_loss.csv")
+    per = len(rows) // 4
+    assert [(r["size"], r["dtype"]) for r in rows] == [(s.name, d) for d in dtypes for s in sizes for _ in range(per)]
+    assert not any("numpy" in r["contender"] for r in rows)
+    assert devices[-4:] == ["cuda"] * 4  # the contenders are asked for on CUDA
+    assert written == [per, 2 * per, 3 * per, 4 * per, 4 * per]  # after every (size, dtype): a cut run keeps its rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_loss.csv", "gpu_loss.md", "gpu_loss_env.json"]
+    md = (tmp_path / "gpu_loss.md").read_text()
+    assert "#### GPU, float32, tiny 8x3x5" in md and "#### GPU, float64, small 6x4x7" in md
+    assert "No goal is set for the fused loss on GPU" in md
+    assert json.loads((tmp_path / "gpu_loss_env.json").read_text())["command"] == "python -m bench --gpu --loss"
