@@ -41,15 +41,7 @@ _EXECUTORS: list = []
 
 @pytest.fixture(autouse=True)
 def _retire_executors_when_idle():
-    """Free each test's executors only once MXNet's engine is idle, and leave it idle.
-
-    On a loaded machine MXNet 1.9.1 crashed here: an engine thread completed a block of the
-    previous test's already deleted ``_backward_Custom`` operator (``ThreadedEngine::
-    OnComplete`` reading freed memory) while the next test was in ``simple_bind`` (the
-    segfault Python reports "in simple_bind", the only Python thread).  ``asnumpy`` waits
-    for an array's writers only; ``mx.nd.waitall()`` waits until the engine has retired all
-    the work, so no executor is freed while its CustomOp work is still being retired.
-    """
+    """Free each test's executors only once MXNet's engine is idle, and leave it idle."""
     yield
     mx.nd.waitall()
     _EXECUTORS.clear()
@@ -57,7 +49,18 @@ def _retire_executors_when_idle():
 
 
 def _simple_bind(sym, **kwargs):
-    """``sym.simple_bind(mx.cpu(), **kwargs)``, the executor kept until the test's end."""
+    """``sym.simple_bind(mx.cpu(), **kwargs)`` on an idle engine; the executor is kept until
+    the test's end.
+
+    On a loaded machine MXNet 1.9.1 crashed (segfault) when ``simple_bind`` ran while the
+    engine was still retiring the previous executor's CustomOp work: an engine thread ran a
+    stale block of an already deleted ``_backward_Custom`` operator and completed it on
+    freed memory, while the main thread, the only Python thread and so the stack Python
+    printed, was in ``simple_bind`` initialising the new gradient arrays.  ``asnumpy`` on
+    the previous results waits for their writers only; ``mx.nd.waitall()`` waits until the
+    engine has retired all the work.
+    """
+    mx.nd.waitall()
     ex = sym.simple_bind(mx.cpu(), **kwargs)
     _EXECUTORS.append(ex)
     return ex
