@@ -261,15 +261,19 @@ __global__ void LSM_BOUNDS
   }
 }
 
-template <typename F, typename L>
-__global__ void LSM_BOUNDS
-    lsm_backward_rows(const typename F::Storage* __restrict__ grad_logits,
+namespace lsm {
+
+// The body of lsm_backward_rows, shared with lsm_loss_margin_rows: g_i, the target entry of
+// G, is read from grad_logits[i*C + y] (VEC false) or from the float64 N-vector gvec (VEC true).
+template <typename F, typename L, bool VEC>
+__device__ __forceinline__ void backward_rows(const typename F::Storage* __restrict__ grad_logits,
+                      const double* __restrict__ gvec,
                       const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
                       const L* __restrict__ label, typename F::Storage* __restrict__ grad_x,
                       double* __restrict__ coef, lsm::u32* __restrict__ classes, long long n,
                       long long c, long long d, long long margin, double beta,
                       const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
-                      long long serial) {
+                      long long serial, long long op) {
   typedef typename F::Acc A;
   typedef typename F::Storage S;
   typedef lsm::Group<F> G;
@@ -278,7 +282,7 @@ __global__ void LSM_BOUNDS
   const long long i = blockIdx.x;
   const long long y = (long long)label[i];
   if (y < 0 || y >= c) {
-    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_BACKWARD);
+    if (threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, op);
     return;
   }
   const S* xr = x + i * d;
@@ -287,7 +291,7 @@ __global__ void LSM_BOUNDS
   if (threadIdx.x == 0) {
     const lsm::RowStats<A> st =
         lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
-    const double g = lsm::to_double<F>(grad_logits[i * c + y]);
+    const double g = VEC ? gvec[i] : lsm::to_double<F>(grad_logits[i * c + y]);
     const lsm::Coefficients k = lsm::backward_coefficients(st, g, beta);
     coef[4 * i] = k.alpha;
     coef[4 * i + 1] = k.eps;  // of uw * 2^ex
@@ -322,6 +326,21 @@ __global__ void LSM_BOUNDS
     }
     lsm::store_group<F>(gr, ga, g, cnt, bg);
   }
+}
+
+}  // namespace lsm
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_backward_rows(const typename F::Storage* __restrict__ grad_logits,
+                      const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                      const L* __restrict__ label, typename F::Storage* __restrict__ grad_x,
+                      double* __restrict__ coef, lsm::u32* __restrict__ classes, long long n,
+                      long long c, long long d, long long margin, double beta,
+                      const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
+                      long long serial) {
+  lsm::backward_rows<F, L, false>(grad_logits, nullptr, x, w, label, grad_x, coef, classes, n, c, d, margin,
+                                  beta, thresholds, err_key, err_rec, serial, lsm::OP_BACKWARD);
 }
 
 template <typename F, typename L>
@@ -428,4 +447,148 @@ __global__ void LSM_BOUNDS
     }
     lsm::store_group<F>(gr, ga, g, cnt, bg);
   }
+}
+
+// ---------------------------------------------------------------- fused cross-entropy
+// lsoftmax_core/_cupy_loss.py walks the N x C logits in row or class chunks
+// (_loss_plan.py); each chunk's logits z (R x K, input dtype, row-major) are one cuBLAS GEMM.
+// Ignored rows reach these kernels with label 0 (the host's where(label == ignore, 0, label))
+// and weight 0; a label outside [0, C) is never used as an index: lsm_loss_targets (or the
+// label check, margin 1) reports it and the chunk kernels treat the row as having no target.
+//
+//   lsm_loss_targets      one block per sample: the float64 target logit t_i (forward's value).
+//   lsm_loss_chunk_lse    one block per chunk row: writes the target into z when the chunk holds
+//                         it (and its rounded value into tgt), then combines the chunk's max and
+//                         float64 sum of exp(z - max) online into the row's (m, S) and lse.
+//   lsm_loss_chunk_grad   one block per chunk row: z := weight_i * exp(z - lse_i), minus weight_i
+//                         at the target, rounded to the dtype; the rounded target entry g_i
+//                         goes to gvec[i] for the margin terms.
+//   lsm_loss_margin_rows  lsm_backward_rows reading g_i from gvec (then lsm_backward_classes).
+
+namespace lsm {
+
+// The chunk row's target column (or -1): the label is range-checked before any use.
+template <typename L>
+__device__ __forceinline__ long long chunk_target(const L* label, long long i, long long c, long long k0,
+                                                  long long kc) {
+  const long long y = (long long)label[i];
+  if (y < 0 || y >= c || y < k0 || y >= k0 + kc) return -1;
+  return y - k0;
+}
+
+}  // namespace lsm
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_loss_targets(const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                     const L* __restrict__ label, double* __restrict__ target, long long n, long long c,
+                     long long d, long long margin, double beta, const double* __restrict__ thresholds,
+                     lsm::u64* err_key, lsm::u64 err_rec, long long serial, long long op) {
+  typedef typename F::Acc A;
+  __shared__ A red[3 * LSM_BLOCK];
+  const long long i = blockIdx.x;
+  const long long y = (long long)label[i];
+  if (y < 0 || y >= c) {
+    if (threadIdx.x == 0) {
+      target[i] = 0.0;
+      lsm::record_bad_label(i, y, c, err_key, err_rec, serial, op);
+    }
+    return;
+  }
+  const lsm::RowSums<A> s = lsm::row_sums<F>(x + i * d, w + y * d, d, red);
+  if (threadIdx.x == 0) {
+    const lsm::RowStats<A> st =
+        lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
+    target[i] = lsm::target_logit(st, beta);
+  }
+}
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_loss_chunk_lse(typename F::Storage* __restrict__ z, const L* __restrict__ label,
+                       const double* __restrict__ target, double* __restrict__ tgt, double* __restrict__ run_m,
+                       double* __restrict__ run_s, double* __restrict__ lse, long long r0, long long k0,
+                       long long kc, long long c, long long has_target, long long first) {
+  __shared__ double red[LSM_BLOCK];
+  const long long i = r0 + blockIdx.x;
+  typename F::Storage* zr = z + (long long)blockIdx.x * kc;
+  const long long col = lsm::chunk_target(label, i, c, k0, kc);
+  if (col >= 0 && threadIdx.x == 0) {
+    if (has_target) zr[col] = lsm::from_double<F>(target[i]);
+    tgt[i] = lsm::to_double<F>(zr[col]);
+  }
+  __syncthreads();
+  double v[1] = {lsm::double_of(0xFFF0000000000000ull)};  // -inf
+  for (long long j = threadIdx.x; j < kc; j += LSM_BLOCK) {
+    const double e = lsm::to_double<F>(zr[j]);
+    if (e > v[0]) v[0] = e;
+  }
+  lsm::block_reduce(v, red, lsm::MaxOp());
+  const double mk = v[0];
+  double sk[1] = {0.0};
+  for (long long j = threadIdx.x; j < kc; j += LSM_BLOCK) sk[0] += exp(lsm::to_double<F>(zr[j]) - mk);
+  lsm::block_reduce(sk, red, lsm::SumOp());
+  if (threadIdx.x == 0) {
+    double m = mk, s = sk[0];
+    if (!first) {
+      const double m0 = run_m[i], s0 = run_s[i];
+      m = m0 > mk ? m0 : mk;
+      s = s0 * exp(m0 - m) + s * exp(mk - m);
+    }
+    run_m[i] = m;
+    run_s[i] = s;
+    lse[i] = m + log(s);
+  }
+}
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_loss_chunk_grad(typename F::Storage* __restrict__ z, const L* __restrict__ label,
+                        const double* __restrict__ target, const double* __restrict__ lse,
+                        const double* __restrict__ weight, double* __restrict__ gvec, long long r0, long long k0,
+                        long long kc, long long c, long long has_target) {
+  const long long i = r0 + blockIdx.x;
+  typename F::Storage* zr = z + (long long)blockIdx.x * kc;
+  const long long col = lsm::chunk_target(label, i, c, k0, kc);
+  const double wi = weight[i], li = lse[i];
+  for (long long j = threadIdx.x; j < kc; j += LSM_BLOCK) {
+    // the target as lsm_loss_chunk_lse saw it: rounded to the dtype
+    const double zj = (j == col && has_target) ? lsm::to_double<F>(lsm::from_double<F>(target[i]))
+                                               : lsm::to_double<F>(zr[j]);
+    double gj = wi * exp(zj - li);
+    if (j == col) gj -= wi;
+    const typename F::Storage q = lsm::from_double<F>(gj);
+    zr[j] = q;
+    if (j == col) gvec[i] = lsm::to_double<F>(q);
+  }
+}
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_loss_margin_rows(const double* __restrict__ gvec, const typename F::Storage* __restrict__ x,
+                         const typename F::Storage* __restrict__ w, const L* __restrict__ label,
+                         typename F::Storage* __restrict__ grad_x, double* __restrict__ coef,
+                         lsm::u32* __restrict__ classes, long long n, long long c, long long d, long long margin,
+                         double beta, const double* __restrict__ thresholds, lsm::u64* err_key,
+                         lsm::u64 err_rec, long long serial) {
+  lsm::backward_rows<F, L, true>(nullptr, gvec, x, w, label, grad_x, coef, classes, n, c, d, margin, beta,
+                                 thresholds, err_key, err_rec, serial, lsm::OP_BACKWARD);
+}
+
+// Element-wise helpers of the fused cross-entropy, so that CuPy never runs its own
+// float16/bfloat16 kernels (they would need CUDA's fp16/bf16 headers): dst += src (the
+// chunks' GEMM results, added in float64 and rounded once) and float64 -> the dtype (the loss).
+template <typename F>
+__global__ void LSM_BOUNDS
+    lsm_accumulate(typename F::Storage* __restrict__ dst, const typename F::Storage* __restrict__ src,
+                   long long count) {
+  const long long k = (long long)blockIdx.x * LSM_BLOCK + threadIdx.x;
+  if (k < count) dst[k] = lsm::from_double<F>(lsm::to_double<F>(dst[k]) + lsm::to_double<F>(src[k]));
+}
+
+template <typename F>
+__global__ void LSM_BOUNDS
+    lsm_from_f64(const double* __restrict__ src, typename F::Storage* __restrict__ dst, long long count) {
+  const long long k = (long long)blockIdx.x * LSM_BLOCK + threadIdx.x;
+  if (k < count) dst[k] = lsm::from_double<F>(src[k]);
 }

@@ -217,10 +217,9 @@ def add_margin_grad(
 
 def _loss_backend(**arrays: Any) -> ModuleType:
     if _backend(**arrays).__name__.endswith("_cupy_backend"):
-        raise NotImplementedError(
-            "the fused cross-entropy takes NumPy arrays only so far (the CUDA kernels for it are "
-            "not written yet); on CuPy use forward() and a log-softmax"
-        )
+        from . import _cupy_loss
+
+        return _cupy_loss
     from . import _numpy_loss
 
     return _numpy_loss

@@ -10,6 +10,9 @@ backward: grad_x = G @ w and grad_w = G.T @ x (cuBLAS), then ``lsm_backward_rows
           q_i to grad_x[i] and stores per-sample coefficients, and ``lsm_backward_classes``
           adds the per-class sums of r_i to grad_w.  Two GEMMs + O(N·D) work, no O(N·C·D).
 margin 1: the GEMMs alone (psi(c) = c), plus a label check.
+The fused cross-entropy (``lsoftmax_core.cross_entropy`` and its gradients on CuPy arrays)
+is lsoftmax_core/_cupy_loss.py: cuBLAS GEMMs per chunk and the loss kernels, sharing this
+module's device state (bad-label record, workspaces, serial numbers).
 
 Numerics.  Per-sample statistics (norms, cos, psi) use float64 for float32 and float64
 inputs and float32 for float16/bfloat16 inputs; the corrections are combined with the

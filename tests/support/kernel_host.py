@@ -3,7 +3,8 @@
 * ``build_math``: tests/support/host_shim.cpp over kernels/lsoftmax_math.cuh (the scalar maths).
 * ``build_emulator``: kernels/lsoftmax.cu itself, every instantiation the backend names,
   run by the fiber emulator in tests/support/cuda_emulator.hpp.
-* ``EmuBackend``: forward/backward as lsoftmax_core/_cupy_backend.py runs them: same
+* ``EmuBackend``: forward/backward as lsoftmax_core/_cupy_backend.py runs them, and the fused
+  cross-entropy as lsoftmax_core/_cupy_loss.py runs it (its ``LossDriver``, unchanged): same
   validation, and the same launch plan and argument binding (``_cupy_plan.bind_forward`` /
   ``bind_backward``, executed by ``Call.run``), with NumPy arrays and GEMMs in place of
   CuPy and cuBLAS and the emulator in place of the GPU.
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from lsoftmax_core import _cupy_plan as plan
+from lsoftmax_core._cupy_loss import LossDriver
 from lsoftmax_core.checks import check_arrays
 
 from support.reference import backward as ref_backward
@@ -320,3 +322,33 @@ class EmuBackend:
         )  # fmt: skip
         call.run(self._launch, self._zero)
         return grad_x, grad_w
+
+    # ------------------------------------------------------------ the fused cross-entropy
+
+    @staticmethod
+    def _gemm_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        out[...] = a.astype(np.float64) @ b.astype(np.float64)  # rounded once to out's dtype
+        return out
+
+    def _run(self, call: plan.Call) -> None:
+        call.run(self._launch, self._zero)
+
+    def loss_driver(self) -> LossDriver:
+        """_cupy_loss's driver with NumPy, the cuBLAS stand-in and the emulated kernels."""
+        return LossDriver(np, self._gemm_into, self._run, self.bufs, self._next_serial, self._workspace, DTYPES)
+
+    def cross_entropy(self, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any) -> Any:
+        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+        return self.loss_driver().cross_entropy(x, w, label, **kwargs)
+
+    def cross_entropy_backward(
+        self, grad_loss: Any, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+        return self.loss_driver().cross_entropy_backward(grad_loss, x, w, label, **kwargs)
+
+    def cross_entropy_with_grad(
+        self, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any
+    ) -> tuple[Any, np.ndarray, np.ndarray]:
+        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+        return self.loss_driver().cross_entropy_with_grad(x, w, label, **kwargs)
