@@ -5,14 +5,19 @@ reduction and dtype; deterministic; bad labels skipped and recorded, ignore_inde
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from core.test_cross_entropy import CHUNKINGS, IGNORE, _assert_rel, _problem, ref_grads, ref_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lsoftmax_core as lsm
 from lsoftmax_core import _cupy_plan as plan
 
 from support.kernel_host import BFLOAT16, EmuBackend, build_emulator
+from support.strategies import problems
 from support.tolerances import TOLERANCES, logit_scale
 
 
@@ -252,3 +257,28 @@ def test_loss_plan_steps() -> None:
         margin_steps = call.margin(lambda a, b: (np.zeros(a), np.zeros(b, np.uint32))).steps
         names = [s.name.split("<")[0] if isinstance(s, plan.Launch) else "zero" for s in margin_steps]
         assert names == ([] if margin == 1 else ["zero", "lsm_loss_margin_rows", "lsm_backward_classes"])
+
+
+@settings(max_examples=30)
+@given(problems(), st.sampled_from(["mean", "sum", "none"]), st.sampled_from(CHUNKINGS))
+def test_property_equals_the_reference(emu, p, reduction, chunk) -> None:
+    x, w, label, margin, beta = p
+    chunking, size = chunk
+    kw = dict(margin=margin, beta=beta, reduction=reduction, chunking=chunking, chunk_size=size)
+    be = EmuBackend(emu)
+    loss = be.cross_entropy(x, w, label, **kw)
+    expected = ref_loss(x, w, label, margin=margin, beta=beta, reduction=reduction)
+    scale = logit_scale(x, w, margin).max(initial=0.0) + 1.0
+    assert np.all(np.abs(np.asarray(loss) - expected) <= 1e-11 * scale)
+    np.testing.assert_allclose(loss, lsm.cross_entropy(x, w, label, **kw), rtol=1e-12, atol=1e-12 * scale)
+    grads = be.cross_entropy_backward(np.ones(len(label)) if reduction == "none" else 1.0, x, w, label, **kw)
+    want = lsm.cross_entropy_backward(np.ones(len(label)) if reduction == "none" else 1.0, x, w, label, **kw)
+    for a, b in zip(grads, want):
+        _assert_rel(a, b, 1e-10)
+
+
+def test_cupy_arrays_dispatch_to_the_cupy_loss(monkeypatch) -> None:
+    import lsoftmax_core._cupy_loss as cupy_loss
+
+    monkeypatch.setattr(lsm, "_backend", lambda **arrays: types.SimpleNamespace(__name__="lsoftmax_core._cupy_backend"))
+    assert lsm._loss_backend(x=None, w=None, label=None) is cupy_loss
