@@ -12,54 +12,9 @@ from hypothesis import strategies as st
 
 import lsoftmax_core as lsm
 
-from support import reference
+from support.loss_reference import CHUNKINGS, IGNORE, assert_rel, problem, ref_grads, ref_loss
 from support.strategies import problems
 from support.tolerances import TOLERANCES, logit_scale
-
-IGNORE = -100
-CHUNKINGS = [("rows", 1), ("rows", 7), ("rows", 10_000), ("classes", 1), ("classes", 7), ("classes", 10_000)]
-
-
-def ref_loss(x, w, label, *, margin, beta, reduction="mean", ignore_index=IGNORE):
-    """float64 loss from the acos-based reference logits."""
-    valid = label != ignore_index
-    lab = np.where(valid, label, 0)
-    f = reference.forward(x, w, lab, margin=margin, beta=beta)
-    m = f.max(axis=1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(f - m).sum(axis=1))
-    per_row = np.where(valid, lse - f[np.arange(len(lab)), lab], 0.0)
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    return total / valid.sum() if reduction == "mean" and valid.any() else (0.0 if reduction == "mean" else total)
-
-
-def ref_grads(grad_loss, x, w, label, *, margin, beta, reduction="mean", ignore_index=IGNORE):
-    valid = label != ignore_index
-    lab = np.where(valid, label, 0)
-    f = reference.forward(x, w, lab, margin=margin, beta=beta)
-    e = np.exp(f - f.max(axis=1, keepdims=True))
-    g = e / e.sum(axis=1, keepdims=True)
-    g[np.arange(len(lab)), lab] -= 1.0
-    weight = valid * (np.asarray(grad_loss, dtype=float) if reduction == "none" else float(grad_loss))
-    if reduction == "mean":
-        weight = weight / max(int(valid.sum()), 1)
-    return reference.backward(g * weight[:, None], x, w, lab, margin=margin, beta=beta)
-
-
-def _problem(rng, n, c, d, scale=1.0, ignored=0.2):
-    x = rng.standard_normal((n, d)) * scale
-    w = rng.standard_normal((c, d))
-    label = rng.integers(0, c, n)
-    label[rng.random(n) < ignored] = IGNORE
-    return x, w, label
-
-
-def _assert_rel(actual, expected, rtol, what=""):
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0)) / scale
-    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.3g}"
 
 
 @pytest.mark.parametrize("margin", [1, 2, 3, 4, 6])
@@ -67,40 +22,40 @@ def _assert_rel(actual, expected, rtol, what=""):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_equals_the_unfused_loss_and_gradients_in_float64(margin, beta, reduction) -> None:
     rng = np.random.default_rng(margin * 100 + int(beta))
-    x, w, label = _problem(rng, 13, 9, 5, scale=3.0)
+    x, w, label = problem(rng, 13, 9, 5, scale=3.0)
     label[:3] = label[3]  # duplicate labels
     grad_loss = rng.standard_normal(13) if reduction == "none" else np.float64(rng.standard_normal())
     expected = ref_loss(x, w, label, margin=margin, beta=beta, reduction=reduction)
     ex, ew = ref_grads(grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction)
     for chunking, size in CHUNKINGS:
         kw = dict(margin=margin, beta=beta, reduction=reduction, chunking=chunking, chunk_size=size)
-        _assert_rel(lsm.cross_entropy(x, w, label, **kw), expected, 1e-10, f"loss {chunking} {size}")
+        assert_rel(lsm.cross_entropy(x, w, label, **kw), expected, 1e-10, f"loss {chunking} {size}")
         gx, gw = lsm.cross_entropy_backward(grad_loss, x, w, label, **kw)
-        _assert_rel(gx, ex, 1e-10, f"grad_x {chunking} {size}")
-        _assert_rel(gw, ew, 1e-10, f"grad_w {chunking} {size}")
+        assert_rel(gx, ex, 1e-10, f"grad_x {chunking} {size}")
+        assert_rel(gw, ew, 1e-10, f"grad_w {chunking} {size}")
         if reduction != "none":
             loss, gx1, gw1 = lsm.cross_entropy_with_grad(x, w, label, **kw)
-            _assert_rel(loss, expected, 1e-10, "with_grad loss")
-            _assert_rel(gx1 * grad_loss, ex, 1e-10, "with_grad grad_x")
-            _assert_rel(gw1 * grad_loss, ew, 1e-10, "with_grad grad_w")
+            assert_rel(loss, expected, 1e-10, "with_grad loss")
+            assert_rel(gx1 * grad_loss, ex, 1e-10, "with_grad grad_x")
+            assert_rel(gw1 * grad_loss, ew, 1e-10, "with_grad grad_w")
 
 
 def test_chunk_sizes_agree_to_1e12_in_float64() -> None:
     rng = np.random.default_rng(7)
-    x, w, label = _problem(rng, 23, 17, 6)
+    x, w, label = problem(rng, 23, 17, 6)
     results = [
         lsm.cross_entropy_with_grad(x, w, label, margin=4, beta=1.0, chunking=ch, chunk_size=size)
         for ch, size in CHUNKINGS
     ]
     for loss, gx, gw in results[1:]:
-        _assert_rel(loss, results[0][0], 1e-12)
-        _assert_rel(gx, results[0][1], 1e-12)
-        _assert_rel(gw, results[0][2], 1e-12)
+        assert_rel(loss, results[0][0], 1e-12)
+        assert_rel(gx, results[0][1], 1e-12)
+        assert_rel(gw, results[0][2], 1e-12)
 
 
 def test_matches_forward_plus_log_softmax_of_the_same_backend() -> None:
     rng = np.random.default_rng(3)
-    x, w, label = _problem(rng, 8, 5, 4, ignored=0.0)
+    x, w, label = problem(rng, 8, 5, 4, ignored=0.0)
     f = lsm.forward(x, w, label, margin=3, beta=2.0)
     lse = np.log(np.exp(f - f.max(1, keepdims=True)).sum(1)) + f.max(1)
     per_row = lse - f[np.arange(8), label]
@@ -113,7 +68,7 @@ def test_matches_forward_plus_log_softmax_of_the_same_backend() -> None:
 @pytest.mark.parametrize(("n", "c"), [(1, 1), (1, 6), (6, 1), (0, 3)])
 def test_one_sample_one_class_and_an_empty_batch(n, c) -> None:
     rng = np.random.default_rng(n * 10 + c)
-    x, w, label = _problem(rng, n, c, 3, ignored=0.0)
+    x, w, label = problem(rng, n, c, 3, ignored=0.0)
     for reduction in ("mean", "sum", "none"):
         loss = lsm.cross_entropy(x, w, label, margin=3, beta=0.5, reduction=reduction)
         np.testing.assert_allclose(loss, ref_loss(x, w, label, margin=3, beta=0.5, reduction=reduction), atol=1e-12)
@@ -135,15 +90,15 @@ def test_angles_on_the_branch_points_of_psi() -> None:
     ex, ew = ref_grads(1.0, x, w, label, margin=m, beta=0.0, reduction="sum")
     for chunking, size in CHUNKINGS:
         kw = dict(margin=m, beta=0.0, reduction="sum", chunking=chunking, chunk_size=size)
-        _assert_rel(lsm.cross_entropy(x, w, label, **kw), expected, 1e-10)
+        assert_rel(lsm.cross_entropy(x, w, label, **kw), expected, 1e-10)
         gx, gw = lsm.cross_entropy_backward(np.float64(1.0), x, w, label, **kw)
-        _assert_rel(gx, ex, 1e-9)
-        _assert_rel(gw, ew, 1e-9)
+        assert_rel(gx, ex, 1e-9)
+        assert_rel(gw, ew, 1e-9)
 
 
 def test_ignored_rows_get_no_margin_and_no_gradient_and_mean_counts_the_others() -> None:
     rng = np.random.default_rng(11)
-    x, w, label = _problem(rng, 6, 4, 3, ignored=0.0)
+    x, w, label = problem(rng, 6, 4, 3, ignored=0.0)
     label[[1, 4]] = IGNORE
     keep = label != IGNORE
     loss = lsm.cross_entropy(x, w, label, margin=2, beta=1.0)
@@ -174,7 +129,7 @@ def test_an_all_ignored_batch_gives_zero_not_nan() -> None:
 @pytest.mark.parametrize("scale", [1e4, 1e8])
 def test_huge_logits_give_finite_losses_and_gradients(dtype, scale) -> None:
     rng = np.random.default_rng(5)
-    x, w, label = _problem(rng, 9, 6, 4, ignored=0.0)
+    x, w, label = problem(rng, 9, 6, 4, ignored=0.0)
     x, w = (x * scale).astype(dtype), w.astype(dtype)  # logits of about +-scale
     for chunking, size in CHUNKINGS:
         kw = dict(margin=4, beta=0.0, chunking=chunking, chunk_size=size)
@@ -197,7 +152,7 @@ def test_zero_rows_and_extreme_norms_stay_finite() -> None:
 @pytest.mark.parametrize("dtype", ["float32"])
 def test_float32_within_the_tolerance_table(dtype) -> None:
     rng = np.random.default_rng(2)
-    x, w, label = _problem(rng, 64, 50, 16)
+    x, w, label = problem(rng, 64, 50, 16)
     x32, w32 = x.astype(dtype), w.astype(dtype)
     tol = TOLERANCES[dtype]
     for chunking, size in [("rows", 16), ("classes", 16)]:
@@ -212,7 +167,7 @@ def test_float32_within_the_tolerance_table(dtype) -> None:
 
 def test_deterministic_bit_for_bit() -> None:
     rng = np.random.default_rng(9)
-    x, w, label = _problem(rng, 40, 30, 8)
+    x, w, label = problem(rng, 40, 30, 8)
     label[:10] = 2
     x, w = x.astype(np.float32), w.astype(np.float32)
     for chunking, size in [("rows", 6), ("classes", 6)]:
@@ -236,7 +191,7 @@ def test_property_equals_the_reference(p, reduction, chunk) -> None:
 
 def test_inputs_are_not_modified() -> None:
     rng = np.random.default_rng(4)
-    x, w, label = _problem(rng, 7, 5, 3)
+    x, w, label = problem(rng, 7, 5, 3)
     copies = [a.copy() for a in (x, w, label)]
     for a in (x, w, label):
         a.flags.writeable = False

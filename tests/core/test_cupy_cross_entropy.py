@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from core.test_cross_entropy import CHUNKINGS, IGNORE, _assert_rel, _problem, ref_grads, ref_loss
 
 import lsoftmax_core as lsm
 
+from support.loss_reference import CHUNKINGS, IGNORE, assert_rel, problem, ref_grads, ref_loss
 from support.tolerances import TOLERANCES, logit_scale
 
 cupy = pytest.importorskip("cupy")
@@ -32,7 +32,7 @@ def _host(a):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_equals_the_reference_in_float64(margin, reduction) -> None:
     rng = np.random.default_rng(margin)
-    x, w, label = _problem(rng, 13, 9, 5, scale=3.0)
+    x, w, label = problem(rng, 13, 9, 5, scale=3.0)
     label[:3] = label[3]
     grad_loss = rng.standard_normal(13) if reduction == "none" else np.float64(rng.standard_normal())
     expected = ref_loss(x, w, label, margin=margin, beta=3.0, reduction=reduction)
@@ -43,21 +43,21 @@ def test_equals_the_reference_in_float64(margin, reduction) -> None:
         kw = dict(margin=margin, beta=3.0, reduction=reduction, chunking=chunking, chunk_size=size)
         loss = lsm.cross_entropy(xg, wg, lg, **kw)
         assert isinstance(loss, cupy.ndarray) and loss.dtype == np.float64
-        _assert_rel(_host(loss), expected, 1e-10, f"loss {chunking} {size}")
+        assert_rel(_host(loss), expected, 1e-10, f"loss {chunking} {size}")
         gx, gw = lsm.cross_entropy_backward(gl, xg, wg, lg, **kw)
-        _assert_rel(_host(gx), ex, 1e-10, "grad_x")
-        _assert_rel(_host(gw), ew, 1e-10, "grad_w")
+        assert_rel(_host(gx), ex, 1e-10, "grad_x")
+        assert_rel(_host(gw), ew, 1e-10, "grad_w")
         if reduction != "none":
             loss1, gx1, gw1 = lsm.cross_entropy_with_grad(xg, wg, lg, **kw)
-            _assert_rel(_host(loss1), expected, 1e-10, "with_grad loss")
-            _assert_rel(_host(gx1) * grad_loss, ex, 1e-10, "with_grad grad_x")
-            _assert_rel(_host(gw1) * grad_loss, ew, 1e-10, "with_grad grad_w")
+            assert_rel(_host(loss1), expected, 1e-10, "with_grad loss")
+            assert_rel(_host(gx1) * grad_loss, ex, 1e-10, "with_grad grad_x")
+            assert_rel(_host(gw1) * grad_loss, ew, 1e-10, "with_grad grad_w")
     lsm.check_labels()
 
 
 def test_agrees_with_the_numpy_loss_and_returns_lse() -> None:
     rng = np.random.default_rng(7)
-    x, w, label = _problem(rng, 23, 17, 6)
+    x, w, label = problem(rng, 23, 17, 6)
     want = lsm.cross_entropy_with_grad(x, w, label, margin=4, beta=1.0)
     _, lse_want = lsm.cross_entropy(x, w, label, margin=4, beta=1.0, return_lse=True)
     xg, wg, lg = _gpu(x, w, label)
@@ -65,7 +65,7 @@ def test_agrees_with_the_numpy_loss_and_returns_lse() -> None:
         kw = dict(margin=4, beta=1.0, chunking=chunking, chunk_size=size)
         got = lsm.cross_entropy_with_grad(xg, wg, lg, **kw)
         for a, b in zip(got, want):
-            _assert_rel(_host(a), b, 1e-12)
+            assert_rel(_host(a), b, 1e-12)
         loss, lse = lsm.cross_entropy(xg, wg, lg, return_lse=True, **kw)
         np.testing.assert_allclose(_host(lse), lse_want, rtol=1e-13)
         a = lsm.cross_entropy_backward(cupy.float64(1.0), xg, wg, lg, lse=lse, **kw)
@@ -76,7 +76,7 @@ def test_agrees_with_the_numpy_loss_and_returns_lse() -> None:
 @pytest.mark.parametrize(("n", "c"), [(1, 1), (1, 6), (6, 1), (0, 3)])
 def test_one_sample_one_class_and_an_empty_batch(n, c) -> None:
     rng = np.random.default_rng(n * 10 + c)
-    x, w, label = _problem(rng, n, c, 3, ignored=0.0)
+    x, w, label = problem(rng, n, c, 3, ignored=0.0)
     xg, wg, lg = _gpu(x, w, label)
     for chunking, size in CHUNKINGS:
         kw = dict(margin=3, beta=0.5, chunking=chunking, chunk_size=size)
@@ -92,7 +92,7 @@ def test_one_sample_one_class_and_an_empty_batch(n, c) -> None:
 
 def test_ignored_rows_and_an_all_ignored_batch() -> None:
     rng = np.random.default_rng(11)
-    x, w, label = _problem(rng, 6, 4, 3, ignored=0.0)
+    x, w, label = problem(rng, 6, 4, 3, ignored=0.0)
     label[[1, 4]] = IGNORE
     xg, wg = _gpu(x, w)
     for chunking, size in CHUNKINGS:
@@ -100,13 +100,13 @@ def test_ignored_rows_and_an_all_ignored_batch() -> None:
         want = lsm.cross_entropy_with_grad(x, w, label, **kw)
         got = lsm.cross_entropy_with_grad(xg, wg, cupy.asarray(label), **kw)
         for a, b in zip(got, want):
-            _assert_rel(_host(a), b, 1e-12)
+            assert_rel(_host(a), b, 1e-12)
         every = cupy.full(6, IGNORE)
         loss0, gx0, gw0 = lsm.cross_entropy_with_grad(xg, wg, every, **kw)
         assert float(loss0) == 0.0 and not gx0.any() and not gw0.any()
         got3 = lsm.cross_entropy(xg, wg, cupy.asarray(np.where(label == IGNORE, 3, label)), ignore_index=3, **kw)
         want3 = lsm.cross_entropy(x, w, np.where((label == IGNORE) | (label == 3), IGNORE, label), **kw)
-        _assert_rel(_host(got3), want3, 1e-12)
+        assert_rel(_host(got3), want3, 1e-12)
     lsm.check_labels()
 
 
@@ -114,7 +114,7 @@ def test_ignored_rows_and_an_all_ignored_batch() -> None:
 @pytest.mark.parametrize("chunk", [("rows", 16), ("classes", 16), ("rows", 1000)])
 def test_narrow_dtypes_within_the_tolerance_table(dtype, chunk) -> None:
     rng = np.random.default_rng(2)
-    x, w, label = _problem(rng, 40, 30, 16)
+    x, w, label = problem(rng, 40, 30, 16)
     xd, wd = x.astype(dtype), w.astype(dtype)
     xf, wf = xd.astype(float), wd.astype(float)
     chunking, size = chunk
@@ -131,14 +131,14 @@ def test_narrow_dtypes_within_the_tolerance_table(dtype, chunk) -> None:
     ex, ew = ref_grads(1.0, xf, wf, label, margin=4, beta=1.0)
     # cuBLAS accumulates 16-bit GEMMs in float32 (the emulator's stand-in in float64).
     rtol = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}[np.dtype(dtype).name]
-    _assert_rel(cupy.asnumpy(gx).astype(np.float64), ex, rtol, "grad_x")
-    _assert_rel(cupy.asnumpy(gw).astype(np.float64), ew, rtol, "grad_w")
+    assert_rel(cupy.asnumpy(gx).astype(np.float64), ex, rtol, "grad_x")
+    assert_rel(cupy.asnumpy(gw).astype(np.float64), ew, rtol, "grad_w")
 
 
 @pytest.mark.parametrize("chunk", [("rows", 6), ("classes", 6)])
 def test_deterministic_bit_for_bit(chunk) -> None:
     rng = np.random.default_rng(9)
-    x, w, label = _problem(rng, 400, 300, 80)
+    x, w, label = problem(rng, 400, 300, 80)
     label[:100] = 2
     xg, wg, lg = _gpu(x.astype(np.float32), w.astype(np.float32), label)
     chunking, size = chunk
@@ -151,7 +151,7 @@ def test_deterministic_bit_for_bit(chunk) -> None:
 @pytest.mark.parametrize("margin", [1, 3])
 def test_bad_labels_are_reported_by_the_next_call(margin) -> None:
     rng = np.random.default_rng(1)
-    x, w, label = _problem(rng, 6, 4, 3, ignored=0.0)
+    x, w, label = problem(rng, 6, 4, 3, ignored=0.0)
     label[2], label[5] = 4, IGNORE
     xg, wg, lg = _gpu(x, w, label)
     loss = lsm.cross_entropy(xg, wg, lg, margin=margin, reduction="none")
@@ -172,7 +172,7 @@ def test_close_to_the_emulator_given_the_same_gemms(tmp_path) -> None:
         pytest.skip("no C++ compiler")
     be = EmuBackend(build_emulator(tmp_path))
     rng = np.random.default_rng(12)
-    x, w, label = _problem(rng, 20, 11, 7)
+    x, w, label = problem(rng, 20, 11, 7)
     lg = cupy.asarray(label)
     # Exactly representable GEMMs: integer-valued inputs, so cuBLAS and NumPy agree bitwise.
     x, w = np.round(x * 4), np.round(w * 4)
