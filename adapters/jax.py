@@ -7,8 +7,9 @@ functions: the core's ``forward``/``backward`` (and ``cross_entropy``,
 ``cross_entropy_with_grad``, ``cross_entropy_backward``) run inside an XLA callback and
 ``jax.custom_vjp`` wires the backward into JAX's reverse mode.  This module adds no maths
 of its own: it checks the arguments, hands XLA's buffers to the core and says which
-backend runs them.  The fused loss runs on the CPU only so far (the core has no CUDA
-fused cross-entropy yet): on CUDA it raises NotImplementedError.
+backend runs them.  Both functions run on the CPU and on CUDA (the fused loss's CUDA path
+is the core's CuPy cross-entropy, through the same callback as the logits; not yet
+measured on a GPU).
 
 Execution.  Both devices go through ``jax.experimental.buffer_callback``, which hands
 the callback XLA's own buffers:
@@ -26,7 +27,8 @@ the callback XLA's own buffers:
 The logits and their gradients are written straight into XLA's output buffers, never
 copied: the core's ``forward``/``backward`` take them as ``out=``.  The fused loss's
 results (a loss, O(N) values, and gradients the size of x and w) are copied into them
-once, since the core's cross-entropy allocates its own.  Other platforms (TPU, ROCm) are not
+once (on CUDA a device copy on XLA's stream), since the core's cross-entropy allocates its
+own; a 0-d loss is written into XLA's 0-d buffer.  Other platforms (TPU, ROCm) are not
 supported: buffer_callback does not lower on TPU, and the CUDA kernels are CUDA-only.
 On CUDA, CuPy allocates the backend's temporaries and results from its own memory pool,
 next to XLA's: if XLA preallocates most of the GPU (its default), set
@@ -101,10 +103,6 @@ _Callback = Callable[..., None]
 _Options = tuple[tuple[str, Any], ...]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_CUDA_LOSS = (
-    "lsoftmax_cross_entropy runs on the CPU only so far: the core has no CUDA fused "
-    "cross-entropy yet; on CUDA use jax.nn.log_softmax over lsoftmax()'s logits"
-)
 
 
 def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) -> jax.Array:
@@ -159,9 +157,9 @@ def lsoftmax_cross_entropy(
     ``vmap``).  Without differentiation one pass computes the loss; under ``jax.grad`` with
     "mean"/"sum" that pass also forms the gradients, which the backward only scales (three
     GEMMs in all, no recomputation); with "none" the backward is a second pass that reuses
-    the forward's per-row log-sum-exp.  Errors as for :func:`lsoftmax`.  CPU only so far:
-    on CUDA a NotImplementedError (at the call when the arrays or, under ``jit``,
-    ``jax.default_backend()`` say CUDA; else when the computation runs).
+    the forward's per-row log-sum-exp.  Errors as for :func:`lsoftmax`.  CPU and CUDA: on
+    CUDA the core's CuPy cross-entropy runs on XLA's stream, as :func:`lsoftmax` does (not
+    yet measured on a GPU).
 
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from lsoftmax_core.adapters.jax import lsoftmax, lsoftmax_cross_entropy
@@ -180,10 +178,7 @@ def lsoftmax_cross_entropy(
     if not (isinstance(reduction, str) and reduction in _REDUCTIONS):
         raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
-    platform = _platform(x, w)
-    if platform in ("gpu", "cuda"):
-        raise NotImplementedError(_CUDA_LOSS)
-    a = _prepare(x, w, label, margin, beta, platform, ignore)
+    a = _prepare(x, w, label, margin, beta, _platform(x, w), ignore)
     options = (("reduction", reduction), ("ignore_index", ignore))
     return _cross_entropy(a.x, a.w, a.label, a.beta, a.margin, a.bits, options)  # type: ignore[no-any-return]
 
@@ -417,8 +412,6 @@ def _callback(kind: str, margin: int, bits: bool, options: _Options) -> _Callbac
         if device_type == _DL_CPU:
             _run_numpy(kind, margin, bits, options, outs, operands)
         elif device_type == _DL_CUDA:
-            if kind.startswith("loss"):
-                raise NotImplementedError(_CUDA_LOSS)
             _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands)
         else:
             raise NotImplementedError(
@@ -430,10 +423,11 @@ def _callback(kind: str, margin: int, bits: bool, options: _Options) -> _Callbac
 
 
 def _core_call(
-    kind: str, margin: int, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float
+    kind: str, margin: int, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
 ) -> None:
-    """The core's ``kind`` of call, its results in ``outs`` (XLA's result buffers): written
-    there by forward/backward (``out=``), copied there from the fused loss's own arrays."""
+    """The core's ``kind`` of call, its results in ``outs`` (XLA's result buffers, views of
+    the array module ``xp``: NumPy or CuPy): written there by forward/backward (``out=``),
+    copied there from the fused loss's own arrays (the float64 lse as its uint32 words)."""
     kw: dict[str, Any] = dict(options, margin=margin, beta=beta)
     if kind == "forward":
         core.forward(*arrays, out=outs[0], **kw)
@@ -448,12 +442,24 @@ def _core_call(
         results = core.cross_entropy_with_grad(*arrays, **kw)
     elif kind == "loss_lse":
         loss, lse = core.cross_entropy(*arrays, return_lse=True, **kw)
-        results = (loss, np.ascontiguousarray(lse, dtype=np.float64).view(np.uint32).reshape(-1, 2))
+        results = (loss, xp.ascontiguousarray(lse, dtype=np.float64).view(np.uint32).reshape(-1, 2))
     else:  # "loss_backward"
         *args, lse_bits = arrays
         results = core.cross_entropy_backward(*args, lse=lse_bits.view(np.float64).reshape(-1), **kw)
     for o, r in zip(outs, results):
-        o[...] = r
+        _copy_into(o, r, xp)
+
+
+def _copy_into(out: Any, result: Any, xp: Any) -> None:
+    """``out[...] = result``; on CUDA, when both are C-contiguous of one shape and dtype (the
+    core's results are), a device-to-device copy on the current stream (XLA's), which also
+    serves dtypes whose CuPy copy kernels need CUDA's headers (bfloat16)."""
+    same = xp is not np and out.dtype == result.dtype and out.shape == result.shape
+    if same and out.flags.c_contiguous and result.flags.c_contiguous:
+        if result.nbytes:
+            out.data.copy_from_device_async(result.data, result.nbytes)
+        return
+    out[...] = result
 
 
 def _host_view(buf: Any) -> np.ndarray[Any, Any]:
@@ -467,7 +473,7 @@ def _run_numpy(
 ) -> None:
     *arrays, beta = (_host_view(b) for b in operands)
     # The result buffers are XLA's, handed to us to fill: writeable views, no copy.
-    _core_call(kind, margin, options, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits))
+    _core_call(kind, margin, options, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits), np)
 
 
 class _XlaStream:
@@ -521,4 +527,4 @@ def _run_cupy(
         with stream:
             *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
             beta = _beta_value(beta_dev.get(), bits)  # waits for the stream: the backend wants a host float
-            _core_call(kind, margin, options, tuple(_device_view(cupy, b) for b in outs), arrays, beta)
+            _core_call(kind, margin, options, tuple(_device_view(cupy, b) for b in outs), arrays, beta, cupy)

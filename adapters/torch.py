@@ -40,9 +40,13 @@ Gradients are first order (the backward operator has no derivative of its own).
 
 The fused loss (:func:`lsoftmax_cross_entropy`, :class:`LSoftmaxLoss`) is the core's
 :func:`lsoftmax_core.cross_entropy` behind three more custom operators, with the same
-beta, autocast and checking rules; it never holds the (N, C) logits.  Its GEMMs run in
-NumPy (the core walks the logits in chunks), and it runs on the CPU only so far: the core
-has no CUDA kernels for it yet, and CUDA tensors raise NotImplementedError.
+beta, autocast and checking rules; it never holds the (N, C) logits.  On the CPU its GEMMs
+run in NumPy (the core walks the logits in chunks); on CUDA it goes through the same bridge
+as the logits (the CuPy backend's cuBLAS GEMMs per chunk and kernels, on PyTorch's current
+stream, allocating from PyTorch's caching allocator; the loss, the float64 per-row
+log-sum-exp kept for the backward and the gradients come back as CUDA tensors through
+DLPack, a 0-d loss as a 0-d tensor, without a host synchronisation).  The CUDA path has
+not yet been run on a GPU.
 
 >>> import torch
 >>> from lsoftmax_core.adapters.torch import lsoftmax
@@ -368,15 +372,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 _CORE_NAMES = ((re.compile(r"\blabel\b"), "target"), (re.compile(r"\bw\b"), "weight"))
 
 
-def _cpu_only(x: Tensor) -> None:
-    if x.device.type != "cpu":
-        raise NotImplementedError(
-            f"lsoftmax_cross_entropy runs on the CPU only so far (x.device={x.device}): the core has no "
-            "CUDA kernels for the fused loss yet. On CUDA use F.cross_entropy(lsoftmax(x, weight, target, "
-            "...), target), which holds the (N, C) logits (its targets must lie in [0, C))"
-        )
-
-
 @contextmanager
 def _loss_errors_name_arguments(x: Tensor, weight: Tensor) -> Iterator[None]:
     """The core's argument errors with the loss's argument names (target, weight)."""
@@ -393,11 +388,21 @@ def _loss_errors_name_arguments(x: Tensor, weight: Tensor) -> Iterator[None]:
         raise type(e)(message) from None
 
 
-def _run_loss(fn: Callable[..., Any], x: Tensor, weight: Tensor, target: Tensor, **first: Tensor) -> list[Tensor]:
-    """``fn(*first, x, weight, target)`` on NumPy views (CPU only); the core checks once."""
-    _cpu_only(x)
+def _run_loss(
+    fn: Callable[..., Any], x: Tensor, weight: Tensor, target: Tensor, *, first: Tensor | None = None,
+    last: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """``fn(first, x, weight, target, last)`` (``first``/``last`` when given: grad_loss and
+    lse) through :func:`_run`, as the logits do: NumPy views on the CPU, CuPy views on
+    torch's stream with torch's allocator on CUDA, results back as tensors (a 0-d loss as
+    a 0-d tensor).  The core checks the arguments once."""
+    named = {"x": x, "weight": weight, "target": target}
+    if first is not None:
+        named = {"grad_loss": first, **named}
+    if last is not None:
+        named["lse"] = last
     with _loss_errors_name_arguments(x, weight):
-        return _run(fn, **first, x=x, weight=weight, target=target)
+        return _run(fn, **named)
 
 
 def _loss_kwargs(margin: int, beta: Tensor, reduction: str, ignore_index: int) -> dict[str, Any]:
@@ -464,12 +469,12 @@ def _loss_backward_op(
     lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
 ) -> tuple[Tensor, Tensor]:
     kw = _loss_kwargs(margin, beta, reduction, ignore_index)
-    lse_view = None if lse is None else _as_numpy("lse", lse)
 
-    def call(ga: Any, xa: Any, wa: Any, ta: Any) -> Any:
+    def call(ga: Any, xa: Any, wa: Any, ta: Any, lse_view: Any = None) -> Any:
         return _core.cross_entropy_backward(ga, xa, wa, ta, lse=lse_view, **kw)
 
-    grad_x, grad_w = _run_loss(call, x, weight, target, grad_loss=grad_loss)
+    # grad_loss may be an expanded (stride-0) cotangent: N values, made dense for the views.
+    grad_x, grad_w = _run_loss(call, x, weight, target, first=grad_loss.contiguous(), last=lse)
     return grad_x, grad_w
 
 
@@ -563,9 +568,9 @@ def lsoftmax_cross_entropy(
     requiring grad) the forward computes the loss and both gradients in one pass
     (:func:`lsoftmax_core.cross_entropy_with_grad`) and keeps the gradients, which the
     backward only scales; otherwise, and for "none", the forward computes the loss only
-    and the backward walks the chunks again.  CPU only for now: CUDA tensors raise
-    NotImplementedError (the core has no CUDA kernels for the fused loss yet; there use
-    ``F.cross_entropy(lsoftmax(...), target)``).  Arguments are checked once, before
+    and the backward walks the chunks again.  CPU and CUDA tensors: on CUDA the core's
+    CuPy backend runs on PyTorch's current stream with PyTorch's allocator, as for
+    :func:`lsoftmax` (not yet measured on a GPU).  Arguments are checked once, before
     anything is computed; errors are ValueError/TypeError naming the argument.
 
     >>> import torch
@@ -782,7 +787,7 @@ class LSoftmaxLoss(_AnnealedHead):
     :func:`lsoftmax_cross_entropy` of the features ``x`` (N, in_features) against the
     module's ``weight`` (num_classes, in_features) at the current beta, never holding the
     (N, C) logits.  The same in training and eval mode (a loss; for predictions use
-    :meth:`logits`).  CPU only for now (see :func:`lsoftmax_cross_entropy`).
+    :meth:`logits`).  CPU and CUDA, as :func:`lsoftmax_cross_entropy`.
 
     beta follows ``schedule`` exactly as in :class:`LSoftmaxLinear`: :meth:`step` once per
     optimizer step, ``iteration`` and ``beta``, both saved in ``state_dict`` with the

@@ -3,6 +3,7 @@ unfused JAX composition, under eager, jit, grad and vmap."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -384,17 +385,140 @@ def test_numpy_int64_labels_and_an_ignore_index_beyond_int32():
     )
 
 
-@pytest.mark.gpu
-def test_gpu_raises_not_implemented():
+# ---------------------------------------------------------------------------------------
+# GPU (CUDA): the core's CuPy cross-entropy on XLA's buffers and stream, through the same
+# callback as lsoftmax.  Skipped without a device (never run here).
+
+
+def _jax_gpu():
     try:
-        gpu = jax.devices("gpu")[0]
+        return jax.devices("gpu")[0]
     except RuntimeError:
         pytest.skip("JAX has no CUDA backend here (install jax[cuda12])")
-    x = jax.device_put(jnp.ones((5, 4)), gpu)
-    w = jax.device_put(jnp.ones((3, 4)), gpu)
-    label = jax.device_put(jnp.zeros(5, jnp.int32), gpu)
-    with pytest.raises(NotImplementedError, match="CPU only so far"):
-        lsoftmax_cross_entropy(x, w, label)
-    if jax.default_backend() == "gpu":
-        with pytest.raises(NotImplementedError, match="CPU only so far"):
-            jax.jit(lambda x, w: lsoftmax_cross_entropy(x, w, label)).trace(x, w)
+
+
+def _on_gpu(item):
+    return next(iter(item.devices())).platform in ("gpu", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("margin,beta", [(1, 0.0), (2, 0.0), (4, 2.5), (6, 1000.0)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_gpu_float64_equals_the_unfused_composition(margin, beta, reduction, jit):
+    """On CUDA, fused = log_softmax over lsoftmax's logits to 1e-10, loss and VJP, with
+    ignored rows and duplicate labels; eagerly with a Python beta, under jit a traced one."""
+    dev = _jax_gpu()
+    rng = np.random.default_rng(margin * 10 + REDUCTIONS.index(reduction))
+    with jax.enable_x64(True):
+        x, w, label = (jax.device_put(a, dev) for a in _problem(rng, 33, 17, 9, scale=3.0))
+        cot = jax.device_put(jnp.asarray(_cotangent(rng, 33, reduction)), dev)
+        kept = label != IGNORE
+        target = jnp.where(kept, label, 0)
+
+        def unfused(x, w, beta):
+            logp = jax.nn.log_softmax(lsoftmax(x, w, target, margin=margin, beta=beta))
+            per_row = jnp.where(kept, -jnp.take_along_axis(logp, target[:, None], axis=1)[:, 0], 0.0)
+            return {"mean": per_row.sum() / kept.sum(), "sum": per_row.sum(), "none": per_row}[reduction]
+
+        def fused(x, w, beta):
+            return lsoftmax_cross_entropy(x, w, label, margin=margin, beta=beta, reduction=reduction)
+
+        def loss_and_vjp(f, beta):
+            def run(x, w, beta):
+                loss, vjp = jax.vjp(lambda x, w: f(x, w, beta), x, w)
+                return (loss, *vjp(cot))
+
+            if jit:
+                return jax.jit(run)(x, w, jax.device_put(jnp.float64(beta), dev))
+            return run(x, w, beta)
+
+        got, want = loss_and_vjp(fused, beta), loss_and_vjp(unfused, beta)
+        assert got[0].shape == ((33,) if reduction == "none" else ())
+        for name, a, b in zip(("loss", "grad_x", "grad_w"), got, want):
+            assert a.dtype == jnp.float64 and _on_gpu(a), name
+            _assert_rel(a, b, 1e-10, f"{name} m={margin} beta={beta} {reduction} jit={jit}")
+        assert not np.asarray(got[1])[~np.asarray(kept)].any()  # no gradient for an ignored row
+        # Without differentiation: the loss-only call.
+        alone = jax.jit(fused)(x, w, beta) if jit else fused(x, w, beta)
+        _assert_rel(alone, got[0], 1e-12, "loss alone")
+        # And the host reference.
+        expected, _ = _expected(
+            np.asarray(x), np.asarray(w), np.asarray(label), np.asarray(cot), margin=margin, beta=beta,
+            reduction=reduction,
+        )  # fmt: skip
+        for name, a, b in zip(("loss", "grad_x", "grad_w"), got, expected):
+            _assert_rel(a, b, 1e-10, f"{name} vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gpu_float64_class_chunks_round_trip_the_lse(reduction, monkeypatch):
+    """A tiny memory budget: class chunks, and for "none" the backward from the forward's
+    float64 log-sum-exp (its uint32 words in XLA's buffer)."""
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", "64")
+    dev = _jax_gpu()
+    rng = np.random.default_rng(21)
+    with jax.enable_x64(True):
+        x, w, label = _problem(rng, 10, 6, 4, scale=4.0)
+        cot = _cotangent(rng, 10, reduction)
+        want, _ = _expected(x, w, label, cot, margin=4, beta=0.5, reduction=reduction)
+        xj, wj, lj = (jax.device_put(a, dev) for a in (x, w, label))
+        f = functools.partial(lsoftmax_cross_entropy, margin=4, beta=0.5, reduction=reduction)
+        loss, vjp = jax.vjp(lambda x, w: f(x, w, lj), xj, wj)
+        got = (loss, *vjp(jax.device_put(jnp.asarray(cot), dev)))
+        for name, a, b in zip(("loss", "grad_x", "grad_w"), got, want):
+            assert _on_gpu(a), name
+            _assert_rel(a, b, 1e-10, f"{name} {reduction}")
+
+
+@pytest.mark.gpu
+def test_gpu_float32_within_the_tolerance_table():
+    dev = _jax_gpu()
+    rng = np.random.default_rng(2)
+    x, w, label = _problem(rng, 64, 50, 16, "float32", scale=2.0)
+    xj, wj, lj = (jax.device_put(a, dev) for a in (x, w, label))
+    tol = TOLERANCES["float32"]
+    for margin, beta in ((1, 0.0), (2, 0.0), (4, 1.0), (6, 100.0)):
+        for reduction in REDUCTIONS:
+            cot = _cotangent(rng, 64, reduction)
+            want, grad_logits = _expected(x, w, label, cot, margin=margin, beta=beta, reduction=reduction)
+
+            def run(x, w, margin=margin, beta=beta, reduction=reduction, cot=cot):
+                f = functools.partial(lsoftmax_cross_entropy, margin=margin, beta=beta, reduction=reduction)
+                loss, vjp = jax.vjp(lambda x, w: f(x, w, lj), x, w)
+                return (loss, *vjp(jnp.asarray(cot, dtype=x.dtype)))
+
+            got = jax.jit(run)(xj, wj)
+            assert all(a.dtype == jnp.float32 and _on_gpu(a) for a in got)
+            row_scale = logit_scale(x, w, margin).max(axis=1)
+            kept = label != IGNORE
+            per_row = np.abs(np.asarray(cot)) * (row_scale if reduction == "none" else row_scale / kept.sum())
+            bound = 2 * tol.forward * (per_row if reduction == "none" else np.sum(per_row * kept))
+            assert np.all(np.abs(np.asarray(got[0], np.float64) - want[0]) <= bound), (margin, reduction)
+            check_backward(
+                [np.asarray(a) for a in got[1:]], grad_logits, x, w, np.where(kept, label, 0),
+                margin=margin, beta=beta, dtype="float32",
+            )  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_a_few_training_steps():
+    """SGD on the class weights through jit(value_and_grad) of the fused loss on CUDA, beta
+    annealed as a traced argument: finite gradients, and the loss at beta 1 goes down."""
+    dev = _jax_gpu()
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        label = np.tile(np.arange(3, dtype=np.int32), 10)
+        label[::7] = IGNORE
+        x = np.eye(3, 4)[np.where(label == IGNORE, 0, label)] * 3 + 0.3 * rng.standard_normal((30, 4))
+        xj, lj = jax.device_put(x, dev), jax.device_put(label, dev)
+        w = jax.device_put(0.1 * rng.standard_normal((3, 4)), dev)
+        step = jax.jit(jax.value_and_grad(lambda w, beta: lsoftmax_cross_entropy(xj, w, lj, margin=2, beta=beta)))
+        before = float(lsoftmax_cross_entropy(xj, w, lj, margin=2, beta=1.0))
+        for t in range(8):
+            beta = jax.device_put(jnp.float64(16.0 * 0.5**t), dev)
+            loss, grad = step(w, beta)
+            assert _on_gpu(grad) and np.isfinite(np.asarray(grad)).all()
+            w = w - 0.1 * grad
+        assert float(lsoftmax_cross_entropy(xj, w, lj, margin=2, beta=1.0)) < before

@@ -61,8 +61,12 @@ def _fused(target, **kw):
     return lambda x, w: lsoftmax_cross_entropy(x, w, target, **kw)
 
 
+def _host(a):
+    return a.detach().cpu() if isinstance(a, torch.Tensor) else a
+
+
 def _assert_rel(actual, expected, rtol, what=""):
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
+    actual, expected = np.asarray(_host(actual), dtype=float), np.asarray(_host(expected), dtype=float)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
     err = float(np.abs(actual - expected).max(initial=0.0)) / scale
@@ -314,12 +318,110 @@ def test_a_bad_target_is_refused_before_anything_runs(monkeypatch) -> None:
     assert [c[0] for c in calls].count("check_arrays") == 3 and not matmuls
 
 
+# --------------------------------------------------------------------------- CUDA
+# The CuPy backend through the logits' bridge (_run/_run_cuda).  Never run here (no GPU).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_is_refused_with_the_alternative_named() -> None:
+@cuda
+@pytest.mark.parametrize("margin,beta", [(1, 0.0), (2, 0.0), (4, 3.0), (6, 1000.0)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_equals_the_unfused_loss_and_gradients_in_float64(margin, beta, reduction) -> None:
+    x, w, target = _problem(33, 17, 9, seed=margin, scale=3.0)
+    target[:3] = 4  # duplicate labels, next to ignored rows
+    assert (target == IGNORE).any()
+    x, w, target = x.cuda(), w.cuda(), target.cuda()
+    g = _upstream(reduction, len(x), seed=margin).cuda()
+    fused = _compare_to_unfused(x, w, target, g, 1e-10, margin=margin, beta=beta, reduction=reduction)
+    assert all(t.is_cuda for t in fused)
+    assert fused[0].shape == ((len(x),) if reduction == "none" else ())
+    assert not fused[1][target == IGNORE].any()  # no gradient for an ignored row
+    with torch.no_grad():  # the loss-only operator (the forward above formed the gradients too)
+        alone = lsoftmax_cross_entropy(x, w, target, margin=margin, beta=beta, reduction=reduction)
+    assert alone.is_cuda and alone.shape == fused[0].shape
+    _assert_rel(alone, fused[0], 1e-12, "loss alone")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_operators_round_trip_the_float64_lse_and_0d_results(reduction) -> None:
+    x, w, target = _problem(9, 5, 4, dtype=torch.float32, seed=3)
+    x, w, target = x.cuda(), w.cuda(), target.cuda()
+    hyper = (3, torch.tensor(1.0, dtype=torch.float64), reduction, IGNORE)
+    loss, lse = OPS.lsoftmax_cross_entropy(x, w, target, *hyper)
+    assert loss.is_cuda and loss.dtype == torch.float32 and loss.shape == ((9,) if reduction == "none" else ())
+    assert lse.is_cuda and lse.dtype == torch.float64 and lse.shape == (9,)
+    cpu_loss, cpu_lse = OPS.lsoftmax_cross_entropy(x.cpu(), w.cpu(), target.cpu(), *hyper)
+    _assert_rel(lse, cpu_lse, 1e-5, "lse")
+    _assert_rel(loss, cpu_loss, 1e-4, "loss")
+    g = _upstream(reduction, 9, torch.float32).cuda()
+    with_lse = OPS.lsoftmax_cross_entropy_backward(g, x, w, target, *hyper, lse)
+    without = OPS.lsoftmax_cross_entropy_backward(g, x, w, target, *hyper, None)
+    for a, b in zip(with_lse, without):
+        assert a.is_cuda and a.dtype == torch.float32
+        _assert_rel(a, b, 1e-5, "backward with and without lse")
+    if reduction != "none":
+        loss1, gx, gw = OPS.lsoftmax_cross_entropy_with_grad(x, w, target, *hyper)
+        assert loss1.is_cuda and loss1.shape == () and gx.is_cuda and gw.is_cuda
+        _assert_rel(loss1, loss, 1e-5, "with_grad loss")
+        _assert_rel(gx * g, with_lse[0], 1e-5, "with_grad grad_x")
+        _assert_rel(gw * g, with_lse[1], 1e-5, "with_grad grad_w")
+    for op in (OPS.lsoftmax_cross_entropy, OPS.lsoftmax_cross_entropy_with_grad):
+        if op is OPS.lsoftmax_cross_entropy or reduction != "none":
+            torch.library.opcheck(op, (x, w, target, *hyper))
+    torch.library.opcheck(OPS.lsoftmax_cross_entropy_backward, (g, x, w, target, *hyper, lse))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("margin,beta", [(1, 0.0), (2, 0.0), (4, 3.0), (6, 1000.0)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_float32_within_the_tolerances(margin, beta, reduction) -> None:
+    x, w, target = _problem(dtype=torch.float32, seed=margin, scale=2.0)
+    g = _upstream(reduction, len(x), torch.float32, seed=margin)
+    fused = _fused(target.cuda(), margin=margin, beta=beta, reduction=reduction)
+    loss, gx, gw = _with_grads(fused, x.cuda(), w.cuda(), g.cuda())
+    assert loss.is_cuda and gx.is_cuda and gw.is_cuda
+    assert loss.dtype == gx.dtype == gw.dtype == torch.float32
+    loss, gx, gw = loss.cpu(), gx.cpu(), gw.cpu()
+    want, grad_logits, x64, w64, label = _reference(x, w, target, g, margin=margin, beta=beta, reduction=reduction)
+    scale = logit_scale(x64, w64, margin).max(axis=1)
+    if reduction != "none":
+        scale = scale.max() * (1 if reduction == "mean" else len(x))
+    assert_close(loss, want, scale, TOLERANCES["float32"].forward, "loss float32 cuda", dtype="float32")
+    check_backward((gx, gw), grad_logits, x64, w64, label, margin=margin, beta=beta, dtype="float32")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_side_stream_and_outputs_belong_to_torch() -> None:
+    x, w, target = _problem(64, 32, 16, dtype=torch.float32, seed=5)
+    x, w, target = x.cuda(), w.cuda(), target.cuda()
+    want = lsoftmax_cross_entropy(x, w, target, margin=3, reduction="none")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = lsoftmax_cross_entropy(x, w, target, margin=3, reduction="none")
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before >= got.numel() * got.element_size()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_a_bad_target_is_an_error_naming_target() -> None:
     x, w, target = _problem(6, 4, 3, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match=r"CPU only so far.*F.cross_entropy\(lsoftmax"):
+    target[4] = 4
+    # Checked on the device: reported by the next call on it, or by check_labels at once.
+    with pytest.raises(ValueError, match=r"(label|target).*4"):
         lsoftmax_cross_entropy(x.cuda(), w.cuda(), target.cuda())
+        lsm.check_labels()
 
 
 # --------------------------------------------------------------------------- autocast
@@ -440,6 +542,55 @@ def test_loss_module_equals_the_function_and_trains_with_a_schedule() -> None:
     torch.testing.assert_close(criterion(x, target), lsoftmax_cross_entropy(x, criterion.weight, target, beta=sched(8)))
     torch.testing.assert_close(criterion.logits(x), x @ criterion.weight.T, rtol=1e-12, atol=0)
     assert "num_classes=3" in repr(criterion) and "ExponentialSchedule(beta0=16.0" in repr(criterion)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("normalize_weight", [False, True])
+def test_cuda_loss_module_trains_and_equals_the_function(normalize_weight) -> None:
+    torch.manual_seed(0)
+    sched = lsm.ExponentialSchedule(beta0=16.0, scale=0.5, beta_min=1.0)
+    kw = {"margin": 2, "schedule": sched, "normalize_weight": normalize_weight, "device": "cuda"}
+    criterion = LSoftmaxLoss(4, 3, dtype=torch.float64, **kw)
+    centres = torch.eye(3, 4, dtype=torch.float64, device="cuda") * 3
+    target = torch.arange(3, device="cuda").repeat(10)
+    target[::7] = IGNORE
+    x = centres[target.clamp(min=0)] + 0.3 * torch.randn(30, 4, dtype=torch.float64, device="cuda")
+    body = torch.nn.Linear(4, 4, dtype=torch.float64, device="cuda")
+    opt = torch.optim.SGD([*body.parameters(), *criterion.parameters()], lr=0.1)
+
+    def at_beta_one():
+        with torch.no_grad():
+            weight = F.normalize(criterion.weight, dim=1) if normalize_weight else criterion.weight
+            return float(lsoftmax_cross_entropy(body(x), weight, target, margin=2, beta=1.0))
+
+    before = at_beta_one()
+    for t in range(8):
+        h = body(x)
+        loss = criterion(h, target)
+        assert loss.is_cuda and loss.shape == ()
+        weight = F.normalize(criterion.weight, dim=1) if normalize_weight else criterion.weight
+        fused = _fused(target, margin=2, beta=sched(t))
+        want = _with_grads(fused, h, weight, torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+        unfused = _unfused(h.detach(), weight.detach(), target, margin=2, beta=sched(t))
+        opt.zero_grad()
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want[0], rtol=1e-12, atol=0)
+        _assert_rel(loss, unfused, 1e-10, f"module loss step {t}")
+        assert criterion.weight.grad.is_cuda and torch.isfinite(criterion.weight.grad).all()
+        opt.step()
+        criterion.step()
+    assert criterion.iteration == 8 and at_beta_one() < before
+    # float32 too, a few steps
+    criterion32 = LSoftmaxLoss(4, 3, dtype=torch.float32, **kw)
+    opt32 = torch.optim.SGD(criterion32.parameters(), lr=0.1)
+    for _ in range(3):
+        loss32 = criterion32(x.float(), target)
+        opt32.zero_grad()
+        loss32.backward()
+        assert loss32.is_cuda and loss32.dtype == torch.float32 and torch.isfinite(criterion32.weight.grad).all()
+        opt32.step()
+        criterion32.step()
 
 
 def test_loss_module_state_dict_round_trip() -> None:
