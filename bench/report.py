@@ -631,6 +631,7 @@ def loss_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     panels = [(size, label, dtype) for dtype in sorted({r["dtype"] for r in rows}, key=lambda t: t != "float32")
@@ -667,7 +668,12 @@ def loss_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
                 ax.plot([m], [t], marker="D", linestyle="none", color=colours.get(name, "C7"), label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="unfused (torch adapter + CE)")
         ax.set_xlabel("peak memory above the inputs (MiB)")
         ax.set_ylabel("time / unfused time (forward+backward)")
         ax.set_title(f"{title}, {label} {dtype}", fontsize=10)
