@@ -29,9 +29,11 @@ CHUNKINGS = ("rows", "classes")
 #: gradient (input dtype, in place) and a float64 row or column statistic share.
 _PER_ELEMENT_EXTRA = 8
 
-#: Fewest rows worth a row chunk: below this the GEMMs run on slivers and grad_w is
-#: re-read once per few rows, so classes are chunked instead.
-_MIN_ROWS = 32
+#: Most row chunks worth the three-GEMM path: each row chunk adds its Gᵀ·X (C×D) into
+#: grad_w, re-reading and re-writing all of grad_w, which costs more than the class path's
+#: fourth GEMM once there are many chunks (CPU, 2048x256x100k float32: 50 row chunks took
+#: 1.6x the unfused loss, 13 chunks 0.97x, 49 class chunks 1.15x; docs/BENCHMARKS.md).
+_MAX_ROW_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def plan_chunks(
 ) -> ChunkPlan:
     """The chunking for an (N, C) problem; explicit ``chunking``/``chunk_size`` win.
 
-    Default: rows when at least min(N, 32) rows of all C logits fit the budget (the
+    Default: rows when the batch fits the budget in at most 8 chunks of whole rows (the
     three-GEMM path), else classes, as many as fit for all N rows.
     """
     if chunking is not None and chunking not in CHUNKINGS:
@@ -61,7 +63,8 @@ def plan_chunks(
     per_element = itemsize * 2 + _PER_ELEMENT_EXTRA
     rows_fit = budget // max(1, c * per_element)
     if chunking is None:
-        chunking = "rows" if rows_fit >= min(max(n, 1), _MIN_ROWS) else "classes"
+        row_chunks = -(-max(n, 1) // rows_fit) if rows_fit else None
+        chunking = "rows" if row_chunks is not None and row_chunks <= _MAX_ROW_CHUNKS else "classes"
     if size is None:
         if chunking == "rows":
             size = max(1, rows_fit)

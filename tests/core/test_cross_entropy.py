@@ -204,7 +204,9 @@ def test_inputs_are_not_modified() -> None:
 def test_the_default_plan_follows_the_memory_budget() -> None:
     from lsoftmax_core._loss_plan import DEFAULT_BUDGET, plan_chunks
 
-    assert plan_chunks(2048, 100_000, 4).mode == "rows"  # 64 MiB hold 41 rows of 100k
+    assert plan_chunks(2048, 10_000, 4) == plan_chunks(2048, 10_000, 4, chunking="rows")  # 5 chunks of 419 rows
+    assert plan_chunks(2048, 100_000, 4).mode == "classes"  # rows would take 50 chunks of 41
+    assert plan_chunks(2048, 100_000, 4, memory_budget=8 * DEFAULT_BUDGET).mode == "rows"  # 7 chunks
     assert plan_chunks(2048, 10_000_000, 4).mode == "classes"
     assert plan_chunks(2048, 100_000, 4, memory_budget=DEFAULT_BUDGET // 100).mode == "classes"
     assert plan_chunks(10, 5, 8, chunking="classes", chunk_size=2).size == 2
