@@ -312,7 +312,7 @@ python -m bench --gpu --layer-only             # the CuPy backend against 3 cuBL
 python -m bench --cpu --quick                  # < 1 min: checks the harness only, touches no file here
 python -m bench --cpu --quick --sizes mnist    # one size of the table (names: mnist, cifar, face)
 python -m bench.profile_cpu                    # where the NumPy backend's time goes beyond the GEMMs
-python -m bench --cpu --loss                   # the fused cross-entropy comparison alone (~10 min on 2 cores)
+python -m bench --cpu --loss                   # the fused cross-entropy comparison alone (11-20 min here)
 python -m bench --cpu --loss --sizes ce-small  # its smaller size only (names: ce-small, ce-large)
 scripts/gpu_check.sh                           # on a GPU machine: GPU tests, then --gpu --layer-only (about 6 min at most)
 PEER_BENCH=1 scripts/gpu_check.sh              # the same with the whole --gpu run (PyTorch, peers, LeNet)
