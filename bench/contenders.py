@@ -24,7 +24,7 @@ Two kinds of work are timed:
   the unfused ``cross_entropy(lsoftmax(X, W, y))`` in PyTorch and in NumPy, the PyTorch
   floor and pytorch-metric-learning, all against the PyTorch floor (see
   :func:`loss_cases`).  On GPU the CuPy fused loss takes the NumPy one's place (skipped
-  with a note while the core has none).
+  with a note where CuPy or a dtype is missing).
 
 Every contender uses margin 4 (the seed's LeNet and pytorch-metric-learning's default)
 and beta 0 (the only value pytorch-metric-learning has); neither changes our cost, which
@@ -188,7 +188,7 @@ class Fused:
 #: each row chunk re-reads the C x D weights (packed by the BLAS for the logits and for
 #: G·W) and adds a C x D product into grad_w, so at C=100k a 16 MiB chunk of 10 rows takes
 #: minutes per call.  On GPU, where a row of 1M logits is 4 MB, larger budgets (the CuPy
-#: fused loss does not exist yet: one skipped row stands for these).
+#: fused loss, never measured yet).
 FUSED: dict[str, tuple[Fused, ...]] = {
     "numpy": (*(Fused("numpy", "rows", b) for b in (64, 256, 1024)),
               *(Fused("numpy", "classes", b) for b in (16, 64, 256))),
@@ -353,8 +353,7 @@ def loss_cases(size: Size, dtype: str, device: str, seed: int = 0, exclude: Sequ
       one call) at each setting of :data:`FUSED`, and the unfused loss written with the
       core's ``forward``/``backward`` and a NumPy log-softmax (same library as the fused
       one: separates what fusing saves from NumPy's BLAS against PyTorch's);
-    * GPU: the same on CuPy arrays, skipped with a note while the core has no CuPy fused
-      loss (or CuPy is missing).
+    * GPU: the same on CuPy arrays, skipped with a note where CuPy is missing.
 
     The NumPy contenders run in the same interleaved measurement as the PyTorch ones: at
     these sizes one call lasts 0.1-10 s, so the two thread pools' hand-over costs nothing.
