@@ -55,8 +55,13 @@ def plan_chunks(
     if chunking is not None and chunking not in CHUNKINGS:
         raise ValueError(f"chunking={chunking!r} must be one of {CHUNKINGS} or None")
     if memory_budget is None:
-        env = os.environ.get("LSOFTMAX_CE_BUDGET", "")
-        budget = check_integer("LSOFTMAX_CE_BUDGET", int(env), 1) if env.strip() else DEFAULT_BUDGET
+        env = os.environ.get("LSOFTMAX_CE_BUDGET", "").strip()
+        if not env:
+            budget = DEFAULT_BUDGET
+        elif env.isdigit():
+            budget = check_integer("LSOFTMAX_CE_BUDGET", int(env), 1)
+        else:
+            raise ValueError(f"LSOFTMAX_CE_BUDGET={env!r} must be a whole number of bytes")
     else:
         budget = check_integer("memory_budget", memory_budget, 1)
     size = None if chunk_size is None else check_integer("chunk_size", chunk_size, 1)

@@ -214,6 +214,17 @@ def test_the_default_plan_follows_the_memory_budget() -> None:
     assert big.size * 2048 * 16 <= DEFAULT_BUDGET
 
 
+def test_the_budget_comes_from_the_environment_when_not_given(monkeypatch) -> None:
+    from lsoftmax_core._loss_plan import plan_chunks
+
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", str(2**30))
+    assert plan_chunks(2048, 100_000, 4).mode == "rows"  # 1 GiB: 4 chunks of whole rows
+    assert plan_chunks(2048, 100_000, 4, memory_budget=2**26).mode == "classes"  # the argument wins
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", "64MB")
+    with pytest.raises(ValueError, match=r"LSOFTMAX_CE_BUDGET='64MB' must be a whole number of bytes"):
+        plan_chunks(10, 5, 8)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
