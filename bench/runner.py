@@ -244,15 +244,7 @@ def run_gpu(settings: Settings, *, out_dir: Path, doc: Path | None, plot_dir: Pa
             if not layer_only:
                 cases += torch_cases(size, dtype, "cuda")
             measured = measure(cases, repeat=settings.repeat, warmup=settings.warmup, min_time=settings.min_time)
-            mem = {}
-            for m in measured:
-                if m.error:
-                    continue
-                try:
-                    mem[m.case.name] = (cupy_peak if m.case.library == "cupy" else torch_cuda_peak)(m.case.run)
-                except Exception as e:  # noqa: BLE001
-                    _progress(f"  memory of {m.case.name} not measured: {e}")
-            rows += _rows("gpu", size, dtype, measured, mem)
+            rows += _rows("gpu", size, dtype, measured, _gpu_memory(measured))
             del cases, measured
             _free_gpu_memory(torch)
             # What is measured so far, in case the run is cut short (gpu_check.sh's timeout):
