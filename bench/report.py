@@ -244,6 +244,12 @@ def markdown(device: str, rows: Sequence[dict[str, Any]], lenet: Sequence[dict[s
         out.append("")
     notes = _notes(list(rows) + [dict(r, contender=r["head"], size=f"batch {r['batch']}", dtype="float32")
                                  for r in lenet])
+    return _with_notes_and_machine(out, notes, env)
+
+
+def _with_notes_and_machine(out: list[str], notes: list[str], env: dict[str, Any]) -> str:
+    """A section's closing lines, shared by the layer and loss sections: the run's notes,
+    then the machine and libraries it ran on."""
     if notes:
         out += ["Notes from the run:", "", *notes, ""]
     out += ["Machine and libraries:", ""]
@@ -615,11 +621,7 @@ def loss_markdown(device: str, rows: Sequence[dict[str, Any]], env: dict[str, An
         out.append(f"No goal is set for the fused loss on {title}: its rows are measured for the record.")
     out.append("")
     notes = _notes(rows)
-    if notes:
-        out += ["Notes from the run:", "", *notes, ""]
-    out += ["Machine and libraries:", ""]
-    out += [f"- {k}: {v}" for k, v in sorted(env.items())]
-    return "\n".join(out) + "\n"
+    return _with_notes_and_machine(out, notes, env)
 
 
 def loss_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
