@@ -35,13 +35,17 @@ def _modules() -> list[str]:
     """Every module of lsoftmax_core, its mapped subpackages included (they live in other
     folders, so they are walked through their own __path__)."""
     names = ["lsoftmax_core"]
-    for pkg in ("lsoftmax_core", "lsoftmax_core.adapters", "lsoftmax_core.kernels", "lsoftmax_core.demo"):
+    packages = ["lsoftmax_core", "lsoftmax_core.adapters", "lsoftmax_core.kernels", "lsoftmax_core.demo"]
+    while packages:
+        pkg = packages.pop(0)
         spec = importlib.util.find_spec(pkg)
         assert spec is not None and spec.submodule_search_locations, pkg
-        if pkg != "lsoftmax_core":
+        if pkg not in names:
             names.append(pkg)
         for info in pkgutil.iter_modules(list(spec.submodule_search_locations), prefix=f"{pkg}."):
-            if not info.name.endswith("__main__") and info.name not in names:
+            if info.ispkg:
+                packages.append(info.name)  # e.g. lsoftmax_core.adapters.torch
+            elif not info.name.endswith("__main__") and info.name not in names:
                 names.append(info.name)
     return names
 
@@ -58,7 +62,9 @@ def test_documented_examples_run_in_order(doc: Path, tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)  # an example may save a checkpoint
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
     for name, code in _blocks(doc):
-        missing = [m for m in sorted(set(_IMPORT.findall(code)) & OPTIONAL) if importlib.util.find_spec(m) is None]
+        missing = [
+            m for m in sorted(set(_IMPORT.findall(code)) & OPTIONAL) if importlib.util.find_spec(m) is None
+        ]
         if not missing:
             exec(compile(code, name, "exec"), namespace)
 

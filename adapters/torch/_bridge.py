@@ -1,0 +1,183 @@
+"""The bridge between torch tensors and the core's arrays, and the argument checks that
+only a framework can make (tensors, devices, autograd, beta as a tensor).
+
+CPU tensors reach the NumPy backend as read-only NumPy views (DLPack, no copy); CUDA
+tensors reach the CuPy backend as CuPy views on PyTorch's current stream, with every
+array the backend allocates drawn from PyTorch's caching allocator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lsoftmax_core.checks import check_beta
+
+
+def _as_numpy(name: str, t: Tensor) -> np.ndarray:
+    """A read-only NumPy view of a CPU tensor's memory (DLPack, no copy)."""
+    try:
+        return np.from_dlpack(t.detach())
+    except (BufferError, TypeError, RuntimeError) as e:  # e.g. bfloat16, which NumPy lacks
+        raise TypeError(f"{name}.dtype={t.dtype} cannot be passed to the CPU backend: {e}") from None
+
+
+def _run_cpu(fn: Callable[..., Any], named: dict[str, Tensor]) -> list[Tensor]:
+    arrays = [_as_numpy(name, t) for name, t in named.items()]
+    out = fn(*arrays)
+    # torch.from_numpy shares the result's memory; the tensor keeps the array alive.
+    return [torch.from_numpy(a) for a in (out if isinstance(out, tuple) else (out,))]
+
+
+class _TorchBlock:
+    """Owns one block of PyTorch's caching allocator; gives it back when collected.
+
+    CuPy keeps this object alive (through ``UnownedMemory``) exactly as long as any
+    array, or any tensor imported from one via DLPack, still uses the block.
+    """
+
+    __slots__ = ("_delete", "ptr")
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+        # Bound now so that the block can still be freed while the interpreter shuts down.
+        self._delete = torch.cuda.caching_allocator_delete
+
+    def __del__(self) -> None:
+        if self.ptr:
+            self._delete(self.ptr)
+
+
+def _torch_allocator(stream: Any) -> Callable[[int], Any]:
+    """A CuPy allocator drawing from PyTorch's caching allocator on ``stream``.
+
+    Blocks are tied to the stream the kernels run on, so PyTorch reuses a freed block
+    only after the work queued on that stream, the same rule as for its own tensors.
+    """
+    import cupy
+
+    def allocate(size: int) -> Any:
+        device = cupy.cuda.runtime.getDevice()
+        ptr = torch.cuda.caching_allocator_alloc(size, device, stream) if size else 0
+        mem = cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), device)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    return allocate
+
+
+def _cupy_stream(torch_stream: torch.cuda.Stream) -> Any:
+    import cupy
+
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None and hasattr(torch_stream, "__cuda_stream__"):
+        return from_external(torch_stream)  # the CUDA stream protocol (CuPy >= 14)
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
+
+
+def _run_cuda(fn: Callable[..., Any], named: dict[str, Tensor], device: torch.device) -> list[Tensor]:
+    import cupy
+
+    torch_stream = torch.cuda.current_stream(device)
+    with ExitStack() as stack:
+        stack.enter_context(torch.cuda.device(device))
+        stack.enter_context(cupy.cuda.Device(device.index))
+        stack.enter_context(_cupy_stream(torch_stream))
+        stack.enter_context(cupy.cuda.using_allocator(_torch_allocator(torch_stream)))
+        # Producer and consumer share one stream, so the DLPack stream handshake in both
+        # directions needs no synchronisation.
+        arrays = []
+        for name, t in named.items():
+            try:
+                arrays.append(cupy.from_dlpack(t.detach()))
+            except (BufferError, TypeError, RuntimeError, ValueError) as e:
+                raise TypeError(f"{name}.dtype={t.dtype} cannot be passed to the CUDA backend: {e}") from None
+        out = fn(*arrays)
+        return [torch.from_dlpack(a) for a in (out if isinstance(out, tuple) else (out,))]
+
+
+def _run(fn: Callable[..., Any], **named: Tensor) -> list[Tensor]:
+    """Call ``fn`` on array views of ``named`` and return its result(s) as tensors."""
+    device = next(iter(named.values())).device
+    if device.type == "cuda":
+        outs = _run_cuda(fn, named, device)
+    else:
+        outs = _run_cpu(fn, named)
+    # The backends return C-contiguous arrays, which the fake implementations promise;
+    # .contiguous() is then a no-op and only guards that promise.
+    return [o.contiguous() for o in outs]
+
+
+def _cpu_views(**named: Tensor) -> list[np.ndarray]:
+    """Read-only NumPy views of CPU tensors (DLPack, no copy)."""
+    return [_as_numpy(name, t) for name, t in named.items()]
+
+
+def _check_same_dtype(x: Tensor, weight: Tensor) -> None:
+    """x and weight in one dtype, named as the user knows them (the core says x and w)."""
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"x and weight must have the same dtype: x.dtype={x.dtype}, weight.dtype={weight.dtype} "
+            "(no silent promotion; under torch.autocast float16/bfloat16 inputs are computed in float32)"
+        ) from None
+
+
+@contextmanager
+def _dtype_errors_name_weight(x: Tensor, weight: Tensor) -> Iterator[None]:
+    """The core's checks keep their order (shapes first); a dtype error caused by x and
+    weight differing is reported with the adapter's names."""
+    try:
+        yield
+    except TypeError:
+        _check_same_dtype(x, weight)
+        raise
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """The operators' own GEMMs run in the inputs' dtype, whatever autocast is doing."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _check_tensors(**named: Any) -> None:
+    """Framework-level problems the core cannot see: non-tensors, devices, autograd."""
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got {name}.layout={t.layout}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}.device={t.device} is not supported (CPU and CUDA tensors only)")
+    names = list(named)  # x, weight, then the labels (label or target)
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name}.device={d}" for name, d in devices.items())
+        raise ValueError(f"{', '.join(names[:-1])} and {names[-1]} must be on the same device: {listed}")
+    if named[names[-1]].requires_grad:
+        raise ValueError(f"{names[-1]} must not require grad (it holds class indices)")
+
+
+def _beta_tensor(beta: object) -> Tensor:
+    """beta as a fresh 0-d float64 CPU tensor (see the module docstring for why)."""
+    if isinstance(beta, Tensor):
+        if beta.numel() != 1 or beta.dim() != 0:
+            raise ValueError(f"beta must be a number or a 0-d tensor, got beta.shape={tuple(beta.shape)}")
+        if not (beta.dtype.is_floating_point or beta.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"beta must be a real number >= 0, got a tensor of dtype {beta.dtype}")
+        # A copy, so that a caller updating its tensor in place (LSoftmaxLinear.step)
+        # between forward and backward cannot change the beta saved for backward.
+        return beta.detach().to(device="cpu", dtype=torch.float64, copy=True)
+    value: float
+    if torch.compiler.is_compiling():
+        # beta is a symbolic float here: checking its value would specialise the graph on
+        # it, so only its type is checked; the core checks the value at run time, still
+        # before any kernel.
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta={beta!r} must be a real number >= 0")
+        value = beta
+    else:
+        value = check_beta(beta)  # the core's own check, before anything runs
+    return torch.zeros((), dtype=torch.float64).add(value)

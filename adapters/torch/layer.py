@@ -1,0 +1,134 @@
+"""The L-Softmax logits as two custom operators (forward, backward) with autograd, and
+:func:`lsoftmax`, the public function on top (see the package docstring for the rules).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import lsoftmax_core as _core
+from lsoftmax_core.checks import check_margin
+
+from ._bridge import (
+    _beta_tensor,
+    _check_same_dtype,
+    _check_tensors,
+    _cpu_views,
+    _dtype_errors_name_weight,
+    _no_autocast,
+    _run,
+)
+
+__all__ = ["lsoftmax"]
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
+def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+    b = float(beta)  # a CPU scalar: no device synchronisation
+    if x.device.type == "cpu":
+        # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
+        # and torch's OpenMP workers fight over the cores when they alternate), then the
+        # core rewrites the N target logits in place.
+        with _dtype_errors_name_weight(x, weight):
+            xa, wa, la = _cpu_views(x=x, weight=weight, label=label)
+            checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
+        with _no_autocast(x.device):
+            logits = torch.mm(x.detach(), weight.detach().t())
+        _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked)
+        return logits
+
+    def call(xa: Any, wa: Any, la: Any) -> Any:
+        return _core.forward(xa, wa, la, margin=margin, beta=b)  # checks once, then computes
+
+    with _dtype_errors_name_weight(x, weight):
+        return _run(call, x=x, weight=weight, label=label)[0]
+
+
+@_forward_op.register_fake
+def _forward_fake(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+    _check_same_dtype(x, weight)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# On autocast's float32 list (see the module docstring): float16/bfloat16 operands are cast
+# to float32 (float64 is left alone), then the operator runs with autocast off.
+_forward_op.register_autocast("cpu", torch.float32)
+_forward_op.register_autocast("cuda", torch.float32)
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_backward", mutates_args=())
+def _backward_op(
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    b = float(beta)
+    if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
+        with _dtype_errors_name_weight(x, weight):
+            ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+            checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
+        g = grad_logits.detach()
+        # Not autocast: a backward run inside an autocast region (loss.backward() under
+        # torch.autocast) computes in the forward's dtype too.
+        with _no_autocast(x.device):
+            grad_x = torch.mm(g, weight.detach())
+            grad_w = torch.mm(g.t(), x.detach())
+        _core.add_margin_grad(
+            grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked
+        )
+        return grad_x, grad_w
+
+    def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
+        return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
+
+    with _dtype_errors_name_weight(x, weight):
+        grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
+    return grad_x, grad_w
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    _check_same_dtype(x, weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, label, margin, beta = inputs
+    ctx.save_for_backward(x, weight, label, beta)
+    ctx.margin = margin
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    x, weight, label, beta = ctx.saved_tensors
+    grad_x, grad_w = _backward_op(grad, x, weight, label, ctx.margin, beta)
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        grad_w if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lsoftmax(
+    x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0
+) -> Tensor:
+    """L-Softmax logits (N, C) with autograd, see ``docs/derivatives.md``.
+
+    x: (N, D) float features; weight: (C, D) class weights (an ``nn.Linear`` weight), of
+    x's dtype; label: (N,) integer class indices, all three on one device (CPU or CUDA).
+    Feed the result to ``F.cross_entropy(logits, label)`` for the L-Softmax loss.  beta
+    is a number >= 0 or a 0-d tensor (best on the CPU: it is read on the host).  Under
+    ``torch.autocast`` float16/bfloat16 inputs are computed in float32 (see the module
+    docstring).  No input is modified.  Errors are ValueError/TypeError naming the
+    argument.
+    """
+    _check_tensors(x=x, weight=weight, label=label)
+    m = check_margin(margin)
+    return _forward_op(x, weight, label, m, _beta_tensor(beta))

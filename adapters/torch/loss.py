@@ -1,0 +1,252 @@
+"""The fused L-Softmax cross-entropy as three custom operators (loss, loss with
+gradients, backward) with autograd, and :func:`lsoftmax_cross_entropy` on top.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+import lsoftmax_core as _core
+from lsoftmax_core.checks import check_integer, check_margin
+
+from ._bridge import _beta_tensor, _check_same_dtype, _check_tensors, _run
+
+__all__ = ["lsoftmax_cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+# The core names the arrays w and label; the fused loss's arguments are weight and target.
+_CORE_NAMES = ((re.compile(r"\blabel\b"), "target"), (re.compile(r"\bw\b"), "weight"))
+
+
+@contextmanager
+def _loss_errors_name_arguments(x: Tensor, weight: Tensor) -> Iterator[None]:
+    """The core's argument errors with the loss's argument names (target, weight)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if type(e) not in (TypeError, ValueError):
+            raise
+        if isinstance(e, TypeError):
+            _check_same_dtype(x, weight)
+        message = str(e)
+        for pattern, name in _CORE_NAMES:
+            message = pattern.sub(name, message)
+        raise type(e)(message) from None
+
+
+def _run_loss(
+    fn: Callable[..., Any], x: Tensor, weight: Tensor, target: Tensor, *, first: Tensor | None = None,
+    last: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """``fn(first, x, weight, target, last)`` (``first``/``last`` when given: grad_loss and
+    lse) through :func:`_run`, as the logits do: NumPy views on the CPU, CuPy views on
+    torch's stream with torch's allocator on CUDA, results back as tensors (a 0-d loss as
+    a 0-d tensor).  The core checks the arguments once."""
+    named = {"x": x, "weight": weight, "target": target}
+    if first is not None:
+        named = {"grad_loss": first, **named}
+    if last is not None:
+        named["lse"] = last
+    with _loss_errors_name_arguments(x, weight):
+        return _run(fn, **named)
+
+
+def _loss_kwargs(margin: int, beta: Tensor, reduction: str, ignore_index: int) -> dict[str, Any]:
+    return {"margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index}
+
+
+def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
+    _check_same_dtype(x, weight)
+    return x.new_empty((x.shape[0],) if reduction == "none" else ())
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy", mutates_args=())
+def _loss_op(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """(loss, lse): the loss and each row's float64 log-sum-exp, which the backward reuses."""
+    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+
+    def call(xa: Any, wa: Any, ta: Any) -> Any:
+        return _core.cross_entropy(xa, wa, ta, return_lse=True, **kw)
+
+    loss, lse = _run_loss(call, x, weight, target)
+    return loss, lse
+
+
+@_loss_op.register_fake
+def _loss_op_fake(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    return _loss_fake(x, weight, reduction), x.new_empty((x.shape[0],), dtype=torch.float64)
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy_with_grad", mutates_args=())
+def _loss_with_grad_op(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_w) in one pass, "mean"/"sum": the gradients for an upstream 1."""
+    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+
+    def call(xa: Any, wa: Any, ta: Any) -> Any:
+        return _core.cross_entropy_with_grad(xa, wa, ta, **kw)
+
+    loss, grad_x, grad_w = _run_loss(call, x, weight, target)
+    return loss, grad_x, grad_w
+
+
+@_loss_with_grad_op.register_fake
+def _loss_with_grad_op_fake(
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _loss_fake(x, weight, reduction), x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy_backward", mutates_args=())
+def _loss_backward_op(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    margin: int,
+    beta: Tensor,
+    reduction: str,
+    ignore_index: int,
+    lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
+) -> tuple[Tensor, Tensor]:
+    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+
+    def call(ga: Any, xa: Any, wa: Any, ta: Any, lse_view: Any = None) -> Any:
+        return _core.cross_entropy_backward(ga, xa, wa, ta, lse=lse_view, **kw)
+
+    # grad_loss may be an expanded (stride-0) cotangent: N values, made dense for the views.
+    grad_x, grad_w = _run_loss(call, x, weight, target, first=grad_loss.contiguous(), last=lse)
+    return grad_x, grad_w
+
+
+@_loss_backward_op.register_fake
+def _loss_backward_op_fake(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    margin: int,
+    beta: Tensor,
+    reduction: str,
+    ignore_index: int,
+    lse: Optional[Tensor],  # noqa: UP045
+) -> tuple[Tensor, Tensor]:
+    _check_same_dtype(x, weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+# Both forward operators are on autocast's float32 list, like lsoftmax_forward.
+for _op in (_loss_op, _loss_with_grad_op):
+    _op.register_autocast("cpu", torch.float32)
+    _op.register_autocast("cuda", torch.float32)
+
+
+def _input_grads(ctx: Any, grad_x: Tensor, grad_w: Tensor) -> tuple[Tensor | None, ...]:
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None, None)
+
+
+def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    """Both forward operators: keep the inputs, and the (non-differentiable) extra outputs."""
+    x, weight, target, margin, beta, reduction, ignore_index = inputs
+    extra = output[1:]  # lse, or the gradients for an upstream 1
+    ctx.mark_non_differentiable(*extra)
+    ctx.save_for_backward(x, weight, target, beta, *extra)
+    ctx.hyper = (margin, reduction, ignore_index)
+
+
+def _loss_backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, target, beta, lse = ctx.saved_tensors
+    margin, reduction, ignore_index = ctx.hyper
+    grad_x, grad_w = _loss_backward_op(
+        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse
+    )
+    return _input_grads(ctx, grad_x, grad_w)
+
+
+def _loss_with_grad_backward(
+    ctx: Any, grad_loss: Tensor, grad_grad_x: Tensor, grad_grad_w: Tensor
+) -> tuple[Tensor | None, ...]:
+    x, weight, target, beta, grad_x, grad_w = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the saved gradients are constants to autograd, so scaling them
+        # would give silently wrong second derivatives.  The backward operator has no
+        # derivative of its own: a double backward through it fails loudly instead.
+        margin, reduction, ignore_index = ctx.hyper
+        grad_x, grad_w = _loss_backward_op(
+            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None
+        )
+        return _input_grads(ctx, grad_x, grad_w)
+    return _input_grads(ctx, grad_x * grad_loss, grad_w * grad_loss)
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+_loss_with_grad_op.register_autograd(_loss_with_grad_backward, setup_context=_loss_setup_context)
+
+
+def lsoftmax_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    margin: int = 2,
+    beta: float | Tensor = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> Tensor:
+    """The L-Softmax cross-entropy, fused: ``F.cross_entropy(lsoftmax(x, weight, target, ...),
+    target, reduction=reduction, ignore_index=ignore_index)`` without ever holding the (N, C)
+    logits (the core's :func:`lsoftmax_core.cross_entropy`; the maths:
+    ``docs/derivatives.md``, "Cross-entropy").
+
+    x: (N, D) float features; weight: (C, D) class weights, of x's dtype; target: (N,)
+    integer class indices in [0, C), or ``ignore_index`` for a row that takes no part
+    (no margin, no gradient; "mean" divides by the rows that are not ignored, and a batch
+    with every row ignored gives 0 where torch gives NaN).  ``reduction``: "mean", "sum"
+    (0-d results) or "none" ((N,)).  ``margin``, ``beta`` and autocast as for
+    :func:`lsoftmax`.  The chunks' temporaries are sized from the core's memory budget
+    (the environment variable ``LSOFTMAX_CE_BUDGET``, default 64 MiB).
+
+    For "mean"/"sum", when a gradient will be needed (grad mode on and x or weight
+    requiring grad) the forward computes the loss and both gradients in one pass
+    (:func:`lsoftmax_core.cross_entropy_with_grad`) and keeps the gradients, which the
+    backward only scales; otherwise, and for "none", the forward computes the loss only
+    and the backward walks the chunks again.  CPU and CUDA tensors: on CUDA the core's
+    CuPy backend runs on PyTorch's current stream with PyTorch's allocator, as for
+    :func:`lsoftmax` (not yet measured on a GPU).  Arguments are checked once, before
+    anything is computed; errors are ValueError/TypeError naming the argument.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from lsoftmax_core.adapters.torch import lsoftmax, lsoftmax_cross_entropy
+    >>> x = torch.tensor([[1.0, 0.5], [0.0, 2.0], [-1.0, 1.0]], requires_grad=True)
+    >>> weight = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    >>> target = torch.tensor([0, 1, -100])  # the last row is ignored
+    >>> loss = lsoftmax_cross_entropy(x, weight, target, margin=3, beta=1.0)
+    >>> unfused = F.cross_entropy(lsoftmax(x, weight, target.clamp(min=0), margin=3, beta=1.0), target)
+    >>> torch.allclose(loss, unfused)
+    True
+    >>> loss.backward(); x.grad[2].tolist()  # no gradient for the ignored row
+    [0.0, 0.0]
+    """
+    _check_tensors(x=x, weight=weight, target=target)
+    m = check_margin(margin)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+    ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+    b = _beta_tensor(beta)
+    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore)[0]
+    return _loss_op(x, weight, target, m, b, reduction, ignore)[0]

@@ -1,0 +1,285 @@
+"""The modules: :class:`LSoftmaxLinear` (a layer giving logits) and :class:`LSoftmaxLoss`
+(the fused loss with its class weights), both annealing beta with a schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsoftmax_core.checks import check_beta, check_integer, check_margin
+from lsoftmax_core.schedule import ConstantSchedule, Schedule, check_schedule, schedule_from_dict
+
+from .layer import lsoftmax
+from .loss import _REDUCTIONS, lsoftmax_cross_entropy
+
+__all__ = ["LSoftmaxLinear", "LSoftmaxLoss"]
+
+
+class _AnnealedHead(nn.Module):
+    """What LSoftmaxLinear and LSoftmaxLoss share: a (C, D) ``weight`` initialised like
+    nn.Linear's, the margin, and beta following a schedule of the iteration, saved in
+    ``state_dict`` (see :class:`LSoftmaxLinear` for the rules)."""
+
+    _noun = "layer"  # how error messages call the module
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        *,
+        margin: int,
+        schedule: Schedule | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        for name, v in sizes.items():
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        in_features, out_features = (int(v) for v in sizes.values())
+        self.margin = check_margin(margin)
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
+        # The iteration is a Python int, not a buffer: reading a device buffer to compute
+        # beta would synchronise the GPU every step.  The current beta is mirrored in a
+        # CPU tensor that step() updates in place, so a compiled forward reads it as a
+        # graph input and does not recompile when beta changes.
+        self._iteration = 0
+        self._beta_tensor = torch.zeros((), dtype=torch.float64)
+        self.schedule = ConstantSchedule(0.0) if schedule is None else schedule
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: uniform in ±1/sqrt(in_features)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def schedule(self) -> Schedule:
+        """The lsoftmax_core schedule giving beta as a function of the iteration."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        schedule = check_schedule(schedule)
+        self._check_beta_at(schedule, self._iteration)  # before the module changes
+        self._schedule = schedule
+        self._sync_beta()
+
+    @property
+    def iteration(self) -> int:
+        """The number of :meth:`step` calls so far."""
+        return self._iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        iteration = check_integer("iteration", value, 0)
+        self._check_beta_at(self._schedule, iteration)
+        self._iteration = iteration
+        self._sync_beta()
+
+    @property
+    def beta(self) -> float:
+        """The current beta, ``schedule(iteration)``."""
+        return self._check_beta_at(self._schedule, self._iteration)
+
+    def step(self) -> None:
+        """Advance the schedule by one iteration; call once per optimizer step."""
+        self._check_beta_at(self._schedule, self._iteration + 1)
+        self._iteration += 1
+        self._sync_beta()
+
+    @staticmethod
+    def _check_beta_at(schedule: Schedule, iteration: int) -> float:
+        """``schedule(iteration)``, which must be a valid beta (a user's schedule may not be)."""
+        value = schedule(iteration)
+        try:
+            return check_beta(value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"schedule={schedule!r} gave an invalid beta at iteration {iteration}: {e}"
+            ) from None
+
+    def _sync_beta(self) -> None:
+        with torch.no_grad():
+            self._beta_tensor.fill_(self.beta)
+
+    def _config(self) -> dict[str, Any]:
+        """Settings a checkpoint must agree with (saved in the extra state)."""
+        return {"margin": self.margin}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**self._config(), "iteration": self._iteration, "schedule": self._schedule.to_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not {"iteration", "schedule"} <= set(state):
+            raise ValueError(
+                f"{type(self).__name__} extra state must be a dict with 'iteration' and 'schedule', got {state!r}"
+            )
+        for key, own in self._config().items():
+            saved = state.get(key, own)
+            if saved != own:
+                raise ValueError(f"checkpoint has {key}={saved!r} but this {self._noun} has {key}={own!r}")
+        saved = state["schedule"]
+        own = self._schedule.to_dict()
+        if saved == own:
+            schedule = self._schedule  # also the one way to restore a schedule of the user's own
+        else:
+            try:
+                schedule = schedule_from_dict(dict(saved))
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"checkpoint has schedule {saved!r}, which cannot be rebuilt ({e}), and this {self._noun}'s "
+                    f"schedule.to_dict() is {own!r}: construct the {self._noun} with the schedule the checkpoint "
+                    "was saved with, then load_state_dict"
+                ) from None
+        iteration = check_integer("iteration", state["iteration"], 0)
+        self._check_beta_at(schedule, iteration)  # nothing changes on an error
+        self._iteration = iteration
+        self.schedule = schedule
+
+
+class LSoftmaxLinear(_AnnealedHead):
+    """A bias-free linear layer whose target logit carries the L-Softmax angular margin.
+
+    ``layer(x, target)`` in training mode returns ``lsoftmax(x, weight, target,
+    margin=margin, beta=layer.beta)``; in eval mode it returns the plain logits
+    ``x @ weight.T`` and ignores ``target`` (the margin only shapes training; the paper
+    classifies with the plain inner products).
+
+    beta (lambda in the paper) follows ``schedule`` (default ``ConstantSchedule(0.0)``) as a
+    function of ``layer.iteration``, the number of :meth:`step` calls: call ``layer.step()``
+    once per optimizer step.  ``schedule`` is any :class:`lsoftmax_core.Schedule` (an
+    object with ``beta(step)``, ``__call__(step)`` and ``to_dict()``), a built-in or your
+    own.  The iteration and ``schedule.to_dict()`` are saved in ``state_dict``;
+    ``load_state_dict`` restores the iteration and rebuilds a built-in schedule from its
+    dict.  A schedule of your own cannot be rebuilt from a dict: the layer keeps its own
+    schedule when its ``to_dict()`` equals the saved one, and refuses the checkpoint
+    otherwise (construct the layer with the schedule the checkpoint was saved with).
+
+    >>> import torch
+    >>> import lsoftmax_core as lsm
+    >>> from lsoftmax_core.adapters.torch import LSoftmaxLinear
+    >>> layer = LSoftmaxLinear(4, 3, margin=2, schedule=lsm.ExponentialSchedule(beta0=8.0, scale=0.5))
+    >>> logits = layer(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))  # training mode
+    >>> layer.step(); layer.beta
+    4.0
+    >>> resumed = LSoftmaxLinear(4, 3, margin=2)
+    >>> resumed.load_state_dict(layer.state_dict())
+    <All keys matched successfully>
+    >>> resumed.iteration, resumed.beta
+    (1, 4.0)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        margin: int = 2,
+        schedule: Schedule | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        sizes = {"in_features": in_features, "out_features": out_features}
+        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
+        if not self.training:
+            return F.linear(x, self.weight)
+        if target is None:
+            raise ValueError(
+                "target is required in training mode: call layer(x, target) with (N,) int64 class "
+                "indices, or layer.eval() for plain logits"
+            )
+        return lsoftmax(x, self.weight, target, margin=self.margin, beta=self._beta_tensor)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"margin={self.margin}, schedule={self._schedule!r}"
+        )
+
+
+class LSoftmaxLoss(_AnnealedHead):
+    """The L-Softmax loss with its class weights: ``loss(x, target)`` returns
+    :func:`lsoftmax_cross_entropy` of the features ``x`` (N, in_features) against the
+    module's ``weight`` (num_classes, in_features) at the current beta, never holding the
+    (N, C) logits.  The same in training and eval mode (a loss; for predictions use
+    :meth:`logits`).  CPU and CUDA, as :func:`lsoftmax_cross_entropy`.
+
+    beta follows ``schedule`` exactly as in :class:`LSoftmaxLinear`: :meth:`step` once per
+    optimizer step, ``iteration`` and ``beta``, both saved in ``state_dict`` with the
+    schedule (and ``margin`` and ``normalize_weight``, which a checkpoint must match).
+
+    ``normalize_weight=True`` is A-Softmax (SphereFace): the weight's rows are normalised
+    (``F.normalize(weight, dim=1)``, differentiated by autograd) before the loss, so every
+    class's logit is ``x·ŵ_j`` and only the angle separates the classes.  SphereFace anneals
+    beta (its lambda) with ``lsoftmax_core.InverseSchedule(base=1000, gamma=0.12, power=1,
+    beta_min=5)``.  ``reduction`` and ``ignore_index`` as for :func:`lsoftmax_cross_entropy`.
+
+    >>> import torch
+    >>> import lsoftmax_core as lsm
+    >>> from lsoftmax_core.adapters.torch import LSoftmaxLoss
+    >>> criterion = LSoftmaxLoss(4, 3, margin=4, normalize_weight=True,
+    ...                          schedule=lsm.InverseSchedule(base=1000, gamma=0.12, power=1, beta_min=5))
+    >>> loss = criterion(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.backward(); criterion.weight.grad.shape
+    torch.Size([3, 4])
+    >>> criterion.step(); round(criterion.beta, 3)  # 1000 / (1 + 0.12)
+    892.857
+    """
+
+    _noun = "loss"
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        margin: int = 2,
+        schedule: Schedule | None = None,
+        normalize_weight: bool = False,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(normalize_weight, bool):
+            raise TypeError(f"normalize_weight={normalize_weight!r} must be a bool")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+        sizes = {"in_features": in_features, "num_classes": num_classes}
+        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        self.in_features, self.num_classes = int(in_features), int(num_classes)
+        self.normalize_weight = normalize_weight
+        self.reduction = reduction
+        self.ignore_index = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+
+    def _weight(self) -> Tensor:
+        return F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        return lsoftmax_cross_entropy(
+            x, self._weight(), target, margin=self.margin, beta=self._beta_tensor,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+        )  # fmt: skip
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The plain logits ``x @ weight.T`` (normalised rows with ``normalize_weight``), for
+        predictions: the margin only shapes training."""
+        return F.linear(x, self._weight())
+
+    def _config(self) -> dict[str, Any]:
+        return {"margin": self.margin, "normalize_weight": self.normalize_weight}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin}, "
+            f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
+            f"schedule={self._schedule!r}"
+        )
