@@ -48,6 +48,7 @@ __all__ = [
     "check_labels",
     "cross_entropy",
     "cross_entropy_backward",
+    "cross_entropy_shard_stats",
     "cross_entropy_with_grad",
     "forward",
     "schedule_from_dict",
@@ -279,13 +280,74 @@ def cross_entropy_backward(
     chunking: str | None = None,
     memory_budget: int | None = None,
     lse: Any = None,
+    class_start: int = 0,
+    num_classes: int | None = None,
 ) -> tuple[Any, Any]:
     """Gradients ``(grad_x, grad_w)`` of ``sum(grad_loss * cross_entropy(...))``: grad_loss
     has the loss's shape (0-d, or (N,) for reduction "none").  ``lse``: the forward's
-    ``return_lse`` output, saving the class-chunked path one pass."""
-    return _loss_backend(x=x, w=w, label=label).cross_entropy_backward(  # type: ignore[no-any-return]
+    ``return_lse`` output, saving the class-chunked path one pass.
+
+    On a class shard (``num_classes`` given, see :func:`cross_entropy_shard_stats`) w holds
+    the classes ``[class_start, class_start + C)``, ``lse`` (required) is each row's
+    log-sum-exp over all ``num_classes`` classes, and the results are this shard's part:
+    grad_w exactly, grad_x the shard's term of a sum over the shards ("mean" divides by the
+    rows of the whole batch that are not ignored)."""
+    kw: dict[str, Any] = {}
+    if num_classes is not None or class_start != 0:
+        kw = {"class_start": class_start, "num_classes": num_classes}  # the backend checks them
+    return _shard_capable(_loss_backend(x=x, w=w, label=label), kw).cross_entropy_backward(  # type: ignore[no-any-return]
         grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
-        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, lse=lse,
+        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, lse=lse, **kw,
+    )  # fmt: skip
+
+
+def _shard_capable(backend: ModuleType, shard: dict[str, Any]) -> ModuleType:
+    if shard and not hasattr(backend, "cross_entropy_shard_stats"):
+        raise NotImplementedError(
+            "class shards (num_classes=) run on the NumPy backend only, not on CuPy arrays yet"
+        )
+    return backend
+
+
+def cross_entropy_shard_stats(
+    x: Any,
+    w: Any,
+    label: Any,
+    *,
+    class_start: int,
+    num_classes: int,
+    margin: int = 2,
+    beta: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    chunking: str | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Any, Any]:
+    """One class shard's part of the cross-entropy: ``(lse, target)``, float64 of shape (N,).
+
+    w (C, D) holds the classes ``[class_start, class_start + C)`` of ``num_classes``; labels
+    are indices into all of them (or ``ignore_index``) and the margin is applied where this
+    shard holds the row's label.  ``lse``: each row's log-sum-exp over the shard's logits;
+    ``target``: the row's target logit where the shard holds it, else 0.  Over shards
+    tiling the classes, the loss of row i is ``logsumexp_shards(lse_i) - sum_shards(target_i)``
+    (docs/derivatives.md, "Cross-entropy"); :func:`cross_entropy_backward` with the same
+    shard arguments and the combined lse gives the shard's gradients.  Chunked as
+    :func:`cross_entropy`; never holds the N×C logits.
+
+    >>> import numpy as np, lsoftmax_core as lsm
+    >>> rng = np.random.default_rng(0)
+    >>> x, w, y = rng.normal(size=(4, 3)), rng.normal(size=(5, 3)), np.array([0, 4, 2, 3])
+    >>> parts = [lsm.cross_entropy_shard_stats(x, w[a:b], y, class_start=a, num_classes=5, margin=3)
+    ...          for a, b in ((0, 2), (2, 5))]
+    >>> lse = np.logaddexp(parts[0][0], parts[1][0])
+    >>> loss = lse - (parts[0][1] + parts[1][1])
+    >>> bool(np.allclose(loss, lsm.cross_entropy(x, w, y, margin=3, reduction="none")))
+    True
+    """
+    shard = {"class_start": class_start, "num_classes": num_classes}
+    return _shard_capable(_loss_backend(x=x, w=w, label=label), shard).cross_entropy_shard_stats(  # type: ignore[no-any-return]
+        x, w, label, margin=margin, beta=beta, ignore_index=ignore_index, chunk_size=chunk_size,
+        chunking=chunking, memory_budget=memory_budget, **shard,
     )  # fmt: skip
 
 

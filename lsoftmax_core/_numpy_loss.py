@@ -25,10 +25,11 @@ from .checks import (
     check_integer,
     check_label_values,
     check_reduction,
+    check_shard,
     supported_dtypes,
 )
 
-__all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
+__all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_shard_stats", "cross_entropy_with_grad"]
 
 F64 = npt.NDArray[np.float64]
 _DTYPES = supported_dtypes("numpy")
@@ -40,29 +41,36 @@ class _Loss(NamedTuple):
     p: Problem
     reduction: str
     valid: npt.NDArray[np.bool_]
-    lab: npt.NDArray[np.intp]  # labels, 0 on ignored rows (a safe index; their weight is 0)
+    # Rows whose target class is one of w's rows: all valid rows, or on a class shard the
+    # valid rows whose label lies in [class_start, class_start + C).
+    owned: npt.NDArray[np.bool_]
+    lab: npt.NDArray[np.intp]  # labels as rows of w where owned, else 0 (a safe index, never a target)
     n_valid: int
+    sharded: bool  # w is a shard of the classes (a softmax's denominator comes from outside)
     target: F64 | None  # margin > 1: the target logits of forward (float64), else None
     plan: ChunkPlan
 
 
 def _prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, reduction: object, ignore_index: object,
-    chunk_size: object, chunking: object, memory_budget: object,
+    chunk_size: object, chunking: object, memory_budget: object, class_start: object = 0,
+    num_classes: object = None,
 ) -> _Loss:  # fmt: skip
     reduction = check_reduction(reduction)
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
     p = check_arrays(x, w, label, margin, beta, dtypes=_DTYPES)
+    start, total = check_shard(class_start, num_classes, p.c)
     plan = plan_chunks(
         p.n, p.c, p.dtype.itemsize, chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget
     )
-    check_label_values(label, p.c, ignore)
+    check_label_values(label, total, ignore)
     valid = label != ignore
-    lab = np.where(valid, label, 0).astype(np.intp, copy=False)
+    owned = valid if p.c == total else valid & (label >= start) & (label < start + p.c)
+    lab = np.where(owned, label - start, 0).astype(np.intp, copy=False)
     target = None
     if p.margin > 1 and p.n:
         target = target_logits(stats(x, w, lab, p), p)
-    return _Loss(p, reduction, valid, lab, int(valid.sum()), target, plan)
+    return _Loss(p, reduction, valid, owned, lab, int(valid.sum()), p.c != total, target, plan)
 
 
 def _row_weights(s: _Loss, grad_loss: Any) -> F64:
@@ -87,12 +95,14 @@ def _reduce(s: _Loss, per_row: F64) -> npt.NDArray[Any]:
     return np.asarray(total, dtype=s.p.dtype)
 
 
-def _chunk_logits(s: _Loss, x: Any, w: Any, rows: slice, classes: slice) -> tuple[Any, npt.NDArray[np.intp], Any]:
+def _chunk_logits(
+    s: _Loss, x: Any, w: Any, rows: slice, classes: slice
+) -> tuple[Any, npt.NDArray[np.intp], Any]:
     """The chunk's logits (forward's values) and where the chunk's rows find their target:
     (logits, row indices in the chunk, column indices in the chunk) of the targets it holds."""
     z = x[rows] @ w[classes].T
     lab = s.lab[rows]
-    hit = np.flatnonzero((lab >= classes.start) & (lab < classes.stop))
+    hit = np.flatnonzero(s.owned[rows] & (lab >= classes.start) & (lab < classes.stop))
     cols = lab[hit] - classes.start
     if s.target is not None:
         z[hit, cols] = s.target[rows][hit]
@@ -107,10 +117,15 @@ def _exp_shifted(z: Any) -> tuple[F64, F64]:
     return m.astype(np.float64), z.sum(axis=1, dtype=np.float64)
 
 
-def _rows(s: _Loss, x: Any, w: Any, weights: F64 | None) -> tuple[F64, F64, Any, Any]:
-    """Row chunks: per-row loss and log-sum-exp, and with ``weights`` the gradients (3 GEMMs)."""
+def _rows(
+    s: _Loss, x: Any, w: Any, weights: F64 | None, lse_all: F64 | None = None
+) -> tuple[F64, F64, Any, Any]:
+    """Row chunks: per-row target logit (0 where not owned) and log-sum-exp, and with
+    ``weights`` the gradients (3 GEMMs).
+    ``lse_all``: the rows' log-sum-exp over all classes when w is one shard of them (the
+    softmax's denominator then comes from outside the chunk)."""
     p, n = s.p, s.p.n
-    loss, lse = np.zeros(n), np.zeros(n)
+    tgt, lse = np.zeros(n), np.zeros(n)
     grad_x: Any = None
     grad_w: Any = None
     tmp: Any = None
@@ -120,16 +135,17 @@ def _rows(s: _Loss, x: Any, w: Any, weights: F64 | None) -> tuple[F64, F64, Any,
     for r0 in range(0, n, s.plan.size):
         rows = slice(r0, min(n, r0 + s.plan.size))
         z, hit, cols = _chunk_logits(s, x, w, rows, slice(0, p.c))
-        t = z[hit, cols].astype(np.float64)
+        tgt[r0 + hit] = z[hit, cols]
         m, se = _exp_shifted(z)
         lse[rows] = m + np.log(se)
-        loss[rows] = lse[rows] - t
         if weights is None:
             continue
         wr = weights[rows]
-        z *= (wr / se).astype(p.dtype)[:, None]  # softmax times the row's weight
+        # softmax times the row's weight: exp(z - m) / se, or exp(z - m) * exp(m - lse_all)
+        scale = wr / se if lse_all is None else wr * np.exp(m - lse_all[rows])
+        z *= scale.astype(p.dtype)[:, None]
         z[hit, cols] -= wr[hit].astype(p.dtype)
-        g[rows] = z[hit, cols]
+        g[r0 + hit] = z[hit, cols]
         np.matmul(z, w, out=grad_x[rows])
         if r0 == 0:
             np.matmul(z.T, x[rows], out=grad_w)
@@ -137,11 +153,12 @@ def _rows(s: _Loss, x: Any, w: Any, weights: F64 | None) -> tuple[F64, F64, Any,
             tmp = np.empty_like(grad_w) if tmp is None else tmp
             np.matmul(z.T, x[rows], out=tmp)
             grad_w += tmp
-    return loss, lse, grad_x, _finish(s, x, w, g, grad_x, grad_w)
+    return tgt, lse, grad_x, _finish(s, x, w, g, grad_x, grad_w)
 
 
 def _classes_lse(s: _Loss, x: Any, w: Any) -> tuple[F64, F64]:
-    """Class chunks, first pass: per-row loss and log-sum-exp, combined online (1 GEMM)."""
+    """Class chunks, first pass: per-row target logit (0 where not owned) and log-sum-exp,
+    combined online (1 GEMM)."""
     p, n = s.p, s.p.n
     m, se, t = np.full(n, -np.inf), np.zeros(n), np.zeros(n)
     for k0 in range(0, p.c, s.plan.size):
@@ -151,8 +168,7 @@ def _classes_lse(s: _Loss, x: Any, w: Any) -> tuple[F64, F64]:
         m_new = np.maximum(m, mk)
         se = se * np.exp(m - m_new) + sk * np.exp(mk - m_new)
         m = m_new
-    lse = m + np.log(se)
-    return lse - t, lse
+    return t, m + np.log(se)
 
 
 def _classes_grad(s: _Loss, x: Any, w: Any, weights: F64, lse: F64) -> tuple[Any, Any]:
@@ -186,6 +202,16 @@ def _finish(s: _Loss, x: Any, w: Any, g: F64, grad_x: Any, grad_w: Any) -> Any:
     return grad_w
 
 
+def _lse_pass(s: _Loss, x: Any, w: Any) -> tuple[F64, F64]:
+    """Each row's target logit (float64, 0 where not owned) and log-sum-exp over w's classes."""
+    if s.p.n == 0:
+        return np.zeros(0), np.zeros(0)
+    if s.plan.mode == "rows":
+        tgt, lse, _, _ = _rows(s, x, w, None)
+        return tgt, lse
+    return _classes_lse(s, x, w)
+
+
 def _empty_grads(s: _Loss) -> tuple[Any, Any]:
     return np.zeros((s.p.n, s.p.d), s.p.dtype), np.zeros((s.p.c, s.p.d), s.p.dtype)
 
@@ -196,22 +222,24 @@ def cross_entropy(
     memory_budget: object = None, return_lse: bool = False,
 ) -> Any:  # fmt: skip
     s = _prepare(x, w, label, margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
-    if s.p.n == 0:
-        loss, lse = np.zeros(0), np.zeros(0)
-    elif s.plan.mode == "rows":
-        loss, lse, _, _ = _rows(s, x, w, None)
-    else:
-        loss, lse = _classes_lse(s, x, w)
-    out = _reduce(s, loss)
+    tgt, lse = _lse_pass(s, x, w)
+    out = _reduce(s, lse - tgt)
     return (out, lse) if return_lse else out
 
 
 def cross_entropy_backward(
     grad_loss: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, reduction: object = "mean",
     ignore_index: object = -100, chunk_size: object = None, chunking: object = None,
-    memory_budget: object = None, lse: Any = None,
+    memory_budget: object = None, lse: Any = None, class_start: object = 0, num_classes: object = None,
 ) -> tuple[Any, Any]:  # fmt: skip
-    s = _prepare(x, w, label, margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    s = _prepare(
+        x, w, label, margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget, class_start,
+        num_classes,
+    )  # fmt: skip
+    if s.sharded and lse is None:
+        raise ValueError(
+            "lse (the rows' log-sum-exp over all num_classes classes) is required for a class shard"
+        )
     shape = (s.p.n,) if s.reduction == "none" else ()
     if tuple(np.shape(grad_loss)) != shape:
         raise ValueError(
@@ -223,7 +251,8 @@ def cross_entropy_backward(
         return _empty_grads(s)
     weights = _row_weights(s, grad_loss)
     if s.plan.mode == "rows":
-        _, _, grad_x, grad_w = _rows(s, x, w, weights)
+        lse_all = np.asarray(lse, dtype=np.float64) if s.sharded else None
+        _, _, grad_x, grad_w = _rows(s, x, w, weights, lse_all)
         return grad_x, grad_w
     if lse is None:
         _, lse = _classes_lse(s, x, w)
@@ -242,8 +271,21 @@ def cross_entropy_with_grad(
         return (_reduce(s, np.zeros(0)), *_empty_grads(s))
     weights = _row_weights(s, 1.0)
     if s.plan.mode == "rows":
-        loss, _, grad_x, grad_w = _rows(s, x, w, weights)
+        tgt, lse, grad_x, grad_w = _rows(s, x, w, weights)
     else:
-        loss, lse = _classes_lse(s, x, w)
+        tgt, lse = _classes_lse(s, x, w)
         grad_x, grad_w = _classes_grad(s, x, w, weights, lse)
-    return _reduce(s, loss), grad_x, grad_w
+    return _reduce(s, lse - tgt), grad_x, grad_w
+
+
+def cross_entropy_shard_stats(
+    x: Any, w: Any, label: Any, *, class_start: object, num_classes: object, margin: object, beta: object,
+    ignore_index: object = -100, chunk_size: object = None, chunking: object = None,
+    memory_budget: object = None,
+) -> tuple[F64, F64]:  # fmt: skip
+    s = _prepare(
+        x, w, label, margin, beta, "none", ignore_index, chunk_size, chunking, memory_budget, class_start,
+        num_classes,
+    )  # fmt: skip
+    tgt, lse = _lse_pass(s, x, w)
+    return lse, tgt

@@ -32,6 +32,7 @@ __all__ = [
     "check_nonnegative",
     "check_out",
     "check_reduction",
+    "check_shard",
     "supported_dtypes",
 ]
 
@@ -88,7 +89,9 @@ class Problem:
     beta: float
     inputs: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
-    def same_call(self, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None) -> Problem:
+    def same_call(
+        self, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
+    ) -> Problem:
         """This problem, if it was checked for these very arrays (identity: O(1), no data
         read) and hyper-parameters; a ValueError naming ``checked`` otherwise."""
         given = (x, w, label, grad_logits)
@@ -187,7 +190,29 @@ def check_arrays(
             )
         if grad_logits.dtype != x.dtype:
             raise TypeError(f"grad_logits.dtype={grad_logits.dtype} must equal x.dtype={x.dtype}")
-    return Problem(n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b, inputs=(x, w, label, grad_logits))
+    return Problem(
+        n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b, inputs=(x, w, label, grad_logits)
+    )
+
+
+def check_shard(class_start: object, num_classes: object, c: int) -> tuple[int, int]:
+    """``(class_start, num_classes)`` of a class shard: w's ``c`` rows are the classes
+    ``[class_start, class_start + c)`` of ``num_classes`` (labels are indices into all of
+    them).  ``num_classes=None`` means w holds every class: ``(0, c)``."""
+    if num_classes is None:
+        if check_integer("class_start", class_start, 0) != 0:
+            raise ValueError(f"class_start={class_start!r} needs num_classes (the total number of classes)")
+        return 0, c
+    total = check_integer("num_classes", num_classes, 1)
+    if total < c:
+        raise ValueError(f"num_classes={num_classes!r} is smaller than w's C={c} rows")
+    start = check_integer("class_start", class_start, 0)
+    if start + c > total:
+        raise ValueError(
+            f"class_start={class_start!r} puts w's C={c} rows past num_classes={total}: "
+            f"class_start must lie in [0, {total - c}]"
+        )
+    return start, total
 
 
 def check_label_values(label: Any, c: int, ignore_index: int | None = None) -> None:
