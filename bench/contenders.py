@@ -64,6 +64,7 @@ __all__ = [
     "loss_cases",
     "naive_lsoftmax",
     "numpy_cases",
+    "numpy_ce_step",
     "sizes_for",
     "torch_cases",
 ]
@@ -239,6 +240,28 @@ def _layer_cases(xp: Any, library: str, linear_name: str, lsm_name: str, clock: 
         Case(linear_name, library, "layer", linear_name, linear, clock),
         Case(lsm_name, library, "layer", linear_name, ours, clock),
     ]
+
+
+def numpy_ce_step(x: np.ndarray, w: np.ndarray, label: np.ndarray) -> Callable[[], object]:
+    """A whole NumPy linear + softmax-cross-entropy step, as a careful NumPy user writes it:
+    logits, softmax, the mean loss and both gradients (three GEMMs and the O(N·C) softmax),
+    the logits' buffer reused for their gradient.  The floor of the per-call overhead table."""
+    n = len(label)
+    rows = np.arange(n)
+
+    def run() -> object:
+        z = x @ w.T
+        target = z[rows, label]
+        m = z.max(axis=1, keepdims=True)
+        z -= m
+        np.exp(z, out=z)
+        s = z.sum(axis=1, keepdims=True)
+        loss = np.mean(np.log(s[:, 0]) + m[:, 0] - target)
+        z /= s * n  # softmax / N: the gradient of the mean
+        z[rows, label] -= z.dtype.type(1.0 / n)
+        return loss, z @ w, z.T @ x
+
+    return run
 
 
 def numpy_cases(size: Size, dtype: str, seed: int = 0) -> list[Case]:

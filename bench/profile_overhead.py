@@ -1,0 +1,183 @@
+"""Per-call overhead, path by path: ``python -m bench.profile_overhead``.
+
+At the seed's MNIST head (N=256, D=2, C=10: ``--size mnist``, the default) the GEMMs cost
+nothing and a forward+backward is per-call overhead.  For each path this prints the
+median time per call (interleaved with the path's floor, like ``python -m bench``) and a
+cProfile of a few thousand calls, sorted by own time, with the number of function calls
+per forward+backward (NumPy's C functions count as one each):
+
+* ``numpy``: ``lsoftmax_core.forward`` + ``backward`` on NumPy arrays, against a whole
+  NumPy linear + softmax-cross-entropy step (logits, softmax, loss, both gradients);
+* ``torch``: ``F.cross_entropy(lsoftmax(...))`` forward+backward through the PyTorch
+  adapter, against ``F.cross_entropy(F.linear(...))``;
+* ``jax``: ``jax.grad`` of the mean cross-entropy of ``lsoftmax(...)`` under ``jit``,
+  against the same with ``x @ w.T`` (the callbacks' host side is what we add);
+* ``cupy`` (only where a GPU is visible): the CuPy backend's host time per
+  forward+backward, from call to return without synchronising.
+
+``--paths numpy,torch`` picks paths, ``--top`` the rows of each profile.  Cap the threads
+from outside (``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1``) for one-thread figures.
+cProfile roughly doubles the cost of each Python call, so its times rank where the time
+goes; the medians above each profile are the unprofiled figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import numpy as np
+
+from .contenders import BETA, MARGIN, sizes_for
+from .harness import Case, cpu_clock, measure
+
+__all__ = ["main", "paths"]
+
+Fn = Callable[[], object]
+
+
+def _numpy(x: np.ndarray, w: np.ndarray, g: np.ndarray, y: np.ndarray) -> tuple[Fn, Fn]:
+    import lsoftmax_core as lsm
+
+    from .contenders import numpy_ce_step
+
+    def ours() -> object:
+        logits = lsm.forward(x, w, y, margin=MARGIN, beta=BETA)
+        return logits, lsm.backward(g, x, w, y, margin=MARGIN, beta=BETA)
+
+    return ours, numpy_ce_step(x, w, y)
+
+
+def _torch(x: np.ndarray, w: np.ndarray, y: np.ndarray) -> tuple[Fn, Fn]:
+    import torch
+    import torch.nn.functional as F
+
+    from lsoftmax_core.adapters.torch import lsoftmax
+
+    tx, tw = (torch.tensor(a, requires_grad=True) for a in (x, w))
+    ty = torch.from_numpy(y)
+
+    def ours() -> object:
+        return torch.autograd.grad(F.cross_entropy(lsoftmax(tx, tw, ty, margin=MARGIN, beta=BETA), ty), (tx, tw))
+
+    def floor() -> object:
+        return torch.autograd.grad(F.cross_entropy(F.linear(tx, tw), ty), (tx, tw))
+
+    return ours, floor
+
+
+def _jax(x: np.ndarray, w: np.ndarray, y: np.ndarray) -> tuple[Fn, Fn]:
+    import jax
+    import jax.numpy as jnp
+
+    from lsoftmax_core.adapters.jax import lsoftmax
+
+    jx, jw, jy = (jnp.asarray(a) for a in (x, w, y))
+
+    def ce(logits: Any) -> Any:
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), jy])
+
+    ours_grad = jax.jit(jax.grad(lambda x, w: ce(lsoftmax(x, w, jy, margin=MARGIN, beta=BETA)), argnums=(0, 1)))
+    floor_grad = jax.jit(jax.grad(lambda x, w: ce(x @ w.T), argnums=(0, 1)))
+
+    def ours() -> object:
+        return jax.block_until_ready(ours_grad(jx, jw))
+
+    def floor() -> object:
+        return jax.block_until_ready(floor_grad(jx, jw))
+
+    return ours, floor
+
+
+def _cupy(x: np.ndarray, w: np.ndarray, g: np.ndarray, y: np.ndarray) -> tuple[Fn, Fn]:
+    import cupy
+
+    import lsoftmax_core as lsm
+
+    cx, cw, cg = (cupy.asarray(a) for a in (x, w, g))
+    cy = cupy.asarray(y)
+
+    def ours() -> object:  # host time: no synchronisation inside the timed calls
+        logits = lsm.forward(cx, cw, cy, margin=MARGIN, beta=BETA)
+        return logits, lsm.backward(cg, cx, cw, cy, margin=MARGIN, beta=BETA)
+
+    def floor() -> object:
+        return cx @ cw.T, cg @ cw, cg.T @ cx
+
+    return ours, floor
+
+
+def paths(size_name: str = "mnist", dtype: str = "float32") -> dict[str, tuple[Fn, Fn]]:
+    """path name -> (ours, floor), each one forward+backward, for the paths available here."""
+    (size,) = sizes_for("cpu", [size_name])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((size.n, size.d)).astype(dtype)
+    w = (rng.standard_normal((size.c, size.d)) / np.sqrt(size.d)).astype(dtype)
+    g = (rng.standard_normal((size.n, size.c)) / size.n).astype(dtype)
+    y = rng.integers(0, size.c, size.n)
+    out: dict[str, tuple[Fn, Fn]] = {"numpy": _numpy(x, w, g, y)}
+    for name, make in (("torch", lambda: _torch(x, w, y)), ("jax", lambda: _jax(x, w, y))):
+        try:
+            out[name] = make()
+        except ImportError:
+            pass
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            out["cupy"] = _cupy(x, w, g, y)
+    except Exception:  # noqa: BLE001, S110 - no CuPy, no driver, no device: no cupy path
+        pass
+    return out
+
+
+def _profile(fn: Fn, calls: int, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    total = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+    text.write(f"{total / calls:.0f} function calls per forward+backward\n")
+    stats.sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=[s.name for s in sizes_for("cpu")], default="mnist")
+    p.add_argument("--paths", type=lambda v: [s for s in v.split(",") if s], default=None,
+                   help="comma-separated: numpy, torch, jax, cupy (default: all available)")
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--calls", type=int, default=2000, help="calls under cProfile per path")
+    p.add_argument("--top", type=int, default=20)
+    a = p.parse_args(argv)
+    available = paths(a.size)
+    chosen = a.paths or list(available)
+    missing = sorted(set(chosen) - set(available))
+    if missing:
+        raise SystemExit(f"path(s) {', '.join(missing)} not available here; available: {', '.join(available)}")
+    (size,) = sizes_for("cpu", [a.size])
+    print(f"{size.label} float32, margin {MARGIN}, beta {BETA}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    for name in chosen:
+        ours, floor = available[name]
+        cases = [Case(f"{name} floor", name, "overhead", f"{name} floor", floor, cpu_clock),
+                 Case(f"{name} lsoftmax-core", name, "overhead", f"{name} floor", ours, cpu_clock)]
+        m_floor, m_ours = measure(cases, repeat=a.repeat, warmup=2, min_time=0.02)
+        ratio = float(np.median([s / f for s, f in zip(m_ours.samples, m_floor.samples)]))
+        print(f"\n=== {name}: ours {m_ours.median * 1e6:.1f} us, floor {m_floor.median * 1e6:.1f} us, "
+              f"ratio {ratio:.2f}x (median of {a.repeat} interleaved samples)")
+        print(_profile(ours, max(1, a.calls if size.c <= 1000 else 20), a.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
