@@ -22,14 +22,20 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from lsoftmax_core.demo import app as demo  # noqa: E402
-from lsoftmax_core.demo.data import MNIST_FILES, DataError, load_mnist, read_idx  # noqa: E402
+from lsoftmax_core.demo.data import MNIST_FILES, DataError, load_mnist, mnist_names, read_idx  # noqa: E402
 from lsoftmax_core.demo.plot import angle_stats, class_palette, markdown_table  # noqa: E402
 
 RUN_KEYS = {"margin", "test_accuracy", "intra_class_angle_deg", "inter_class_min_angle_deg", "train_seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+_IDX_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -46,7 +52,14 @@ def write_idx(path: Path, a: np.ndarray) -> Path:
     return path
 
 
-def write_mnist(folder: Path, n_train: int = 96, n_test: int = 40, *, gz: bool = False) -> Path:
+def mnist_name(key: str, *, dotted: bool = False) -> str:
+    """A file's standard name (train-images-idx3-ubyte) or dotted one (train-images.idx3-ubyte)."""
+    return MNIST_FILES[key].replace("-idx", ".idx") if dotted else MNIST_FILES[key]
+
+
+def write_mnist(
+    folder: Path, n_train: int = 96, n_test: int = 40, *, gz: bool = False, dotted: bool = False
+) -> Path:
     """A small MNIST-format folder: the 8x8 digits blown up to 28x28 (3x3 pixel blocks)."""
     from sklearn.datasets import load_digits
 
@@ -58,11 +71,13 @@ def write_mnist(folder: Path, n_train: int = 96, n_test: int = 40, *, gz: bool =
     folder.mkdir(parents=True, exist_ok=True)
     suffix = ".gz" if gz else ""
     parts = {
-        "train_images": images[:n_train], "train_labels": labels[:n_train],
-        "test_images": images[n_train:n_train + n_test], "test_labels": labels[n_train:n_train + n_test],
+        "train_images": images[:n_train],
+        "train_labels": labels[:n_train],
+        "test_images": images[n_train : n_train + n_test],
+        "test_labels": labels[n_train : n_train + n_test],
     }
     for key, arr in parts.items():
-        write_idx(folder / (MNIST_FILES[key] + suffix), arr)
+        write_idx(folder / (mnist_name(key, dotted=dotted) + suffix), arr)
     return folder
 
 
@@ -128,9 +143,10 @@ def test_read_idx_rejects_a_broken_gzip(tmp_path):
 # --------------------------------------------------------------------------- MNIST folder
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_load_mnist_reads_the_four_files(tmp_path, gz):
-    data = load_mnist(write_mnist(tmp_path / "mnist", 30, 12, gz=gz))
+@pytest.mark.parametrize("dotted", [False, True], ids=["standard-names", "dotted-names"])
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_load_mnist_reads_the_four_files(tmp_path, gz, dotted):
+    data = load_mnist(write_mnist(tmp_path / "mnist", 30, 12, gz=gz, dotted=dotted))
     assert data.x_train.shape == (30, 1, 28, 28) and data.x_test.shape == (12, 1, 28, 28)
     assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
     assert data.x_train.min() == -1.0 and data.x_train.max() == 1.0
@@ -147,6 +163,22 @@ def test_load_mnist_accepts_a_mix_of_gzipped_and_plain_files(tmp_path):
     assert load_mnist(folder).y_test.shape == (10,)
 
 
+def test_mnist_names_are_standard_then_dotted_each_plain_then_gzipped():
+    assert mnist_names("t10k-images-idx3-ubyte") == (
+        "t10k-images-idx3-ubyte",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-images.idx3-ubyte",
+        "t10k-images.idx3-ubyte.gz",
+    )
+
+
+def test_load_mnist_prefers_the_standard_name_when_both_styles_are_present(tmp_path):
+    folder = write_mnist(tmp_path / "mnist", 20, 10)
+    # A dotted copy holding other labels must be ignored: the standard file is read.
+    write_idx(folder / mnist_name("test_labels", dotted=True), np.zeros(10, dtype=np.uint8))
+    np.testing.assert_array_equal(load_mnist(folder).y_test, read_idx(folder / MNIST_FILES["test_labels"]))
+
+
 def test_load_mnist_names_the_missing_folder_and_file(tmp_path):
     with pytest.raises(DataError, match="does not exist") as info:
         load_mnist(tmp_path / "nowhere")
@@ -156,6 +188,7 @@ def test_load_mnist_names_the_missing_folder_and_file(tmp_path):
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz") as info:
         load_mnist(folder)
     assert str(folder) in str(info.value) and "has no train-labels-idx1-ubyte" in str(info.value)
+    assert "train-labels.idx1-ubyte.gz" in str(info.value)  # every name looked for is named
 
 
 @pytest.mark.parametrize(
@@ -198,8 +231,13 @@ def test_class_palette_is_ten_distinct_colours():
 
 
 def test_markdown_table():
-    row = {"margin": 4, "test_accuracy": 0.98765, "intra_class_angle_deg": 2.345,
-           "inter_class_min_angle_deg": 31.0, "train_seconds": 12.34}
+    row = {
+        "margin": 4,
+        "test_accuracy": 0.98765,
+        "intra_class_angle_deg": 2.345,
+        "inter_class_min_angle_deg": 31.0,
+        "train_seconds": 12.34,
+    }
     lines = markdown_table([row]).splitlines()
     assert len(lines) == 3 and lines[0].startswith("| margin |")
     assert lines[2] == "| 4 | 98.77% | 2.35 | 31.00 | 12.3 |"
@@ -239,6 +277,19 @@ def test_cuda_without_a_device_is_a_clear_error(capsys, tmp_path):
     assert "PyTorch sees no CUDA device" in capsys.readouterr().err
 
 
+def test_cuda_without_cupy_is_a_clear_error_before_any_data_is_loaded(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--device", "cuda", "--mnist", str(tmp_path / "no-mnist"), "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "through the CuPy backend" in err and "cupy" in err
+    assert "--mnist folder" not in err and not (tmp_path / "o").exists()
+
+
 def test_out_must_not_be_a_file(capsys, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
@@ -274,8 +325,13 @@ def test_malformed_mnist_file_is_a_clear_error(capsys, tmp_path):
 
 
 def test_module_entry_point_prints_help():
-    done = subprocess.run([sys.executable, "-m", "lsoftmax_core.demo", "--help"],
-                          capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "lsoftmax_core.demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     for flag in ("--out", "--margins", "--epochs", "--mnist", "--device", "--seed"):
         assert flag in done.stdout
 
@@ -312,8 +368,12 @@ def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
     versions = results["config"]["versions"]  # the numbers hold for these versions only
     assert versions["torch"] == torch.__version__ and versions["numpy"] == np.__version__
     assert set(versions) == {"python", "lsoftmax-core", "torch", "numpy", "scikit-learn"}
-    assert runs[1]["schedule"] == {"kind": "exponential", "beta0": 100.0, "scale": 0.99,
-                                   "beta_min": demo.BETA_MIN}
+    assert runs[1]["schedule"] == {
+        "kind": "exponential",
+        "beta0": 100.0,
+        "scale": 0.99,
+        "beta_min": demo.BETA_MIN,
+    }
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 4 and table[2].startswith("| 1 | ") and table[3].startswith("| 3 | ")
 
@@ -323,13 +383,66 @@ def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
     assert _without_time(_load(again)["runs"]) == _without_time(runs[1:])
 
 
-def test_quick_run_on_mnist_files(tmp_path, capsys):
-    folder = write_mnist(tmp_path / "mnist", 96, 40, gz=True)
+@pytest.mark.parametrize(
+    ("gz", "dotted"), [(True, False), (False, True)], ids=["standard-gz", "dotted-plain"]
+)
+def test_quick_run_on_mnist_files(tmp_path, capsys, gz, dotted):
+    folder = write_mnist(tmp_path / "mnist", 96, 40, gz=gz, dotted=dotted)
     out = tmp_path / "out"
-    assert demo.main(["--mnist", str(folder), "--out", str(out), "--margins", "2", "--epochs", "1",
-                      "--seed", "3"]) == 0
+    assert (
+        demo.main(
+            ["--mnist", str(folder), "--out", str(out), "--margins", "2", "--epochs", "1", "--seed", "3"]
+        )
+        == 0
+    )
     results = _load(out)
     assert results["config"]["train_size"] == 96 and results["config"]["test_size"] == 40
     assert results["config"]["seed"] == 3 and results["config"]["batch_size"] == demo.MNIST.batch_size
     assert [r["margin"] for r in results["runs"]] == [2]
     assert (out / "features-margin-2.png").read_bytes()[:8] == PNG_MAGIC
+    # MNIST trains with the seed's recipe, recorded in results.json
+    assert results["runs"][0]["schedule"]["beta_min"] == demo.MNIST.beta_min == 0.0
+    config = results["config"]
+    assert config["batch_norm"] is False and config["xavier_init"] is True and config["lr"] == 0.01
+
+
+def test_mnist_preset_is_the_seeds_recipe_and_the_digits_keep_theirs():
+    m = demo.MNIST
+    assert (m.epochs, m.lr_drop_epoch, m.batch_size, m.lr, m.momentum, m.weight_decay) == (
+        20,
+        10,
+        128,
+        0.01,
+        0.9,
+        5e-4,
+    )
+    assert (m.batch_norm, m.beta_min, m.xavier_init) == (False, 0.0, True)
+    d = demo.DIGITS
+    assert (d.epochs, d.lr_drop_epoch, d.batch_size, d.lr) == (60, 45, 64, 0.02)
+    assert (d.batch_norm, d.beta_min, d.xavier_init) == (True, demo.BETA_MIN, False)
+
+
+@pytest.mark.parametrize("image_size", [8, 28])
+def test_feature_net_has_batch_norm_only_when_asked(image_size):
+    import torch
+
+    for batch_norm, count in ((True, 3), (False, 0)):
+        net = demo._feature_net(image_size, batch_norm=batch_norm)
+        norms = [m for m in net.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+        assert len(norms) == count
+        assert net(torch.zeros(2, 1, image_size, image_size)).shape == (2, 2)
+
+
+def test_xavier_init_is_mxnets_glorot_uniform_with_zero_biases():
+    import torch
+
+    torch.manual_seed(0)
+    net = demo._feature_net(28, batch_norm=False)
+    demo._xavier_(net.modules())
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = m.weight.detach()
+            receptive = w[0, 0].numel() if w.dim() > 2 else 1
+            bound = math.sqrt(6.0 / ((w.shape[0] + w.shape[1]) * receptive))
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+            assert not m.bias.any()
