@@ -132,6 +132,40 @@ if [ $env_rc -eq 0 ]; then
     "$PY" -P -m bench "${bench_args[@]}" --no-doc --no-plot --out "$OUT/bench"
 fi
 
+# --- demo smoke (issue 14) -------------------------------------------------------------
+# lsoftmax-demo --device cuda on scikit-learn's bundled 8x8 digits (no data to fetch):
+# margins 1 and 4, 20 epochs of 20 steps, 800 training steps of the demo's CNN in PyTorch
+# with the L-Softmax layer on CUDA through the CuPy backend.  Fails when a margin's test
+# accuracy is under 0.9; skipped, and said so, without torch (CUDA), scikit-learn,
+# matplotlib or tqdm.  Adds 2 files to $OUT: demo-smoke.log and demo-results.json (the
+# run's results.json, CuPy's version included).  Limit DEMO_TIMEOUT (120 s).
+if [ $env_rc -eq 0 ]; then
+  if ! "$PY" -c "import torch, sklearn, matplotlib, tqdm; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "demo smoke: torch with CUDA, scikit-learn, matplotlib or tqdm missing; skipped"
+    SUMMARY+=("| demo smoke | SKIPPED: demo dependencies missing | 0 s |")
+  else
+    DEMO_DIR=${TMPDIR:-/tmp}/lsoftmax-gpu-demo
+    rm -rf "$DEMO_DIR"
+    stage "demo smoke" "${DEMO_TIMEOUT:-120}" "$PY" -P - "$DEMO_DIR" "$OUT/demo-results.json" <<'EOF'
+import json, shutil, sys
+from lsoftmax_core.demo import main
+out, keep = sys.argv[1], sys.argv[2]
+main(["--device", "cuda", "--margins", "1,4", "--epochs", "20", "--out", out])
+shutil.copy(f"{out}/results.json", keep)
+runs = json.load(open(keep))["runs"]
+for r in runs:
+    print(f"margin {r['margin']}: {100 * r['test_accuracy']:.1f}%, intra-class {r['intra_class_angle_deg']:.2f} deg, "
+          f"{r['train_seconds']:.1f} s")
+low = [r["margin"] for r in runs if r["test_accuracy"] < 0.9]
+if low:
+    sys.exit(f"demo smoke: test accuracy under 0.9 at margins {low}")
+EOF
+  fi
+else
+  SUMMARY+=("| demo smoke | not run | 0 s |")
+fi
+# --- end demo smoke ------------------------------------------------------------------------
+
 counts=""
 if [ -f "$OUT/gpu-tests.xml" ]; then
   counts=$("$PY" - "$OUT/gpu-tests.xml" <<'EOF'
