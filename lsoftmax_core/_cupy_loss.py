@@ -16,6 +16,11 @@ from the lse and adds G @ w[classes] to grad_x and writes grad_w[classes] = G.T 
 margin's own terms are added once at the end from the collected target entries g_i of G
 (``lsm_loss_margin_rows`` + ``lsm_backward_classes``, as in ``backward``).
 
+On a class shard (``class_start``, ``num_classes``; docs/derivatives.md, "Class shards") the
+labels are checked against num_classes, the chunk kernels read shard-local labels in which a
+row whose class lives elsewhere has no target column, and the backward's gradient kernel
+reads the given log-sum-exp over all classes instead of the chunks' own.
+
 Deterministic (no float atomics; fixed reduction orders), and no host synchronisation:
 the number of non-ignored rows, the mean's scale and the reduced loss stay on the device.
 Labels are checked on the device like ``forward``'s: a label outside [0, C) that is not
@@ -32,9 +37,15 @@ import numpy as np
 
 from . import _cupy_plan as plan
 from ._loss_plan import ChunkPlan, plan_chunks
-from .checks import Problem, check_arrays, check_integer, check_reduction
+from .checks import Problem, check_arrays, check_integer, check_reduction, check_shard
 
-__all__ = ["LossDriver", "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
+__all__ = [
+    "LossDriver",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "cross_entropy_shard_stats",
+    "cross_entropy_with_grad",
+]
 
 Gemm = Callable[[Any, Any, Any], Any]  # gemm(a, b, out): out = a @ b, returns out
 
@@ -46,6 +57,10 @@ class _Loss(NamedTuple):
     n_valid: Any  # device scalar (never read on the host)
     call: plan.LossCall
     plan: ChunkPlan
+    # The labels the margin kernels read: ``call.values["label"]`` itself, or on a class
+    # shard a copy whose rows without a target here point at class 0 (their g_i is 0).
+    safe_label: Any
+    sharded: bool
 
 
 class LossDriver:
@@ -64,12 +79,14 @@ class LossDriver:
 
     def prepare(
         self, x: Any, w: Any, label: Any, margin: object, beta: object, reduction: object, ignore_index: object,
-        chunk_size: object, chunking: object, memory_budget: object, op: int,
+        chunk_size: object, chunking: object, memory_budget: object, op: int, class_start: object = 0,
+        num_classes: object = None,
     ) -> _Loss:  # fmt: skip
         xp = self.xp
         reduction = check_reduction(reduction)
         ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
         p = check_arrays(x, w, label, margin, beta, dtypes=self.dtypes)
+        start, total = check_shard(class_start, num_classes, p.c)
         cp = plan_chunks(
             p.n, p.c, p.dtype.itemsize, chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget
         )
@@ -80,16 +97,38 @@ class LossDriver:
         else:  # no label can equal it
             valid = xp.ones(label.shape, dtype=bool)
             lab = label
-        call = plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=lab, serial=self.serial(), op=op)
+        sharded = total != p.c
+        if sharded:
+            # Labels are indices into all num_classes classes.  They are checked against
+            # num_classes on the device (bad ones recorded as usual); then the chunk kernels
+            # read shard-local labels in which a row whose class is elsewhere (or ignored)
+            # points one past the shard: chunk_target gives it no target column, so its
+            # target logit is never read.  The target and margin kernels read a copy pointing
+            # such rows at class 0 (a valid index); their g_i is 0, so they add nothing.
+            glab = xp.ascontiguousarray(lab, dtype=np.int64)
+            owned = valid & (glab >= start) & (glab < start + p.c)
+            local = xp.where(owned, glab - start, p.c)
+            safe = xp.where(owned, local, 0)
+            call = plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=glab, serial=self.serial(), op=op)
+        else:
+            call = plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=lab, serial=self.serial(), op=op)
         n = p.n
         v = call.values
         v["tgt"] = xp.zeros(n, dtype=np.float64)
         v["target"] = xp.empty(n, dtype=np.float64) if p.margin > 1 else v["tgt"]
         for name in ("run_m", "run_s", "lse"):
             v[name] = xp.empty(n, dtype=np.float64)
+        if not sharded:
+            if n:
+                self.run(call.targets())
+            return _Loss(p, reduction, valid, xp.count_nonzero(valid), call, cp, v["label"], False)
         if n:
-            self.run(call.targets())
-        return _Loss(p, reduction, valid, xp.count_nonzero(valid), call, cp)
+            self.run(call.check_labels(total))  # v["label"] holds the global labels here
+            v["label"] = safe
+            if p.margin > 1:
+                self.run(call.targets())
+        v["label"] = local
+        return _Loss(p, reduction, valid, xp.count_nonzero(valid), call, cp, safe, True)
 
     def weights(self, s: _Loss, grad_loss: Any) -> Any:
         """d(reduced loss)/d(loss_i) times the upstream gradient: 0 on ignored rows."""
@@ -127,8 +166,10 @@ class LossDriver:
             held[:] = [self.xp.empty(size, dtype=dtype)]
         return held[0][:size].reshape(shape)
 
-    def rows(self, s: _Loss, x: Any, w: Any, weights: Any) -> tuple[Any, Any, Any]:
-        """Row chunks: per-row loss and lse, and with ``weights`` the gradients."""
+    def rows(self, s: _Loss, x: Any, w: Any, weights: Any, lse_all: Any = None) -> tuple[Any, Any, Any]:
+        """Row chunks: per-row loss and lse, and with ``weights`` the gradients.  ``lse_all``:
+        the rows' log-sum-exp over all classes on a class shard (the chunks' own lse is then
+        not needed: the gradient kernel reads the given one)."""
         xp, p, n, call = self.xp, s.p, s.p.n, s.call
         grad_x: Any = None
         grad_w: Any = None
@@ -136,11 +177,14 @@ class LossDriver:
         if weights is not None:
             grad_x, grad_w = xp.empty((n, p.d), p.dtype), xp.zeros((p.c, p.d), p.dtype)
             call.values.update(weight=weights, gvec=xp.zeros(n, np.float64), grad_x=grad_x, grad_w=grad_w)
+            if lse_all is not None:
+                call.values["lse"] = lse_all
         zbuf: list[Any] = []
         for r0 in range(0, n, s.plan.size):
             rows = slice(r0, min(n, r0 + s.plan.size))
             z = self.gemm(x[rows], w.T, self._buffer((rows.stop - r0, p.c), p.dtype, zbuf))
-            self.run(call.chunk_lse(z, r0, 0, first=True))
+            if lse_all is None:
+                self.run(call.chunk_lse(z, r0, 0, first=True))
             if weights is None:
                 continue
             self.run(call.chunk_grad(z, r0, 0))
@@ -152,7 +196,7 @@ class LossDriver:
                 self._add(grad_w, self.gemm(z.T, x[rows], tmp))
         v = call.values
         if weights is not None:
-            self.run(call.margin(self.workspace))
+            self._margin(s)
         return v["lse"] - v["tgt"], grad_x, grad_w
 
     def classes_lse(self, s: _Loss, x: Any, w: Any) -> Any:
@@ -182,8 +226,13 @@ class LossDriver:
                 tmp = xp.empty_like(grad_x) if tmp is None else tmp
                 self._add(grad_x, self.gemm(z, w[k0:k1], tmp))
             self.gemm(z.T, x, grad_w[k0:k1])
-        self.run(call.margin(self.workspace))
+        self._margin(s)
         return grad_x, grad_w
+
+    def _margin(self, s: _Loss) -> None:
+        """The margin's own gradient terms, after the chunks (which read the shard-local labels)."""
+        s.call.values["label"] = s.safe_label
+        self.run(s.call.margin(self.workspace))
 
     def empty_grads(self, p: Problem) -> tuple[Any, Any]:
         return self.xp.zeros((p.n, p.d), p.dtype), self.xp.zeros((p.c, p.d), p.dtype)
@@ -210,11 +259,17 @@ class LossDriver:
     def cross_entropy_backward(
         self, grad_loss: Any, x: Any, w: Any, label: Any, *, margin: object = 2, beta: object = 0.0,
         reduction: object = "mean", ignore_index: object = -100, chunk_size: object = None,
-        chunking: object = None, memory_budget: object = None, lse: Any = None,
+        chunking: object = None, memory_budget: object = None, lse: Any = None, class_start: object = 0,
+        num_classes: object = None,
     ) -> tuple[Any, Any]:  # fmt: skip
         s = self.prepare(
-            x, w, label, margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget, plan.OP_BACKWARD
-        )
+            x, w, label, margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget, plan.OP_BACKWARD,
+            class_start, num_classes,
+        )  # fmt: skip
+        if s.sharded and lse is None:
+            raise ValueError(
+                "lse (the rows' log-sum-exp over all num_classes classes) is required for a class shard"
+            )
         shape = (s.p.n,) if s.reduction == "none" else ()
         if tuple(np.shape(grad_loss)) != shape:
             raise ValueError(
@@ -227,7 +282,8 @@ class LossDriver:
             return self.empty_grads(s.p)
         weights = self.weights(s, grad_loss)
         if s.plan.mode == "rows":
-            _, grad_x, grad_w = self.rows(s, x, w, weights)
+            lse_all = self.xp.ascontiguousarray(self.xp.asarray(lse, dtype=np.float64)) if s.sharded else None
+            _, grad_x, grad_w = self.rows(s, x, w, weights, lse_all)
             return grad_x, grad_w
         if lse is None:
             self.classes_lse(s, x, w)
@@ -254,6 +310,24 @@ class LossDriver:
             loss = self.classes_lse(s, x, w)
             grad_x, grad_w = self.classes_grad(s, x, w, weights, s.call.values["lse"])
         return self.reduce(s, loss), grad_x, grad_w
+
+    def cross_entropy_shard_stats(
+        self, x: Any, w: Any, label: Any, *, class_start: object, num_classes: object, margin: object = 2,
+        beta: object = 0.0, ignore_index: object = -100, chunk_size: object = None, chunking: object = None,
+        memory_budget: object = None,
+    ) -> tuple[Any, Any]:  # fmt: skip
+        """(lse over the shard's classes, target logit where the shard holds it else 0)."""
+        s = self.prepare(
+            x, w, label, margin, beta, "none", ignore_index, chunk_size, chunking, memory_budget, plan.OP_FORWARD,
+            class_start, num_classes,
+        )  # fmt: skip
+        if s.p.n == 0:
+            return self.xp.zeros(0), self.xp.zeros(0)
+        if s.plan.mode == "rows":
+            self.rows(s, x, w, None)
+        else:
+            self.classes_lse(s, x, w)
+        return s.call.values["lse"], s.call.values["tgt"]
 
 
 # ---------------------------------------------------------------- CuPy entry points
@@ -295,3 +369,7 @@ def cross_entropy_backward(grad_loss: Any, x: Any, w: Any, label: Any, **kwargs:
 
 def cross_entropy_with_grad(x: Any, w: Any, label: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
     return _call("cross_entropy_with_grad", x, w, label, **kwargs)  # type: ignore[no-any-return]
+
+
+def cross_entropy_shard_stats(x: Any, w: Any, label: Any, **kwargs: Any) -> tuple[Any, Any]:
+    return _call("cross_entropy_shard_stats", x, w, label, **kwargs)  # type: ignore[no-any-return]

@@ -469,6 +469,11 @@ class LossCall:
         p = self.p
         return Call(_loss_targets(p.n, p.c, p.d, p.dtype, p.margin, self.label_dtype, self.op), self.values)
 
+    def check_labels(self, num_classes: int) -> Call:
+        """The label check alone, against ``num_classes`` (a class shard's labels index all
+        the classes, not w's rows)."""
+        return Call((_check_launch(self.p.n, num_classes, self.label_dtype, self.op),), self.values)
+
     def _chunk(self, kind: str, r0: int, rows: int, k0: int, classes: int, *extra: Arg) -> Launch:
         if rows == 0 or classes == 0:
             raise ValueError("empty chunk")

@@ -182,3 +182,30 @@ def test_close_to_the_emulator_given_the_same_gemms(tmp_path) -> None:
         got = lsm.cross_entropy(xg, wg, lg, **kw)
         want = be.cross_entropy(x, w, label, **kw)
         np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=1e-14)
+
+
+@pytest.mark.parametrize("margin", [1, 3])
+@pytest.mark.parametrize("chunking", ["rows", "classes"])
+def test_class_shards_match_the_numpy_shards_on_the_gpu(margin, chunking) -> None:
+    rng = np.random.default_rng(11)
+    x, w, label = problem(rng, 17, 10, 6, scale=3.0)
+    label[4], label[5] = 3, 4
+    kw = dict(margin=margin, beta=2.0, chunking=chunking, chunk_size=3)
+    gl = rng.standard_normal(17)
+    stats = []
+    for a, b in ((0, 4), (4, 7), (7, 10)):
+        xg, wg, lg = _gpu(x, np.ascontiguousarray(w[a:b]), label)
+        got = lsm.cross_entropy_shard_stats(xg, wg, lg, class_start=a, num_classes=10, **kw)
+        want = lsm.cross_entropy_shard_stats(x, w[a:b], label, class_start=a, num_classes=10, **kw)
+        for u, v in zip(got, want):
+            assert_rel(_host(u), v, 1e-12)
+        stats.append(want)
+    lse = np.logaddexp.reduce([s[0] for s in stats], axis=0)
+    for a, b in ((0, 4), (4, 7), (7, 10)):
+        xg, wg, lg = _gpu(x, np.ascontiguousarray(w[a:b]), label)
+        shard = dict(reduction="none", class_start=a, num_classes=10, **kw)
+        got = lsm.cross_entropy_backward(cupy.asarray(gl), xg, wg, lg, lse=cupy.asarray(lse), **shard)
+        want = lsm.cross_entropy_backward(gl, x, w[a:b], label, lse=lse, **shard)
+        for u, v in zip(got, want):
+            assert_rel(_host(u), v, 1e-12)
+    lsm.check_labels()
