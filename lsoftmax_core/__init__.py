@@ -91,7 +91,9 @@ def _backend(**arrays: Any) -> ModuleType:
     return _cupy_backend
 
 
-def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, out: Any = None) -> Any:
+def forward(
+    x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, out: Any = None, return_stats: bool = False
+) -> Any:
     """L-Softmax logits, shape (N, C).
 
     x: (N, D) features; w: (C, D) class weights (a Linear layer's weight); label: (N,)
@@ -112,9 +114,19 @@ def forward(x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, o
     C-contiguous).  Every argument is checked before ``out`` is written, except CuPy labels,
     which the GPU checks without a host synchronisation (a bad one is reported by the next
     call, see the CuPy backend).
+
+    ``return_stats=True`` returns ``(logits, stats)``: ``stats`` are the per-sample
+    statistics the margin was computed from (norms, cosine, psi, psi'; O(N)), which
+    :func:`backward` takes as ``stats=`` instead of computing them again.  NumPy arrays: a
+    (6, N) float64 array, valid for these very x, w, label and margin (any beta), to be
+    treated as opaque; CuPy arrays: None (the kernels recompute them; see :func:`backward`).
     """
-    named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
-    return _backend(**named).forward(x, w, label, margin=margin, beta=beta, out=out)
+    if out is None and type(x) is np.ndarray and type(w) is np.ndarray and type(label) is np.ndarray:
+        from . import _numpy_backend as backend  # the common case, without _backend's checks
+    else:
+        named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
+        backend = _backend(**named)
+    return backend.forward(x, w, label, margin=margin, beta=beta, out=out, return_stats=return_stats)
 
 
 def backward(
@@ -126,19 +138,29 @@ def backward(
     margin: int = 2,
     beta: float = 0.0,
     out: tuple[Any, Any] | None = None,
+    stats: Any = None,
 ) -> tuple[Any, Any]:
     """Gradients ``(grad_x, grad_w)`` of ``sum(grad_logits * forward(x, w, label))``.
 
     ``out``: a pair of arrays, (N, D) and (C, D), to write the gradients into (and return),
-    with the rules of :func:`forward`'s ``out``.
+    with the rules of :func:`forward`'s ``out``.  ``stats``: what ``forward(...,
+    return_stats=True)`` returned for the same x, w, label and margin; the result is then
+    the same, bit for bit, without the statistics' O(N·D) pass.  It is checked for shape,
+    dtype and margin (a ValueError naming stats), not against the data: arrays changed
+    since the forward (an optimizer step in place) need a new forward.  None: computed here.
     """
-    named = {"grad_logits": grad_logits, "x": x, "w": w, "label": label}
-    if out is not None:
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise TypeError(f"out must be a pair (grad_x, grad_w) of arrays, got {type(out).__name__}")
-        named.update(zip(("out[0]", "out[1]"), out))
-    backend = _backend(**named)
-    return backend.backward(grad_logits, x, w, label, margin=margin, beta=beta, out=out)  # type: ignore[no-any-return]
+    if out is None and all(type(a) is np.ndarray for a in (grad_logits, x, w, label)):
+        from . import _numpy_backend as backend  # the common case, without _backend's checks
+    else:
+        named = {"grad_logits": grad_logits, "x": x, "w": w, "label": label}
+        if out is not None:
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError(f"out must be a pair (grad_x, grad_w) of arrays, got {type(out).__name__}")
+            named.update(zip(("out[0]", "out[1]"), out))
+        backend = _backend(**named)
+    return backend.backward(  # type: ignore[no-any-return]
+        grad_logits, x, w, label, margin=margin, beta=beta, out=out, stats=stats
+    )
 
 
 def check_arguments(
@@ -178,8 +200,10 @@ def add_margin(
     margin: int = 2,
     beta: float = 0.0,
     checked: Problem | None = None,
+    return_stats: bool = False,
 ) -> Any:
-    """Turn plain logits ``x @ w.T`` into L-Softmax logits in place; returns ``logits``.
+    """Turn plain logits ``x @ w.T`` into L-Softmax logits in place; returns ``logits``
+    (``(logits, stats)`` with ``return_stats=True``, as :func:`forward`).
 
     Only the N target entries ``logits[i, label[i]]`` are rewritten, so
     ``add_margin(x @ w.T, x, w, label, ...)`` equals ``forward(x, w, label, ...)``.
@@ -188,7 +212,9 @@ def add_margin(
     for these x, w, label (the argument checks then are not repeated).
     """
     backend = _backend(logits=logits, x=x, w=w, label=label)
-    return backend.add_margin(logits, x, w, label, margin=margin, beta=beta, checked=checked)
+    return backend.add_margin(
+        logits, x, w, label, margin=margin, beta=beta, checked=checked, return_stats=return_stats
+    )
 
 
 def add_margin_grad(
@@ -202,17 +228,19 @@ def add_margin_grad(
     margin: int = 2,
     beta: float = 0.0,
     checked: Problem | None = None,
+    stats: Any = None,
 ) -> tuple[Any, Any]:
     """Turn the plain gradients ``grad_logits @ w`` and ``grad_logits.T @ x`` into the
     L-Softmax gradients in place; returns ``(grad_x, grad_w)``.
 
     ``add_margin_grad(G @ w, G.T @ x, G, x, w, label, ...)`` equals
     ``backward(G, x, w, label, ...)``.  The same rules as for :func:`add_margin` apply to
-    ``grad_x`` and ``grad_w``; ``checked`` comes from ``check_arguments(..., grad_logits=G)``.
+    ``grad_x`` and ``grad_w``; ``checked`` comes from ``check_arguments(..., grad_logits=G)``;
+    ``stats`` from ``add_margin``/``forward`` with ``return_stats=True`` (see :func:`backward`).
     """
     backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
     return backend.add_margin_grad(  # type: ignore[no-any-return]
-        grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta, checked=checked
+        grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta, checked=checked, stats=stats
     )
 
 

@@ -259,7 +259,18 @@ def _checked(
     return checked.same_call(x, w, label, margin, beta, grad_logits)
 
 
-def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None) -> cupy.ndarray:
+def _no_stats(stats: Any) -> None:
+    if stats is not None:
+        raise TypeError(
+            "stats must be None for CuPy arrays (the kernels compute the statistics in the backward; "
+            f"forward(..., return_stats=True) gives None for them), got {type(stats).__module__}."
+            f"{type(stats).__qualname__}"
+        )
+
+
+def forward(
+    x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None, return_stats: bool = False
+) -> Any:
     p = prepare(x, w, label, margin, beta)
     if out is not None:
         _check_out("out", out, (p.n, p.c), p, x, w, label)
@@ -267,17 +278,18 @@ def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: An
     x, w = _contiguous(x), _contiguous(w)
     logits = cupy.matmul(x, w.T, out=out)
     _margin_forward(st, p, logits, x, w, label)
-    return logits
+    return (logits, None) if return_stats else logits
 
 
 def add_margin(
-    logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, checked: Problem | None = None
-) -> cupy.ndarray:
+    logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, checked: Problem | None = None,
+    return_stats: bool = False,
+) -> Any:  # fmt: skip
     p = _checked(checked, x, w, label, margin, beta)
     _check_out("logits", logits, (p.n, p.c), p, x, w, label)
     st = _state(logits=logits, x=x, w=w, label=label)
     _margin_forward(st, p, logits, _contiguous(x), _contiguous(w), label)
-    return logits
+    return (logits, None) if return_stats else logits
 
 
 def _margin_forward(st: _DeviceState, p: Problem, logits: Any, x: Any, w: Any, label: Any) -> None:
@@ -287,9 +299,11 @@ def _margin_forward(st: _DeviceState, p: Problem, logits: Any, x: Any, w: Any, l
 
 
 def backward(
-    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None
-) -> tuple[cupy.ndarray, cupy.ndarray]:
+    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None,
+    stats: Any = None,
+) -> tuple[cupy.ndarray, cupy.ndarray]:  # fmt: skip
     p = prepare(x, w, label, margin, beta, grad_logits)
+    _no_stats(stats)
     outs: dict[str, Any] = {}
     if out is not None:
         outs = {"out[0]": out[0], "out[1]": out[1]}
@@ -314,8 +328,10 @@ def add_margin_grad(
     margin: object,
     beta: object,
     checked: Problem | None = None,
+    stats: Any = None,
 ) -> tuple[cupy.ndarray, cupy.ndarray]:
     p = _checked(checked, x, w, label, margin, beta, grad_logits)
+    _no_stats(stats)
     _check_out("grad_x", grad_x, (p.n, p.d), p, grad_logits, x, w, label)
     _check_out("grad_w", grad_w, (p.c, p.d), p, grad_logits, x, w, label, grad_x)
     st = _state(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)

@@ -18,15 +18,16 @@ line.  Implementation choices:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from ._chebyshev import psi_and_derivative
+from ._chebyshev import thresholds
 from .checks import Problem, check_arrays, check_label_values, check_out, supported_dtypes
 
-__all__ = ["add_margin", "add_margin_grad", "backward", "forward", "prepare"]
+__all__ = ["STATS_ROWS", "add_margin", "add_margin_grad", "backward", "check_stats", "forward", "prepare"]
 
 _DTYPES = supported_dtypes("numpy")
 
@@ -49,6 +50,8 @@ class _Stats(NamedTuple):
     careful: npt.NDArray[np.intp]  # rows whose statistics needed per-row scaling
     a_parts: tuple[F64, npt.NDArray[np.int64]]  # careful rows: |x| = ldexp(mantissa, exponent)
     b_parts: tuple[F64, npt.NDArray[np.int64]]
+    ab: F64  # (2, N): a and b as one array (a and b are its rows)
+    record: F64  # (6, N): a, b, c, psi, psi' and the margin tag (see stats)
 
 
 def _rowdot(u: npt.NDArray[Any], v: npt.NDArray[Any]) -> F64:
@@ -73,28 +76,150 @@ def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, npt.NDArray[np.int64], 
     return mant * rel, exp.astype(np.int64), unit
 
 
+def _psi_and_derivative(c: F64, margin: int, out: F64) -> None:
+    """psi(c) and psi'(c) into ``out`` (2, N): :func:`._chebyshev.psi_and_derivative` with the
+    same arithmetic, so the same bits (tested), in a third of its NumPy calls: k by one
+    binary search over the interval boundaries, (-1)^k, 2k and (-1)^k·m looked up by it,
+    T_m and U_{m-1} advanced together as one (2, N) array."""
+    n = c.shape[0]
+    # s = #{boundaries cos(j*pi/m) < c}, so k = #{j : c <= cos(j*pi/m)} = (m - 1) - s; a NaN
+    # cosine gets s = m - 1, k = 0, as there.
+    s = np.searchsorted(_ascending_thresholds(margin), c, side="left")
+    by_k = np.take(_tables(margin), s, axis=1)  # rows: (-1)^k, 2k, (-1)^k·m
+    c2 = 2.0 * c  # (2c)·T_n, exactly as 2.0 * c * t_n evaluates
+    cur = np.empty((2, n))
+    cur[0] = c  # T_1
+    cur[1] = 1.0  # U_0
+    prev: Any = _T0_U_MINUS1  # T_0 = 1, U_{-1} = 0
+    for _ in range(1, margin):
+        nxt = c2 * cur
+        nxt -= prev
+        prev, cur = cur, nxt
+    np.multiply(by_k[::2], cur, out=out)  # (-1)^k·T_m, (-1)^k·m·U_{m-1}
+    out[0] -= by_k[1]  # psi = (-1)^k·T_m - 2k
+
+
+@functools.cache
+def _tables(margin: int) -> F64:
+    """(-1)^k, 2k and (-1)^k·m as functions of s = (m - 1) - k, for s = 0..m-1."""
+    k = (margin - 1) - np.arange(margin)
+    sign = 1.0 - 2.0 * (k & 1)
+    t = np.stack([sign, 2.0 * k, sign * margin])
+    t.flags.writeable = False
+    return t
+
+
+_T0_U_MINUS1 = np.array([[1.0], [0.0]])
+
+
+@functools.cache
+def _ascending_thresholds(margin: int) -> F64:
+    t = np.array(thresholds(margin)[::-1], dtype=np.float64)
+    t.flags.writeable = False
+    return t
+
+
+@functools.lru_cache(maxsize=16)
+def _arange(n: int) -> npt.NDArray[np.intp]:
+    """0..n-1 (read-only, cached: the row indices of every call of one batch size)."""
+    a = np.arange(n, dtype=np.intp)
+    a.flags.writeable = False
+    return a
+
+
+_NO_ROWS = np.zeros(0, dtype=np.intp)
+_NO_ROWS.flags.writeable = False
+
+
+#: Rows of the statistics record (see :func:`stats`): a, b, c, psi, psi', margin tag.
+STATS_ROWS = 6
+
+
 def stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
-    """Per-sample norms, cosine, psi and psi' (float64), for labels already checked."""
-    wy = w[label]
-    sx, sw, dot = _rowdot(x, x), _rowdot(wy, wy), _rowdot(x, wy)
+    """Per-sample norms, cosine, psi and psi' (float64), for labels already checked.
+
+    They are the rows of one (6, N) float64 array, ``record``, which ``forward`` can hand to
+    ``backward`` (``return_stats`` / ``stats``): a, b, c, psi, psi', and a tag, +m on rows
+    of the fast path and -m on the careful rows (their statistics needed per-row scaling).
+    """
+    wy = np.take(w, label, axis=0)  # w[label], a fresh array (faster than fancy indexing)
+    n = p.n
+    sums = np.empty((3, n), dtype=p.dtype)  # x·x, w_y·w_y, x·w_y in the input dtype
+    np.einsum("ij,ij->i", x, x, out=sums[0])
+    np.einsum("ij,ij->i", wy, wy, out=sums[1])
+    np.einsum("ij,ij->i", x, wy, out=sums[2])
+    sq = sums.astype(np.float64)
+    rec = np.empty((STATS_ROWS, n))
+    ab, c = rec[0:2], rec[2]
     lo, hi = _SAFE_SQ[p.dtype]
-    careful = np.flatnonzero(~((sx >= lo) & (sx <= hi) & (sw >= lo) & (sw <= hi)))
-    a, b = np.sqrt(sx), np.sqrt(sw)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = dot / (a * b)
-    am, ae, xhat = _norm_and_unit(x[careful])  # zero rows, and float64 rows with extreme norms
-    bm, be, what = _norm_and_unit(wy[careful])
-    if careful.size:
+    squares = sq[:2]
+    np.sqrt(squares, out=ab)
+    if n and squares.min() >= lo and squares.max() <= hi:  # the common case (NaN fails it)
+        careful = _NO_ROWS
+        np.divide(sq[2], ab[0] * ab[1], out=c)
+    else:
+        careful = np.flatnonzero(~((squares >= lo) & (squares <= hi)).all(axis=0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(sq[2], ab[0] * ab[1], out=c)
+    a, b = ab[0], ab[1]
+    if careful.size:  # zero rows, and float64 rows with extreme norms
+        am, ae, xhat = _norm_and_unit(x[careful])
+        bm, be, what = _norm_and_unit(wy[careful])
         with np.errstate(over="ignore"):  # a norm beyond float64: inf here, split in a_parts
             a[careful], b[careful] = np.ldexp(am, ae), np.ldexp(bm, be)
         c[careful] = np.einsum("ij,ij->i", xhat, what)
-    np.clip(c, -1.0, 1.0, out=c)
-    psi, dpsi = psi_and_derivative(c, p.margin)
-    degenerate = (a == 0.0) | (b == 0.0)  # no angle: plain linear (docs/derivatives.md)
-    c[degenerate] = 0.0
-    psi[degenerate] = 0.0
-    dpsi[degenerate] = 1.0
-    return _Stats(a, b, c, psi, dpsi, wy, careful, (am, ae), (bm, be))
+    else:
+        am = bm = _NO_F64
+        ae = be = _NO_I64
+    np.maximum(c, -1.0, out=c)  # clamp to [-1, 1] (as np.clip, in two plain ufunc calls)
+    np.minimum(c, 1.0, out=c)
+    _psi_and_derivative(c, p.margin, rec[3:5])
+    rec[5] = p.margin
+    if careful.size:
+        rec[5, careful] = -p.margin
+        # No angle: plain linear (docs/derivatives.md).  Only careful rows can have a zero
+        # norm: every other row's squared norms lie in [lo, hi].
+        degenerate = careful[(a[careful] == 0.0) | (b[careful] == 0.0)]
+        rec[2:4, degenerate] = 0.0  # c, psi
+        rec[4, degenerate] = 1.0  # psi'
+    return _Stats(a, b, c, rec[3], rec[4], wy, careful, (am, ae), (bm, be), ab, rec)
+
+
+def _from_record(rec: F64, w: npt.NDArray[Any], label: npt.NDArray[Any]) -> _Stats:
+    """The statistics of a record made by :func:`stats` (checked by :func:`check_stats`); the
+    careful rows' split norms are not kept there: the backward's careful path recomputes them."""
+    careful = np.flatnonzero(rec[5] < 0.0) if rec[5].min(initial=0.0) < 0.0 else _NO_ROWS
+    return _Stats(rec[0], rec[1], rec[2], rec[3], rec[4], np.take(w, label, axis=0), careful, (_NO_F64, _NO_I64),
+                  (_NO_F64, _NO_I64), rec[0:2], rec)
+
+
+def check_stats(stats: Any, p: Problem) -> None:
+    """``stats`` must be a record of :func:`stats` for this problem's N and margin (O(1))."""
+    if not isinstance(stats, np.ndarray):
+        raise TypeError(
+            f"stats must be the numpy.ndarray that forward(..., return_stats=True) returned, got "
+            f"{type(stats).__module__}.{type(stats).__qualname__}"
+        )
+    if stats.dtype != np.float64 or stats.shape != (STATS_ROWS, p.n):
+        raise ValueError(
+            f"stats must be forward's (6, N) = (6, {p.n}) float64 statistics, got stats.shape="
+            f"{tuple(stats.shape)}, stats.dtype={stats.dtype}"
+        )
+    if p.n and abs(float(stats[5, 0])) != p.margin:
+        raise ValueError(
+            f"stats were computed for margin={abs(float(stats[5, 0])):g}, not margin={p.margin}"
+        )
+
+
+def _no_stats(p: Problem) -> F64:
+    """The record where nothing was computed (margin 1, or no rows): only the margin tag."""
+    rec = np.zeros((STATS_ROWS, p.n))
+    rec[5] = p.margin
+    return rec
+
+
+_NO_F64 = np.zeros(0)
+_NO_I64 = np.zeros(0, dtype=np.int64)
 
 
 def prepare(
@@ -114,38 +239,49 @@ def _checked(
     return checked.same_call(x, w, label, margin, beta, grad_logits)
 
 
-def forward(x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None) -> npt.NDArray[Any]:
+def forward(
+    x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None, return_stats: bool = False
+) -> Any:
     p = prepare(x, w, label, margin, beta)
     if out is None:
         logits = x @ w.T
     else:
         check_out("out", out, (p.n, p.c), p.dtype, x, w, label)
         logits = np.matmul(x, w.T, out=out)
-    _margin_forward(logits, x, w, label, p)
-    return logits
+    rec = _margin_forward(logits, x, w, label, p)
+    return (logits, rec) if return_stats else logits
 
 
 def add_margin(
-    logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, checked: Problem | None = None
-) -> npt.NDArray[Any]:
+    logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, checked: Problem | None = None,
+    return_stats: bool = False,
+) -> Any:  # fmt: skip
     p = _checked(checked, x, w, label, margin, beta)
     check_out("logits", logits, (p.n, p.c), p.dtype, x, w, label)
-    _margin_forward(logits, x, w, label, p)
-    return logits  # type: ignore[no-any-return]
+    rec = _margin_forward(logits, x, w, label, p)
+    return (logits, rec) if return_stats else logits
 
 
-def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> None:
+def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> F64:
+    """Rewrite the target logits; returns the statistics record."""
     if p.margin == 1 or p.n == 0:
-        return  # psi(c) = c: the target logit is already x·w_y.
-    logits[np.arange(p.n), label] = target_logits(stats(x, w, label, p), p)
+        return _no_stats(p)  # psi(c) = c: the target logit is already x·w_y.
+    s = stats(x, w, label, p)
+    logits[_arange(p.n), label] = target_logits(s, p)
+    return s.record
 
 
 def target_logits(s: _Stats, p: Problem) -> F64:
     """The N target logits in float64, from the per-sample statistics."""
-    h = (p.beta * s.c + s.psi) / (1.0 + p.beta)
+    # beta = 0: h = (0·c + psi)/1 is psi, bit for bit.
+    h = s.psi if p.beta == 0.0 else (p.beta * s.c + s.psi) / (1.0 + p.beta)
     # (a·h)·b rather than a·b·h: a·b may overflow where the true product does not.
-    with np.errstate(invalid="ignore", over="ignore"):  # careful rows are redone below
-        target = (s.a * h) * s.b
+    if s.careful.size:
+        with np.errstate(invalid="ignore", over="ignore"):  # careful rows are redone below
+            target = (s.a * h) * s.b
+    else:
+        target = s.a * h
+        target *= s.b
     if s.careful.size:  # mantissas times h, then the exponents: inf only if the value overflows
         (am, ae), (bm, be) = s.a_parts, s.b_parts
         target[s.careful] = np.ldexp(h[s.careful] * am * bm, ae + be)
@@ -168,9 +304,12 @@ def _careful_rows(s: _Stats, x: npt.NDArray[Any], rows: npt.NDArray[np.intp], k:
 
 
 def backward(
-    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None
-) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    grad_logits: Any, x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None,
+    stats: Any = None,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:  # fmt: skip
     p = prepare(x, w, label, margin, beta, grad_logits)
+    if stats is not None:
+        check_stats(stats, p)
     if out is None:
         grad_x = grad_logits @ w
         grad_w = grad_logits.T @ x
@@ -180,7 +319,7 @@ def backward(
         check_out("out[1]", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
         np.matmul(grad_logits, w, out=grad_x)
         np.matmul(grad_logits.T, x, out=grad_w)
-    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
+    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats)
     return grad_x, grad_w
 
 
@@ -195,21 +334,25 @@ def add_margin_grad(
     margin: object,
     beta: object,
     checked: Problem | None = None,
+    stats: Any = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     p = _checked(checked, x, w, label, margin, beta, grad_logits)
+    if stats is not None:
+        check_stats(stats, p)
     check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits, label)
     check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
-    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p)
+    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats)
     return grad_x, grad_w
 
 
 def _margin_backward(
-    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Problem
+    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Problem, record: Any = None
 ) -> None:
     if p.margin == 1 or p.n == 0:
         return
-    g = np.asarray(grad_logits[np.arange(p.n), label], dtype=np.float64)
-    add_margin_terms(grad_x, grad_w, g, stats(x, w, label, p), x, label, p)
+    g = np.asarray(grad_logits[_arange(p.n), label], dtype=np.float64)
+    s = stats(x, w, label, p) if record is None else _from_record(record, w, label)
+    add_margin_terms(grad_x, grad_w, g, s, x, label, p)
 
 
 def add_margin_terms(
@@ -217,24 +360,47 @@ def add_margin_terms(
 ) -> None:
     """Add q_i to grad_x[i] and r_i to grad_w[label[i]] (docs/derivatives.md), given the
     target entries g of the upstream gradient; consumes ``s.wy``."""
-    k = g * (s.dpsi - 1.0) / (1.0 + p.beta)
-    ell = g * (s.psi - s.c * s.dpsi) / (1.0 + p.beta)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lx = ell * (s.b / s.a)  # coefficient of x in q
-        lw = ell * (s.a / s.b)  # coefficient of w_y in r
-    lx[ell == 0.0] = 0.0  # zero-norm rows: 0·inf
-    lw[ell == 0.0] = 0.0
-    # Coefficients must be exact enough in the input dtype: finite, and not flushed to
-    # zero; rows where they are not take the careful path (float32 with norm ratios beyond
-    # ~1e38, float64 with extreme norms).
+    n = g.shape[0]
+    # coef rows: k = g·(psi' - 1)/(1 + beta), the coefficient of w_y in q and of x in r;
+    # then ell·b/a (of x in q) and ell·a/b (of w_y in r), with ell = g·(psi - c·psi')/(1 + beta)
+    # in the last row.
+    coef = np.empty((4, n))
+    k, ell = coef[0], coef[3]
+    np.subtract(s.dpsi, 1.0, out=k)
+    np.multiply(s.c, s.dpsi, out=ell)
+    np.subtract(s.psi, ell, out=ell)
+    coef[::3] *= g
+    if p.beta != 0.0:  # dividing by 1 changes nothing
+        coef[::3] /= 1.0 + p.beta
     fi = np.finfo(p.dtype)
-    coef = np.abs(np.stack([k, lx, lw]))
-    fits = np.all(((coef >= fi.tiny) & (coef <= fi.max)) | (coef == 0.0), axis=0)
-    fits[s.careful] = False
-    careful = np.flatnonzero(~fits)
-    if careful.size:  # before s.wy is overwritten below
-        q_c, r_c = _careful_rows(s, x, careful, k, ell)
-    kd, lxd, lwd = (np.where(fits, v, 0.0).astype(p.dtype)[:, None] for v in (k, lx, lw))
+    if s.careful.size == 0:
+        # Every norm is in the safe range: the ratios b/a and a/b are finite and normal.
+        np.multiply(ell, s.ab[::-1] / s.ab, out=coef[1:3])  # ell·(b/a), ell·(a/b)
+        mag = np.abs(coef[:3])
+        tiny = mag < fi.tiny
+        tiny &= mag != 0.0
+        fits_all = mag.max() <= fi.max and not tiny.any()  # finite, and none flushed to zero
+    else:
+        fits_all = False
+    if fits_all:
+        careful = _NO_ROWS
+        kd, lxd, lwd = coef[:3].astype(p.dtype)[:, :, None]
+    else:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lx = ell * (s.b / s.a)  # coefficient of x in q
+            lw = ell * (s.a / s.b)  # coefficient of w_y in r
+        lx[ell == 0.0] = 0.0  # zero-norm rows: 0·inf
+        lw[ell == 0.0] = 0.0
+        # Coefficients must be exact enough in the input dtype: finite, and not flushed to
+        # zero; rows where they are not take the careful path (float32 with norm ratios beyond
+        # ~1e38, float64 with extreme norms).
+        mags = np.abs(np.stack([k, lx, lw]))
+        fits = np.all(((mags >= fi.tiny) & (mags <= fi.max)) | (mags == 0.0), axis=0)
+        fits[s.careful] = False
+        careful = np.flatnonzero(~fits)
+        if careful.size:  # before s.wy is overwritten below
+            q_c, r_c = _careful_rows(s, x, careful, k, ell)
+        kd, lxd, lwd = np.where(fits, np.stack([k, lx, lw]), 0.0).astype(p.dtype)[:, :, None]
     buf = np.multiply(x, lxd)  # q = k·w_y + lx·x, accumulated into grad_x one term at a time
     grad_x += buf
     np.multiply(s.wy, kd, out=buf)
@@ -251,21 +417,37 @@ def add_margin_terms(
 def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
     """grad_w[j] += sum of rows[i] over the samples i with label j, in sample order.
 
-    Deterministic (a stable sort fixes the order of each class's sum); classes hit once go
-    through one fancy-indexed add, and only repeated classes through reduceat, whose cost
-    per segment would dominate when most labels in a batch are distinct.
+    Deterministic: each class's sum runs in sample order.  Few features and few classes (a
+    small head such as 2-D features and 10 classes): one bincount sums every (class,
+    feature) pair in float64, added to grad_w once.  Otherwise a stable sort by label fixes
+    the order; classes hit once go through one fancy-indexed add, and only repeated classes
+    through reduceat, whose cost per segment would dominate when most labels in a batch are
+    distinct.
     """
+    n, d = rows.shape
+    c = grad_w.shape[0]
+    if d <= 8 and c <= 4 * n:
+        cells = (label.astype(np.intp, copy=False) * d)[:, None] + _arange(d)  # flat (class, feature)
+        grad_w += np.bincount(cells.ravel(), weights=rows.ravel(), minlength=c * d).reshape(c, d)
+        return
     order = np.argsort(label, kind="stable")
     sorted_label = label[order]
-    first = np.r_[True, sorted_label[1:] != sorted_label[:-1]]
+    first = np.empty(n, dtype=bool)  # first sorted position of each class
+    first[:1] = True
+    np.not_equal(sorted_label[1:], sorted_label[:-1], out=first[1:])
     starts = np.flatnonzero(first)
-    if starts.size == label.size:
+    if starts.size == n:
         grad_w[label] += rows
         return
-    counts = np.diff(np.r_[starts, label.size])
+    counts = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+    counts[-1] = n - starts[-1]
     alone = np.repeat(counts == 1, counts)  # per sorted position
-    single = order[alone]
-    grad_w[label[single]] += rows[single]
-    shared = ~alone
-    seg = np.flatnonzero(first[shared])
-    grad_w[sorted_label[shared][seg]] += np.add.reduceat(rows[order[shared]], seg, axis=0)
+    if alone.any():
+        single = order[alone]
+        grad_w[label[single]] += rows[single]
+        shared = ~alone
+        seg = np.flatnonzero(first[shared])
+        grad_w[sorted_label[shared][seg]] += np.add.reduceat(rows[order[shared]], seg, axis=0)
+    else:  # every class of the batch repeats (a small C)
+        grad_w[sorted_label[starts]] += np.add.reduceat(rows[order], starts, axis=0)

@@ -109,6 +109,8 @@ class Problem:
 
 def check_integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     """``value`` as a Python int in [minimum, maximum], or an error naming ``name``."""
+    if type(value) is int and value >= minimum and (maximum is None or value <= maximum):
+        return value  # the common case, without the ABC checks below
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}={value!r} must be an integer >= {minimum}, not {type(value).__name__}")
     v = int(value)
@@ -120,6 +122,8 @@ def check_integer(name: str, value: object, minimum: int, maximum: int | None = 
 
 def check_nonnegative(name: str, value: object) -> float:
     """``value`` as a finite Python float >= 0, or an error naming ``name``."""
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value  # the common case, without the ABC checks below
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a real number >= 0, not {type(value).__name__}")
     v = float(value)
@@ -219,6 +223,8 @@ def check_label_values(label: Any, c: int, ignore_index: int | None = None) -> N
     """Labels held in host memory (a NumPy array) must lie in [0, C), or equal
     ``ignore_index`` where one is given (the cross-entropy's ignored rows); O(N)."""
     if label.size == 0:
+        return
+    if label.min() >= 0 and label.max() < c:  # two reductions decide the common case
         return
     bad = (label < 0) | (label >= c)
     if ignore_index is not None:
