@@ -413,6 +413,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
 
+    config = {
+        "dataset": data.name,
+        "train_size": int(len(data.y_train)),
+        "test_size": int(len(data.y_test)),
+        "seed": args.seed,
+        "device": args.device,
+        "margins": sorted(args.margins),
+        **asdict(preset),
+        "lr_drop_epoch": preset.lr_drop_epoch,
+        "torch": torch.__version__,
+        "versions": _versions(args.device),
+    }
     runs: list[dict[str, Any]] = []
     panels = []
     with _reproducible():
@@ -420,22 +432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             row, features = run_margin(data, margin, preset=preset, seed=args.seed, device=args.device)
             save_features(out / f"features-margin-{margin}.png", features, data.y_test)
             runs.append(row)
-            panels.append((f"margin {margin}: {100 * row['test_accuracy']:.1f}%", features, data.y_test))
-    save_combined(out / "features-all-margins.png", panels)
-    results = {
-        "runs": runs,
-        "config": {
-            "dataset": data.name,
-            "train_size": int(len(data.y_train)),
-            "test_size": int(len(data.y_test)),
-            "seed": args.seed,
-            "device": args.device,
-            **asdict(preset),
-            "lr_drop_epoch": preset.lr_drop_epoch,
-            "torch": torch.__version__,
-            "versions": _versions(args.device),
-        },
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            panels.append((margin, f"margin {margin}: {100 * row['test_accuracy']:.1f}%", features))
+            # Written after every margin, in increasing margin order whatever the order asked
+            # for: an MNIST run takes an hour on a CPU, and one stopped early keeps the
+            # margins it finished (results.json then has fewer runs than config.margins).
+            runs.sort(key=lambda r: r["margin"])
+            panels.sort(key=lambda p: p[0])
+            save_combined(
+                out / "features-all-margins.png", [(title, f, data.y_test) for _, title, f in panels]
+            )
+            results = {"runs": runs, "config": config}
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(runs))
     return 0

@@ -349,12 +349,13 @@ def _without_time(runs: list[dict]) -> list[dict]:
 
 def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
     out = tmp_path / "out"
-    assert demo.main(["--out", str(out), "--margins", "1,3", "--epochs", "1"]) == 0
+    assert demo.main(["--out", str(out), "--margins", "3,1", "--epochs", "1"]) == 0
     for name in ("features-margin-1.png", "features-margin-3.png", "features-all-margins.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     results = _load(out)
     runs = results["runs"]
-    assert [r["margin"] for r in runs] == [1, 3]
+    assert [r["margin"] for r in runs] == [1, 3]  # in increasing order, whatever the order asked
+    assert results["config"]["margins"] == [1, 3]
     for r in runs:
         assert RUN_KEYS <= set(r)
         assert isinstance(r["margin"], int)
@@ -381,6 +382,23 @@ def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
     again = tmp_path / "again"
     assert demo.main(["--out", str(again), "--margins", "3", "--epochs", "1"]) == 0
     assert _without_time(_load(again)["runs"]) == _without_time(runs[1:])
+
+
+def test_a_run_stopped_early_keeps_the_margins_it_finished(tmp_path, monkeypatch):
+    real = demo.run_margin
+
+    def stop_at_margin_3(data, margin, **kw):
+        if margin == 3:
+            raise KeyboardInterrupt
+        return real(data, margin, **kw)
+
+    monkeypatch.setattr(demo, "run_margin", stop_at_margin_3)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(["--out", str(out), "--margins", "2,3", "--epochs", "1"])
+    results = _load(out)
+    assert [r["margin"] for r in results["runs"]] == [2] and results["config"]["margins"] == [2, 3]
+    assert (out / "features-all-margins.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize(
