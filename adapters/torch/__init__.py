@@ -48,6 +48,13 @@ log-sum-exp kept for the backward and the gradients come back as CUDA tensors th
 DLPack, a 0-d loss as a 0-d tensor, without a host synchronisation).  The CUDA path has
 not yet been run on a GPU.
 
+The class-parallel head (:class:`ClassParallelLSoftmaxLoss`) shards the fused loss's
+class weights by class across the ranks of a ``torch.distributed`` process group (NCCL on
+GPUs, gloo on CPUs): each rank holds its classes' rows and its chunk of logits, and the
+ranks combine the exact loss and gradients of the whole batch through collectives of
+O(N) values and the gathered features, never of size N x C or C x D
+(``docs/distributed.md``).  Its CUDA path waits for class shards in the CuPy backend.
+
 >>> import torch
 >>> from lsoftmax_core.adapters.torch import lsoftmax
 >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
@@ -68,5 +75,6 @@ from __future__ import annotations
 from .layer import lsoftmax
 from .loss import lsoftmax_cross_entropy
 from .modules import LSoftmaxLinear, LSoftmaxLoss
+from .parallel import ClassParallelLSoftmaxLoss
 
-__all__ = ["LSoftmaxLinear", "LSoftmaxLoss", "lsoftmax", "lsoftmax_cross_entropy"]
+__all__ = ["ClassParallelLSoftmaxLoss", "LSoftmaxLinear", "LSoftmaxLoss", "lsoftmax", "lsoftmax_cross_entropy"]

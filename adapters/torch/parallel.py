@@ -1,0 +1,519 @@
+"""The class-parallel L-Softmax head: the class weights sharded by class across the
+processes of a ``torch.distributed`` group (NCCL on GPUs, gloo on CPUs), with the exact
+loss and gradients of the whole batch over all the classes.
+
+Rank r of P holds the rows ``[class_start, class_stop)`` of the (C, D) weight,
+``C // P + (r < C % P)`` of them, shards in rank order.  One step (the maths:
+``docs/derivatives.md``, "Class shards"; the bytes and the memory: ``docs/distributed.md``):
+
+forward
+    all-gather the batch sizes and a few checks' results (O(P)); all-gather the features
+    and labels (N x D and N values, the global batch of N rows); each rank runs the core's
+    fused :func:`lsoftmax_core.cross_entropy_shard_stats` on its shard (its own chunk of
+    logits, the margin where it owns the label); all-reduce the row maximum of the shards'
+    log-sum-exps, then the sums ``exp(lse_r - max)`` and the target logits (3N float64): the
+    global log-sum-exp ``lse`` and the loss, the same on every rank.
+backward
+    each rank's :func:`lsoftmax_core.cross_entropy_backward` on its shard with the global
+    lse gives its ``grad_w`` exactly and its term of ``grad_x`` (N x D); a reduce-scatter
+    sums the terms and hands each rank its own rows.
+
+Nothing of size N x C or C x D crosses the network, and the bytes per step do not depend
+on C.  The collectives are this module's own (``torch.distributed.nn`` is not used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+import lsoftmax_core as _core
+from lsoftmax_core.checks import check_integer, supported_dtypes
+from lsoftmax_core.schedule import Schedule
+
+from ._bridge import _run
+from .modules import _AnnealedHead
+
+__all__ = ["ClassParallelLSoftmaxLoss"]
+
+_REDUCTIONS = ("mean", "sum")
+# Dtypes by a small code, so that the ranks can compare theirs in one int64 all-gather.
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_CPU_DTYPES = tuple(t for t in _DTYPES if str(t).split(".")[1] in {str(d) for d in supported_dtypes("numpy")})
+# What each rank reports before any data moves: a problem found on its own input (0: none,
+# 1: TypeError, 2: ValueError), its batch size, its feature size and its dtype's code.
+_META = 4
+_ERRORS = {1: TypeError, 2: ValueError}
+
+# torch >= 2.13 names the tensor collectives *_single; the older names warn there.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[class_start, class_stop)`` of rank ``rank``: ``C // P + (r < C % P)`` classes each."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass
+class _Call:
+    """One forward's settings, and the log of the bytes it (and its backward) passed to
+    collectives, which the module exposes as ``last_collectives``."""
+
+    group: Any
+    world_size: int
+    rank: int
+    num_classes: int
+    class_start: int
+    margin: int
+    beta: float
+    reduction: str
+    ignore_index: int
+    log: list[tuple[str, int]] = field(default_factory=list)
+
+    def note(self, name: str, t: Tensor) -> None:
+        self.log.append((name, t.numel() * t.element_size()))
+
+
+def _local_problem(x: Any, target: Any, weight: Tensor, in_features: int) -> Exception | None:
+    """This rank's input problem, if any (raised on every rank once the ranks have compared)."""
+    for name, t in (("x", x), ("target", target)):
+        if not isinstance(t, Tensor):
+            return TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
+        if t.layout != torch.strided:
+            return TypeError(f"{name} must be a dense (strided) tensor, got {name}.layout={t.layout}")
+        if t.device != weight.device:
+            return ValueError(f"{name}.device={t.device} must be the weight's device {weight.device}")
+    if x.dim() != 2 or x.shape[1] != in_features:
+        return ValueError(f"x must have shape (N, in_features) = (N, {in_features}), got x.shape={tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        return TypeError(
+            f"x and weight must have the same dtype: x.dtype={x.dtype}, weight.dtype={weight.dtype} "
+            "(no silent promotion; under torch.autocast float16/bfloat16 inputs are computed in float32)"
+        )
+    if x.device.type == "cpu" and x.dtype not in _CPU_DTYPES:
+        names = ", ".join(str(t) for t in _CPU_DTYPES)
+        return TypeError(f"x.dtype={x.dtype} is not supported on the CPU (supported: {names})")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        return TypeError(f"target must have an integer dtype, got target.dtype={target.dtype}")
+    if tuple(target.shape) != (x.shape[0],):
+        return ValueError(f"target must have shape (N,) = ({x.shape[0]},), got target.shape={tuple(target.shape)}")
+    if target.requires_grad:
+        return ValueError("target must not require grad (it holds class indices)")
+    return None
+
+
+def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tensor) -> list[int]:
+    """All-gather every rank's report (:data:`_META`) and raise on every rank if one of
+    them has a problem or the ranks disagree; the batch sizes of the ranks otherwise."""
+    ok = problem is None
+    mine = [
+        0 if ok else (1 if isinstance(problem, TypeError) else 2),
+        x.shape[0] if ok else 0,
+        x.shape[1] if ok else 0,
+        _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1,
+    ]
+    local = torch.tensor(mine, dtype=torch.int64, device=weight.device)
+    every = torch.empty(call.world_size * _META, dtype=torch.int64, device=weight.device)
+    call.note("all_gather sizes", every)
+    _all_gather(every, local, group=call.group)
+    table = every.view(call.world_size, _META).tolist()
+    if problem is not None:
+        raise problem
+    for r, (code, _, d, dt) in enumerate(table):
+        if code:
+            raise _ERRORS[code](
+                f"rank {r} of the process group passed an invalid x or target to ClassParallelLSoftmaxLoss "
+                "(its own error says what); every rank raises so that none waits for it"
+            )
+        if (d, dt) != (x.shape[1], _DTYPES.index(x.dtype)):
+            raise TypeError(
+                f"every rank must pass x of one feature size and dtype: rank {call.rank} has D={x.shape[1]}, "
+                f"{x.dtype}, rank {r} has D={d}, {_DTYPES[dt] if dt >= 0 else 'another dtype'}"
+            )
+    return [row[1] for row in table]
+
+
+def _check_labels(call: _Call, label: Tensor, sizes: list[int]) -> None:
+    """The gathered labels, checked identically on every rank: a bad label raises everywhere."""
+    bad = ((label < 0) | (label >= call.num_classes)) & (label != call.ignore_index)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        starts = np.cumsum([0, *sizes])
+        r = int(np.searchsorted(starts, i, side="right")) - 1
+        raise ValueError(
+            f"target must lie in [0, num_classes) = [0, {call.num_classes}) or equal "
+            f"ignore_index={call.ignore_index}: rank {r}'s target[{i - starts[r]}]={int(label[i])}"
+        )
+
+
+def _gather(call: _Call, t: Tensor, n_max: int, fill: float) -> Tensor:
+    """All-gather the ranks' rows, each padded to ``n_max`` rows with ``fill``."""
+    if t.shape[0] < n_max:
+        t = torch.cat([t, t.new_full((n_max - t.shape[0], *t.shape[1:]), fill)])
+    out = t.new_empty((call.world_size * n_max, *t.shape[1:]))
+    call.note(f"all_gather {'x' if t.dim() == 2 else 'target'}", out)
+    _all_gather(out, t.contiguous(), group=call.group)
+    return out
+
+
+def _unpad(t: Tensor, sizes: list[int], n_max: int) -> Tensor:
+    """The real rows of a gathered padded tensor (a view when no rank was padded)."""
+    if all(n == n_max for n in sizes):
+        return t
+    return torch.cat([t[r * n_max : r * n_max + n] for r, n in enumerate(sizes)])
+
+
+def _pad(t: Tensor, sizes: list[int], n_max: int) -> Tensor:
+    """The inverse of :func:`_unpad`: rows back into ``n_max``-row blocks per rank."""
+    if all(n == n_max for n in sizes):
+        return t
+    out = t.new_zeros((len(sizes) * n_max, *t.shape[1:]))
+    starts = np.cumsum([0, *sizes])
+    for r, n in enumerate(sizes):
+        out[r * n_max : r * n_max + n] = t[starts[r] : starts[r] + n]
+    return out
+
+
+class _ClassParallelLoss(torch.autograd.Function):
+    """The loss of the global batch against all classes, from this rank's rows and shard."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, target: Tensor, call: _Call, sizes: list[int]) -> Tensor:
+        n_max = max(sizes)
+        n_total = sum(sizes)
+        ctx.call, ctx.sizes = call, sizes
+        ctx.empty = (x.shape, weight.shape) if n_total == 0 else None
+        if n_total == 0:  # every rank knows: no further collective, a loss of 0
+            return x.new_zeros(())
+        xs = _unpad(_gather(call, x.detach(), n_max, 0.0), sizes, n_max)
+        label = _unpad(_gather(call, target.to(torch.int64), n_max, call.ignore_index), sizes, n_max)
+        _check_labels(call, label, sizes)
+
+        def stats(xa: Any, wa: Any, la: Any) -> Any:
+            return _core.cross_entropy_shard_stats(
+                xa, wa, la, class_start=call.class_start, num_classes=call.num_classes, margin=call.margin,
+                beta=call.beta, ignore_index=call.ignore_index,
+            )  # fmt: skip
+
+        lse_local, tgt_local = _run(stats, x=xs, weight=weight.detach(), target=label)
+        # lse_i = M_i + log sum_r exp(lse_i^r - M_i), M_i = max_r lse_i^r; loss_i = lse_i - sum_r t_i^r
+        # (docs/derivatives.md, "Class shards").  Every shard has a class, so lse_i^r is finite.
+        row_max = lse_local.clone()
+        call.note("all_reduce max", row_max)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=call.group)
+        sums = torch.stack([torch.exp(lse_local - row_max), tgt_local])
+        call.note("all_reduce sum", sums)
+        dist.all_reduce(sums, group=call.group)
+        lse = row_max + torch.log(sums[0])
+        valid = label != call.ignore_index
+        total = torch.where(valid, lse - sums[1], torch.zeros_like(lse)).sum()
+        n_valid = int(valid.sum())
+        if call.reduction == "mean":
+            total = total / n_valid if n_valid else total * 0.0  # all ignored: 0, not 0/0
+        ctx.save_for_backward(xs, weight.detach(), label, lse)
+        return total.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        call, sizes = ctx.call, ctx.sizes
+        if ctx.empty is not None:
+            x_shape, w_shape = ctx.empty
+            return grad_loss.new_zeros(x_shape), grad_loss.new_zeros(w_shape), None, None, None
+        xs, weight, label, lse = ctx.saved_tensors
+
+        def backward(ga: Any, xa: Any, wa: Any, la: Any, lse_a: Any) -> Any:
+            return _core.cross_entropy_backward(
+                ga, xa, wa, la, margin=call.margin, beta=call.beta, reduction=call.reduction,
+                ignore_index=call.ignore_index, lse=lse_a, class_start=call.class_start,
+                num_classes=call.num_classes,
+            )  # fmt: skip
+
+        g = grad_loss.detach().to(xs.dtype).contiguous()
+        gx_term, grad_w = _run(backward, grad_loss=g, x=xs, weight=weight, target=label, lse=lse)
+        # grad_x of the whole batch is the sum of the shards' terms; each rank keeps its own
+        # rows, times the world size (see the class docstring: DDP then averages to exactly
+        # the single-process gradient of the backbone).
+        n_max = max(sizes)
+        padded = _pad(gx_term, sizes, n_max)
+        mine = padded.new_empty((n_max, padded.shape[1]))
+        call.note("reduce_scatter grad_x", padded)
+        _reduce_scatter(mine, padded.contiguous(), group=call.group)
+        grad_x = mine[: sizes[call.rank]] * call.world_size
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None)
+
+
+class ClassParallelLSoftmaxLoss(_AnnealedHead):
+    """The L-Softmax loss with its class weights sharded by class across a process group.
+
+    Every rank of ``process_group`` (default: the default group; initialise it first,
+    e.g. ``torch.distributed.init_process_group("nccl")`` under torchrun) builds the module
+    with the same arguments.  Rank r of P holds ``weight`` (num_local, in_features) for the
+    classes ``[class_start, class_stop)``, ``num_local = num_classes // P + (r <
+    num_classes % P)``, the shards tiling ``[0, num_classes)`` in rank order; every rank must
+    own a class (``num_classes >= P``).  The shard is initialised like nn.Linear's weight,
+    each rank from its own random stream; for a given start, :meth:`load_full_state_dict`.
+
+    ``loss(x, target)`` takes this rank's batch, x (N_r, in_features) and target (N_r,)
+    integer class indices in [0, num_classes) or ``ignore_index``; the ranks' batches may
+    differ in size (an empty one too).  It gathers the features and labels of all ranks
+    and returns the exact L-Softmax cross-entropy of the global batch (their concatenation
+    in rank order) against all classes, the global mean over the rows not ignored
+    (``reduction="mean"``; "sum": the sum), the same value on every rank: the value of
+    :class:`LSoftmaxLoss` with the full weight on the concatenated batch.  Each rank holds
+    only its chunk of logits, in the core's memory budget (``LSOFTMAX_CE_BUDGET``).
+
+    Gradients, when every rank calls ``backward()`` on the loss (the collectives of the
+    backward need all ranks): ``weight.grad`` is exactly the gradient of the global loss
+    for this rank's classes.  ``x.grad`` is this rank's rows of the gradient of the global
+    loss **times the world size P**: DistributedDataParallel averages the backbone's
+    gradients over the P ranks, which then gives exactly the single-process gradient of
+    the backbone (the convention of InsightFace's Partial FC).  This holds when DDP and
+    this module use the same process group.  Keep ``weight`` out of DDP (each rank's shard
+    is its own): wrap the backbone alone in DDP and give the optimizer both the backbone's
+    and this module's parameters; if one module holds both, exclude the weight with
+    ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
+    ["<path>.weight"])`` before wrapping.
+
+    beta follows ``schedule`` as in :class:`LSoftmaxLinear` (:meth:`step` once per
+    optimizer step, on every rank).  ``normalize_weight=True`` normalises the shard's rows
+    (exact: a row's norm is local to its shard), as in :class:`LSoftmaxLoss`.  Under
+    ``torch.autocast`` float16/bfloat16 features are computed in float32.
+
+    Bad input raises a ValueError/TypeError on every rank instead of leaving the others
+    waiting in a collective: each rank's own problem (shape, dtype, device) and the
+    gathered labels are compared on all ranks before anything is computed.
+
+    Checkpoints: ``state_dict()`` is this rank's shard, with the iteration, the schedule,
+    ``num_classes`` and the shard's bounds (a checkpoint must match them).  To change the
+    world size, :meth:`full_state_dict` gathers the (num_classes, in_features) weight onto
+    one rank (or :meth:`merge_state_dicts` joins the ranks' saved state dicts offline),
+    and :meth:`load_full_state_dict` takes this rank's rows of a full one, at any world
+    size.  A full state dict also loads into :class:`LSoftmaxLoss`, and the reverse.
+
+    ``last_collectives``: (name, bytes) of each collective of the last forward and its
+    backward, the bytes of the tensor each passes (all-gather: the gathered output;
+    reduce-scatter: the summed input); ``last_comm_bytes`` their sum.  With N_max the
+    largest batch of a rank, N the global batch, D features of s bytes:
+    ``P*32 + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
+    (``docs/distributed.md``).
+    """
+
+    _noun = "loss"
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        margin: int = 2,
+        schedule: Schedule | None = None,
+        normalize_weight: bool = False,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(normalize_weight, bool):
+            raise TypeError(f"normalize_weight={normalize_weight!r} must be a bool")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "ClassParallelLSoftmaxLoss needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group first (torchrun sets its environment)"
+            )
+        world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        if rank < 0:
+            raise ValueError("process_group does not contain this process")
+        total = check_integer("num_classes", num_classes, 1)
+        if total < world_size:
+            raise ValueError(
+                f"num_classes={num_classes!r} must be at least the world size {world_size} (every rank holds a class)"
+            )
+        start, stop = _shard_bounds(total, world_size, rank)
+        sizes = {"in_features": in_features, "num_local": stop - start}
+        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        self.in_features, self.num_classes = int(in_features), total
+        self.class_start, self.class_stop, self.num_local = start, stop, stop - start
+        self.world_size, self.rank = world_size, rank
+        self.process_group = process_group
+        self.normalize_weight = normalize_weight
+        self.reduction = reduction
+        self.ignore_index = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+        self.last_collectives: list[tuple[str, int]] = []
+
+    @staticmethod
+    def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+        """``(class_start, class_stop)`` of rank ``rank`` of ``world_size``."""
+        total = check_integer("num_classes", num_classes, 1)
+        p = check_integer("world_size", world_size, 1, total)
+        return _shard_bounds(total, p, check_integer("rank", rank, 0, p - 1))
+
+    @property
+    def last_comm_bytes(self) -> int:
+        """Bytes passed to the collectives by the last forward and its backward."""
+        return sum(b for _, b in self.last_collectives)
+
+    def _weight(self) -> Tensor:
+        return F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        weight = self._weight()
+        device_type = self.weight.device.type
+        autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(device_type)
+        if autocast and x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        if autocast and weight.dtype in (torch.float16, torch.bfloat16):
+            weight = weight.float()
+        call = _Call(
+            self.process_group, self.world_size, self.rank, self.num_classes, self.class_start,
+            self.margin, self.beta, self.reduction, self.ignore_index,
+        )  # fmt: skip
+        self.last_collectives = call.log
+        problem = _local_problem(x, target, weight, self.in_features)
+        sizes = _compare_ranks(call, problem, x, weight)
+        with torch.autocast(device_type, enabled=False):
+            loss: Tensor = _ClassParallelLoss.apply(x, weight, target, call, sizes)
+        return loss
+
+    def logits(self, x: Tensor) -> Tensor:
+        """This rank's chunk of the plain logits, ``x @ weight.T`` (N, num_local), for
+        classes ``[class_start, class_stop)``; no collective."""
+        return F.linear(x, self._weight())
+
+    # Checkpoints ---------------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "margin": self.margin, "normalize_weight": self.normalize_weight, "num_classes": self.num_classes,
+            "class_start": self.class_start, "class_stop": self.class_stop,
+        }  # fmt: skip
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool, missing_keys: list[str],
+        unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
+        # The shard's bounds are checked before the weight is copied: a checkpoint of
+        # another shard (or world size) must not overwrite this one's rows.
+        state = state_dict.get(prefix + "_extra_state")
+        if isinstance(state, dict):
+            for key in ("num_classes", "class_start", "class_stop"):
+                own = getattr(self, key)
+                if state.get(key, own) != own:
+                    raise ValueError(
+                        f"checkpoint has {key}={state[key]!r} but this rank's shard has {key}={own!r} "
+                        f"(classes [{self.class_start}, {self.class_stop}) of {self.num_classes}): a checkpoint "
+                        "of another world size or rank loads through load_full_state_dict"
+                    )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _full_extra_state(self) -> dict[str, Any]:
+        """The extra state of a full checkpoint: what :class:`LSoftmaxLoss` saves."""
+        return {
+            "margin": self.margin, "normalize_weight": self.normalize_weight, "iteration": self.iteration,
+            "schedule": self.schedule.to_dict(),
+        }  # fmt: skip
+
+    def full_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
+        """A collective (every rank calls it): the full checkpoint on rank ``dst`` of the
+        group, ``{"weight": (num_classes, in_features) CPU tensor, "_extra_state": {...}}``,
+        the format of :class:`LSoftmaxLoss`; None on the other ranks.  The shards travel one
+        at a time (point to point), so no device holds more than one shard of them."""
+        dst = check_integer("dst", dst, 0, self.world_size - 1)
+        glob = (lambda r: r) if self.process_group is None else (
+            lambda r: dist.get_global_rank(self.process_group, r)
+        )  # fmt: skip
+        weight = self.weight.detach()
+        full = None
+        if self.rank == dst:
+            full = torch.empty((self.num_classes, self.in_features), dtype=weight.dtype)
+            full[self.class_start : self.class_stop] = weight.cpu()
+        for r in range(self.world_size):
+            if r == dst:
+                continue
+            start, stop = _shard_bounds(self.num_classes, self.world_size, r)
+            if self.rank == r:
+                dist.send(weight.contiguous(), dst=glob(dst), group=self.process_group)
+            elif self.rank == dst:
+                buf = weight.new_empty((stop - start, self.in_features))
+                dist.recv(buf, src=glob(r), group=self.process_group)
+                assert full is not None
+                full[start:stop] = buf.cpu()
+        if full is None:
+            return None
+        return {"weight": full, "_extra_state": self._full_extra_state()}
+
+    @staticmethod
+    def merge_state_dicts(shards: list[dict[str, Any]]) -> dict[str, Any]:
+        """The full checkpoint from every rank's ``state_dict()`` (any order), offline: no
+        process group needed.  Checks that the shards tile the classes and agree."""
+        if not shards:
+            raise ValueError("shards must hold every rank's state_dict, got none")
+        states = sorted((s["_extra_state"] for s in shards), key=lambda e: int(e["class_start"]))
+        order = sorted(range(len(shards)), key=lambda i: int(shards[i]["_extra_state"]["class_start"]))
+        total = states[0]["num_classes"]
+        stop = 0
+        for e in states:
+            if e["num_classes"] != total or e["class_start"] != stop:
+                raise ValueError(
+                    f"shards must tile [0, num_classes) without gaps or overlaps: after class {stop} comes a shard "
+                    f"[{e['class_start']}, {e['class_stop']}) of num_classes={e['num_classes']}"
+                )
+            stop = e["class_stop"]
+            for key in ("margin", "normalize_weight", "iteration", "schedule"):
+                if e[key] != states[0][key]:
+                    raise ValueError(f"shards disagree on {key}: {states[0][key]!r} and {e[key]!r}")
+        if stop != total:
+            raise ValueError(f"shards must tile [0, num_classes={total}): they end at class {stop}")
+        weight = torch.cat([shards[i]["weight"].detach().cpu() for i in order])
+        extra = {k: states[0][k] for k in ("margin", "normalize_weight", "iteration", "schedule")}
+        return {"weight": weight, "_extra_state": extra}
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        """Load this rank's rows of a full checkpoint (:meth:`full_state_dict`,
+        :meth:`merge_state_dicts`, or an :class:`LSoftmaxLoss`'s ``state_dict()``), at any
+        world size; no collective (each rank calls it, e.g. on a memory-mapped
+        ``torch.load(path, mmap=True)``).  Everything is checked before anything changes."""
+        weight = state.get("weight") if isinstance(state, dict) else None
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.num_classes, self.in_features):
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(
+                f"state['weight'] must be the full (num_classes, in_features) = ({self.num_classes}, "
+                f"{self.in_features}) weight, got {shape}"
+            )
+        extra = dict(state.get("_extra_state") or {})
+        for key in ("num_classes", "class_start", "class_stop"):
+            extra.pop(key, None)  # a shard's own bounds are this rank's, not the saved ones
+        # A bare {"weight": W} keeps this module's iteration and schedule.
+        own = {**self._config(), "iteration": self.iteration, "schedule": self.schedule.to_dict()}
+        shard = {"weight": weight[self.class_start : self.class_stop], "_extra_state": {**own, **extra}}
+        self.load_state_dict(shard)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, classes=[{self.class_start}, "
+            f"{self.class_stop}) of rank {self.rank}/{self.world_size}, margin={self.margin}, "
+            f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, schedule={self._schedule!r}"
+        )
+
+
+def _bytes_per_step(world_size: int, sizes: list[int], in_features: int, itemsize: int) -> int:
+    """The formula of ``last_comm_bytes`` (docs/distributed.md), for the tests and the docs."""
+    n_max, n = max(sizes), sum(sizes)
+    if n == 0:
+        return world_size * _META * 8
+    return world_size * _META * 8 + world_size * n_max * (8 + 2 * in_features * itemsize) + 24 * n
+

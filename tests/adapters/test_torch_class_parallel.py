@@ -1,0 +1,289 @@
+"""The class-parallel head on torch.distributed: gloo groups of 1, 2, 3 and 4 ranks on
+this machine give the loss and gradients of the single-process fused loss over the
+concatenated batch (1e-10 in float64, the tolerance table in float32), whatever the
+shards, labels, batch sizes and margins; bad input on one rank raises on every rank;
+checkpoints move between world sizes; DDP training on 2 ranks is single-process training;
+the bytes passed to the collectives follow the documented formula, independent of C.
+
+One spawned world of 4 processes runs every case (``support.class_parallel``) in gloo
+subgroups of 1, 2, 3 and 4 ranks (passed as ``process_group``), started once and shared
+by the tests; if it hangs it is killed at its deadline and the tests fail.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist
+
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+import torch.nn.functional as F
+
+import lsoftmax_core as lsm
+from lsoftmax_core.adapters.torch import ClassParallelLSoftmaxLoss, LSoftmaxLoss, lsoftmax_cross_entropy
+
+from support import class_parallel as cp
+from support import reference
+from support.dist import RankFailed, hang, run_ranks
+from support.loss_reference import assert_rel
+from support.tolerances import TOLERANCES, assert_close, check_backward, logit_scale
+
+WORLD_SIZES = sorted(cp.GROUPS)  # 1, 2, 3, 4
+TRAINING = cp.Training(sizes=(5, 3))  # unequal batches on the 2 ranks
+WORLD_TIMEOUT_S = 240.0  # the whole world (start, every group's cases) on a loaded 2-core machine
+_WORLD: list[Any] = []
+
+
+def _group(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's results for the group of ``world_size`` ranks, in group-rank order.  The
+    world of 4 processes running every group is spawned once; a failure is kept and raised
+    by each test."""
+    if not _WORLD:
+        try:
+            _WORLD.append(run_ranks(4, cp.run_world, TRAINING, timeout=WORLD_TIMEOUT_S))
+        except RankFailed as e:
+            _WORLD.append(e)
+    got = _WORLD[0]
+    if isinstance(got, Exception):
+        raise got
+    return [got[g][world_size] for g in cp.GROUPS[world_size]]
+
+
+def _reference(case: cp.Case) -> tuple[float, np.ndarray, np.ndarray]:
+    """The single-process fused loss (float64) over the whole batch, and its gradients."""
+    x, w, label = cp.problem(case)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    weight = F.normalize(wt, dim=1) if case.normalize_weight else wt
+    loss = lsoftmax_cross_entropy(
+        xt, weight, torch.from_numpy(label), margin=case.margin, beta=case.beta, reduction=case.reduction
+    )
+    loss.backward()
+    return loss.item(), xt.grad.numpy(), wt.grad.numpy()
+
+
+def _assembled(ranks: list[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The whole batch's grad_x (the ranks' rows, divided by the world size) and the full grad_w."""
+    p = len(ranks)
+    res = [r["cases"][name] for r in ranks]
+    return np.concatenate([r["grad_x"] for r in res]) / p, np.concatenate([r["grad_w"] for r in res])
+
+
+def _cases(dtype: str) -> list[Any]:
+    return [
+        pytest.param(p, case, id=f"P{p}-{case.name}")
+        for p in WORLD_SIZES
+        for case in cp.cases_for(p)
+        if case.dtype == dtype
+    ]
+
+
+@pytest.mark.parametrize(("world_size", "case"), _cases("float64"))
+def test_loss_and_gradients_equal_the_single_process_fused_loss_in_float64(world_size, case) -> None:
+    ranks = _group(world_size)
+    want, gx, gw = _reference(case)
+    losses = [r["cases"][case.name]["loss"] for r in ranks]
+    assert len(set(losses)) == 1, f"the ranks' losses differ: {losses}"
+    assert_rel(losses[0], want, 1e-10, "loss")
+    got_x, got_w = _assembled(ranks, case.name)
+    assert_rel(got_x, gx, 1e-10, "grad_x (the ranks' rows / world size)")
+    assert_rel(got_w, gw, 1e-10, "grad_w (the shards)")
+    for r, res in enumerate(ranks):
+        assert res["cases"][case.name]["bounds"] == cp.bounds(case.num_classes, world_size)[r]
+        assert np.isfinite(res["cases"][case.name]["grad_x"]).all()
+
+
+@pytest.mark.parametrize(("world_size", "case"), _cases("float32"))
+def test_float32_is_within_the_tolerance_table(world_size, case) -> None:
+    ranks = _group(world_size)
+    x, w, label = cp.problem(case)
+    x32, w32 = x.astype(np.float32).astype(np.float64), w.astype(np.float32).astype(np.float64)
+    f = torch.from_numpy(reference.forward(x32, w32, np.where(label == cp.IGNORE, 0, label), margin=case.margin,
+                                           beta=case.beta)).requires_grad_()  # fmt: skip
+    want = F.cross_entropy(f, torch.from_numpy(label), ignore_index=cp.IGNORE)
+    (grad_logits,) = torch.autograd.grad(want, f)
+    res = [r["cases"][case.name] for r in ranks]
+    assert {r["loss_dtype"] for r in res} == {"torch.float32"}
+    scale = logit_scale(x32, w32, case.margin).max()
+    for r in res:
+        assert_close(r["loss"], want.item(), scale, TOLERANCES["float32"].forward, "loss float32", dtype="float32")
+    got_x, got_w = _assembled(ranks, case.name)
+    lab = np.where(label == cp.IGNORE, 0, label)
+    check_backward((got_x, got_w), grad_logits, x32, w32, lab, margin=case.margin, beta=case.beta, dtype="float32")
+
+
+def _formula(world_size: int, sizes: tuple[int, ...], d: int, itemsize: int) -> int:
+    """docs/distributed.md: P*32 + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
+    n_max, n = max(sizes), sum(sizes)
+    if n == 0:
+        return 32 * world_size
+    return 32 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_the_bytes_passed_to_collectives_follow_the_formula_and_not_the_number_of_classes(world_size) -> None:
+    ranks = _group(world_size)
+    for case in cp.cases_for(world_size):
+        itemsize = 8 if case.dtype == "float64" else 4
+        for r in ranks:
+            got = r["cases"][case.name]
+            assert got["bytes"] == _formula(world_size, case.sizes, case.d, itemsize), case.name
+            assert got["bytes"] == sum(b for _, b in got["collectives"])
+    names = [name for name, _ in ranks[0]["cases"]["m2-beta0"]["collectives"]]
+    assert names == ["all_gather sizes", "all_gather x", "all_gather target", "all_reduce max", "all_reduce sum",
+                     "reduce_scatter grad_x"]  # fmt: skip
+    # The same batch against 1003 and 5000 classes: the same collectives, byte for byte.
+    assert ranks[0]["cases"]["more-classes"]["collectives"] == ranks[0]["cases"]["m2-beta0"]["collectives"]
+    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 32 * world_size)]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(world_size) -> None:
+    ranks = _group(world_size)
+    bad = world_size - 1
+    expected = {
+        "label": ("ValueError", f"rank {bad}'s target[2]=11"),
+        "negative": ("ValueError", f"rank {bad}'s target[0]=-1"),
+        "shape": ("ValueError", "x must have shape (N, in_features) = (N, 6), got x.shape=(5, 3)"),
+        "dtype": ("TypeError", "x.dtype=torch.float32, weight.dtype=torch.float64"),
+        "target-dtype": ("TypeError", "target must have an integer dtype, got target.dtype=torch.float64"),
+        "not-a-tensor": ("TypeError", "x must be a torch.Tensor, got numpy.ndarray"),
+    }
+    for what, (kind, text) in expected.items():
+        for r, res in enumerate(ranks):
+            got = res["errors"][what]
+            assert got is not None, f"{what}: rank {r} did not raise"
+            assert got[0] == kind, f"{what}: rank {r} raised {got}"
+            if r == bad or what in ("label", "negative"):
+                assert text in got[1], f"{what}: rank {r} said {got[1]!r}"
+            else:
+                assert f"rank {bad} of the process group passed an invalid x or target" in got[1], got[1]
+    assert "must lie in [0, num_classes) = [0, 11) or equal ignore_index=-100" in ranks[0]["errors"]["label"][1]
+    afters = [res["errors"]["after"] for res in ranks]
+    assert all(res["errors"]["weight-unchanged"] for res in ranks)
+    assert len(set(afters)) == 1 and np.isfinite(afters[0])
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_checkpoints_gather_the_full_weight_and_load_it_at_any_world_size(world_size) -> None:
+    ranks = [r["checkpoints"] for r in _group(world_size)]
+    c, d = 1003, 4
+    shards = [r["shard"] for r in ranks]
+    assert [(s["_extra_state"]["class_start"], s["_extra_state"]["class_stop"]) for s in shards] == cp.bounds(c, world_size)
+    assert all(s["weight"].shape == (b - a, d) for s, (a, b) in zip(shards, cp.bounds(c, world_size)))
+    merged = ClassParallelLSoftmaxLoss.merge_state_dicts(shards[::-1])  # any order
+    for dst in ("full_0", "full_last"):
+        got = [r[dst] for r in ranks]
+        owner = 0 if dst == "full_0" else world_size - 1
+        assert all(g is None for i, g in enumerate(got) if i != owner)
+        assert torch.equal(got[owner]["weight"], merged["weight"])
+        assert got[owner]["_extra_state"] == merged["_extra_state"]
+        assert merged["_extra_state"]["iteration"] == 2
+    # The full checkpoint is LSoftmaxLoss's: it loads there, with the iteration and schedule.
+    single = LSoftmaxLoss(d, c, margin=3, dtype=torch.float64)
+    single.load_state_dict(merged)
+    assert single.iteration == 2 and single.beta == 12.5
+    full = torch.arange(c * d, dtype=torch.float64).reshape(c, d)
+    for r, (a, b) in zip(ranks, cp.bounds(c, world_size)):
+        assert torch.equal(r["loaded"], full[a:b]) and r["loaded_iteration"] == 2
+        assert r["margin_mismatch"][0] == "ValueError" and "checkpoint has margin=2" in r["margin_mismatch"][1]
+        assert r["wrong_shape"] == ("ValueError", f"state['weight'] must be the full (num_classes, in_features) = "
+                                                  f"({c}, {d}) weight, got (1002, 4)")  # fmt: skip
+        assert r["too_many_ranks"][0] == "ValueError" and "num_classes=" in r["too_many_ranks"][1]
+        if world_size > 1:
+            assert r["foreign"][0] == "ValueError" and "load_full_state_dict" in r["foreign"][1]
+            assert r["foreign_unchanged"]
+
+
+def test_ddp_training_on_two_ranks_equals_single_process_training_in_float64() -> None:
+    ranks = [r["training"] for r in _group(len(TRAINING.sizes))]
+    t = TRAINING
+    init, batches = cp.training_data(t)
+    body = torch.nn.Linear(t.d_in, t.d).double()
+    with torch.no_grad():
+        body.weight.copy_(torch.from_numpy(init["body.weight"]))
+        body.bias.copy_(torch.from_numpy(init["body.bias"]))
+    head = LSoftmaxLoss(t.d, t.num_classes, margin=t.margin, schedule=lsm.ExponentialSchedule(beta0=10.0, scale=0.5),
+                        dtype=torch.float64)  # fmt: skip
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(init["head.weight"]))
+    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=t.lr)
+    losses = []
+    for xb, yb in batches:
+        loss = head(torch.tanh(body(torch.from_numpy(xb))), torch.from_numpy(yb))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        head.step()
+        losses.append(loss.item())
+    assert losses[0] != losses[-1]  # it trained
+    for r in ranks:
+        assert_rel(r["losses"], losses, 1e-8, "losses")
+        assert_rel(r["body.weight"], body.weight.detach().numpy(), 1e-8, "backbone weight")
+        assert_rel(r["body.bias"], body.bias.detach().numpy(), 1e-8, "backbone bias")
+    assert_rel(ranks[0]["head.weight"], head.weight.detach().numpy(), 1e-8, "head weight")
+    # Without the world-size factor in x.grad, DDP's average would halve the backbone's step.
+    assert not np.allclose(init["body.weight"], body.weight.detach().numpy())
+
+
+def test_merging_shards_that_do_not_tile_the_classes_raises() -> None:
+    def shard(a: int, b: int, **extra: Any) -> dict[str, Any]:
+        state = {"margin": 2, "normalize_weight": False, "iteration": 0, "schedule": {"type": "constant", "beta": 0.0},
+                 "num_classes": 10, "class_start": a, "class_stop": b, **extra}  # fmt: skip
+        return {"weight": torch.zeros(b - a, 3), "_extra_state": state}
+
+    with pytest.raises(ValueError, match=r"after class 5 comes a shard \[6, 10\)"):
+        ClassParallelLSoftmaxLoss.merge_state_dicts([shard(0, 5), shard(6, 10)])
+    with pytest.raises(ValueError, match=r"they end at class 5"):
+        ClassParallelLSoftmaxLoss.merge_state_dicts([shard(0, 5)])
+    with pytest.raises(ValueError, match=r"shards disagree on iteration: 0 and 3"):
+        ClassParallelLSoftmaxLoss.merge_state_dicts([shard(0, 5), shard(5, 10, iteration=3)])
+    with pytest.raises(ValueError, match=r"got none"):
+        ClassParallelLSoftmaxLoss.merge_state_dicts([])
+    full = ClassParallelLSoftmaxLoss.merge_state_dicts([shard(5, 10), shard(0, 5)])
+    assert full["weight"].shape == (10, 3) and "class_start" not in full["_extra_state"]
+
+
+def test_shard_bounds_tile_the_classes_in_rank_order() -> None:
+    for c, p in [(1003, 4), (10, 3), (5, 5), (7, 1)]:
+        got = [ClassParallelLSoftmaxLoss.shard_bounds(c, p, r) for r in range(p)]
+        assert got == cp.bounds(c, p)
+        assert [b - a for a, b in got] == [c // p + (r < c % p) for r in range(p)]
+    with pytest.raises(ValueError, match="rank"):
+        ClassParallelLSoftmaxLoss.shard_bounds(10, 3, 3)
+
+
+def test_the_module_needs_an_initialised_process_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ClassParallelLSoftmaxLoss(4, 10)
+
+
+@pytest.mark.gpu
+def test_a_single_rank_nccl_group_checks_gathers_and_matches_the_cpu_loss() -> None:
+    if not (torch.cuda.is_available() and dist.is_nccl_available()):
+        pytest.skip("needs CUDA and NCCL")
+    (res,) = run_ranks(1, cp.run_cuda, backend="nccl", timeout=WORLD_TIMEOUT_S)
+    assert res["bad_label"] is not None and "rank 0's target[0]=1003" in res["bad_label"][1]
+    assert res["full_ok"]
+    if "not_implemented" in res:
+        pytest.xfail(f"the CuPy backend has no class shards yet: {res['not_implemented']}")
+    got, want = res["loss"]
+    assert abs(got - want) <= TOLERANCES["float32"].forward * max(1.0, abs(want)) * 10
+    for name in ("grad_x", "grad_w"):
+        a, b = res[name]
+        assert_rel(a, b, 1e-4, name)
+
+
+def test_a_group_still_running_at_its_deadline_is_killed_and_fails() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed, match=r"ranks \[0\] of 1 still running after 2 s"):
+        run_ranks(1, hang, timeout=2.0)
+    assert time.monotonic() - t0 < 30
