@@ -1,0 +1,392 @@
+"""Class-parallel L-Softmax cross-entropy for ``jax.shard_map``:
+``class_parallel_cross_entropy(x, w_local, label, axis_name=, num_classes=, ...)``.
+
+At a million classes and more the class weights W (C, D) no longer fit one device.  Here
+W is split by rows (classes) over a named mesh axis, the features x and the labels are
+replicated over it, and every device computes the part of the loss its classes own, as
+InsightFace's Partial FC and Megatron's vocabulary-parallel cross-entropy do: the margin
+only where the device holds the label, the softmax through all-reduces of O(N) values.
+The maths is ``docs/derivatives.md``, "Class shards": per device p and row i the core's
+``cross_entropy_shard_stats`` gives the log-sum-exp over the device's classes and the
+target logit where it holds y_i (else 0), and
+
+    M_i = pmax_p lse_i^p,   lse_i = M_i + log psum_p exp(lse_i^p - M_i),
+    loss_i = lse_i - psum_p t_i^p.
+
+The backward hands the combined lse back to the core (``cross_entropy_backward`` with
+``class_start``/``num_classes``), which returns this device's rows of grad_W exactly and
+its term of grad_x; grad_x is their sum over the axis.  Per step the axis carries one
+pmax and one psum of (2, N) in the forward and one psum of (N, D) in the backward:
+O(N·D·P + N·P) values in all, nothing of size N×C or C×D.  The forward runs one pass of
+the core over the device's classes, the backward one more with the gradients (the
+single-device loss needs no second pass under ``jax.grad`` because it knows the lse
+before it forms the gradients; here the lse is known only after the all-reduce).
+
+Everything else is :mod:`lsoftmax_core.adapters.jax`'s: the core runs inside
+``jax.experimental.buffer_callback`` on zero-copy views of XLA's buffers, margin is
+static, beta an operand (a Python number exact as float64, or a traced scalar: no
+recompile for a new value, no gradient to it), the same dtypes, the same errors (label
+values are checked when the callback runs and surface as ``jax.errors.JaxRuntimeError``
+carrying the core's ``ValueError: label must lie in [0, C) = [0, num_classes) ...``).
+On CUDA the callback takes the adapter's route (CuPy on XLA's stream); the core's CuPy
+backend has no class shards yet and raises ``NotImplementedError`` there.
+
+Uneven class counts.  ``shard_map`` splits W's rows evenly, so pad W to a multiple of
+the axis size P: device p holds the global rows ``[p·C_local, (p + 1)·C_local)`` and the
+rows at or beyond ``num_classes`` are padding.  Padding rows enter no softmax, get a zero
+gradient and may hold anything; a device may hold only padding.
+
+``jax.shard_map``'s ``check_vma``.  With ``check_vma=True`` (JAX's default) the values'
+types say what varies over the axis: x and label must not vary over ``axis_name``, w_local
+must; the cotangent of the loss arrives whole on every device and grad_x is summed over
+the axis here.  With ``check_vma=False`` JAX transposes a psum into a psum and splits the
+cotangent of a replicated value into per-device shares (``shard_map``'s transpose divides
+the cotangent of a replicated output by P and sums those of replicated inputs); this
+function then follows the same convention (the whole cotangent is the psum of the shares,
+grad_x is returned as this device's term, which ``shard_map`` sums).  Either way
+``jax.grad`` of a function that calls ``shard_map`` gives the single-device loss's
+gradients.  Other mesh axes (data parallelism over rows of x and label) are the caller's:
+under ``check_vma=True`` a gradient that a device's inputs do not vary over is summed
+over it, as JAX's own collectives would.
+
+Sizes in the combination.  The per-device log-sum-exp and targets (float64 in the core)
+are combined in float64 when ``jax_enable_x64`` is on and in float32 otherwise; the loss
+has x's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.buffer_callback import buffer_callback
+
+import lsoftmax_core as core
+from lsoftmax_core.adapters.jax import (
+    _DL_CPU,
+    _DL_CUDA,
+    _beta_bits,
+    _beta_value,
+    _check_concrete_beta,
+    _copy_into,
+    _device_view,
+    _dtypes,
+    _host_view,
+    _platform,
+    _stream_ptr,
+    _XlaStream,
+)
+from lsoftmax_core.checks import check_arrays, check_integer, check_margin
+
+__all__ = ["class_parallel_cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+#: Static parts of a call: (reduction, ignore_index, num_classes).
+_Options = tuple[str, int, int]
+
+
+def class_parallel_cross_entropy(
+    x: Any,
+    w_local: Any,
+    label: Any,
+    *,
+    axis_name: Hashable,
+    num_classes: int,
+    margin: int = 2,
+    beta: Any = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> jax.Array:
+    """The L-Softmax cross-entropy of ``x`` (N, D) against class weights sharded by rows over
+    the mesh axis ``axis_name``; call it inside ``jax.shard_map``.
+
+    ``w_local`` (C_local, D) is this device's block of the (P·C_local, D) weights: device p
+    (``lax.axis_index(axis_name)``) holds classes ``[p·C_local, (p + 1)·C_local)``, and rows
+    at or beyond ``num_classes`` are padding (ignored; pad W when P does not divide C).
+    ``x`` and ``label`` (N,) are the same on every device of the axis; labels are global
+    class indices in [0, num_classes) or ``ignore_index``.  The rest is
+    :func:`lsoftmax_core.adapters.jax.lsoftmax_cross_entropy`'s: ``margin`` (static),
+    ``beta`` (Python number or traced scalar), ``reduction`` ("mean" over the rows not
+    ignored, "sum", or "none": (N,)), ``ignore_index``.  The loss is the same on every
+    device of the axis and equals the single-device loss of the whole W; ``jax.grad``
+    through ``shard_map`` gives its gradients (grad_x whole, grad_w in the same blocks).
+    See the module docstring for ``check_vma`` and the maths.
+
+    >>> import numpy as np, jax, jax.numpy as jnp
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> from lsoftmax_core.adapters.jax import lsoftmax_cross_entropy
+    >>> from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy
+    >>> mesh = Mesh(np.array(jax.devices()), ("classes",))   # all devices hold classes
+    >>> parts = mesh.shape["classes"]
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((8, 5), dtype=np.float32)
+    >>> w = rng.standard_normal((10, 5), dtype=np.float32)  # C = 10 classes
+    >>> y = rng.integers(0, 10, 8).astype(np.int32)
+    >>> rows = -(-10 // parts) * parts                        # pad C to a multiple of P
+    >>> w_padded = np.concatenate([w, np.zeros((rows - 10, 5), np.float32)])
+    >>> def loss_fn(x, w_local, y):
+    ...     return class_parallel_cross_entropy(x, w_local, y, axis_name="classes",
+    ...                                         num_classes=10, margin=3, beta=1.0)
+    >>> sharded = jax.shard_map(loss_fn, mesh=mesh, in_specs=(P(), P("classes"), P()), out_specs=P())
+    >>> loss, (gx, gw) = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(x, w_padded, y)
+    >>> whole = lsoftmax_cross_entropy(x, w, y, margin=3, beta=1.0)
+    >>> bool(jnp.allclose(loss, whole, rtol=1e-5)), gw.shape == w_padded.shape
+    (True, True)
+    >>> bool(jnp.all(gw[10:] == 0))                          # padding gets no gradient
+    True
+    """
+    if not (isinstance(reduction, str) and reduction in _REDUCTIONS):
+        raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+    ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+    total = check_integer("num_classes", num_classes, 1)
+    m = check_margin(margin)
+    beta_now = _check_concrete_beta(beta)
+    for name, a in (("x", x), ("w_local", w_local), ("label", label)):
+        if not isinstance(a, jax.Array):
+            raise TypeError(
+                f"{name} must be a jax.Array (a value inside jax.shard_map), got "
+                f"{type(a).__module__}.{type(a).__qualname__}"
+            )
+    check_arrays(x, w_local, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(_platform(x, w_local)))
+    parts = _axis_size(axis_name)
+    local = int(w_local.shape[0])
+    if parts * local < total:
+        raise ValueError(
+            f"num_classes={total} exceeds the {parts} x {local} rows that the {parts} devices of "
+            f"axis_name={axis_name!r} hold (w_local.shape={tuple(w_local.shape)}): shard all of W"
+        )
+    vma = _check_varying(axis_name, x, w_local, label, beta)
+    if beta_now is None:
+        beta_op, bits = lax.stop_gradient(beta), False  # a hyper-parameter: no gradient
+    else:
+        beta_op, bits = _beta_bits(beta_now), True
+    start = lax.axis_index(axis_name) * local  # this device's first global class
+    return _loss(x, w_local, label, beta_op, start, axis_name, m, bits, (reduction, ignore, total), vma)  # type: ignore[no-any-return]
+
+
+def _axis_size(axis_name: Hashable) -> int:
+    if isinstance(axis_name, (tuple, list)):
+        raise TypeError(f"axis_name must name one mesh axis, got {axis_name!r}")
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as e:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not a mesh axis here: call class_parallel_cross_entropy "
+            f"inside jax.shard_map over a mesh with that axis ({e})"
+        ) from e
+
+
+def _varying(a: Any) -> frozenset[Any]:
+    """The mesh axes ``a``'s type says it varies over (empty under ``check_vma=False``)."""
+    t = jax.typeof(a)
+    mat = getattr(t, "mat", None)  # jax 0.10: ShapedArray.mat.varying; earlier: .vma
+    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+def _check_varying(axis_name: Hashable, x: Any, w: Any, label: Any, beta: Any) -> bool:
+    """Whether ``check_vma`` is on, i.e. the types track what varies: then w_local, a
+    block of W, varies over the axis; with ``check_vma=False`` nothing does.  Under
+    ``check_vma=True``, x, label and a traced beta must be the same on every device."""
+    if axis_name not in _varying(w):
+        if _varying(x) or _varying(label):  # check_vma is on, yet w_local is the same everywhere
+            raise ValueError(
+                f"w_local must be sharded over axis_name={axis_name!r} "
+                f"(shard_map in_specs P({axis_name!r}) for W), but its type does not vary over it"
+            )
+        return False
+    named = [("x", x), ("label", label)] + ([("beta", beta)] if isinstance(beta, jax.Array) else [])
+    for name, a in named:
+        if axis_name in _varying(a):
+            raise ValueError(
+                f"{name} must be replicated over axis_name={axis_name!r} (no {axis_name!r} in its "
+                f"shard_map in_specs): every device of the axis needs all of it"
+            )
+    return True
+
+
+def _vary(a: jax.Array, axes: frozenset[Any]) -> jax.Array:
+    """``a`` typed as varying over ``axes``.  A buffer callback's results are typed as
+    varying over nothing whatever its operands; their values differ across the devices
+    whenever the operands do, so the type is corrected (no data moves)."""
+    missing = tuple(sorted(axes - _varying(a), key=str))
+    return lax.pcast(a, missing, to="varying") if missing else a
+
+
+def _stats_dtype() -> np.dtype[Any]:
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))  # float64 with x64, else float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _loss(
+    x: jax.Array,
+    w: jax.Array,
+    label: jax.Array,
+    beta: jax.Array,
+    start: jax.Array,
+    axis_name: Hashable,
+    margin: int,
+    bits: bool,
+    options: _Options,
+    vma: bool,
+) -> jax.Array:
+    return _loss_fwd(x, w, label, beta, start, axis_name, margin, bits, options, vma)[0]
+
+
+def _loss_fwd(
+    x: jax.Array,
+    w: jax.Array,
+    label: jax.Array,
+    beta: jax.Array,
+    start: jax.Array,
+    axis_name: Hashable,
+    margin: int,
+    bits: bool,
+    options: _Options,
+    vma: bool,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    reduction, ignore, _ = options
+    n = x.shape[0]
+    stats = jax.ShapeDtypeStruct((n,), _stats_dtype())
+    lse_local, target_local = _call("stats", margin, bits, options, (stats, stats), x, w, label, start, beta)
+    if vma:
+        axes = _varying(x) | _varying(w) | _varying(label) | _varying(beta) | {axis_name}
+        lse_local, target_local = _vary(lse_local, axes), _vary(target_local, axes)
+    # docs/derivatives.md "Class shards": the max is a shift for exp's range only (a device
+    # holding only padding reports -inf, which adds exp(-inf) = 0); one psum carries both
+    # the sums of exponentials and the targets (0 on the devices not holding y_i).
+    top = lax.pmax(lse_local, axis_name)
+    sums = lax.psum(jnp.stack([jnp.exp(lse_local - top), target_local]), axis_name)
+    lse = top + jnp.log(sums[0])
+    kept = label != ignore
+    per_row = jnp.where(kept, lse - sums[1], 0.0)
+    if reduction == "none":
+        loss = per_row
+    elif reduction == "sum":
+        loss = jnp.sum(per_row)
+    else:  # an all-ignored batch gives 0, not 0/0
+        loss = jnp.sum(per_row) / jnp.maximum(jnp.sum(kept), 1).astype(per_row.dtype)
+    return loss.astype(x.dtype), (x, w, label, beta, start, lse)
+
+
+def _loss_bwd(
+    axis_name: Hashable,
+    margin: int,
+    bits: bool,
+    options: _Options,
+    vma: bool,
+    res: tuple[jax.Array, ...],
+    grad_loss: jax.Array,
+) -> tuple[Any, ...]:
+    x, w, label, beta, start, lse = res
+    if not vma:
+        # check_vma=False: each device holds a share of the cotangent of the (replicated)
+        # loss; the core needs the whole of it.
+        grad_loss = lax.psum(grad_loss, axis_name)
+    outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+    grad_x, grad_w = _call("backward", margin, bits, options, outs, grad_loss, x, w, label, lse, start, beta)
+    if vma:
+        # grad_x = sum over the devices of their terms; any axis that the inputs vary over
+        # but x (or w) does not is summed too, as JAX's transpose of a broadcast would.
+        axes = _varying(grad_loss) | _varying(x) | _varying(w) | _varying(label) | {axis_name}
+        grad_x = lax.psum(_vary(grad_x, axes), tuple(sorted(axes - _varying(x), key=str)))
+        extra = tuple(sorted(axes - _varying(w), key=str))
+        grad_w = _vary(grad_w, axes)
+        if extra:
+            grad_w = lax.psum(grad_w, extra)
+    # else: grad_x is this device's term, which shard_map's transpose sums over the axis.
+    return grad_x, grad_w, None, None, None
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd)
+
+
+def _call(kind: str, margin: int, bits: bool, options: _Options, outs: Any, *operands: jax.Array) -> Any:
+    call = buffer_callback(_callback(kind, margin, bits, options), outs, vmap_method="sequential")
+    return call(*operands)
+
+
+@functools.cache
+def _callback(kind: str, margin: int, bits: bool, options: _Options) -> Callable[..., None]:
+    """One callback object per static configuration (JAX caches compiled calls by its
+    identity); the device dispatch is the JAX adapter's."""
+
+    def callback(ctx: Any, out: Any, *operands: Any) -> None:
+        outs = out if isinstance(out, tuple) else (out,)
+        device_type, device_id = operands[0].__dlpack_device__()
+        if device_type == _DL_CPU:
+            *arrays, beta = (_host_view(b) for b in operands)
+            views = tuple(np.asarray(b) for b in outs)  # XLA's result buffers, writeable
+            _shard_call(kind, margin, options, views, arrays, _beta_value(beta, bits), np)
+        elif device_type == _DL_CUDA:
+            _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands)
+        else:
+            raise NotImplementedError(
+                f"lsoftmax_core.adapters.jax_parallel runs on CPU and CUDA devices only, not on "
+                f"DLPack device type {device_type}"
+            )
+
+    return callback
+
+
+def _run_cupy(
+    kind: str,
+    margin: int,
+    bits: bool,
+    options: _Options,
+    ctx: Any,
+    device_id: int,
+    outs: tuple[Any, ...],
+    operands: tuple[Any, ...],
+) -> None:
+    """As the JAX adapter's CUDA route: CuPy views of XLA's buffers, on XLA's stream."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        ptr = _stream_ptr(ctx)
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+            stream = cupy.cuda.Stream.from_external(_XlaStream(ptr))
+        else:
+            stream = cupy.cuda.ExternalStream(ptr, device_id)
+        with stream:
+            *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
+            beta = _beta_value(beta_dev.get(), bits)
+            views = tuple(_device_view(cupy, b) for b in outs)
+            _shard_call(kind, margin, options, views, arrays, beta, cupy)
+
+
+def _shard_call(
+    kind: str, margin: int, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
+) -> None:
+    """The core's shard call on this device's rows of W that are classes (the rest is
+    padding), its results copied into XLA's buffers ``outs``."""
+    reduction, ignore, total = options
+    start_view = arrays[-1]
+    start = int(start_view.get() if xp is not np else start_view)  # on CUDA a 4-byte copy
+    w = arrays[1 if kind == "stats" else 2]  # (x, w, label, start) or (grad_loss, x, w, label, lse, start)
+    rows = max(0, min(int(w.shape[0]), total - start))  # classes (not padding) on this device
+    kw: dict[str, Any] = dict(margin=margin, beta=beta, ignore_index=ignore, class_start=start, num_classes=total)
+    if kind == "stats":
+        x, w, label, _ = arrays
+        if rows == 0:  # only padding: no class, so exp(lse) = 0 and no target
+            outs[0][...] = -np.inf
+            outs[1][...] = 0
+            return
+        lse, target = core.cross_entropy_shard_stats(x, w[:rows], label, **kw)
+        _copy_into(outs[0], lse, xp)
+        _copy_into(outs[1], target, xp)
+        return
+    grad_loss, x, w, label, lse, _ = arrays
+    if rows == 0:
+        outs[0][...] = 0
+        outs[1][...] = 0
+        return
+    grad_x, grad_w = core.cross_entropy_backward(grad_loss, x, w[:rows], label, reduction=reduction, lse=lse, **kw)
+    _copy_into(outs[0], grad_x, xp)
+    _copy_into(outs[1][:rows], grad_w, xp)
+    outs[1][rows:] = 0  # padding rows: no gradient

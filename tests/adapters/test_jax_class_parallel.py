@@ -1,0 +1,293 @@
+"""lsoftmax_core.adapters.jax_parallel.class_parallel_cross_entropy: W sharded by class over
+a mesh axis under ``jax.shard_map`` gives the single-device fused loss and its gradients.
+
+The multi-device cases run on 4 JAX CPU devices in one subprocess
+(``support/jax_class_parallel_cases.py``: JAX fixes its device count at first use, and this
+process already uses JAX with one device); it records inputs and results, the assertions
+are here.  Argument checks and the one-device case run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lsoftmax_core.adapters.jax import lsoftmax_cross_entropy
+from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy
+
+from support import reference
+from support.loss_reference import assert_rel, ref_loss
+from support.tolerances import TOLERANCES, check_backward, logit_scale
+
+logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
+
+CASES = Path(__file__).resolve().parents[1] / "support" / "jax_class_parallel_cases.py"
+#: The cases take ~20 s on the loaded 2-core machine; a hang fails instead of stalling CI.
+TIMEOUT_S = 240
+IGNORE = -100
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("class_parallel") / "cases.json"
+    tests = str(CASES.parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(CASES), str(out)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-3000:]
+        pytest.fail(f"{CASES.name} did not finish within {TIMEOUT_S} s; its stderr ends:\n{tail!r}")
+    if done.returncode != 0:
+        pytest.fail(f"{CASES.name} exited with {done.returncode}; its stderr ends:\n{done.stderr[-5000:]}")
+    results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    assert results.pop("devices") == 4, "the subprocess must see 4 CPU devices"
+    return results
+
+
+def _get(cases: dict[str, Any], name: str) -> dict[str, Any]:
+    """A case's record with its arrays as NumPy float64 (and their dtypes as ``<key>_dtype``);
+    a case that raised fails the test with its traceback."""
+    assert name in cases, f"no case {name!r} (cases: {sorted(cases)})"
+    r = dict(cases[name])
+    if "error" in r:
+        pytest.fail(f"case {name!r} raised {r['error']}\n{r['traceback']}")
+    for k, v in list(r.items()):
+        if isinstance(v, dict) and "value" in v:
+            r[k], r[f"{k}_dtype"] = np.asarray(v["value"], dtype=np.float64), v["dtype"]
+    return r
+
+
+def _assert_equals_single_device(r: dict[str, Any], name: str, rtol: float = 1e-10) -> None:
+    """Loss, grad_x and grad_w within ``rtol`` (relative to the largest value) of the
+    single-device loss; padding rows of grad_w exactly 0."""
+    c = r["gw1"].shape[0]
+    assert_rel(r["loss"], r["loss1"], rtol, f"{name}: loss")
+    assert_rel(r["gx"], r["gx1"], rtol, f"{name}: grad_x")
+    assert_rel(r["gw"][:c], r["gw1"], rtol, f"{name}: grad_w")
+    assert np.all(r["gw"][c:] == 0.0), f"{name}: padding rows of grad_w are {r['gw'][c:]}"
+    assert r["loss"].shape == r["loss1"].shape and r["gx"].shape == r["gx1"].shape, name
+
+
+@pytest.mark.parametrize("margin", [1, 2, 3, 4])
+def test_float64_loss_and_gradients_equal_the_single_device_loss(cases, margin):
+    """C = 10 over 4 devices of 3 rows (two NaN padding rows on the last), labels on both
+    sides of shard boundaries, a device holding no target, ignored rows; every reduction,
+    beta 0, 2 and 1000 (traced, under jit), grad of x and w through shard_map."""
+    names = [n for n in cases if n.startswith(f"f64 m={margin} ")]
+    assert len(names) == 9, names
+    for name in names:
+        r = _get(cases, name)
+        assert r["loss_dtype"] == r["gx_dtype"] == r["gw_dtype"] == "float64", name
+        _assert_equals_single_device(r, name)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_classes_dividing_evenly_need_no_padding(cases, reduction):
+    _assert_equals_single_device(_get(cases, f"f64 even {reduction}"), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_device_holding_only_padding_adds_nothing(cases, reduction):
+    """C = 5 over 4 devices of 2 rows: the last device holds no class at all."""
+    _assert_equals_single_device(_get(cases, f"f64 padding-only device {reduction}"), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_an_all_ignored_batch_gives_zero_loss_and_gradients(cases, reduction):
+    r = _get(cases, f"f64 all ignored {reduction}")
+    for key in ("loss", "gx", "gw"):
+        assert np.all(r[key] == 0.0), f"{key}: {r[key]}"
+
+
+def test_a_batch_smaller_than_a_shard_equals_the_single_device_loss(cases):
+    _assert_equals_single_device(_get(cases, "f64 few rows mean"), "N=2")
+
+
+def test_eager_shard_map_equals_the_single_device_loss(cases):
+    _assert_equals_single_device(_get(cases, "f64 eager none"), "eager")
+
+
+@pytest.mark.parametrize("margin", [2, 4])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_check_vma_false_gives_the_same_gradients(cases, margin, reduction):
+    """shard_map(check_vma=False) transposes differently (cotangent shares, psum of the
+    replicated inputs' cotangents); jax.grad through it still gives the exact gradients."""
+    name = f"f64 check_vma=False m={margin} {reduction}"
+    _assert_equals_single_device(_get(cases, name), name)
+
+
+def test_the_loss_alone_equals_the_single_device_loss(cases):
+    r = _get(cases, "f64 forward only")
+    assert_rel(r["loss"], r["loss1"], 1e-10, "loss per row")
+
+
+def test_grad_taken_inside_shard_map_gives_whole_grad_x_and_sharded_grad_w(cases):
+    """A training step written per device: value_and_grad inside shard_map, grad_x
+    replicated (out_specs P()), grad_w in W's blocks (out_specs P("classes"))."""
+    _assert_equals_single_device(_get(cases, "f64 grad inside shard_map"), "inside")
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_data_and_class_parallel_on_a_2x2_mesh(cases, check_vma):
+    """Rows split over "data", classes over "classes", the summed loss psum'd over "data":
+    grad_w is also summed over the data shards."""
+    name = f"f64 2x2 mesh check_vma={check_vma}"
+    _assert_equals_single_device(_get(cases, name), name)
+
+
+def _grad_logits(x, w, label, cot, *, margin, beta, reduction):
+    """d(sum(cot * loss))/d(logits) in float64 (rows of ignored labels 0)."""
+    kept = label != IGNORE
+    target = np.where(kept, label, 0)
+    f = reference.forward(x, w, target, margin=margin, beta=beta)
+    e = np.exp(f - f.max(axis=1, keepdims=True))
+    g = e / e.sum(axis=1, keepdims=True)
+    g[np.arange(len(target)), target] -= 1.0
+    weight = kept * np.asarray(cot, np.float64)
+    if reduction == "mean":
+        weight = weight / max(int(kept.sum()), 1)
+    return g * weight[:, None], target
+
+
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float32_within_the_tolerance_table(cases, x64, reduction):
+    """N = 64, D = 16, C = 50 over 4 devices of 13 rows, margin 4: against the float64
+    reference, the loss within the forward tolerance of the row's logit scale and the
+    gradients within the table's.  Without x64 the devices' log-sum-exps are combined in
+    float32, with it in float64."""
+    r = _get(cases, f"f32 x64={x64} {reduction}")
+    assert r["loss_dtype"] == r["gx_dtype"] == r["gw_dtype"] == "float32"
+    x, w, label, cot = r["x"], r["w"], r["label"].astype(np.int64), r["cot"]
+    tol = TOLERANCES["float32"]
+    want = ref_loss(x, w, label, margin=4, beta=1.0, reduction=reduction)
+    kept = label != IGNORE
+    row_scale = logit_scale(x, w, 4).max(axis=1)  # a row's loss moves by at most its largest logit error
+    bound = 2 * tol.forward * (row_scale if reduction == "none" else np.sum(row_scale * kept))
+    if reduction == "mean":
+        bound = bound / kept.sum()
+    assert np.all(np.abs(r["loss"] - want) <= bound), f"loss {r['loss']} vs {want}"
+    grad_logits, target = _grad_logits(x, w, label, cot, margin=4, beta=1.0, reduction=reduction)
+    check_backward((r["gx"], r["gw"][:50]), grad_logits, x, w, target, margin=4, beta=1.0, dtype="float32")
+
+
+def test_a_new_traced_beta_reuses_the_compiled_function(cases):
+    r = _get(cases, "f64 traced beta compiles once")
+    assert r["cache_size"] == 1
+    assert_rel(r["loss"], r["loss1"], 1e-10, "losses for beta 0.5, 7, 1000")
+    assert len(set(r["loss"].tolist())) == 3  # beta did change the loss
+
+
+@pytest.mark.parametrize(("bad", "where"), [(10, "a padding row's index"), (11, "past the padding"), (-1, "negative")])
+def test_labels_outside_num_classes_raise_naming_label(cases, bad, where):
+    r = cases[f"error label={bad}"]
+    assert "error" in r, f"label {bad} ({where}) was accepted"
+    assert r["error"].startswith("JaxRuntimeError"), r["error"]
+    assert f"label must lie in [0, C) = [0, 10) or equal ignore_index=-100: label[4]={bad}" in r["error"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("error num_classes too large", "num_classes=13 exceeds the 4 x 3 rows that the 4 devices of axis_name='classes'"),
+        ("error x sharded over the class axis", "x must be replicated over axis_name='classes'"),
+        ("error w replicated", "w_local must be sharded over axis_name='classes'"),
+    ],
+)
+def test_a_wrong_layout_is_a_value_error_when_tracing(cases, name, message):
+    r = cases[name]
+    assert r.get("error", "").startswith(f"ValueError: {message}"), r.get("error", "accepted")
+
+
+# --- In this process: one device. ---
+
+
+def _one_device(fn, *args, in_specs):
+    mesh = Mesh(np.array(jax.devices()[:1]), ("classes",))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P())(*args)
+
+
+def test_one_device_with_padding_rows_equals_the_fused_loss():
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x, w = rng.standard_normal((7, 4)) * 2, rng.standard_normal((5, 4))
+        label = np.array([0, 4, IGNORE, 2, 2, 1, 3], np.int32)
+        padded = np.concatenate([w, np.full((2, 4), np.nan)])
+
+        def loss(x, w):
+            return _one_device(
+                lambda x, w, y: class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=5, margin=3,
+                                                             beta=1.5),
+                x, w, label, in_specs=(P(), P("classes"), P()),
+            )  # fmt: skip
+
+        got, (gx, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, padded)
+        want, (ex, ew) = jax.value_and_grad(
+            lambda x, w: lsoftmax_cross_entropy(x, w, label, margin=3, beta=1.5), argnums=(0, 1)
+        )(x, w)
+        assert_rel(got, want, 1e-10, "loss")
+        assert_rel(gx, ex, 1e-10, "grad_x")
+        assert_rel(gw[:5], ew, 1e-10, "grad_w")
+        assert np.all(np.asarray(gw[5:]) == 0.0)
+
+
+def _call_one_device(**kw: Any) -> None:
+    x = jnp.ones((3, 2), jnp.float32)
+    w = jnp.ones((4, 2), jnp.float32)
+    y = jnp.zeros(3, jnp.int32)
+    args = dict(axis_name="classes", num_classes=4)
+    args.update(kw)
+    _one_device(lambda x, w, y: class_parallel_cross_entropy(x, w, y, **args), x, w, y,
+                in_specs=(P(), P("classes"), P()))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "message"),
+    [
+        (dict(reduction="avg"), ValueError, r"reduction='avg' must be one of"),
+        (dict(margin=0), ValueError, r"margin"),
+        (dict(num_classes=0), ValueError, r"num_classes"),
+        (dict(num_classes=5), ValueError, r"num_classes=5 exceeds the 1 x 4 rows"),
+        (dict(ignore_index=1.5), TypeError, r"ignore_index"),
+        (dict(beta=-1.0), ValueError, r"beta"),
+        (dict(axis_name="model"), ValueError, r"axis_name=.model. is not a mesh axis here"),
+        (dict(axis_name=("classes",)), TypeError, r"axis_name must name one mesh axis"),
+    ],
+)
+def test_bad_arguments_are_named(kw, error, message):
+    with pytest.raises(error, match=message):
+        _call_one_device(**kw)
+
+
+def test_outside_shard_map_the_axis_is_unbound():
+    x, w, y = jnp.ones((3, 2)), jnp.ones((4, 2)), jnp.zeros(3, jnp.int32)
+    with pytest.raises(ValueError, match=r"axis_name='classes' is not a mesh axis here: call .* inside jax.shard_map"):
+        class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=4)
+
+
+def test_numpy_arrays_and_mixed_dtypes_are_type_errors():
+    x, w, y = np.ones((3, 2), np.float32), np.ones((4, 2), np.float32), np.zeros(3, np.int32)
+    with pytest.raises(TypeError, match=r"x must be a jax.Array"):
+        class_parallel_cross_entropy(x, jnp.asarray(w), jnp.asarray(y), axis_name="classes", num_classes=4)
+    with pytest.raises(TypeError, match=r"x and w must have the same dtype"):
+        _one_device(
+            lambda x, w, y: class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=4),
+            jnp.asarray(x), jnp.asarray(w, jnp.bfloat16), jnp.asarray(y), in_specs=(P(), P("classes"), P()),
+        )  # fmt: skip
