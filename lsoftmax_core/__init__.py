@@ -69,6 +69,10 @@ def _library(a: Any) -> str | None:
 
 def _backend(**arrays: Any) -> ModuleType:
     """The backend module for the arrays' library; all must come from the same one."""
+    if all(type(a) is np.ndarray for a in arrays.values()):
+        from . import _numpy_backend as numpy_backend  # the common case, decided at once
+
+        return numpy_backend
     (first_name, first), *rest = arrays.items()
     lib = _library(first)
     if lib is None:
@@ -164,18 +168,29 @@ def backward(
 
 
 def check_arguments(
-    x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, grad_logits: Any = None
-) -> Problem:
+    x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, grad_logits: Any = None,
+    label_values: bool = True,
+) -> Problem:  # fmt: skip
     """Every check :func:`forward` (or, with ``grad_logits``, :func:`backward`) makes, without
     computing anything; returns the :class:`Problem` (sizes, dtype, margin, beta).
 
     NumPy labels are range-checked here (host data); CuPy labels are checked by the GPU
     (see :func:`check_labels`).  Pass the result as ``checked=`` to :func:`add_margin` /
     :func:`add_margin_grad` with the same array objects to skip their own checks: an
-    adapter that runs the GEMMs itself checks once, before them.
+    adapter that runs the GEMMs itself checks once, before them.  ``label_values=False``
+    skips the O(N) scan of NumPy labels (shapes and dtypes are still checked): for the
+    backward of a call whose forward checked these very labels, which cannot have changed
+    since (a framework's saved tensors).
     """
     named = {"x": x, "w": w, "label": label} | ({} if grad_logits is None else {"grad_logits": grad_logits})
-    return _backend(**named).prepare(x, w, label, margin, beta, grad_logits)  # type: ignore[no-any-return]
+    backend = _backend(**named)
+    if label_values:
+        return backend.prepare(x, w, label, margin, beta, grad_logits)  # type: ignore[no-any-return]
+    from .checks import check_arrays
+
+    return check_arrays(  # the backend's checks without the label scan
+        x, w, label, margin, beta, dtypes=backend._DTYPES, grad_logits=grad_logits
+    )
 
 
 def check_labels(device: int | None = None) -> None:

@@ -9,7 +9,7 @@ array the backend allocates drawn from PyTorch's caching allocator.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable
 
 import numpy as np
@@ -139,6 +139,8 @@ def _dtype_errors_name_weight(x: Tensor, weight: Tensor) -> Iterator[None]:
 
 def _no_autocast(device: torch.device) -> Any:
     """The operators' own GEMMs run in the inputs' dtype, whatever autocast is doing."""
+    if not torch.is_autocast_enabled(device.type):
+        return nullcontext()  # nothing to turn off (and cheaper than a disabled autocast)
     return torch.autocast(device.type, enabled=False)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_margin
+from lsoftmax_core.checks import check_beta, check_margin
 
 from ._bridge import (
     _beta_tensor,
@@ -25,9 +25,8 @@ from ._bridge import (
 __all__ = ["lsoftmax"]
 
 
-@torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
-def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
-    b = float(beta)  # a CPU scalar: no device synchronisation
+def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float) -> tuple[Tensor, Any]:
+    """The logits, and on the CPU the core's per-sample statistics for the backward (None on CUDA)."""
     if x.device.type == "cpu":
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
         # and torch's OpenMP workers fight over the cores when they alternate), then the
@@ -37,14 +36,50 @@ def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Ten
             checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
         with _no_autocast(x.device):
             logits = torch.mm(x.detach(), weight.detach().t())
-        _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked)
-        return logits
+        _, stats = _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked,
+                                    return_stats=True)  # fmt: skip
+        return logits, stats
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
         return _core.forward(xa, wa, la, margin=margin, beta=b)  # checks once, then computes
 
     with _dtype_errors_name_weight(x, weight):
-        return _run(call, x=x, weight=weight, label=label)[0]
+        return _run(call, x=x, weight=weight, label=label)[0], None
+
+
+def _backward_impl(
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float, stats: Any = None
+) -> tuple[Tensor, Tensor]:
+    """``stats``: the forward's statistics (CPU; the labels were checked by that forward and
+    its saved tensors cannot have changed since), or None: every check again."""
+    if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
+        with _dtype_errors_name_weight(x, weight):
+            ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+            checked = _core.check_arguments(
+                xa, wa, la, margin=margin, beta=b, grad_logits=ga, label_values=stats is None
+            )
+        g = grad_logits.detach()
+        # Not autocast: a backward run inside an autocast region (loss.backward() under
+        # torch.autocast) computes in the forward's dtype too.
+        with _no_autocast(x.device):
+            grad_x = torch.mm(g, weight.detach())
+            grad_w = torch.mm(g.t(), x.detach())
+        _core.add_margin_grad(
+            grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked, stats=stats
+        )
+        return grad_x, grad_w
+
+    def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
+        return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
+
+    with _dtype_errors_name_weight(x, weight):
+        grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
+    return grad_x, grad_w
+
+
+@torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
+def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+    return _forward_impl(x, weight, label, margin, float(beta))[0]  # beta: a CPU scalar, no device sync
 
 
 @_forward_op.register_fake
@@ -63,28 +98,7 @@ _forward_op.register_autocast("cuda", torch.float32)
 def _backward_op(
     grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
 ) -> tuple[Tensor, Tensor]:
-    b = float(beta)
-    if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
-        with _dtype_errors_name_weight(x, weight):
-            ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
-            checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
-        g = grad_logits.detach()
-        # Not autocast: a backward run inside an autocast region (loss.backward() under
-        # torch.autocast) computes in the forward's dtype too.
-        with _no_autocast(x.device):
-            grad_x = torch.mm(g, weight.detach())
-            grad_w = torch.mm(g.t(), x.detach())
-        _core.add_margin_grad(
-            grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked
-        )
-        return grad_x, grad_w
-
-    def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
-        return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
-
-    with _dtype_errors_name_weight(x, weight):
-        grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
-    return grad_x, grad_w
+    return _backward_impl(grad_logits, x, weight, label, margin, float(beta))
 
 
 @_backward_op.register_fake
@@ -116,6 +130,54 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Non
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Eager(torch.autograd.Function):
+    """The eager path: the operators' implementations without the custom-op dispatch, which
+    cost more than the layer's own work at small sizes (bench/results/overhead_profile_*),
+    and the forward's per-sample statistics handed to the backward (CPU).  Under
+    ``torch.compile`` the operators run instead (see :func:`lsoftmax`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: float) -> Tensor:
+        logits, ctx.stats = _forward_impl(x, weight, label, margin, beta)
+        ctx.save_for_backward(x, weight, label)  # autograd refuses a backward after in-place changes
+        ctx.margin, ctx.beta = margin, beta
+        return logits
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        x, weight, label = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward operator, which has no derivative of its own, so
+            # a second derivative fails loudly instead of silently missing the margin's terms.
+            beta = torch.tensor(ctx.beta, dtype=torch.float64)
+            grad_x, grad_w = _backward_op(grad, x, weight, label, ctx.margin, beta)
+        else:
+            grad_x, grad_w = _backward_impl(grad, x, weight, label, ctx.margin, ctx.beta, ctx.stats)
+        ctx.stats = None
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None)
+
+
+def _autocast_cast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """What the operators' autocast rule does, for the eager path: under autocast on the
+    inputs' device, floating inputs other than float64 become float32 (differentiably)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight
+    return tuple(  # type: ignore[return-value]
+        t.to(torch.float32) if t.device.type == device and t.dtype in (torch.float16, torch.bfloat16) else t
+        for t in (x, weight)
+    )
+
+
+def _beta_float(beta: object) -> float:
+    """beta as a Python float for the eager path: a number is checked now; a tensor is read
+    (the core checks its value before anything is computed)."""
+    if isinstance(beta, Tensor):
+        return float(_beta_tensor(beta))
+    return check_beta(beta)
+
+
 def lsoftmax(
     x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0
 ) -> Tensor:
@@ -131,4 +193,7 @@ def lsoftmax(
     """
     _check_tensors(x=x, weight=weight, label=label)
     m = check_margin(margin)
-    return _forward_op(x, weight, label, m, _beta_tensor(beta))
+    if torch.compiler.is_compiling():
+        return _forward_op(x, weight, label, m, _beta_tensor(beta))  # type: ignore[no-any-return]
+    x, weight = _autocast_cast(x, weight)
+    return _Eager.apply(x, weight, label, m, _beta_float(beta))  # type: ignore[no-any-return]

@@ -243,6 +243,50 @@ def test_arguments_are_checked_once_per_call_on_the_cpu(monkeypatch) -> None:
     assert isinstance(calls[0][1], lsm.Problem) and calls[1][1] is calls[0][1]
 
 
+def test_labels_are_scanned_once_per_forward_and_backward_on_the_cpu(monkeypatch) -> None:
+    """The forward scans the labels (O(N)); its backward reuses that check and the forward's
+    per-sample statistics (the saved tensors cannot change in between: autograd refuses)."""
+    from lsoftmax_core import _numpy_backend
+
+    scans: list[int] = []
+    real = _numpy_backend.check_label_values
+
+    def spy(label, c, *args):
+        scans.append(len(label))
+        return real(label, c, *args)
+
+    monkeypatch.setattr(_numpy_backend, "check_label_values", spy)
+    x, w, label = _problem(n=6, dtype=torch.float32)
+    x.requires_grad_()
+    lsoftmax(x, w, label, margin=3, beta=0.5).sum().backward()
+    assert scans == [6]
+
+
+@pytest.mark.parametrize("margin,beta", [(1, 0.0), (3, 0.5), (4, 0.0)])
+def test_eager_path_gives_the_operators_bits(margin, beta) -> None:
+    """Eager calls skip the custom-op dispatch (and hand the statistics to the backward);
+    the operators, which torch.compile runs, give the very same bits."""
+    x, w, label = _problem(n=9, c=5, d=4, dtype=torch.float32, seed=margin)
+    g = torch.randn(9, 5, generator=torch.Generator().manual_seed(7))
+    out, gx, gw = _forward_and_grads(x, w, label, g, margin=margin, beta=beta)
+    b = torch.tensor(beta, dtype=torch.float64)
+    assert torch.equal(out, OPS.lsoftmax_forward(x, w, label, margin, b))
+    ox, ow = OPS.lsoftmax_backward(g, x, w, label, margin, b)
+    assert torch.equal(gx, ox) and torch.equal(gw, ow)
+
+
+def test_an_in_place_change_between_forward_and_backward_is_refused() -> None:
+    """The backward uses the forward's statistics of x and weight: autograd's version check
+    refuses a backward after either changed in place (an optimizer step in between)."""
+    x, w, label = _problem(dtype=torch.float32)
+    w.requires_grad_()
+    out = lsoftmax(x, w, label, margin=2)
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 # --------------------------------------------------------------------------- autocast
 
 
