@@ -45,13 +45,13 @@ the cotangent of a replicated output by P and sums those of replicated inputs); 
 function then follows the same convention (the whole cotangent is the psum of the shares,
 grad_x is returned as this device's term, which ``shard_map`` sums).  Either way
 ``jax.grad`` of a function that calls ``shard_map`` gives the single-device loss's
-gradients.  Other mesh axes (data parallelism over rows of x and label) are the caller's:
-under ``check_vma=True`` a gradient that a device's inputs do not vary over is summed
-over it, as JAX's own collectives would.
+gradients (tested in both modes).  Other mesh axes may split the rows of x and label
+(data parallelism, e.g. a ("data", "classes") mesh): reducing the loss over them is the
+caller's; grad_w is summed over the axes that x and label vary over but W does not, as
+JAX's own transpose would (tested on a 2x2 mesh).
 
-Sizes in the combination.  The per-device log-sum-exp and targets (float64 in the core)
-are combined in float64 when ``jax_enable_x64`` is on and in float32 otherwise; the loss
-has x's dtype.
+Precision.  The per-device log-sum-exps and targets (float64 in the core) are combined
+in float64 when ``jax_enable_x64`` is on and in float32 otherwise; the loss has x's dtype.
 """
 
 from __future__ import annotations

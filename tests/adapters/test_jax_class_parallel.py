@@ -166,26 +166,33 @@ def _grad_logits(x, w, label, cot, *, margin, beta, reduction):
     return g * weight[:, None], target
 
 
+def _assert_float32_within_the_table(loss, gx, gw, x, w, label, cot, *, margin, beta, reduction, what=""):
+    """Against the float64 reference: the loss within the forward tolerance of the row's
+    logit scale (a row's loss moves by at most its largest logit error), the gradients
+    within the table's."""
+    tol = TOLERANCES["float32"]
+    label = np.asarray(label).astype(np.int64)
+    want = ref_loss(x, w, label, margin=margin, beta=beta, reduction=reduction)
+    kept = label != IGNORE
+    row_scale = np.abs(np.asarray(cot, np.float64)) * logit_scale(x, w, margin).max(axis=1)
+    bound = 2 * tol.forward * (row_scale if reduction == "none" else np.sum(row_scale * kept))
+    if reduction == "mean":
+        bound = bound / max(int(kept.sum()), 1)
+    assert np.all(np.abs(np.asarray(loss, np.float64) - want) <= bound), f"{what} loss {loss} vs {want}"
+    grad_logits, target = _grad_logits(x, w, label, cot, margin=margin, beta=beta, reduction=reduction)
+    c = w.shape[0]
+    check_backward((gx, gw[:c]), grad_logits, x, w, target, margin=margin, beta=beta, dtype="float32")
+
+
 @pytest.mark.parametrize("x64", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float32_within_the_tolerance_table(cases, x64, reduction):
-    """N = 64, D = 16, C = 50 over 4 devices of 13 rows, margin 4: against the float64
-    reference, the loss within the forward tolerance of the row's logit scale and the
-    gradients within the table's.  Without x64 the devices' log-sum-exps are combined in
-    float32, with it in float64."""
+    """N = 64, D = 16, C = 50 over 4 devices of 13 rows, margin 4.  Without x64 the
+    devices' log-sum-exps are combined in float32, with it in float64."""
     r = _get(cases, f"f32 x64={x64} {reduction}")
     assert r["loss_dtype"] == r["gx_dtype"] == r["gw_dtype"] == "float32"
-    x, w, label, cot = r["x"], r["w"], r["label"].astype(np.int64), r["cot"]
-    tol = TOLERANCES["float32"]
-    want = ref_loss(x, w, label, margin=4, beta=1.0, reduction=reduction)
-    kept = label != IGNORE
-    row_scale = logit_scale(x, w, 4).max(axis=1)  # a row's loss moves by at most its largest logit error
-    bound = 2 * tol.forward * (row_scale if reduction == "none" else np.sum(row_scale * kept))
-    if reduction == "mean":
-        bound = bound / kept.sum()
-    assert np.all(np.abs(r["loss"] - want) <= bound), f"loss {r['loss']} vs {want}"
-    grad_logits, target = _grad_logits(x, w, label, cot, margin=4, beta=1.0, reduction=reduction)
-    check_backward((r["gx"], r["gw"][:50]), grad_logits, x, w, target, margin=4, beta=1.0, dtype="float32")
+    _assert_float32_within_the_table(r["loss"], r["gx"], r["gw"], r["x"], r["w"], r["label"], r["cot"], margin=4,
+                                     beta=1.0, reduction=reduction)  # fmt: skip
 
 
 def test_a_new_traced_beta_reuses_the_compiled_function(cases):
@@ -193,6 +200,21 @@ def test_a_new_traced_beta_reuses_the_compiled_function(cases):
     assert r["cache_size"] == 1
     assert_rel(r["loss"], r["loss1"], 1e-10, "losses for beta 0.5, 7, 1000")
     assert len(set(r["loss"].tolist())) == 3  # beta did change the loss
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_training_step_moves_O_of_N_D_values_whatever_C(cases, check_vma, reduction):
+    """The issue's goal, from XLA's compiled step (N=6, D=7, C=40 over 4 devices of 10):
+    the collectives carry at most N*D + 4N values per device (a pmax of N, a psum of
+    (2, N), the psum of grad_x (N, D), and with check_vma=False the cotangent's psum: 1 or
+    N), none of them shaped by C or C_local."""
+    r = _get(cases, f"collectives check_vma={check_vma} {reduction}")
+    n, d, c, local, shapes = r["n"], r["d"], r["c"], r["local"], r["shapes"]
+    assert shapes, "no collective found in the compiled HLO"
+    assert [n, d] in shapes, f"grad_x's psum (N, D) is missing: {shapes}"
+    assert all(c not in s and local not in s for s in shapes), shapes
+    assert sum(int(np.prod(s)) for s in shapes) <= n * d + 4 * n, shapes
 
 
 @pytest.mark.parametrize(("bad", "where"), [(10, "a padding row's index"), (11, "past the padding"), (-1, "negative")])
@@ -291,3 +313,55 @@ def test_numpy_arrays_and_mixed_dtypes_are_type_errors():
             lambda x, w, y: class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=4),
             jnp.asarray(x), jnp.asarray(w, jnp.bfloat16), jnp.asarray(y), in_specs=(P(), P("classes"), P()),
         )  # fmt: skip
+
+
+# --- On a CUDA device (scripts/gpu_check.sh): one GPU, so the axis has one device. ---
+
+
+def _jax_gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("JAX has no CUDA backend here (install jax[cuda12])")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gpu_one_device_with_padding_equals_the_fused_loss(dtype, reduction):
+    """The CUDA route (the core's CuPy class shards on XLA's stream): float64 to 1e-10 of
+    the single-device fused loss on the same GPU, float32 within the tolerance table."""
+    dev = _jax_gpu()
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((64, 16)) * 2).astype(dtype)
+    w = rng.standard_normal((50, 16)).astype(dtype)
+    label = rng.integers(0, 50, 64).astype(np.int32)
+    label[[3, 9]] = IGNORE
+    cot = (rng.standard_normal(64) if reduction == "none" else np.asarray(1.3)).astype(dtype)
+    padded = np.concatenate([w, np.full((6, 16), np.nan, dtype)])
+    mesh = Mesh(np.array([dev]), ("classes",))
+    with jax.enable_x64(dtype == "float64"):
+        sharded = jax.shard_map(
+            lambda x, w, y, b: class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=50,
+                                                            margin=4, beta=b, reduction=reduction),
+            mesh=mesh, in_specs=(P(), P("classes"), P(), P()), out_specs=P(),
+        )  # fmt: skip
+
+        def step(f):
+            return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1)))
+
+        args = [jax.device_put(a, dev) for a in (x, padded, label)]
+        beta = jax.device_put(jnp.asarray(1.0, dtype), dev)
+        total, (gx, gw) = step(lambda x, w: sharded(x, w, args[2], beta))(args[0], args[1])
+        loss = jax.jit(sharded)(*args, beta)
+        assert next(iter(gw.devices())).platform in ("gpu", "cuda")
+        if dtype == "float64":
+            single = step(lambda x, w: lsoftmax_cross_entropy(x, w, args[2], margin=4, beta=1.0, reduction=reduction))
+            total1, (gx1, gw1) = single(args[0], jax.device_put(w, dev))
+            assert_rel(total, total1, 1e-10, "loss")
+            assert_rel(gx, gx1, 1e-10, "grad_x")
+            assert_rel(np.asarray(gw)[:50], gw1, 1e-10, "grad_w")
+            assert np.all(np.asarray(gw)[50:] == 0.0)
+        else:
+            _assert_float32_within_the_table(np.asarray(loss), np.asarray(gx), np.asarray(gw), x, w, label, cot,
+                                             margin=4, beta=1.0, reduction=reduction, what="gpu")  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 import traceback
@@ -250,6 +251,32 @@ def beta_compiles_once_case() -> None:
         return dict(loss=jnp.stack(losses), loss1=jnp.stack(singles), cache_size=f._cache_size())
 
 
+_COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
+
+
+def collectives_case() -> None:
+    """The shapes that the compiled training step (loss and both gradients) moves between
+    devices, from XLA's optimised HLO, with sizes that tell N, D, C and C_local apart."""
+    n, d, c, local = 6, 7, 40, 10
+    for check_vma in (True, False):
+        for reduction in ("mean", "none"):
+
+            def run(check_vma: bool = check_vma, reduction: str = reduction) -> dict[str, Any]:
+                f = _sharded_vjp_fn(c, 2, reduction, check_vma, True)
+                x, w, label = np.ones((n, d)), np.ones((c, d)), np.zeros(n, np.int32)
+                cot = np.ones(n) if reduction == "none" else np.float64(1.0)
+                hlo = f.lower(x, w, label, cot, jnp.float64(0.0)).compile().as_text()
+                shapes = []
+                for line in hlo.splitlines():
+                    if (op := _COLLECTIVE.search(line)) is not None:
+                        head = line[: op.start()]  # the result's shape(s), left of the op's name
+                        shapes += [[int(v) for v in s.split(",") if v] for s in _SHAPE.findall(head)]
+                return dict(shapes=shapes, n=n, d=d, c=c, local=local)
+
+            _case(f"collectives check_vma={check_vma} {reduction}", kind="collectives")(run)
+
+
 def error_cases() -> None:
     x, w, label, _ = _problem(90, 12, 10, 5, "float64", LABELS)
     wp = _padded(w, 3)
@@ -299,6 +326,7 @@ def main() -> None:
     data_and_class_parallel_cases()
     float32_cases()
     beta_compiles_once_case()
+    collectives_case()
     error_cases()
     with open(sys.argv[1], "w", encoding="utf-8") as f:
         json.dump(_results, f)
