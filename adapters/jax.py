@@ -334,18 +334,28 @@ def _forward_call(
     return _call("forward", margin, bits, (), out, x, w, label, beta)  # type: ignore[no-any-return]
 
 
+def _stats_struct(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """The core's (6, N) float64 per-sample statistics as the uint32 words of their bits
+    (exact without x64), the residual the forward hands to the backward."""
+    return jax.ShapeDtypeStruct((6, x.shape[0], 2), jnp.uint32)
+
+
 def _lsoftmax_fwd(
     x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return _forward_call(x, w, label, beta, margin, bits), (x, w, label, beta)
+    # Under differentiation the forward also returns the per-sample statistics (norms,
+    # cosine, psi, psi'), which the backward then does not compute again.
+    outs = (jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype), _stats_struct(x))
+    logits, stats_bits = _call("forward_stats", margin, bits, (), outs, x, w, label, beta)
+    return logits, (x, w, label, beta, stats_bits)
 
 
 def _lsoftmax_bwd(
     margin: int, bits: bool, res: tuple[jax.Array, ...], grad_logits: jax.Array
 ) -> tuple[Any, ...]:
-    x, w, label, beta = res
+    x, w, label, beta, stats_bits = res
     outs = (_shape_dtype(x), _shape_dtype(w))
-    grad_x, grad_w = _call("backward", margin, bits, (), outs, grad_logits, x, w, label, beta)
+    grad_x, grad_w = _call("backward_stats", margin, bits, (), outs, grad_logits, x, w, label, stats_bits, beta)
     # No cotangent for the integer labels nor for beta (a constant, see lsoftmax).
     return grad_x, grad_w, None, None
 
@@ -434,6 +444,16 @@ def _core_call(
         return
     if kind == "backward":
         core.backward(*arrays, out=(outs[0], outs[1]), **kw)
+        return
+    if kind == "forward_stats":
+        _, stats = core.forward(*arrays, out=outs[0], return_stats=True, **kw)
+        if stats is not None:  # NumPy: the (6, N) float64 statistics as their uint32 words
+            outs[1].view(np.float64).reshape(stats.shape)[...] = stats
+        return  # CuPy computes none: the buffer is left unread (backward_stats ignores it there)
+    if kind == "backward_stats":
+        *args, stats_bits = arrays
+        stats = stats_bits.view(np.float64).reshape(stats_bits.shape[:2]) if xp is np else None
+        core.backward(*args, out=(outs[0], outs[1]), stats=stats, **kw)
         return
     results: tuple[Any, ...]
     if kind == "loss":

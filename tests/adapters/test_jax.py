@@ -244,6 +244,28 @@ def test_cpu_zero_copy_both_ways(monkeypatch):
     check_backward([np.asarray(grad_x), np.asarray(grad_w)], g, x, w, label, margin=2, beta=0.0, dtype="float32")
 
 
+@pytest.mark.parametrize("case", range(2))
+def test_the_backward_takes_the_forwards_statistics_and_gives_the_cores_bits(monkeypatch, case):
+    """Under differentiation the forward callback hands the core's per-sample statistics
+    (as the uint32 words of their float64 bits: exact without x64) to the backward, which
+    then gives the bits of a stand-alone core backward, also on zero-norm and extreme rows."""
+    x, w, label, m = _nasty("float32")[case]
+    g = np.random.default_rng(case).standard_normal((len(x), len(w))).astype(np.float32)
+    stats_seen = []
+    real = lsoftmax_core.backward
+
+    def spy(*arrays, stats=None, **kw):
+        stats_seen.append(stats)
+        return real(*arrays, stats=stats, **kw)
+
+    monkeypatch.setattr(lsoftmax_core, "backward", spy)
+    logits, (grad_x, grad_w) = _run(x, w, label, m, 0.5, g, jit=True)
+    assert len(stats_seen) == 1 and stats_seen[0].shape == (6, len(x))
+    want = real(g, x, w, label.astype(np.int64), margin=m, beta=0.5)
+    assert np.array_equal(logits, lsoftmax_core.forward(x, w, label, margin=m, beta=0.5))
+    assert np.array_equal(grad_x, want[0]) and np.array_equal(grad_w, want[1])
+
+
 def test_inputs_unchanged():
     rng = np.random.default_rng(5)
     x, w, label = _problem(rng, 6, 4, 3, "float32")
