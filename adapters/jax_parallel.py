@@ -67,20 +67,6 @@ from jax import lax
 from jax.experimental.buffer_callback import buffer_callback
 
 import lsoftmax_core as core
-from lsoftmax_core.adapters.jax import (
-    _DL_CPU,
-    _DL_CUDA,
-    _beta_bits,
-    _beta_value,
-    _check_concrete_beta,
-    _copy_into,
-    _device_view,
-    _dtypes,
-    _host_view,
-    _platform,
-    _stream_ptr,
-    _XlaStream,
-)
 from lsoftmax_core.checks import check_arrays, check_integer, check_margin
 
 __all__ = ["class_parallel_cross_entropy"]
@@ -146,14 +132,15 @@ def class_parallel_cross_entropy(
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
     total = check_integer("num_classes", num_classes, 1)
     m = check_margin(margin)
-    beta_now = _check_concrete_beta(beta)
+    beta_now = _adapter._check_concrete_beta(beta)
     for name, a in (("x", x), ("w_local", w_local), ("label", label)):
         if not isinstance(a, jax.Array):
             raise TypeError(
                 f"{name} must be a jax.Array (a value inside jax.shard_map), got "
                 f"{type(a).__module__}.{type(a).__qualname__}"
             )
-    check_arrays(x, w_local, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(_platform(x, w_local)))
+    dtypes = _adapter._dtypes(_adapter._platform(x, w_local))
+    check_arrays(x, w_local, label, m, 0.0 if beta_now is None else beta_now, dtypes=dtypes)
     parts = _axis_size(axis_name)
     local = int(w_local.shape[0])
     if parts * local < total:
@@ -165,7 +152,7 @@ def class_parallel_cross_entropy(
     if beta_now is None:
         beta_op, bits = lax.stop_gradient(beta), False  # a hyper-parameter: no gradient
     else:
-        beta_op, bits = _beta_bits(beta_now), True
+        beta_op, bits = _adapter._beta_bits(beta_now), True
     start = lax.axis_index(axis_name) * local  # this device's first global class
     return _loss(x, w_local, label, beta_op, start, axis_name, m, bits, (reduction, ignore, total), vma)  # type: ignore[no-any-return]
 
@@ -319,11 +306,11 @@ def _callback(kind: str, margin: int, bits: bool, options: _Options) -> Callable
     def callback(ctx: Any, out: Any, *operands: Any) -> None:
         outs = out if isinstance(out, tuple) else (out,)
         device_type, device_id = operands[0].__dlpack_device__()
-        if device_type == _DL_CPU:
-            *arrays, beta = (_host_view(b) for b in operands)
+        if device_type == _adapter._DL_CPU:
+            *arrays, beta = (_adapter._host_view(b) for b in operands)
             views = tuple(np.asarray(b) for b in outs)  # XLA's result buffers, writeable
-            _shard_call(kind, margin, options, views, arrays, _beta_value(beta, bits), np)
-        elif device_type == _DL_CUDA:
+            _shard_call(kind, margin, options, views, arrays, _adapter._beta_value(beta, bits), np)
+        elif device_type == _adapter._DL_CUDA:
             _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands)
         else:
             raise NotImplementedError(
@@ -348,15 +335,15 @@ def _run_cupy(
     import cupy
 
     with cupy.cuda.Device(device_id):
-        ptr = _stream_ptr(ctx)
+        ptr = _adapter._stream_ptr(ctx)
         if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
-            stream = cupy.cuda.Stream.from_external(_XlaStream(ptr))
+            stream = cupy.cuda.Stream.from_external(_adapter._XlaStream(ptr))
         else:
             stream = cupy.cuda.ExternalStream(ptr, device_id)
         with stream:
-            *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
-            beta = _beta_value(beta_dev.get(), bits)
-            views = tuple(_device_view(cupy, b) for b in outs)
+            *arrays, beta_dev = (_adapter._device_view(cupy, b) for b in operands)
+            beta = _adapter._beta_value(beta_dev.get(), bits)
+            views = tuple(_adapter._device_view(cupy, b) for b in outs)
             _shard_call(kind, margin, options, views, arrays, beta, cupy)
 
 
@@ -378,8 +365,8 @@ def _shard_call(
             outs[1][...] = 0
             return
         lse, target = core.cross_entropy_shard_stats(x, w[:rows], label, **kw)
-        _copy_into(outs[0], lse, xp)
-        _copy_into(outs[1], target, xp)
+        _adapter._copy_into(outs[0], lse, xp)
+        _adapter._copy_into(outs[1], target, xp)
         return
     grad_loss, x, w, label, lse, _ = arrays
     if rows == 0:
@@ -387,6 +374,12 @@ def _shard_call(
         outs[1][...] = 0
         return
     grad_x, grad_w = core.cross_entropy_backward(grad_loss, x, w[:rows], label, reduction=reduction, lse=lse, **kw)
-    _copy_into(outs[0], grad_x, xp)
-    _copy_into(outs[1][:rows], grad_w, xp)
+    _adapter._copy_into(outs[0], grad_x, xp)
+    _adapter._copy_into(outs[1][:rows], grad_w, xp)
     outs[1][rows:] = 0  # padding rows: no gradient
+
+
+# The JAX adapter's checks and callback plumbing (its private helpers), looked up when
+# called.  Imported last, as a module object: lsoftmax_core.adapters.jax can then import
+# class_parallel_cross_entropy from here (to re-export it) in either import order.
+import lsoftmax_core.adapters.jax as _adapter  # noqa: E402
