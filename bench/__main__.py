@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                         "the core's fused loss in both chunkings at 16/64/256 MiB, unfused, floor, "
                         "pytorch-metric-learning), into DEVICE_loss.* and its own section; with --render, "
                         "render that run's files")
+    p.add_argument("--overhead", action="store_true",
+                   help="the per-call overhead table alone (bench/overhead.py): CPU, every size at one thread and "
+                        "at the default (or --threads), NumPy backend against the three GEMMs and a NumPy "
+                        "linear + softmax-CE step, the torch adapter against torch's linear + CE; GPU, the "
+                        "CuPy backend's host time per forward+backward at 256x2x10; into DEVICE_overhead.* and "
+                        "its own section; with --render, render that run's files")
     p.add_argument("--exclude", type=lambda v: [s for s in v.split(",") if s], default=None, metavar="TEXT[,TEXT]",
                    help="with --loss: leave out the contenders whose name contains one of these texts "
                         "(e.g. 'lsoftmax_cross_entropy' for an op still being written); the floor and the "
@@ -79,12 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv_used)
     if args.loss and args.layer_only:
         parser.error("--loss and --layer-only are two different comparisons: choose one")
+    if args.overhead and (args.loss or args.layer_only):
+        parser.error("--overhead is its own comparison: not with --loss or --layer-only")
     if args.exclude and not args.loss:
         parser.error("--exclude applies to --loss only")
     no_doc = args.no_doc or args.quick
     out = args.out or (Path(tempfile.mkdtemp(prefix="lsoftmax-bench-")) if args.quick else REPO / "bench" / "results")
     doc = None if no_doc else REPO / "docs" / "BENCHMARKS.md"
     plot_dir = out if no_doc else REPO / "docs" / "bench"
+    if args.render and args.overhead:
+        from .overhead import render
+
+        render(args.render, args.source or out, doc, out)
+        print(f"rendered {args.render} --overhead from {args.source or out}" + ("" if doc is None else f" into {doc}"))
+        return 0
     if args.render and args.loss:
         device, source = args.render, args.source or out
         names = (f"{device}_loss.csv", f"{device}_loss_env.json")
@@ -126,6 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python -m bench", *_without_out(argv_used)])
     if args.no_plot:
         plot_dir = None
+    if args.overhead:
+        from .overhead import run_overhead
+
+        run_overhead(device, settings, out_dir=out, doc=doc, sizes=None if args.sizes is None else sizes,
+                     threads=args.threads if args.cpu else None, command=command)
+        print(f"results in {out}" + ("" if doc is None else f"; section in {doc}"))
+        return 0
     if args.loss:
         try:
             run_loss(device, settings, out_dir=out, doc=doc, plot_dir=plot_dir, sizes=sizes,

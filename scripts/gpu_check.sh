@@ -166,6 +166,21 @@ else
 fi
 # --- end demo smoke ------------------------------------------------------------------------
 
+# --- per-call overhead (issue 13) ------------------------------------------------------
+# python -m bench --gpu --overhead: the CuPy backend's host time per forward+backward at the
+# seed's 256x2x10 (call to return, no synchronisation inside; goal <= 60 us), its device
+# time and the host time of CuPy's three cuBLAS GEMMs.  Adds 3 files to $OUT: overhead.log,
+# bench/gpu_overhead.csv and bench/gpu_overhead.md (printed below with the other sections);
+# `python -m bench --render gpu --overhead --from DIR/bench` puts it into docs/BENCHMARKS.md.
+# Limit OVERHEAD_TIMEOUT (60 s).
+if [ $env_rc -eq 0 ]; then
+  stage overhead "${OVERHEAD_TIMEOUT:-60}" env PYTHONPATH="$PYTHONPATH:$BENCH_PATH" \
+    "$PY" -P -m bench --gpu --overhead --no-doc --out "$OUT/bench"
+else
+  SUMMARY+=("| overhead | not run | 0 s |")
+fi
+# --- end per-call overhead -------------------------------------------------------------
+
 counts=""
 if [ -f "$OUT/gpu-tests.xml" ]; then
   counts=$("$PY" - "$OUT/gpu-tests.xml" <<'EOF'
@@ -183,6 +198,7 @@ fi
 # then the summary table, last.
 [ -f "$OUT/bench/gpu.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu.md"; cat "$OUT/bench/gpu.md"; }
 [ -f "$OUT/bench/gpu_loss.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_loss.md"; cat "$OUT/bench/gpu_loss.md"; }
+[ -f "$OUT/bench/gpu_overhead.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_overhead.md"; cat "$OUT/bench/gpu_overhead.md"; }
 echo
 echo "=== summary"
 echo "| stage | status | time |"
