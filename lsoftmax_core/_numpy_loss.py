@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._loss_plan import ChunkPlan, plan_chunks
-from ._numpy_backend import add_margin_terms, stats, target_logits
+from ._numpy_backend import _from_record, add_margin_terms, stats, target_logits
 from .checks import (
     Problem,
     check_arrays,
@@ -49,6 +49,7 @@ class _Loss(NamedTuple):
     sharded: bool  # w is a shard of the classes (a softmax's denominator comes from outside)
     target: F64 | None  # margin > 1: the target logits of forward (float64), else None
     plan: ChunkPlan
+    record: F64 | None  # margin > 1: the per-sample statistics (_numpy_backend.stats), reused by _finish
 
 
 def _prepare(
@@ -67,10 +68,11 @@ def _prepare(
     valid = label != ignore
     owned = valid if p.c == total else valid & (label >= start) & (label < start + p.c)
     lab = np.where(owned, label - start, 0).astype(np.intp, copy=False)
-    target = None
+    target = record = None
     if p.margin > 1 and p.n:
-        target = target_logits(stats(x, w, lab, p), p)
-    return _Loss(p, reduction, valid, owned, lab, int(valid.sum()), p.c != total, target, plan)
+        st = stats(x, w, lab, p)  # once per call: the gradient's margin terms reuse them
+        target, record = target_logits(st, p), st.record
+    return _Loss(p, reduction, valid, owned, lab, int(valid.sum()), p.c != total, target, plan, record)
 
 
 def _row_weights(s: _Loss, grad_loss: Any) -> F64:
@@ -197,8 +199,8 @@ def _classes_grad(s: _Loss, x: Any, w: Any, weights: F64, lse: F64) -> tuple[Any
 def _finish(s: _Loss, x: Any, w: Any, g: F64, grad_x: Any, grad_w: Any) -> Any:
     """Add the margin's own gradient terms (from the target entries g of G) to the plain
     GEMM results; returns grad_w."""
-    if grad_x is not None and s.target is not None:
-        add_margin_terms(grad_x, grad_w, g, stats(x, w, s.lab, s.p), x, s.lab, s.p)
+    if grad_x is not None and s.record is not None:
+        add_margin_terms(grad_x, grad_w, g, _from_record(s.record, w, s.lab), x, s.lab, s.p)
     return grad_w
 
 

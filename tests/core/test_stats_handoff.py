@@ -159,3 +159,32 @@ def test_per_class_sums_are_the_float64_sums_and_repeatable(n, d, c) -> None:
         nb._add_per_class(gw, label, rows)
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(rows).sum())
     _same_bits([got[0]], [got[1]])
+
+
+@pytest.mark.parametrize("chunking", ["rows", "classes"])
+def test_fused_loss_computes_the_statistics_once_per_call(monkeypatch, chunking) -> None:
+    """The target logits and the gradient's margin terms come from one statistics pass."""
+    from lsoftmax_core import _numpy_loss
+
+    calls = []
+    real = _numpy_loss.stats
+
+    def spy(*args):
+        calls.append(len(args[0]))
+        return real(*args)
+
+    monkeypatch.setattr(_numpy_loss, "stats", spy)
+    rng = np.random.default_rng(5)
+    x, w, label = rng.standard_normal((30, 4)), rng.standard_normal((7, 4)), rng.integers(0, 7, 30)
+    loss, gx, gw = lsm.cross_entropy_with_grad(x, w, label, margin=3, beta=1.0, chunking=chunking, chunk_size=3)
+    assert calls == [30]
+    logits = lsm.forward(x, w, label, margin=3, beta=1.0)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(30), label] -= 1.0
+    want = lsm.backward(p / 30, x, w, label, margin=3, beta=1.0)
+    np.testing.assert_allclose(gx, want[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gw, want[1], rtol=1e-10, atol=1e-12)
+    calls.clear()
+    lsm.cross_entropy_backward(np.float64(1.0), x, w, label, margin=3, beta=1.0, chunking=chunking, chunk_size=3)
+    assert calls == [30]
