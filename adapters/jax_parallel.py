@@ -191,8 +191,9 @@ def _check_varying(axis_name: Hashable, x: Any, w: Any, label: Any, beta: Any) -
     for name, a in named:
         if axis_name in _varying(a):
             raise ValueError(
-                f"{name} must be replicated over axis_name={axis_name!r} (no {axis_name!r} in its "
-                f"shard_map in_specs): every device of the axis needs all of it"
+                f"{name} must be replicated over axis_name={axis_name!r}: every device of the axis "
+                f"needs all of it (no {axis_name!r} in its shard_map in_specs, or rows gathered with "
+                f"jax.lax.all_gather({name}, {axis_name!r}, tiled=True, to='invarying'))"
             )
     return True
 

@@ -152,6 +152,14 @@ def test_data_and_class_parallel_on_a_2x2_mesh(cases, check_vma):
     _assert_equals_single_device(_get(cases, name), name)
 
 
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_rows_split_over_the_class_axis_and_gathered_as_in_partial_fc(cases, check_vma):
+    """Each device brings its own rows and all-gathers the batch before the loss (with
+    to="invarying" under check_vma=True); grad_x comes back to each device's rows."""
+    name = f"f64 partial fc check_vma={check_vma}"
+    _assert_equals_single_device(_get(cases, name), name)
+
+
 def _grad_logits(x, w, label, cot, *, margin, beta, reduction):
     """d(sum(cot * loss))/d(logits) in float64 (rows of ignored labels 0)."""
     kept = label != IGNORE
@@ -229,7 +237,7 @@ def test_labels_outside_num_classes_raise_naming_label(cases, bad, where):
     ("name", "message"),
     [
         ("error num_classes too large", "num_classes=13 exceeds the 4 x 3 rows that the 4 devices of axis_name='classes'"),
-        ("error x sharded over the class axis", "x must be replicated over axis_name='classes'"),
+        ("error x sharded over the class axis", "x must be replicated over axis_name='classes': every device"),
         ("error w replicated", "w_local must be sharded over axis_name='classes'"),
     ],
 )
@@ -268,6 +276,32 @@ def test_one_device_with_padding_rows_equals_the_fused_loss():
         assert_rel(gx, ex, 1e-10, "grad_x")
         assert_rel(gw[:5], ew, 1e-10, "grad_w")
         assert np.all(np.asarray(gw[5:]) == 0.0)
+
+
+@pytest.mark.parametrize(
+    ("n", "ignore_index", "reduction"), [(0, IGNORE, "mean"), (0, IGNORE, "none"), (9, 2, "mean"), (9, 2, "none")]
+)
+def test_an_empty_batch_and_ignore_index_naming_a_class_match_the_fused_loss(n, ignore_index, reduction):
+    rng = np.random.default_rng(n)
+    x, w = rng.standard_normal((n, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    label = rng.integers(0, 4, n).astype(np.int32)
+    kw = dict(reduction=reduction, ignore_index=ignore_index, margin=2, beta=0.5)
+
+    def sharded(x, w):
+        return _one_device(
+            lambda x, w, y: class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=4, **kw),
+            x, w, label, in_specs=(P(), P("classes"), P()),
+        )  # fmt: skip
+
+    def total(f):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1)))(x, w)
+
+    got, (gx, gw) = total(sharded)
+    want, (ex, ew) = total(lambda x, w: lsoftmax_cross_entropy(x, w, label, **kw))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(ex), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(ew), rtol=1e-5, atol=1e-7)
+    assert np.asarray(sharded(x, w)).shape == ((n,) if reduction == "none" else ())
 
 
 def _call_one_device(**kw: Any) -> None:

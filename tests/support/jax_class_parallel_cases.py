@@ -225,6 +225,32 @@ def data_and_class_parallel_cases() -> None:
         _case(f"f64 2x2 mesh check_vma={check_vma}", kind="compare")(functools.partial(run, check_vma))
 
 
+def partial_fc_cases() -> None:
+    """Partial FC's layout: each device brings its own rows of the batch (x and labels split
+    over the class axis too) and gathers everyone's before the loss; under check_vma=True
+    with all_gather(to="invarying"), under check_vma=False with a plain all_gather."""
+    x, w, label, _ = _problem(63, 12, 10, 5, "float64", LABELS)
+    loss1, gx1, gw1 = _single_vjp(x, w, label, np.float64(1.0), 2.0, margin=4, reduction="mean")
+
+    def run(check_vma: bool) -> dict[str, Any]:
+        to = "invarying" if check_vma else "varying"
+
+        def per_device(x_rows, w_local, y_rows):
+            x_all = jax.lax.all_gather(x_rows, "classes", axis=0, tiled=True, to=to)
+            y_all = jax.lax.all_gather(y_rows, "classes", axis=0, tiled=True, to=to)
+            return class_parallel_cross_entropy(x_all, w_local, y_all, axis_name="classes", num_classes=10,
+                                                margin=4, beta=2.0)  # fmt: skip
+
+        sharded = jax.shard_map(per_device, mesh=_mesh(), in_specs=(P("classes"), P("classes"), P("classes")),
+                                out_specs=P(), check_vma=check_vma)  # fmt: skip
+        f = jax.jit(jax.value_and_grad(lambda x, w: sharded(x, w, label), argnums=(0, 1)))
+        loss, (gx, gw) = f(x, _padded(w, 3))
+        return dict(loss=loss, gx=gx, gw=gw, loss1=loss1, gx1=gx1, gw1=gw1)
+
+    for check_vma in (True, False):
+        _case(f"f64 partial fc check_vma={check_vma}", kind="compare")(functools.partial(run, check_vma))
+
+
 def float32_cases() -> None:
     """float32 without x64 (the combination in float32) and with it (in float64)."""
     for x64 in (False, True):
@@ -324,6 +350,7 @@ def main() -> None:
     forward_only_case()
     grad_inside_shard_map_case()
     data_and_class_parallel_cases()
+    partial_fc_cases()
     float32_cases()
     beta_compiles_once_case()
     collectives_case()
