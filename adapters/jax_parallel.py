@@ -28,8 +28,8 @@ static, beta an operand (a Python number exact as float64, or a traced scalar: n
 recompile for a new value, no gradient to it), the same dtypes, the same errors (label
 values are checked when the callback runs and surface as ``jax.errors.JaxRuntimeError``
 carrying the core's ``ValueError: label must lie in [0, C) = [0, num_classes) ...``).
-On CUDA the callback takes the adapter's route (CuPy on XLA's stream); the core's CuPy
-backend has no class shards yet and raises ``NotImplementedError`` there.
+On CUDA the callback takes the adapter's route: the core's CuPy class shards on XLA's
+stream (tested by a ``gpu`` test on one device, not yet run on a GPU).
 
 Uneven class counts.  ``shard_map`` splits W's rows evenly, so pad W to a multiple of
 the axis size P: device p holds the global rows ``[p·C_local, (p + 1)·C_local)`` and the
@@ -42,11 +42,18 @@ must; the cotangent of the loss arrives whole on every device and grad_x is summ
 the axis here.  With ``check_vma=False`` JAX transposes a psum into a psum and splits the
 cotangent of a replicated value into per-device shares (``shard_map``'s transpose divides
 the cotangent of a replicated output by P and sums those of replicated inputs); this
-function then follows the same convention (the whole cotangent is the psum of the shares,
-grad_x is returned as this device's term, which ``shard_map`` sums).  Either way
-``jax.grad`` of a function that calls ``shard_map`` gives the single-device loss's
-gradients (tested in both modes).  Other mesh axes may split the rows of x and label
-(data parallelism, e.g. a ("data", "classes") mesh): reducing the loss over them is the
+function then follows the same convention: the whole cotangent is the psum of the shares
+(1 or N more values through the axis) and grad_x is returned as this device's term, which
+``shard_map`` sums.  Either way ``jax.grad`` of a function that calls ``shard_map`` gives
+the single-device loss's gradients (tested in both modes).
+
+Rows split over the class axis itself (Partial FC: each device brings its own batch) are
+gathered before the call.  Under ``check_vma=True``:
+``jax.lax.all_gather(x, axis_name, tiled=True, to="invarying")`` (x must not vary), whose
+transpose takes each device's rows of the all-reduced grad_x; under ``check_vma=False`` a
+plain ``all_gather``, whose transpose is a reduce-scatter of the devices' terms (half the
+all-reduce's traffic on a ring).  Other mesh axes may split the rows of x and label (data
+parallelism, e.g. a ("data", "classes") mesh): reducing the loss over them is the
 caller's; grad_w is summed over the axes that x and label vary over but W does not, as
 JAX's own transpose would (tested on a 2x2 mesh).
 
@@ -95,8 +102,10 @@ def class_parallel_cross_entropy(
     ``w_local`` (C_local, D) is this device's block of the (P·C_local, D) weights: device p
     (``lax.axis_index(axis_name)``) holds classes ``[p·C_local, (p + 1)·C_local)``, and rows
     at or beyond ``num_classes`` are padding (ignored; pad W when P does not divide C).
-    ``x`` and ``label`` (N,) are the same on every device of the axis; labels are global
-    class indices in [0, num_classes) or ``ignore_index``.  The rest is
+    ``x`` and ``label`` (N,) are the same on every device of the axis (not in its
+    ``in_specs``, or each device's rows gathered with ``jax.lax.all_gather(..., tiled=True,
+    to="invarying")`` as Partial FC does); labels are global class indices in
+    [0, num_classes) or ``ignore_index``.  The rest is
     :func:`lsoftmax_core.adapters.jax.lsoftmax_cross_entropy`'s: ``margin`` (static),
     ``beta`` (Python number or traced scalar), ``reduction`` ("mean" over the rows not
     ignored, "sum", or "none": (N,)), ``ignore_index``.  The loss is the same on every
