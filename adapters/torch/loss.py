@@ -163,7 +163,14 @@ def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor,
     x, weight, target, margin, beta, reduction, ignore_index = inputs
     extra = output[1:]  # lse, or the gradients for an upstream 1
     ctx.mark_non_differentiable(*extra)
-    ctx.save_for_backward(x, weight, target, beta, *extra)
+    if len(extra) == 2:
+        # The gradients: kept on ctx rather than saved, so that the backward may scale them in
+        # place (no copy of grad_w) and then let go of them.  Non-differentiable outputs have
+        # no grad_fn, so this makes no reference cycle.
+        ctx.save_for_backward(x, weight, target, beta)
+        ctx.grads = extra
+    else:
+        ctx.save_for_backward(x, weight, target, beta, *extra)
     ctx.hyper = (margin, reduction, ignore_index)
 
 
@@ -179,8 +186,10 @@ def _loss_backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor) -> tuple[Tenso
 def _loss_with_grad_backward(
     ctx: Any, grad_loss: Tensor, grad_grad_x: Tensor, grad_grad_w: Tensor
 ) -> tuple[Tensor | None, ...]:
-    x, weight, target, beta, grad_x, grad_w = ctx.saved_tensors
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    x, weight, target, beta = ctx.saved_tensors
+    grads, ctx.grads = ctx.grads, None
+    if grads is None or (torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        # A second backward (retain_graph=True: the first one consumed the gradients), or
         # create_graph=True: the saved gradients are constants to autograd, so scaling them
         # would give silently wrong second derivatives.  The backward operator has no
         # derivative of its own: a double backward through it fails loudly instead.
@@ -189,7 +198,14 @@ def _loss_with_grad_backward(
             grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None
         )
         return _input_grads(ctx, grad_x, grad_w)
-    return _input_grads(ctx, grad_x * grad_loss, grad_w * grad_loss)
+    grad_x, grad_w = grads
+    if torch.compiler.is_compiling() or not all(type(t) is Tensor for t in (grad_x, grad_w, grad_loss)):
+        # Traced (compile, AOT, fake or functional tensors): no in-place update of an output.
+        return _input_grads(ctx, grad_x * grad_loss, grad_w * grad_loss)
+    # Scaled in place: the forward's gradients are ours alone (the op's extra outputs, not
+    # returned by lsoftmax_cross_entropy), so no (C, D) copy is made; for the usual upstream
+    # 1 the values are unchanged.
+    return _input_grads(ctx, grad_x.mul_(grad_loss), grad_w.mul_(grad_loss))
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)

@@ -202,6 +202,33 @@ def test_only_the_gradient_that_is_asked_for_is_returned() -> None:
         assert w.grad is None
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_backward_hands_out_the_forwards_gradients_without_a_copy(monkeypatch, reduction) -> None:
+    """Mean/sum: the forward's (C, D) gradient is scaled in place and returned, not copied;
+    a second backward of a retained graph recomputes it, any upstream gradient is honoured."""
+    from lsoftmax_core.adapters.torch import loss as loss_module
+
+    made = []
+    real = loss_module._loss_with_grad_op
+
+    def spy(*args):
+        out = real(*args)
+        made.append(out[2].data_ptr())
+        return out
+
+    monkeypatch.setattr(loss_module, "_loss_with_grad_op", spy)
+    x, w, target = _problem(7, 5, 3)
+    wr = w.clone().requires_grad_()
+    loss = lsoftmax_cross_entropy(x, wr, target, margin=3, beta=0.5, reduction=reduction)
+    (gw,) = torch.autograd.grad(loss, wr, retain_graph=True)
+    assert gw.data_ptr() == made[0]
+    want = _with_grads(_fused(target, margin=3, beta=0.5, reduction=reduction), x, w, torch.ones(()))[2]
+    torch.testing.assert_close(gw, want, rtol=1e-12, atol=1e-14)
+    (again,) = torch.autograd.grad(loss * 3.0, wr)  # the retained graph, another upstream gradient
+    torch.testing.assert_close(again, 3.0 * want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gw, want, rtol=1e-12, atol=1e-14)  # the first result is untouched
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_second_derivatives_fail_loudly(reduction) -> None:
     """Gradients are first order: a double backward raises instead of treating the saved
