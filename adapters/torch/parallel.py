@@ -230,11 +230,15 @@ class _ClassParallelLoss(torch.autograd.Function):
             return grad_loss.new_zeros(x_shape), grad_loss.new_zeros(w_shape), None, None, None
         xs, weight, label, lse = ctx.saved_tensors
 
+        # Class chunks: given the global lse, both chunkings take 3 GEMMs, but row chunks
+        # sum grad_w over the chunks through a second (num_local, D) buffer, which doubled
+        # the step's memory at C = 1M (bench/class_parallel_memory.py); class chunks write
+        # each chunk's rows of grad_w once.
         def backward(ga: Any, xa: Any, wa: Any, la: Any, lse_a: Any) -> Any:
             return _core.cross_entropy_backward(
                 ga, xa, wa, la, margin=call.margin, beta=call.beta, reduction=call.reduction,
                 ignore_index=call.ignore_index, lse=lse_a, class_start=call.class_start,
-                num_classes=call.num_classes,
+                num_classes=call.num_classes, chunking="classes",
             )  # fmt: skip
 
         g = grad_loss.detach().to(xs.dtype).contiguous()

@@ -201,6 +201,18 @@ def test_checkpoints_gather_the_full_weight_and_load_it_at_any_world_size(world_
             assert r["foreign_unchanged"]
 
 
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_autocast_computes_bfloat16_features_in_float32_and_logits_are_the_shards_chunk(world_size) -> None:
+    for r in _group(world_size):
+        dtype, got, want, grad_dtype = r["extras"]["autocast"]
+        assert dtype == "torch.float32" and grad_dtype == "torch.bfloat16"
+        assert got == want  # the same float32 computation on the same (bfloat16-exact) features
+        assert np.array_equal(*r["extras"]["autocast_grad"])
+        logits, expected = r["extras"]["logits"]
+        assert logits.shape == expected.shape
+        assert_rel(logits, expected, 1e-6, "logits")
+
+
 def test_ddp_training_on_two_ranks_equals_single_process_training_in_float64() -> None:
     ranks = [r["training"] for r in _group(len(TRAINING.sizes))]
     t = TRAINING

@@ -179,6 +179,30 @@ def run_errors(group: Any) -> dict[str, Any]:
     return out
 
 
+def run_extras(group: Any) -> dict[str, Any]:
+    """Autocast (bfloat16 features computed in float32) and the plain logits' chunk."""
+    import torch
+
+    rank, world_size = _rank(group)
+    case = Case("extras", (4,) * world_size, num_classes=13, dtype="float32")
+    x, w, label = problem(case)
+    head = _head(case, w, group)
+    rows = slice(4 * rank, 4 * rank + 4)
+    xl, tl = torch.from_numpy(x[rows]).float(), torch.from_numpy(label[rows])
+    xb = xl.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(xb, tl)
+    loss.backward()
+    xf = xl.bfloat16().float().requires_grad_()
+    want = head(xf, tl)
+    want.backward()
+    return {
+        "autocast": (str(loss.dtype), loss.item(), want.item(), str(xb.grad.dtype)),
+        "autocast_grad": (xb.grad.float().numpy(), xf.grad.bfloat16().float().numpy()),
+        "logits": (head.logits(xl).detach().numpy(), xl.numpy() @ w[head.class_start : head.class_stop].T),
+    }
+
+
 def run_checkpoints(group: Any) -> dict[str, Any]:
     """The shard's state_dict, the full checkpoint gathered to a rank, and loading a full
     checkpoint at this world size."""
@@ -298,6 +322,7 @@ def run_all(group: Any, with_training: Training | None) -> dict[str, Any]:
     out: dict[str, Any] = {"cases": {case.name: run_case(group, case) for case in cases_for(world_size)}}
     out["errors"] = run_errors(group)
     out["checkpoints"] = run_checkpoints(group)
+    out["extras"] = run_extras(group)
     if with_training is not None:
         out["training"] = run_training(group, with_training)
     return out
