@@ -141,7 +141,15 @@ def test_the_loss_alone_equals_the_single_device_loss(cases):
 def test_grad_taken_inside_shard_map_gives_whole_grad_x_and_sharded_grad_w(cases):
     """A training step written per device: value_and_grad inside shard_map, grad_x
     replicated (out_specs P()), grad_w in W's blocks (out_specs P("classes"))."""
-    _assert_equals_single_device(_get(cases, "f64 grad inside shard_map"), "inside")
+    _assert_equals_single_device(_get(cases, "f64 grad inside shard_map check_vma=True"), "inside")
+
+
+def test_without_check_vma_a_grad_inside_shard_map_scales_grad_w_by_p_as_psum_does(cases):
+    """check_vma=False: the seed cotangent 1 on every device counts P times, as for
+    jax.grad of JAX's own psum there (take the gradient outside shard_map instead)."""
+    r = _get(cases, "f64 grad inside shard_map check_vma=False")
+    assert_rel(r["loss"], r["loss1"], 1e-10, "loss")
+    assert_rel(r["gw"][:10], 4 * r["gw1"], 1e-10, "grad_w")
 
 
 @pytest.mark.parametrize("check_vma", [True, False])

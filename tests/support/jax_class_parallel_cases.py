@@ -182,24 +182,26 @@ def forward_only_case() -> None:
 
 
 def grad_inside_shard_map_case() -> None:
-    """A training step written inside shard_map: jax.grad per device, grad_w stays sharded."""
+    """A training step written per device: jax.grad inside shard_map, grad_w stays sharded.
+    Under check_vma=False JAX's rules for that mode apply, as to its own psum."""
+    x, w, label, _ = _problem(61, 12, 10, 5, "float64", LABELS)
+    loss1, gx1, gw1 = _single_vjp(x, w, label, np.float64(1.0), 2.0, margin=4, reduction="mean")
 
-    @_case("f64 grad inside shard_map", kind="compare")
-    def run() -> dict[str, Any]:
-        x, w, label, _ = _problem(61, 12, 10, 5, "float64", LABELS)
+    def step(x, w_local, y):
+        def loss_fn(x, w_local):
+            return class_parallel_cross_entropy(x, w_local, y, axis_name="classes", num_classes=10, margin=4,
+                                                beta=2.0)  # fmt: skip
 
-        def step(x, w_local, y):
-            def loss_fn(x, w_local):
-                return class_parallel_cross_entropy(x, w_local, y, axis_name="classes", num_classes=10, margin=4,
-                                                    beta=2.0)  # fmt: skip
+        return jax.value_and_grad(loss_fn, argnums=(0, 1))(x, w_local)
 
-            return jax.value_and_grad(loss_fn, argnums=(0, 1))(x, w_local)
-
+    def run(check_vma: bool) -> dict[str, Any]:
         f = jax.jit(jax.shard_map(step, mesh=_mesh(), in_specs=(P(), P("classes"), P()),
-                                  out_specs=(P(), (P(), P("classes")))))  # fmt: skip
+                                  out_specs=(P(), (P(), P("classes"))), check_vma=check_vma))  # fmt: skip
         loss, (gx, gw) = f(x, _padded(w, 3), label)
-        loss1, gx1, gw1 = _single_vjp(x, w, label, np.float64(1.0), 2.0, margin=4, reduction="mean")
         return dict(loss=loss, gx=gx, gw=gw, loss1=loss1, gx1=gx1, gw1=gw1)
+
+    for check_vma in (True, False):
+        _case(f"f64 grad inside shard_map check_vma={check_vma}", kind="compare")(functools.partial(run, check_vma))
 
 
 def data_and_class_parallel_cases() -> None:
