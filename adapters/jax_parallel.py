@@ -45,7 +45,10 @@ the cotangent of a replicated output by P and sums those of replicated inputs); 
 function then follows the same convention: the whole cotangent is the psum of the shares
 (1 or N more values through the axis) and grad_x is returned as this device's term, which
 ``shard_map`` sums.  Either way ``jax.grad`` of a function that calls ``shard_map`` gives
-the single-device loss's gradients (tested in both modes).
+the single-device loss's gradients (tested in both modes); ``jax.grad`` taken inside
+``shard_map`` gives them under ``check_vma=True``, whereas under ``check_vma=False`` it
+counts the cotangent once per device (grad_w P times too large), as it does for JAX's own
+``psum`` in that mode.  The mode is read from the type of ``lax.axis_index``.
 
 Rows split over the class axis itself (Partial FC: each device brings its own batch) are
 gathered before the call.  Under ``check_vma=True``:
@@ -157,12 +160,13 @@ def class_parallel_cross_entropy(
             f"num_classes={total} exceeds the {parts} x {local} rows that the {parts} devices of "
             f"axis_name={axis_name!r} hold (w_local.shape={tuple(w_local.shape)}): shard all of W"
         )
-    vma = _check_varying(axis_name, x, w_local, label, beta)
     if beta_now is None:
         beta_op, bits = lax.stop_gradient(beta), False  # a hyper-parameter: no gradient
     else:
         beta_op, bits = _adapter._beta_bits(beta_now), True
-    start = lax.axis_index(axis_name) * local  # this device's first global class
+    index = lax.axis_index(axis_name)
+    vma = _check_varying(axis_name, index, x, w_local, label, beta)
+    start = index * local  # this device's first global class
     return _loss(x, w_local, label, beta_op, start, axis_name, m, bits, (reduction, ignore, total), vma)  # type: ignore[no-any-return]
 
 
@@ -185,17 +189,17 @@ def _varying(a: Any) -> frozenset[Any]:
     return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
 
 
-def _check_varying(axis_name: Hashable, x: Any, w: Any, label: Any, beta: Any) -> bool:
-    """Whether ``check_vma`` is on, i.e. the types track what varies: then w_local, a
-    block of W, varies over the axis; with ``check_vma=False`` nothing does.  Under
-    ``check_vma=True``, x, label and a traced beta must be the same on every device."""
-    if axis_name not in _varying(w):
-        if _varying(x) or _varying(label):  # check_vma is on, yet w_local is the same everywhere
-            raise ValueError(
-                f"w_local must be sharded over axis_name={axis_name!r} "
-                f"(shard_map in_specs P({axis_name!r}) for W), but its type does not vary over it"
-            )
+def _check_varying(axis_name: Hashable, index: jax.Array, x: Any, w: Any, label: Any, beta: Any) -> bool:
+    """Whether ``check_vma`` is on: then the types track what varies over the axis (the
+    device's index does), and w_local must vary while x, label and a traced beta must not.
+    With ``check_vma=False`` the types say nothing and nothing can be checked."""
+    if axis_name not in _varying(index):
         return False
+    if axis_name not in _varying(w):
+        raise ValueError(
+            f"w_local must be sharded over axis_name={axis_name!r} (shard_map in_specs "
+            f"P({axis_name!r}) for W), but it is the same on every device of the axis"
+        )
     named = [("x", x), ("label", label)] + ([("beta", beta)] if isinstance(beta, jax.Array) else [])
     for name, a in named:
         if axis_name in _varying(a):

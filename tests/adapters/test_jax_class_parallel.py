@@ -246,7 +246,7 @@ def test_labels_outside_num_classes_raise_naming_label(cases, bad, where):
     [
         ("error num_classes too large", "num_classes=13 exceeds the 4 x 3 rows that the 4 devices of axis_name='classes'"),
         ("error x sharded over the class axis", "x must be replicated over axis_name='classes': every device"),
-        ("error w replicated", "w_local must be sharded over axis_name='classes'"),
+        ("error w replicated", "w_local must be sharded over axis_name='classes' (shard_map in_specs"),
     ],
 )
 def test_a_wrong_layout_is_a_value_error_when_tracing(cases, name, message):

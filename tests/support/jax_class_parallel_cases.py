@@ -340,7 +340,7 @@ def error_cases() -> None:
     def run_w_replicated() -> dict[str, Any]:
         f = jax.shard_map(
             lambda x, w, y: class_parallel_cross_entropy(x, w, y, axis_name="classes", num_classes=10),
-            mesh=_mesh((2, 2), ("data", "classes")), in_specs=(P("data"), P(), P("data")), out_specs=P(),
+            mesh=_mesh(), in_specs=(P(), P(), P()), out_specs=P(),
         )  # fmt: skip
         return dict(loss=f(x, wp, label))
 
