@@ -47,8 +47,10 @@ _REDUCTIONS = ("mean", "sum")
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _CPU_DTYPES = tuple(t for t in _DTYPES if str(t).split(".")[1] in {str(d) for d in supported_dtypes("numpy")})
 # What each rank reports before any data moves: a problem found on its own input (0: none,
-# 1: TypeError, 2: ValueError), its batch size, its feature size and its dtype's code.
-_META = 4
+# 1: TypeError, 2: ValueError), its batch size, its feature size and its dtype's code, then
+# the settings every rank must share (a rank that missed a step() has another beta).
+_META = 9
+_SETTINGS = ("num_classes", "margin", "ignore_index", "beta", "reduction")
 _ERRORS = {1: TypeError, 2: ValueError}
 
 # torch >= 2.13 names the tensor collectives *_single; the older names warn there.
@@ -111,6 +113,12 @@ def _local_problem(x: Any, target: Any, weight: Tensor, in_features: int) -> Exc
     return None
 
 
+def _settings(call: _Call) -> list[int]:
+    """The settings of :data:`_SETTINGS` as int64 (beta by its float64 bits: compared exactly)."""
+    beta_bits = int(np.array(call.beta, dtype=np.float64).view(np.int64))
+    return [call.num_classes, call.margin, call.ignore_index, beta_bits, _REDUCTIONS.index(call.reduction)]
+
+
 def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tensor) -> list[int]:
     """All-gather every rank's report (:data:`_META`) and raise on every rank if one of
     them has a problem or the ranks disagree; the batch sizes of the ranks otherwise."""
@@ -120,6 +128,7 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
         x.shape[0] if ok else 0,
         x.shape[1] if ok else 0,
         _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1,
+        *_settings(call),
     ]
     local = torch.tensor(mine, dtype=torch.int64, device=weight.device)
     every = torch.empty(call.world_size * _META, dtype=torch.int64, device=weight.device)
@@ -128,7 +137,7 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
     table = every.view(call.world_size, _META).tolist()
     if problem is not None:
         raise problem
-    for r, (code, _, d, dt) in enumerate(table):
+    for r, (code, _, d, dt, *settings) in enumerate(table):
         if code:
             raise _ERRORS[code](
                 f"rank {r} of the process group passed an invalid x or target to ClassParallelLSoftmaxLoss "
@@ -139,6 +148,17 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
                 f"every rank must pass x of one feature size and dtype: rank {call.rank} has D={x.shape[1]}, "
                 f"{x.dtype}, rank {r} has D={d}, {_DTYPES[dt] if dt >= 0 else 'another dtype'}"
             )
+        for name, own, theirs in zip(_SETTINGS, _settings(call), settings):
+            if own != theirs:
+                if name == "beta":
+                    own, theirs = (float(np.array(v, dtype=np.int64).view(np.float64)) for v in (own, theirs))
+                elif name == "reduction":
+                    own, theirs = _REDUCTIONS[own], _REDUCTIONS[theirs]
+                raise ValueError(
+                    f"every rank's ClassParallelLSoftmaxLoss must have the same {name}: rank {call.rank} has "
+                    f"{name}={own!r}, rank {r} has {name}={theirs!r} (same arguments on every rank, and step() "
+                    "on every rank once per optimizer step)"
+                )
     return [row[1] for row in table]
 
 
@@ -294,8 +314,10 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     ``torch.autocast`` float16/bfloat16 features are computed in float32.
 
     Bad input raises a ValueError/TypeError on every rank instead of leaving the others
-    waiting in a collective: each rank's own problem (shape, dtype, device) and the
-    gathered labels are compared on all ranks before anything is computed.
+    waiting in a collective: each rank's own problem (shape, dtype, device), its settings
+    (num_classes, margin, beta, ignore_index, reduction: a rank that missed a ``step()``
+    has another beta) and the gathered labels are compared on all ranks before anything
+    is computed.
 
     Checkpoints: ``state_dict()`` is this rank's shard, with the iteration, the schedule,
     ``num_classes`` and the shard's bounds (a checkpoint must match them).  To change the
@@ -308,7 +330,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     backward, the bytes of the tensor each passes (all-gather: the gathered output;
     reduce-scatter: the summed input); ``last_comm_bytes`` their sum.  With N_max the
     largest batch of a rank, N the global batch, D features of s bytes:
-    ``P*32 + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
+    ``72*P + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
     (``docs/distributed.md``).
     """
 
@@ -512,12 +534,4 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
             f"{self.class_stop}) of rank {self.rank}/{self.world_size}, margin={self.margin}, "
             f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, schedule={self._schedule!r}"
         )
-
-
-def _bytes_per_step(world_size: int, sizes: list[int], in_features: int, itemsize: int) -> int:
-    """The formula of ``last_comm_bytes`` (docs/distributed.md), for the tests and the docs."""
-    n_max, n = max(sizes), sum(sizes)
-    if n == 0:
-        return world_size * _META * 8
-    return world_size * _META * 8 + world_size * n_max * (8 + 2 * in_features * itemsize) + 24 * n
 

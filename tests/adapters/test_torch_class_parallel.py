@@ -119,11 +119,11 @@ def test_float32_is_within_the_tolerance_table(world_size, case) -> None:
 
 
 def _formula(world_size: int, sizes: tuple[int, ...], d: int, itemsize: int) -> int:
-    """docs/distributed.md: P*32 + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
+    """docs/distributed.md: 72*P + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
     n_max, n = max(sizes), sum(sizes)
     if n == 0:
-        return 32 * world_size
-    return 32 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
+        return 72 * world_size
+    return 72 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -140,7 +140,7 @@ def test_the_bytes_passed_to_collectives_follow_the_formula_and_not_the_number_o
                      "reduce_scatter grad_x"]  # fmt: skip
     # The same batch against 1003 and 5000 classes: the same collectives, byte for byte.
     assert ranks[0]["cases"]["more-classes"]["collectives"] == ranks[0]["cases"]["m2-beta0"]["collectives"]
-    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 32 * world_size)]
+    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 72 * world_size)]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -165,6 +165,19 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(
             else:
                 assert f"rank {bad} of the process group passed an invalid x or target" in got[1], got[1]
     assert "must lie in [0, num_classes) = [0, 11) or equal ignore_index=-100" in ranks[0]["errors"]["label"][1]
+    # A rank whose beta differs (a missed step()): every rank raises, naming both betas.
+    for r, res in enumerate(ranks):
+        if world_size == 1:
+            assert res["errors"]["beta"] is None
+            continue
+        mine, theirs = (3.0, 1.0) if r == bad else (1.0, 3.0)
+        other = 0 if r == bad else bad
+        assert res["errors"]["beta"] == (
+            "ValueError",
+            f"every rank's ClassParallelLSoftmaxLoss must have the same beta: rank {r} has beta={mine!r}, rank "
+            f"{other} has beta={theirs!r} (same arguments on every rank, and step() on every rank once per "
+            "optimizer step)",
+        )
     afters = [res["errors"]["after"] for res in ranks]
     assert all(res["errors"]["weight-unchanged"] for res in ranks)
     assert len(set(afters)) == 1 and np.isfinite(afters[0])

@@ -152,6 +152,8 @@ def run_errors(group: Any) -> dict[str, Any]:
     work afterwards (the errors leave no collective half done)."""
     import torch
 
+    from lsoftmax_core import ConstantSchedule
+
     rank, world_size = _rank(group)
     case = Case("errors", (5,) * world_size, num_classes=11)
     x, w, label = problem(case)
@@ -172,6 +174,10 @@ def run_errors(group: Any) -> dict[str, Any]:
     out["dtype"] = _error_of(lambda: head(xl.float() if bad else xl, tl))
     out["target-dtype"] = _error_of(lambda: head(xl, tl.double() if bad else tl))
     out["not-a-tensor"] = _error_of(lambda: head(xl.detach().numpy() if bad else xl, tl))
+    if bad:
+        head.schedule = ConstantSchedule(3.0)  # as if this rank had missed a step()
+    out["beta"] = _error_of(lambda: head(xl, tl))
+    head.schedule = ConstantSchedule(case.beta)
     before = head.weight.detach().clone()
     out["weight-unchanged"] = bool(torch.equal(before, head.weight.detach())) and head.weight.grad is None
     # The group still works: a good call gives the same loss on every rank.
