@@ -285,7 +285,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     classes ``[class_start, class_stop)``, ``num_local = num_classes // P + (r <
     num_classes % P)``, the shards tiling ``[0, num_classes)`` in rank order; every rank must
     own a class (``num_classes >= P``).  The shard is initialised like nn.Linear's weight,
-    each rank from its own random stream; for a given start, :meth:`load_full_state_dict`.
+    each rank from its own random stream; to start from a given full weight, use
+    :meth:`load_full_state_dict`.
 
     ``loss(x, target)`` takes this rank's batch, x (N_r, in_features) and target (N_r,)
     integer class indices in [0, num_classes) or ``ignore_index``; the ranks' batches may

@@ -216,7 +216,7 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
 
     rank, world_size = _rank(group)
     import lsoftmax_core as lsm
-    from lsoftmax_core.adapters.torch import ClassParallelLSoftmaxLoss
+    from lsoftmax_core.adapters.torch import ClassParallelLSoftmaxLoss, LSoftmaxLoss
 
     c, d = 1003, 4
     sched = lsm.ExponentialSchedule(beta0=50.0, scale=0.5)
@@ -234,6 +234,16 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
                                                                  "iteration": 2, "schedule": sched.to_dict()}})
     out["loaded"] = fresh.weight.detach().clone()
     out["loaded_iteration"] = fresh.iteration
+    # LSoftmaxLoss's own state_dict is a full checkpoint too.
+    single = LSoftmaxLoss(d, c, margin=3, schedule=sched, dtype=torch.float64)
+    for _ in range(3):
+        single.step()
+    from_single = ClassParallelLSoftmaxLoss(d, c, margin=3, schedule=sched, dtype=torch.float64, process_group=group)
+    from_single.load_full_state_dict(single.state_dict())
+    out["from_single"] = (
+        bool(torch.equal(from_single.weight, single.weight[from_single.class_start : from_single.class_stop])),
+        from_single.iteration,
+    )
     # Another rank's shard must not load here, and nothing changes when it is refused.
     if world_size > 1:
         other = ClassParallelLSoftmaxLoss.shard_bounds(c, world_size, (rank + 1) % world_size)
