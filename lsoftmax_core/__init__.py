@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _numpy_backend
 from ._chebyshev import MAX_MARGIN
 from .checks import Problem, supported_dtypes
 from .schedule import (
@@ -70,9 +71,7 @@ def _library(a: Any) -> str | None:
 def _backend(**arrays: Any) -> ModuleType:
     """The backend module for the arrays' library; all must come from the same one."""
     if all(type(a) is np.ndarray for a in arrays.values()):
-        from . import _numpy_backend as numpy_backend  # the common case, decided at once
-
-        return numpy_backend
+        return _numpy_backend  # the common case, decided at once
     (first_name, first), *rest = arrays.items()
     lib = _library(first)
     if lib is None:
@@ -87,8 +86,6 @@ def _backend(**arrays: Any) -> ModuleType:
                 f"{type(a).__module__}.{type(a).__qualname__}"
             )
     if lib == "numpy":
-        from . import _numpy_backend
-
         return _numpy_backend
     from . import _cupy_backend
 
@@ -125,8 +122,9 @@ def forward(
     (6, N) float64 array, valid for these very x, w, label and margin (any beta), to be
     treated as opaque; CuPy arrays: None (the kernels recompute them; see :func:`backward`).
     """
+    backend: ModuleType
     if out is None and type(x) is np.ndarray and type(w) is np.ndarray and type(label) is np.ndarray:
-        from . import _numpy_backend as backend  # the common case, without _backend's checks
+        backend = _numpy_backend  # the common case, without _backend's checks
     else:
         named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
         backend = _backend(**named)
@@ -153,8 +151,10 @@ def backward(
     dtype and margin (a ValueError naming stats), not against the data: arrays changed
     since the forward (an optimizer step in place) need a new forward.  None: computed here.
     """
-    if out is None and all(type(a) is np.ndarray for a in (grad_logits, x, w, label)):
-        from . import _numpy_backend as backend  # the common case, without _backend's checks
+    backend: ModuleType
+    if out is None and type(grad_logits) is np.ndarray and type(x) is np.ndarray and type(w) is np.ndarray \
+            and type(label) is np.ndarray:
+        backend = _numpy_backend  # the common case, without _backend's checks
     else:
         named = {"grad_logits": grad_logits, "x": x, "w": w, "label": label}
         if out is not None:

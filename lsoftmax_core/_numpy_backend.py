@@ -19,6 +19,7 @@ line.  Implementation choices:
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,6 +33,19 @@ __all__ = ["STATS_ROWS", "add_margin", "add_margin_grad", "backward", "check_sta
 _DTYPES = supported_dtypes("numpy")
 
 F64 = npt.NDArray[np.float64]
+
+def _c_einsum() -> Any:
+    """einsum without its Python wrapper (the same C function, the same results): ~1 us a
+    call less; np.einsum where a NumPy does not expose it."""
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # NumPy 2, NumPy 1
+        try:
+            return importlib.import_module(name).c_einsum
+        except (ImportError, AttributeError):
+            continue
+    return np.einsum
+
+
+_einsum = _c_einsum()
 
 
 # Squared norms inside these ranges were summed free of under- and overflow in the input
@@ -142,19 +156,20 @@ def stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: 
     ``backward`` (``return_stats`` / ``stats``): a, b, c, psi, psi', and a tag, +m on rows
     of the fast path and -m on the careful rows (their statistics needed per-row scaling).
     """
-    wy = np.take(w, label, axis=0)  # w[label], a fresh array (faster than fancy indexing)
+    wy = w.take(label, axis=0)  # w[label], a fresh array (faster than fancy indexing)
     n = p.n
     sums = np.empty((3, n), dtype=p.dtype)  # x·x, w_y·w_y, x·w_y in the input dtype
-    np.einsum("ij,ij->i", x, x, out=sums[0])
-    np.einsum("ij,ij->i", wy, wy, out=sums[1])
-    np.einsum("ij,ij->i", x, wy, out=sums[2])
+    _einsum("ij,ij->i", x, x, out=sums[0])
+    _einsum("ij,ij->i", wy, wy, out=sums[1])
+    _einsum("ij,ij->i", x, wy, out=sums[2])
     sq = sums.astype(np.float64)
     rec = np.empty((STATS_ROWS, n))
     ab, c = rec[0:2], rec[2]
     lo, hi = _SAFE_SQ[p.dtype]
     squares = sq[:2]
     np.sqrt(squares, out=ab)
-    if n and squares.min() >= lo and squares.max() <= hi:  # the common case (NaN fails it)
+    if n and np.minimum.reduce(squares, axis=None) >= lo and np.maximum.reduce(squares, axis=None) <= hi:
+        # the common case (a NaN fails it)
         careful = _NO_ROWS
         np.divide(sq[2], ab[0] * ab[1], out=c)
     else:
@@ -188,8 +203,8 @@ def stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: 
 def _from_record(rec: F64, w: npt.NDArray[Any], label: npt.NDArray[Any]) -> _Stats:
     """The statistics of a record made by :func:`stats` (checked by :func:`check_stats`); the
     careful rows' split norms are not kept there: the backward's careful path recomputes them."""
-    careful = np.flatnonzero(rec[5] < 0.0) if rec[5].min(initial=0.0) < 0.0 else _NO_ROWS
-    return _Stats(rec[0], rec[1], rec[2], rec[3], rec[4], np.take(w, label, axis=0), careful, (_NO_F64, _NO_I64),
+    careful = np.flatnonzero(rec[5] < 0.0) if np.minimum.reduce(rec[5], initial=0.0) < 0.0 else _NO_ROWS
+    return _Stats(rec[0], rec[1], rec[2], rec[3], rec[4], w.take(label, axis=0), careful, (_NO_F64, _NO_I64),
                   (_NO_F64, _NO_I64), rec[0:2], rec)
 
 
@@ -379,7 +394,7 @@ def add_margin_terms(
         mag = np.abs(coef[:3])
         tiny = mag < fi.tiny
         tiny &= mag != 0.0
-        fits_all = mag.max() <= fi.max and not tiny.any()  # finite, and none flushed to zero
+        fits_all = np.maximum.reduce(mag, axis=None) <= fi.max and not tiny.any()  # finite, none flushed to 0
     else:
         fits_all = False
     if fits_all:
@@ -448,6 +463,25 @@ def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.
         grad_w[label[single]] += rows[single]
         shared = ~alone
         seg = np.flatnonzero(first[shared])
-        grad_w[sorted_label[shared][seg]] += np.add.reduceat(rows[order[shared]], seg, axis=0)
+        many = counts[counts > 1]
+        grad_w[sorted_label[shared][seg]] += _segment_sums(rows[order[shared]], seg, many)
     else:  # every class of the batch repeats (a small C)
-        grad_w[sorted_label[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+        grad_w[sorted_label[starts]] += _segment_sums(rows[order], starts, counts)
+
+
+def _segment_sums(rows: npt.NDArray[Any], starts: npt.NDArray[np.intp], counts: npt.NDArray[np.intp]) -> Any:
+    """Sums of consecutive segments of rows (segment i: ``counts[i]`` rows from ``starts[i]``),
+    each added in row order.
+
+    np.add.reduceat does this, but along axis 0 it walks each column separately (strided, no
+    SIMD: ~0.3 ms at 256 rows of 256 features); when the segments are of similar length the
+    rows go into a zero-padded (segments, longest, D) block instead, summed over its middle
+    axis in the same order, a whole row at a time (trailing zeros change no sum)."""
+    n, g = rows.shape[0], starts.size
+    longest = int(np.maximum.reduce(counts))
+    if g * longest > 4 * n:
+        return np.add.reduceat(rows, starts, axis=0)
+    block = np.zeros((g, longest, rows.shape[1]), dtype=rows.dtype)
+    segment = np.repeat(_arange(g), counts)
+    block[segment, _arange(n) - starts[segment]] = rows
+    return block.sum(axis=1)

@@ -167,8 +167,8 @@ def check_arrays(
     _check_ndim("x", x, 2)
     _check_ndim("w", w, 2)
     _check_ndim("label", label, 1)
-    n, d = (int(s) for s in x.shape)
-    c, dw = (int(s) for s in w.shape)
+    n, d = int(x.shape[0]), int(x.shape[1])
+    c, dw = int(w.shape[0]), int(w.shape[1])
     if dw != d:
         raise ValueError(
             f"x and w must have the same feature size D: x.shape={tuple(x.shape)}, "
@@ -224,7 +224,7 @@ def check_label_values(label: Any, c: int, ignore_index: int | None = None) -> N
     ``ignore_index`` where one is given (the cross-entropy's ignored rows); O(N)."""
     if label.size == 0:
         return
-    if label.min() >= 0 and label.max() < c:  # two reductions decide the common case
+    if np.minimum.reduce(label) >= 0 and np.maximum.reduce(label) < c:  # two reductions decide the common case
         return
     bad = (label < 0) | (label >= c)
     if ignore_index is not None:
