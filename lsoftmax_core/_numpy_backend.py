@@ -476,7 +476,8 @@ def _segment_sums(rows: npt.NDArray[Any], starts: npt.NDArray[np.intp], counts: 
     np.add.reduceat does this, but along axis 0 it walks each column separately (strided, no
     SIMD: ~0.3 ms at 256 rows of 256 features); when the segments are of similar length the
     rows go into a zero-padded (segments, longest, D) block instead, summed over its middle
-    axis in the same order, a whole row at a time (trailing zeros change no sum)."""
+    axis in row order, a whole row at a time (trailing zeros change no sum; reduceat adds in
+    another order, so the bits differ from it by rounding)."""
     n, g = rows.shape[0], starts.size
     longest = int(np.maximum.reduce(counts))
     if g * longest > 4 * n:
