@@ -26,7 +26,8 @@ __all__ = ["lsoftmax"]
 
 
 def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float) -> tuple[Tensor, Any]:
-    """The logits, and on the CPU the core's per-sample statistics for the backward (None on CUDA)."""
+    """The logits, and on the CPU what the backward can reuse (None on CUDA): the core's
+    per-sample statistics and the NumPy views of x, weight and label."""
     if x.device.type == "cpu":
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
         # and torch's OpenMP workers fight over the cores when they alternate), then the
@@ -38,7 +39,7 @@ def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: floa
             logits = torch.mm(x.detach(), weight.detach().t())
         _, stats = _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked,
                                     return_stats=True)  # fmt: skip
-        return logits, stats
+        return logits, (stats, (xa, wa, la))
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
         return _core.forward(xa, wa, la, margin=margin, beta=b)  # checks once, then computes
@@ -48,13 +49,19 @@ def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: floa
 
 
 def _backward_impl(
-    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float, stats: Any = None
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float, saved: Any = None
 ) -> tuple[Tensor, Tensor]:
-    """``stats``: the forward's statistics (CPU; the labels were checked by that forward and
-    its saved tensors cannot have changed since), or None: every check again."""
+    """``saved``: what the forward of this call kept (CPU; its labels were checked there, and
+    autograd refuses a backward after its saved tensors changed in place), or None: every
+    check again."""
+    stats = None
     if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
         with _dtype_errors_name_weight(x, weight):
-            ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+            if saved is None:
+                ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
+            else:
+                stats, (xa, wa, la) = saved
+                (ga,) = _cpu_views(grad_logits=grad_logits)
             checked = _core.check_arguments(
                 xa, wa, la, margin=margin, beta=b, grad_logits=ga, label_values=stats is None
             )
@@ -138,7 +145,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: float) -> Tensor:
-        logits, ctx.stats = _forward_impl(x, weight, label, margin, beta)
+        logits, ctx.kept = _forward_impl(x, weight, label, margin, beta)
         ctx.save_for_backward(x, weight, label)  # autograd refuses a backward after in-place changes
         ctx.margin, ctx.beta = margin, beta
         return logits
@@ -152,8 +159,8 @@ class _Eager(torch.autograd.Function):
             beta = torch.tensor(ctx.beta, dtype=torch.float64)
             grad_x, grad_w = _backward_op(grad, x, weight, label, ctx.margin, beta)
         else:
-            grad_x, grad_w = _backward_impl(grad, x, weight, label, ctx.margin, ctx.beta, ctx.stats)
-        ctx.stats = None
+            grad_x, grad_w = _backward_impl(grad, x, weight, label, ctx.margin, ctx.beta, ctx.kept)
+        ctx.kept = None
         needs = ctx.needs_input_grad
         return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None)
 
