@@ -7,14 +7,16 @@ margin each class becomes a thinner ray, further apart in angle; ``results.json`
 printed table give the numbers (accuracy, intra-class and inter-class angles).
 
     pip install -e '.[demo]' && lsoftmax-demo          # digits 8x8, no download, about 1 min
-    lsoftmax-demo --mnist ~/data/mnist                 # the four standard MNIST IDX files
+    lsoftmax-demo --mnist ~/data/mnist                 # real MNIST, the seed's recipe, ~1 h on a CPU
 
 (shell commands; ``main(argv)`` runs the same from Python).
 
 Data: scikit-learn's bundled 8x8 digits by default (fixed stratified 70/30 split), or
-MNIST with ``--mnist DIR``.  Annealing (the seed's): beta_t = max(beta0 * 0.99**t,
-beta_min), t counted in optimizer steps, beta0 = 100 (1000 for margins >= 6, as the seed
-did for margin 6), and beta_min = BETA_MIN (see the note there).
+MNIST with ``--mnist DIR`` (the four IDX files, standard or dotted names, plain or .gz).
+Annealing (the seed's): beta_t = max(beta0 * 0.99**t, beta_min), t counted in optimizer
+steps, beta0 = 100 (1000 for margins >= 6, as the seed did for margin 6); beta_min and
+the rest of the recipe come from the dataset's preset (DIGITS, MNIST): the digits need
+batch normalisation and a floor of 2, MNIST trains best with the seed's own settings.
 
 A run is reproducible: every margin starts from ``torch.manual_seed(seed)`` and PyTorch
 runs deterministic algorithms on one CPU thread, so on the CPU the same seed gives the
@@ -99,11 +101,12 @@ class Preset:
 DIGITS = Preset(epochs=60, batch_size=64, lr=0.02)
 #: MNIST: the seed's own recipe (mx-lsoftmax's mnist.py): no batch normalisation, Xavier
 #: initialisation, lr 0.01 divided by 10 after 10 of 20 epochs, batch 128, beta floor 0.
-#: 468 steps per epoch; beta reaches ~0 within the second epoch (the fourth for margin
+#: 468 steps per epoch; beta falls under 0.01 within the second epoch (the third for margin
 #: 6), so the pure margin term shapes the features for 18 epochs.  The demo's earlier
 #: MNIST settings (the digits' network and floor, lr 0.02, 5 epochs) gave a 2.5 deg
 #: intra-class angle at margin 4 instead of the seed's ~1.2 (docs/design.md has the runs).
-#: On one CPU thread an epoch takes about 40 s; --device cuda or fewer --epochs for a look.
+#: An epoch takes about 25 s on one idle CPU thread (about 8 min per margin; more on a
+#: shared machine): --device cuda, or fewer --epochs for a first look.
 MNIST = Preset(
     epochs=20, batch_size=128, lr=0.01, lr_drop_fraction=0.5, batch_norm=False, beta_min=0.0, xavier_init=True
 )
