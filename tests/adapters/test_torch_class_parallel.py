@@ -12,7 +12,12 @@ by the tests; if it hangs it is killed at its deadline and the tests fail.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -293,19 +298,22 @@ def test_the_module_needs_an_initialised_process_group() -> None:
 
 
 @pytest.mark.gpu
-def test_a_single_rank_nccl_group_checks_gathers_and_matches_the_cpu_loss() -> None:
+def test_an_nccl_group_checks_gathers_and_matches_the_cpu_loss() -> None:
+    """One rank per GPU, up to 2 (a single-rank group on a one-GPU machine)."""
     if not (torch.cuda.is_available() and dist.is_nccl_available()):
         pytest.skip("needs CUDA and NCCL")
-    (res,) = run_ranks(1, cp.run_cuda, backend="nccl", timeout=WORLD_TIMEOUT_S)
-    assert res["bad_label"] is not None and "rank 0's target[0]=1003" in res["bad_label"][1]
-    assert res["full_ok"]
-    if "not_implemented" in res:
-        pytest.xfail(f"the CuPy backend has no class shards yet: {res['not_implemented']}")
-    got, want = res["loss"]
-    assert abs(got - want) <= TOLERANCES["float32"].forward * max(1.0, abs(want)) * 10
-    for name in ("grad_x", "grad_w"):
-        a, b = res[name]
-        assert_rel(a, b, 1e-4, name)
+    ranks = run_ranks(min(2, torch.cuda.device_count()), cp.run_cuda, backend="nccl", timeout=WORLD_TIMEOUT_S)
+    for res in ranks:
+        assert res["bad_label"] is not None and "rank 0's target[0]=1003" in res["bad_label"][1]
+        assert res["full_ok"]
+    if any("not_implemented" in res for res in ranks):
+        pytest.xfail(f"the CuPy backend has no class shards yet: {ranks[0].get('not_implemented')}")
+    for res in ranks:
+        got, want = res["loss"]
+        assert abs(got - want) <= TOLERANCES["float32"].forward * max(1.0, abs(want)) * 10
+        for name in ("grad_x", "grad_w"):
+            a, b = res[name]
+            assert_rel(a, b, 1e-4, name)
 
 
 def test_a_group_still_running_at_its_deadline_is_killed_and_fails() -> None:
@@ -313,3 +321,25 @@ def test_a_group_still_running_at_its_deadline_is_killed_and_fails() -> None:
     with pytest.raises(RankFailed, match=r"ranks \[0\] of 1 still running after 2 s"):
         run_ranks(1, hang, timeout=2.0)
     assert time.monotonic() - t0 < 30
+
+
+def test_the_example_trains_under_torchrun_on_two_cpu_processes(tmp_path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples" / "train_class_parallel.py"), "--steps", "3", "--classes", "11",
+           "--save", str(tmp_path / "head.pt")]  # fmt: skip
+    # Its own session, so that a hang kills torchrun and its workers together.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=WORLD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the example was still running after {WORLD_TIMEOUT_S:.0f} s; killed")
+    assert proc.returncode == 0, out + err
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all("loss " in line for line in steps), out
+    full = torch.load(tmp_path / "head.pt")
+    assert full["weight"].shape == (11, 64) and full["_extra_state"]["iteration"] == 3
