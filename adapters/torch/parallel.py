@@ -119,6 +119,15 @@ def _settings(call: _Call) -> list[int]:
     return [call.num_classes, call.margin, call.ignore_index, beta_bits, _REDUCTIONS.index(call.reduction)]
 
 
+def _setting_value(name: str, code: int) -> object:
+    """A setting as the user knows it, from its int64 code in :func:`_settings`."""
+    if name == "beta":
+        return float(np.array(code, dtype=np.int64).view(np.float64))
+    if name == "reduction":
+        return _REDUCTIONS[code]
+    return code
+
+
 def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tensor) -> list[int]:
     """All-gather every rank's report (:data:`_META`) and raise on every rank if one of
     them has a problem or the ranks disagree; the batch sizes of the ranks otherwise."""
@@ -150,13 +159,10 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
             )
         for name, own, theirs in zip(_SETTINGS, _settings(call), settings):
             if own != theirs:
-                if name == "beta":
-                    own, theirs = (float(np.array(v, dtype=np.int64).view(np.float64)) for v in (own, theirs))
-                elif name == "reduction":
-                    own, theirs = _REDUCTIONS[own], _REDUCTIONS[theirs]
+                own_value, their_value = _setting_value(name, own), _setting_value(name, theirs)
                 raise ValueError(
                     f"every rank's ClassParallelLSoftmaxLoss must have the same {name}: rank {call.rank} has "
-                    f"{name}={own!r}, rank {r} has {name}={theirs!r} (same arguments on every rank, and step() "
+                    f"{name}={own_value!r}, rank {r} has {name}={their_value!r} (same arguments on every rank, and step() "
                     "on every rank once per optimizer step)"
                 )
     return [row[1] for row in table]
