@@ -67,7 +67,8 @@ def _reference(case: cp.Case) -> tuple[float, np.ndarray, np.ndarray]:
     xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
     weight = F.normalize(wt, dim=1) if case.normalize_weight else wt
     loss = lsoftmax_cross_entropy(
-        xt, weight, torch.from_numpy(label), margin=case.margin, beta=case.beta, reduction=case.reduction
+        xt, weight, torch.from_numpy(label), margin=case.margin, beta=case.beta, reduction=case.reduction,
+        ignore_index=case.ignore_index,
     )
     loss.backward()
     return loss.item(), xt.grad.numpy(), wt.grad.numpy()

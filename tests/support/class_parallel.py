@@ -29,6 +29,7 @@ class Case:
     ignored: float = 0.2
     normalize_weight: bool = False
     reduction: str = "mean"
+    ignore_index: int = IGNORE
     # "random"; "boundaries": every label the first or last class of a shard; "first":
     # every label in rank 0's shard (the other ranks own no target in the batch)
     labels: str = "random"
@@ -57,7 +58,7 @@ def problem(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         label = rng.integers(0, bounds(c, p)[0][1], n)
     else:
         label = rng.integers(0, c, n)
-    label[rng.random(n) < case.ignored] = IGNORE
+    label[rng.random(n) < case.ignored] = case.ignore_index
     return x, w, label
 
 
@@ -82,6 +83,7 @@ def cases_for(world_size: int) -> list[Case]:
         Case("all-empty", (0,) * p, margin=2, beta=0.0, seed=6),
         Case("normalized", even, margin=4, beta=2.0, normalize_weight=True, seed=7),
         Case("sum", even, margin=3, beta=0.0, reduction="sum", seed=8),
+        Case("ignore-a-real-class", even, margin=2, beta=2.0, ignore_index=500, ignored=0.3, seed=12),
         Case("float32", (9,) * p, margin=4, beta=2.0, dtype="float32", seed=9),
         Case("float32-m1", (9,) * p, margin=1, beta=0.0, dtype="float32", seed=10),
         Case("more-classes", even, num_classes=5000, margin=2, beta=0.0, seed=11),
@@ -104,7 +106,7 @@ def _head(case: Case, w: np.ndarray, group: Any) -> Any:
     head = ClassParallelLSoftmaxLoss(
         case.d, case.num_classes, margin=case.margin, schedule=ConstantSchedule(case.beta),
         normalize_weight=case.normalize_weight, reduction=case.reduction, dtype=_torch_dtype(case.dtype),
-        process_group=group,
+        ignore_index=case.ignore_index, process_group=group,
     )  # fmt: skip
     head.load_full_state_dict({"weight": torch.from_numpy(w)})
     return head
