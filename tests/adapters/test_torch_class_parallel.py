@@ -212,6 +212,7 @@ def test_checkpoints_gather_the_full_weight_and_load_it_at_any_world_size(world_
     for r, (a, b) in zip(ranks, cp.bounds(c, world_size)):
         assert torch.equal(r["loaded"], full[a:b]) and r["loaded_iteration"] == 2
         assert r["from_single"] == (True, 3)
+        assert r["reloaded"] == (True, 2, 12.5)
         assert r["margin_mismatch"][0] == "ValueError" and "checkpoint has margin=2" in r["margin_mismatch"][1]
         assert r["wrong_shape"] == ("ValueError", f"state['weight'] must be the full (num_classes, in_features) = "
                                                   f"({c}, {d}) weight, got (1002, 4)")  # fmt: skip

@@ -227,6 +227,10 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
     head.step()
     shard = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in head.state_dict().items()}
     out: dict[str, Any] = {"shard": shard, "bounds": (head.class_start, head.class_stop)}
+    # The rank's own checkpoint loads back into a fresh module of the same layout.
+    again = ClassParallelLSoftmaxLoss(d, c, margin=3, schedule=sched, dtype=torch.float64, process_group=group)
+    again.load_state_dict(shard)
+    out["reloaded"] = (bool(torch.equal(again.weight, shard["weight"])), again.iteration, again.beta)
     out["full_last"] = head.full_state_dict(dst=world_size - 1)
     out["full_0"] = head.full_state_dict()
     # A full weight made elsewhere (any world size) loads as this rank's rows.
