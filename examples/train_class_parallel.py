@@ -12,8 +12,8 @@ writes the full head checkpoint (the format of ``LSoftmaxLoss``, loadable at any
 size) from rank 0 at the end.
 
 The data: every class has a random centre in input space; a sample is its class's centre
-plus noise, so the backbone can learn to separate them.  ``--device cuda`` needs the CuPy
-backend's class shards (not there yet: the core raises NotImplementedError on CUDA).
+plus noise, so the backbone can learn to separate them.  ``--device cuda`` runs the CuPy
+backend's class shards over NCCL (not yet run on a GPU).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ class weights by class across the ranks of a ``torch.distributed`` process group
 GPUs, gloo on CPUs): each rank holds its classes' rows and its chunk of logits, and the
 ranks combine the exact loss and gradients of the whole batch through collectives of
 O(N) values and the gathered features, never of size N x C or C x D
-(``docs/distributed.md``).  Its CUDA path waits for class shards in the CuPy backend.
+(``docs/distributed.md``).  CUDA tensors run the CuPy backend's class shards over the same
+bridge (not yet run on a GPU).
 
 >>> import torch
 >>> from lsoftmax_core.adapters.torch import lsoftmax
