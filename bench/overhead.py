@@ -254,7 +254,7 @@ def run_overhead(device: str, settings: Any, *, out_dir: Path, doc: Path | None,
     into ``doc`` (or ``DEVICE_overhead.md`` into ``out_dir`` when ``doc`` is None).
 
     CPU: at ``threads`` only if given, else at one thread and then at the default."""
-    from .report import update_doc
+    from .report import HOWTO, update_doc
     from .runner import _progress, _threads
 
     rows: list[dict[str, Any]] = []
@@ -295,6 +295,7 @@ def run_overhead(device: str, settings: Any, *, out_dir: Path, doc: Path | None,
         (out_dir / f"{device}_overhead.md").write_text(text)
     else:
         title = "CPU" if device == "cpu" else "GPU"
+        update_doc(doc, "howto", "## How to run", HOWTO)
         update_doc(doc, f"{device}-overhead", f"## {title} results: per-call overhead", text)
     _progress(f"wrote {out_dir / f'{device}_overhead.csv'}")
     return rows

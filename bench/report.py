@@ -320,7 +320,9 @@ python -m bench --cpu --quick --sizes mnist    # one size of the table (names: m
 python -m bench.profile_cpu                    # where the NumPy backend's time goes beyond the GEMMs
 python -m bench --cpu --loss                   # the fused cross-entropy comparison alone (11-20 min here)
 python -m bench --cpu --loss --sizes ce-small  # its smaller size only (names: ce-small, ce-large)
-scripts/gpu_check.sh                           # on a GPU machine: GPU tests, then --gpu --layer-only (about 6 min at most)
+python -m bench --cpu --overhead               # per-call overhead table, every CPU size, 1 thread and default (~1-2 min)
+python -m bench.profile_overhead               # cProfile of one forward+backward per path (NumPy, PyTorch, JAX, CuPy host)
+scripts/gpu_check.sh                           # on a GPU machine: GPU tests, then --gpu --layer-only and --gpu --overhead
 PEER_BENCH=1 scripts/gpu_check.sh              # the same with the whole --gpu run (PyTorch, peers, LeNet)
 LOSS_BENCH=1 scripts/gpu_check.sh              # the same with python -m bench --gpu --loss instead (8192x512x1M)
 scripts/fetch_gpu_wheels.sh                    # beforehand, where PyPI is reachable: the peer's wheel into .whl/
