@@ -28,7 +28,10 @@ The logits and their gradients are written straight into XLA's output buffers, n
 copied: the core's ``forward``/``backward`` take them as ``out=``.  The fused loss's
 results (a loss, O(N) values, and gradients the size of x and w) are copied into them
 once (on CUDA a device copy on XLA's stream), since the core's cross-entropy allocates its
-own; a 0-d loss is written into XLA's 0-d buffer.  Other platforms (TPU, ROCm) are not
+own; a 0-d loss is written into XLA's 0-d buffer.  Under differentiation the logits'
+forward callback also returns the core's per-sample statistics (the uint32 words of a
+(6, N) float64 array) as a residual, which the backward callback hands to
+``core.backward(stats=)`` instead of computing them again (NumPy backend).  Other platforms (TPU, ROCm) are not
 supported: buffer_callback does not lower on TPU, and the CUDA kernels are CUDA-only.
 On CUDA, CuPy allocates the backend's temporaries and results from its own memory pool,
 next to XLA's: if XLA preallocates most of the GPU (its default), set
