@@ -13,7 +13,11 @@ line.  Implementation choices:
 * rows whose norms or coefficients leave the safe range take a careful float64 path with
   per-row scaling, unit vectors and norms kept as mantissa and exponent;
 * large N×D temporaries are few and reused in place (each costs page faults that show
-  against the GEMMs).
+  against the GEMMs);
+* at small sizes the cost is the number of NumPy calls, not their work: the statistics are
+  rows of one (6, N) record (which ``forward`` can hand to ``backward``, ``stats=``), psi
+  is a binary search plus recurrences on stacked rows, and range checks are reductions
+  that decide the common case before any per-row mask is built.
 """
 
 from __future__ import annotations
