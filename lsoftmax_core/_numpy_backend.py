@@ -396,9 +396,13 @@ def add_margin_terms(
         # Every norm is in the safe range: the ratios b/a and a/b are finite and normal.
         np.multiply(ell, s.ab[::-1] / s.ab, out=coef[1:3])  # ell·(b/a), ell·(a/b)
         mag = np.abs(coef[:3])
-        tiny = mag < fi.tiny
-        tiny &= mag != 0.0
-        fits_all = np.maximum.reduce(mag, axis=None) <= fi.max and not tiny.any()  # finite, none flushed to 0
+        # Finite and not flushed to zero; a zero coefficient is exact (the common case has
+        # none, and then the smallest magnitude alone decides).
+        fits_all = bool(np.maximum.reduce(mag, axis=None) <= fi.max)
+        if fits_all and not np.minimum.reduce(mag, axis=None) >= fi.tiny:
+            tiny = mag < fi.tiny
+            tiny &= mag != 0.0
+            fits_all = not tiny.any()
     else:
         fits_all = False
     if fits_all:
