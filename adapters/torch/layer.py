@@ -206,7 +206,9 @@ def lsoftmax(
     """
     _check_tensors(x=x, weight=weight, label=label)
     m = check_margin(margin)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Graph capture records the operator (torch.jit.trace would record the eager Function
+        # as a Python op, which a saved TorchScript module cannot hold).
         return _forward_op(x, weight, label, m, _beta_tensor(beta))  # type: ignore[no-any-return]
     x, weight = _autocast_cast(x, weight)
     return _Eager.apply(x, weight, label, m, _beta_float(beta))  # type: ignore[no-any-return]

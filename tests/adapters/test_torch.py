@@ -275,6 +275,18 @@ def test_eager_path_gives_the_operators_bits(margin, beta) -> None:
     assert torch.equal(gx, ox) and torch.equal(gw, ow)
 
 
+def test_jit_trace_records_the_operator_and_the_module_saves(tmp_path) -> None:
+    """Tracing records the custom operator, not the eager path's autograd.Function (a
+    Python op, which a saved TorchScript module cannot hold); the saved module replays it."""
+    x, w, label = _problem(dtype=torch.float32)
+    traced = torch.jit.trace(lambda x, w: lsoftmax(x, w, label, margin=3, beta=0.5), (x, w), check_trace=False)
+    assert "lsoftmax_forward" in str(traced.graph)
+    torch.jit.save(traced, str(tmp_path / "traced.pt"))
+    loaded = torch.jit.load(str(tmp_path / "traced.pt"))
+    x2 = torch.randn_like(x)
+    assert torch.equal(loaded(x2, w), lsoftmax(x2, w, label, margin=3, beta=0.5))
+
+
 def test_an_in_place_change_between_forward_and_backward_is_refused() -> None:
     """The backward uses the forward's statistics of x and weight: autograd's version check
     refuses a backward after either changed in place (an optimizer step in between)."""
