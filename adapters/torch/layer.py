@@ -183,6 +183,13 @@ def _autocast_cast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
+def _dispatch_mode() -> Any:
+    """The active torch dispatch mode (make_fx's proxy mode, a fake-tensor mode), else None."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
 def _beta_float(beta: object) -> float:
     """beta as a Python float for the eager path: a number is checked now; a tensor is read
     (the core checks its value before anything is computed)."""
@@ -206,9 +213,10 @@ def lsoftmax(
     """
     _check_tensors(x=x, weight=weight, label=label)
     m = check_margin(margin)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        # Graph capture records the operator (torch.jit.trace would record the eager Function
-        # as a Python op, which a saved TorchScript module cannot hold).
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None:
+        # Graph capture records the operator: torch.jit.trace would record the eager Function
+        # as a Python op (which a saved TorchScript module cannot hold), and a dispatch mode
+        # (make_fx, fake tensors) would see its GEMM but not the NumPy work on the result.
         return _forward_op(x, weight, label, m, _beta_tensor(beta))  # type: ignore[no-any-return]
     x, weight = _autocast_cast(x, weight)
     return _Eager.apply(x, weight, label, m, _beta_float(beta))  # type: ignore[no-any-return]

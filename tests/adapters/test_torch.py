@@ -287,6 +287,18 @@ def test_jit_trace_records_the_operator_and_the_module_saves(tmp_path) -> None:
     assert torch.equal(loaded(x2, w), lsoftmax(x2, w, label, margin=3, beta=0.5))
 
 
+def test_make_fx_records_the_operator() -> None:
+    """Under a dispatch mode (make_fx) the operator is recorded, so the graph replays the
+    margin (the eager Function's NumPy work is invisible to a dispatch mode)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, label = _problem(dtype=torch.float32)
+    graph = make_fx(lambda x, w: lsoftmax(x, w, label, margin=3, beta=0.5))(x, w)
+    assert "lsoftmax_forward" in str(graph.graph)
+    x2 = torch.randn_like(x)
+    assert torch.equal(graph(x2, w), lsoftmax(x2, w, label, margin=3, beta=0.5))
+
+
 def test_an_in_place_change_between_forward_and_backward_is_refused() -> None:
     """The backward uses the forward's statistics of x and weight: autograd's version check
     refuses a backward after either changed in place (an optimizer step in between)."""
