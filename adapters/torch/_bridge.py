@@ -148,8 +148,8 @@ def _check_tensors(**named: Any) -> None:
     """Framework-level problems the core cannot see: non-tensors, devices, autograd."""
     values = list(named.values())
     if all(isinstance(t, Tensor) and t.layout == torch.strided for t in values):
-        devices = {t.device for t in values}
-        if len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and not values[-1].requires_grad:
+        on = {t.device for t in values}
+        if len(on) == 1 and next(iter(on)).type in ("cpu", "cuda") and not values[-1].requires_grad:
             return  # the common case, decided at once; otherwise the checks below name the problem
     for name, t in named.items():
         if not isinstance(t, Tensor):
