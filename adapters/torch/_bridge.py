@@ -188,3 +188,30 @@ def _beta_tensor(beta: object) -> Tensor:
     else:
         value = check_beta(beta)  # the core's own check, before anything runs
     return torch.zeros((), dtype=torch.float64).add(value)
+
+
+def _autocast_cast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """What the operators' autocast rule does, for the eager paths: under autocast on the
+    inputs' device, floating inputs other than float64 become float32 (differentiably)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight
+    return tuple(  # type: ignore[return-value]
+        t.to(torch.float32) if t.device.type == device and t.dtype in (torch.float16, torch.bfloat16) else t
+        for t in (x, weight)
+    )
+
+
+def _dispatch_mode() -> Any:
+    """The active torch dispatch mode (make_fx's proxy mode, a fake-tensor mode), else None."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+def _beta_float(beta: object) -> float:
+    """beta as a Python float for the eager paths: a number is checked now; a tensor is read
+    (the core checks its value before anything is computed)."""
+    if isinstance(beta, Tensor):
+        return float(_beta_tensor(beta))
+    return check_beta(beta)

@@ -16,13 +16,16 @@ import torch
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_beta, check_margin
+from lsoftmax_core.checks import check_margin
 
 from ._bridge import (
+    _autocast_cast,
+    _beta_float,
     _beta_tensor,
     _check_same_dtype,
     _check_tensors,
     _cpu_views,
+    _dispatch_mode,
     _dtype_errors_name_weight,
     _no_autocast,
     _run,
@@ -169,33 +172,6 @@ class _Eager(torch.autograd.Function):
         ctx.kept = None
         needs = ctx.needs_input_grad
         return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None)
-
-
-def _autocast_cast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """What the operators' autocast rule does, for the eager path: under autocast on the
-    inputs' device, floating inputs other than float64 become float32 (differentiably)."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return x, weight
-    return tuple(  # type: ignore[return-value]
-        t.to(torch.float32) if t.device.type == device and t.dtype in (torch.float16, torch.bfloat16) else t
-        for t in (x, weight)
-    )
-
-
-def _dispatch_mode() -> Any:
-    """The active torch dispatch mode (make_fx's proxy mode, a fake-tensor mode), else None."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
-
-
-def _beta_float(beta: object) -> float:
-    """beta as a Python float for the eager path: a number is checked now; a tensor is read
-    (the core checks its value before anything is computed)."""
-    if isinstance(beta, Tensor):
-        return float(_beta_tensor(beta))
-    return check_beta(beta)
 
 
 def lsoftmax(

@@ -15,7 +15,15 @@ from torch import Tensor
 import lsoftmax_core as _core
 from lsoftmax_core.checks import check_integer, check_margin
 
-from ._bridge import _beta_tensor, _check_same_dtype, _check_tensors, _run
+from ._bridge import (
+    _autocast_cast,
+    _beta_float,
+    _beta_tensor,
+    _check_same_dtype,
+    _check_tensors,
+    _dispatch_mode,
+    _run,
+)
 
 __all__ = ["lsoftmax_cross_entropy"]
 
@@ -58,7 +66,7 @@ def _run_loss(
         return _run(fn, **named)
 
 
-def _loss_kwargs(margin: int, beta: Tensor, reduction: str, ignore_index: int) -> dict[str, Any]:
+def _loss_kwargs(margin: int, beta: Tensor | float, reduction: str, ignore_index: int) -> dict[str, Any]:
     return {"margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index}
 
 
@@ -121,8 +129,12 @@ def _loss_backward_op(
     ignore_index: int,
     lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
 ) -> tuple[Tensor, Tensor]:
-    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+    return _backward_impl(grad_loss, x, weight, target, _loss_kwargs(margin, beta, reduction, ignore_index), lse)
 
+
+def _backward_impl(
+    grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor, kw: dict[str, Any], lse: Tensor | None
+) -> tuple[Tensor, Tensor]:
     def call(ga: Any, xa: Any, wa: Any, ta: Any, lse_view: Any = None) -> Any:
         return _core.cross_entropy_backward(ga, xa, wa, ta, lse=lse_view, **kw)
 
@@ -212,6 +224,72 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 _loss_with_grad_op.register_autograd(_loss_with_grad_backward, setup_context=_loss_setup_context)
 
 
+class _EagerWithGrad(torch.autograd.Function):
+    """Eager "mean"/"sum" with a gradient to come: the loss and both gradients in one pass,
+    as ``_loss_with_grad_op`` (same implementation, same bits), without the custom-op
+    dispatch; the backward scales the gradients in place and hands them out once."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, target: Tensor, kw: dict[str, Any]) -> Tensor:
+        def call(xa: Any, wa: Any, ta: Any) -> Any:
+            return _core.cross_entropy_with_grad(xa, wa, ta, **kw)
+
+        loss, grad_x, grad_w = _run_loss(call, x, weight, target)
+        ctx.save_for_backward(x, weight, target)
+        ctx.grads, ctx.kw = (grad_x, grad_w), kw
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, target = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None or torch.is_grad_enabled():
+            # A second backward of a retained graph, or create_graph=True: the backward
+            # operator (no derivative of its own: a double backward fails loudly).
+            grad_x, grad_w = _backward_via_op(grad_loss, x, weight, target, ctx.kw, None)
+        else:
+            grad_x, grad_w = grads[0].mul_(grad_loss), grads[1].mul_(grad_loss)  # ours alone: no copy
+        return _eager_grads(ctx, grad_x, grad_w)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """Eager loss alone ("none", or no gradient needed), keeping each row's log-sum-exp for
+    a backward, as ``_loss_op`` and ``_loss_backward_op`` (same implementations)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, target: Tensor, kw: dict[str, Any]) -> Tensor:
+        def call(xa: Any, wa: Any, ta: Any) -> Any:
+            return _core.cross_entropy(xa, wa, ta, return_lse=True, **kw)
+
+        loss, lse = _run_loss(call, x, weight, target)
+        ctx.save_for_backward(x, weight, target, lse)
+        ctx.kw = kw
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, target, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: through the operator (see above)
+            grad_x, grad_w = _backward_via_op(grad_loss, x, weight, target, ctx.kw, lse)
+        else:
+            grad_x, grad_w = _backward_impl(grad_loss, x, weight, target, ctx.kw, lse)
+        return _eager_grads(ctx, grad_x, grad_w)
+
+
+def _backward_via_op(
+    grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor, kw: dict[str, Any], lse: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    beta = torch.tensor(kw["beta"], dtype=torch.float64)
+    return _loss_backward_op(  # type: ignore[no-any-return]
+        grad_loss, x, weight, target, kw["margin"], beta, kw["reduction"], kw["ignore_index"], lse
+    )
+
+
+def _eager_grads(ctx: Any, grad_x: Tensor, grad_w: Tensor) -> tuple[Tensor | None, ...]:
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None)
+
+
 def lsoftmax_cross_entropy(
     x: Tensor,
     weight: Tensor,
@@ -262,7 +340,15 @@ def lsoftmax_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
-    b = _beta_tensor(beta)
-    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore)[0]
-    return _loss_op(x, weight, target, m, b, reduction, ignore)[0]
+    with_grad = reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None:
+        # Graph capture records the operators (see lsoftmax_core.adapters.torch.layer).
+        b = _beta_tensor(beta)
+        if with_grad:
+            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore)[0]
+        return _loss_op(x, weight, target, m, b, reduction, ignore)[0]
+    # Eager: the operators' implementations without the custom-op dispatch (autocast as
+    # their registered rule does it).
+    x, weight = _autocast_cast(x, weight)
+    kw = _loss_kwargs(m, _beta_float(beta), reduction, ignore)
+    return (_EagerWithGrad if with_grad else _EagerLoss).apply(x, weight, target, kw)  # type: ignore[no-any-return]

@@ -206,17 +206,15 @@ def test_only_the_gradient_that_is_asked_for_is_returned() -> None:
 def test_the_backward_hands_out_the_forwards_gradients_without_a_copy(monkeypatch, reduction) -> None:
     """Mean/sum: the forward's (C, D) gradient is scaled in place and returned, not copied;
     a second backward of a retained graph recomputes it, any upstream gradient is honoured."""
-    from lsoftmax_core.adapters.torch import loss as loss_module
-
     made = []
-    real = loss_module._loss_with_grad_op
+    real = lsm.cross_entropy_with_grad
 
-    def spy(*args):
-        out = real(*args)
-        made.append(out[2].data_ptr())
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        made.append(out[2].ctypes.data)  # the core's grad_w, which the tensor shares
         return out
 
-    monkeypatch.setattr(loss_module, "_loss_with_grad_op", spy)
+    monkeypatch.setattr(lsm, "cross_entropy_with_grad", spy)
     x, w, target = _problem(7, 5, 3)
     wr = w.clone().requires_grad_()
     loss = lsoftmax_cross_entropy(x, wr, target, margin=3, beta=0.5, reduction=reduction)
@@ -227,6 +225,40 @@ def test_the_backward_hands_out_the_forwards_gradients_without_a_copy(monkeypatc
     (again,) = torch.autograd.grad(loss * 3.0, wr)  # the retained graph, another upstream gradient
     torch.testing.assert_close(again, 3.0 * want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gw, want, rtol=1e-12, atol=1e-14)  # the first result is untouched
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_eager_calls_give_the_operators_bits(reduction) -> None:
+    """Eager calls skip the custom-op dispatch; the operators, which torch.compile, tracing
+    and dispatch modes run, give the very same loss and gradients."""
+    x, w, target = _problem(9, 6, 4, dtype=torch.float32)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = lsoftmax_cross_entropy(xr, wr, target, margin=3, beta=0.5, reduction=reduction)
+    g = torch.ones_like(loss) if reduction != "none" else torch.linspace(0.5, 1.5, 9)
+    gx, gw = torch.autograd.grad(loss, (xr, wr), g)
+    b = torch.tensor(0.5, dtype=torch.float64)
+    ops = torch.ops.lsoftmax_core
+    if reduction == "none":
+        want, lse = ops.lsoftmax_cross_entropy(x, w, target, 3, b, reduction, IGNORE)
+        want_x, want_w = ops.lsoftmax_cross_entropy_backward(g, x, w, target, 3, b, reduction, IGNORE, lse)
+    else:
+        want, want_x, want_w = ops.lsoftmax_cross_entropy_with_grad(x, w, target, 3, b, reduction, IGNORE)
+    assert torch.equal(loss.detach(), want) and torch.equal(gx, want_x) and torch.equal(gw, want_w)
+
+
+def test_make_fx_and_jit_trace_record_the_operators() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, target = _problem(7, 5, 3, dtype=torch.float32)
+
+    def f(x, w):
+        return lsoftmax_cross_entropy(x, w, target, margin=3, beta=0.5, reduction="none")
+
+    assert "lsoftmax_cross_entropy" in str(make_fx(f)(x, w).graph)
+    traced = torch.jit.trace(f, (x, w), check_trace=False)
+    assert "lsoftmax_cross_entropy" in str(traced.graph)
+    x2 = torch.randn_like(x)
+    assert torch.equal(traced(x2, w), f(x2, w))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
