@@ -185,9 +185,9 @@ def goals(device: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
                  and str(r["threads"]) == str(threads or "default")]
         value = float(found[0][column]) if found and _ok(found[0][column]) else math.nan
         dims = next(s for s in sizes_for(device) if s.name == size).dims
-        unit = " us" if column == "median_us" else "x"
+        shown = f"{value:.3g} us" if column == "median_us" else f"{value:.3f}x"  # 2.004x is not "2x"
         out.append({"goal": f"{what}, {dims} float32", "target": target,
-                    "measured": f"{value:.3g}{unit}" if _ok(value) else "not measured",
+                    "measured": shown if _ok(value) else "not measured",
                     "status": ("met" if test(value) else "MISSED") if _ok(value) else "not measured"})
     return out
 
