@@ -95,7 +95,7 @@ from lsoftmax_core.checks import (
     supported_dtypes,
 )
 
-__all__ = ["lsoftmax", "lsoftmax_cross_entropy"]
+__all__ = ["class_parallel_cross_entropy", "lsoftmax", "lsoftmax_cross_entropy"]
 
 # DLPack device types (dlpack.h), as reported by Buffer.__dlpack_device__().
 _DL_CPU = 1
@@ -551,3 +551,8 @@ def _run_cupy(
             *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
             beta = _beta_value(beta_dev.get(), bits)  # waits for the stream: the backend wants a host float
             _core_call(kind, margin, options, tuple(_device_view(cupy, b) for b in outs), arrays, beta, cupy)
+
+
+# The class-parallel loss for jax.shard_map lives in its own module, which reads this
+# module's helpers at call time; re-exported here as part of the JAX adapter's API.
+from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy  # noqa: E402

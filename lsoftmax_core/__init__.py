@@ -338,18 +338,10 @@ def cross_entropy_backward(
     kw: dict[str, Any] = {}
     if num_classes is not None or class_start != 0:
         kw = {"class_start": class_start, "num_classes": num_classes}  # the backend checks them
-    return _shard_capable(_loss_backend(x=x, w=w, label=label), kw).cross_entropy_backward(  # type: ignore[no-any-return]
+    return _loss_backend(x=x, w=w, label=label).cross_entropy_backward(  # type: ignore[no-any-return]
         grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
         chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, lse=lse, **kw,
     )  # fmt: skip
-
-
-def _shard_capable(backend: ModuleType, shard: dict[str, Any]) -> ModuleType:
-    if shard and not hasattr(backend, "cross_entropy_shard_stats"):
-        raise NotImplementedError(
-            "class shards (num_classes=) run on the NumPy backend only, not on CuPy arrays yet"
-        )
-    return backend
 
 
 def cross_entropy_shard_stats(
@@ -388,7 +380,7 @@ def cross_entropy_shard_stats(
     True
     """
     shard = {"class_start": class_start, "num_classes": num_classes}
-    return _shard_capable(_loss_backend(x=x, w=w, label=label), shard).cross_entropy_shard_stats(  # type: ignore[no-any-return]
+    return _loss_backend(x=x, w=w, label=label).cross_entropy_shard_stats(  # type: ignore[no-any-return]
         x, w, label, margin=margin, beta=beta, ignore_index=ignore_index, chunk_size=chunk_size,
         chunking=chunking, memory_budget=memory_budget, **shard,
     )  # fmt: skip
