@@ -32,6 +32,9 @@ from .checks import (
 __all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_shard_stats", "cross_entropy_with_grad"]
 
 F64 = npt.NDArray[np.float64]
+#: The row chunks' grad_w accumulator: a block of classes of about this many bytes (a
+#: core's L2 cache), so the running sum is read and written once per chunk.
+_ACC_BYTES = 1 << 20
 _DTYPES = supported_dtypes("numpy")
 
 
@@ -151,10 +154,16 @@ def _rows(
         np.matmul(z, w, out=grad_x[rows])
         if r0 == 0:
             np.matmul(z.T, x[rows], out=grad_w)
-        else:
-            tmp = np.empty_like(grad_w) if tmp is None else tmp
-            np.matmul(z.T, x[rows], out=tmp)
-            grad_w += tmp
+            continue
+        # grad_w += G_R^T X_R, one cache-sized block of classes at a time: NumPy's GEMM
+        # cannot accumulate into its output, and a whole (C, D) temporary would cost a
+        # second gradient's memory and stream it through memory twice per chunk.
+        if tmp is None:
+            tmp = np.empty((max(1, _ACC_BYTES // max(1, p.d * p.dtype.itemsize)), p.d), p.dtype)
+        for k0 in range(0, p.c, tmp.shape[0]):
+            k1 = min(p.c, k0 + tmp.shape[0])
+            part = np.matmul(z[:, k0:k1].T, x[rows], out=tmp[: k1 - k0])
+            grad_w[k0:k1] += part
     return tgt, lse, grad_x, _finish(s, x, w, g, grad_x, grad_w)
 
 

@@ -252,3 +252,16 @@ def test_bad_labels_and_gradients_name_themselves() -> None:
         lsm.cross_entropy_backward(np.float64(1.0), x, w, np.array([0, 1, 2]), reduction="none")
     with pytest.raises(ValueError, match=r"reduction='none' has a per-row upstream gradient"):
         lsm.cross_entropy_with_grad(x, w, np.array([0, 1, 2]), reduction="none")
+
+
+@pytest.mark.parametrize("block_bytes", [1, 40, 1 << 20])
+def test_row_chunks_accumulate_grad_w_in_class_blocks_of_any_size(monkeypatch, block_bytes) -> None:
+    from lsoftmax_core import _numpy_loss
+
+    monkeypatch.setattr(_numpy_loss, "_ACC_BYTES", block_bytes)  # 1 byte: one class per block
+    rng = np.random.default_rng(12)
+    x, w, label = problem(rng, 19, 11, 5, scale=2.0)
+    ex, ew = ref_grads(np.float64(1.0), x, w, label, margin=3, beta=1.0)
+    _, gx, gw = lsm.cross_entropy_with_grad(x, w, label, margin=3, beta=1.0, chunking="rows", chunk_size=4)
+    assert_rel(gx, ex, 1e-10)
+    assert_rel(gw, ew, 1e-10)
