@@ -4,8 +4,12 @@ and the fused loss ``lsoftmax_cross_entropy`` with its module ``LSoftmaxLoss``.
 L-Softmax logits (the maths: ``docs/derivatives.md``) for torch tensors on the CPU and
 on CUDA.  A thin DLPack bridge with no maths of its own.  Both directions are
 ``torch.library.custom_op`` operators with a fake (meta) implementation and an autograd
-formula, so the function works in eager autograd, under ``torch.compile(fullgraph=True)``
-and passes ``torch.library.opcheck``.
+formula, so the function works under ``torch.compile(fullgraph=True)``, ``torch.jit.trace``
+and dispatch modes (``make_fx``), and passes ``torch.library.opcheck``.  A plain eager call
+skips the operator dispatch: an ``autograd.Function`` runs the same implementations (the
+same bits, tested) and hands the forward's per-sample statistics to the backward
+(``lsoftmax_core.forward(..., return_stats=True)``), which keeps the per-call cost low at
+small sizes (``python -m bench --cpu --overhead``).
 
 CPU: the plain layer's GEMMs run in torch (its BLAS and its thread pool: NumPy's OpenBLAS
 workers and torch's OpenMP workers slow each other down badly when they alternate on the
