@@ -536,9 +536,13 @@ def _run_cupy(
     device_id: int,
     outs: tuple[Any, ...],
     operands: tuple[Any, ...],
+    core_call: Callable[..., None] | None = None,
 ) -> None:
+    """The CUDA route: CuPy views of XLA's buffers, the core's call (``core_call``, default
+    :func:`_core_call`; the class-parallel loss passes its own) on XLA's stream."""
     import cupy
 
+    core_call = _core_call if core_call is None else core_call
     with cupy.cuda.Device(device_id):
         ptr = _stream_ptr(ctx)
         if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
@@ -550,7 +554,7 @@ def _run_cupy(
         with stream:
             *arrays, beta_dev = (_device_view(cupy, b) for b in operands)
             beta = _beta_value(beta_dev.get(), bits)  # waits for the stream: the backend wants a host float
-            _core_call(kind, margin, options, tuple(_device_view(cupy, b) for b in outs), arrays, beta, cupy)
+            core_call(kind, margin, options, tuple(_device_view(cupy, b) for b in outs), arrays, beta, cupy)
 
 
 # The class-parallel loss for jax.shard_map lives in its own module, which reads this

@@ -325,7 +325,7 @@ def _callback(kind: str, margin: int, bits: bool, options: _Options) -> Callable
             views = tuple(np.asarray(b) for b in outs)  # XLA's result buffers, writeable
             _shard_call(kind, margin, options, views, arrays, _adapter._beta_value(beta, bits), np)
         elif device_type == _adapter._DL_CUDA:
-            _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands)
+            _adapter._run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands, _shard_call)
         else:
             raise NotImplementedError(
                 f"lsoftmax_core.adapters.jax_parallel runs on CPU and CUDA devices only, not on "
@@ -333,32 +333,6 @@ def _callback(kind: str, margin: int, bits: bool, options: _Options) -> Callable
             )
 
     return callback
-
-
-def _run_cupy(
-    kind: str,
-    margin: int,
-    bits: bool,
-    options: _Options,
-    ctx: Any,
-    device_id: int,
-    outs: tuple[Any, ...],
-    operands: tuple[Any, ...],
-) -> None:
-    """As the JAX adapter's CUDA route: CuPy views of XLA's buffers, on XLA's stream."""
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        ptr = _adapter._stream_ptr(ctx)
-        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
-            stream = cupy.cuda.Stream.from_external(_adapter._XlaStream(ptr))
-        else:
-            stream = cupy.cuda.ExternalStream(ptr, device_id)
-        with stream:
-            *arrays, beta_dev = (_adapter._device_view(cupy, b) for b in operands)
-            beta = _adapter._beta_value(beta_dev.get(), bits)
-            views = tuple(_adapter._device_view(cupy, b) for b in outs)
-            _shard_call(kind, margin, options, views, arrays, beta, cupy)
 
 
 def _shard_call(
