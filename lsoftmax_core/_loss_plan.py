@@ -30,9 +30,10 @@ CHUNKINGS = ("rows", "classes")
 _PER_ELEMENT_EXTRA = 8
 
 #: Most row chunks worth the three-GEMM path: each row chunk adds its Gᵀ·X (C×D) into
-#: grad_w, re-reading and re-writing all of grad_w, which costs more than the class path's
-#: fourth GEMM once there are many chunks (CPU, 2048x256x100k float32: 50 row chunks took
-#: 1.6x the unfused loss, 13 chunks 0.97x, 49 class chunks 1.15x; docs/BENCHMARKS.md).
+#: grad_w, re-reading and re-writing all of grad_w, and its GEMMs have only R rows, which
+#: costs more than the class path's fourth GEMM once there are many chunks (CPU,
+#: 2048x256x100k float32, docs/BENCHMARKS.md run E: 50 row chunks took 1.31x the unfused
+#: loss, 13 chunks 0.92x, 49 class chunks 1.06x).
 _MAX_ROW_CHUNKS = 8
 
 
