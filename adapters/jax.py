@@ -531,7 +531,7 @@ def _run_cupy(
     kind: str,
     margin: int,
     bits: bool,
-    options: _Options,
+    options: Any,
     ctx: Any,
     device_id: int,
     outs: tuple[Any, ...],
@@ -539,7 +539,8 @@ def _run_cupy(
     core_call: Callable[..., None] | None = None,
 ) -> None:
     """The CUDA route: CuPy views of XLA's buffers, the core's call (``core_call``, default
-    :func:`_core_call`; the class-parallel loss passes its own) on XLA's stream."""
+    :func:`_core_call`; the class-parallel loss passes its own, with its own ``options``)
+    on XLA's stream."""
     import cupy
 
     core_call = _core_call if core_call is None else core_call
