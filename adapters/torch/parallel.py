@@ -257,9 +257,8 @@ class _ClassParallelLoss(torch.autograd.Function):
         xs, weight, label, lse = ctx.saved_tensors
 
         # Class chunks: given the global lse, both chunkings take 3 GEMMs, but row chunks
-        # sum grad_w over the chunks through a second (num_local, D) buffer, which doubled
-        # the step's memory at C = 1M (bench/class_parallel_memory.py); class chunks write
-        # each chunk's rows of grad_w once.
+        # re-read and re-write all of grad_w once per chunk; class chunks write each
+        # chunk's rows of grad_w once.
         def backward(ga: Any, xa: Any, wa: Any, la: Any, lse_a: Any) -> Any:
             return _core.cross_entropy_backward(
                 ga, xa, wa, la, margin=call.margin, beta=call.beta, reduction=call.reduction,
