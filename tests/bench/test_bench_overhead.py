@@ -4,10 +4,8 @@ run end to end at tiny settings and write well-formed files.  No timing is asser
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +13,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.bench_loader import load_bench  # noqa: E402
 
-
-def _load_bench() -> None:
-    """Import ``bench`` from the checkout without putting the repository root on sys.path
-    (as tests/bench/test_bench_smoke.py does)."""
-    loaded = sys.modules.get("bench")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == ROOT / "bench":
-        return
-    spec = importlib.util.spec_from_file_location(
-        "bench", ROOT / "bench" / "__init__.py", submodule_search_locations=[str(ROOT / "bench")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module
-    spec.loader.exec_module(module)
-
-
-_load_bench()
+load_bench()
 
 from bench import overhead
 from bench.__main__ import main

@@ -8,10 +8,8 @@ asserted: speed is for `python -m bench`, not for tests.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +17,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.bench_loader import load_bench  # noqa: E402
 
-
-def _load_bench() -> None:
-    """Import ``bench`` (not installed) from the checkout without putting the repository root on sys.path.
-
-    The root first on sys.path would shadow the installed lsoftmax_core with the source
-    folder, which has no ``adapters`` (see scripts/gpu_check.sh); only ``bench`` is exposed.
-    """
-    loaded = sys.modules.get("bench")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == ROOT / "bench":
-        return
-    spec = importlib.util.spec_from_file_location(
-        "bench", ROOT / "bench" / "__init__.py", submodule_search_locations=[str(ROOT / "bench")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module
-    spec.loader.exec_module(module)
-
-
-_load_bench()
+load_bench()
 
 from bench import report
 from bench.__main__ import main
