@@ -70,7 +70,8 @@ def _prepare(
     check_label_values(label, total, ignore)
     valid = label != ignore
     owned = valid if p.c == total else valid & (label >= start) & (label < start + p.c)
-    lab = np.where(owned, label - start, 0).astype(np.intp, copy=False)
+    # intp before the shift: a narrow label dtype cannot hold class_start (uint8 - 300)
+    lab = np.where(owned, label.astype(np.intp, copy=False) - start, 0)
     target = record = None
     if p.margin > 1 and p.n:
         st = stats(x, w, lab, p)  # once per call: the gradient's margin terms reuse them

@@ -146,3 +146,15 @@ def test_a_shard_backward_needs_the_combined_lse() -> None:
     x, w, label = problem(rng, 3, 4, 2)
     with pytest.raises(ValueError, match=r"lse .* is required for a class shard"):
         lsm.cross_entropy_backward(np.ones(3), x, w, label, reduction="none", class_start=0, num_classes=8)
+
+
+def test_narrow_label_dtypes_work_on_shards_past_their_range() -> None:
+    rng = np.random.default_rng(1)
+    x, w, _ = problem(rng, 4, 5, 3)
+    label = np.array([0, 7, 250, 3], dtype=np.uint8)  # none of them on the shard [300, 305)
+    lse, tgt = lsm.cross_entropy_shard_stats(x, w, label, class_start=300, num_classes=305, margin=2)
+    assert not tgt.any()
+    assert_rel(lse, np.log(np.exp(x @ w.T).sum(1)), 1e-13)
+    label16 = np.array([301, 7, 304, 3], dtype=np.uint16)
+    _, tgt16 = lsm.cross_entropy_shard_stats(x, w, label16, class_start=300, num_classes=305, margin=1)
+    assert_rel(tgt16[[0, 2]], np.array([x[0] @ w[1], x[2] @ w[4]]), 1e-13)
