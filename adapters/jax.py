@@ -315,10 +315,13 @@ def _shape_dtype(a: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-def _call(kind: str, margin: int, bits: bool, options: _Options, outs: Any, *operands: jax.Array) -> Any:
+def _call(
+    kind: str, margin: int, bits: bool, options: Any, outs: Any, *operands: jax.Array,
+    core_call: Callable[..., None] | None = None,
+) -> Any:  # fmt: skip
     """The core's ``kind`` of call on ``operands`` (beta last) as one buffer callback whose
-    results are ``outs`` (ShapeDtypeStructs)."""
-    call = buffer_callback(_callback(kind, margin, bits, options), outs, vmap_method="sequential")
+    results are ``outs`` (ShapeDtypeStructs); ``core_call`` as for :func:`_callback`."""
+    call = buffer_callback(_callback(kind, margin, bits, options, core_call), outs, vmap_method="sequential")
     return call(*operands)
 
 
@@ -415,17 +418,21 @@ _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 @functools.cache
-def _callback(kind: str, margin: int, bits: bool, options: _Options) -> _Callback:
-    """One callback object per (kind, margin, bits, options): JAX caches compiled calls by
-    its identity.  ``options``: further static keywords of the core's call."""
+def _callback(
+    kind: str, margin: int, bits: bool, options: Any, core_call: Callable[..., None] | None = None
+) -> _Callback:
+    """One callback object per (kind, margin, bits, options, core_call): JAX caches compiled
+    calls by its identity.  ``options``: further static keywords of the core's call;
+    ``core_call``: what runs on the device's views (default :func:`_core_call`; the
+    class-parallel loss passes its own, with its own ``options``)."""
 
     def callback(ctx: Any, out: Any, *operands: Any) -> None:
         outs = out if isinstance(out, tuple) else (out,)
         device_type, device_id = operands[0].__dlpack_device__()
         if device_type == _DL_CPU:
-            _run_numpy(kind, margin, bits, options, outs, operands)
+            _run_numpy(kind, margin, bits, options, outs, operands, core_call)
         elif device_type == _DL_CUDA:
-            _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands)
+            _run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands, core_call)
         else:
             raise NotImplementedError(
                 f"lsoftmax_core.adapters.jax runs on CPU and CUDA devices only, not on DLPack "
@@ -492,11 +499,13 @@ def _host_view(buf: Any) -> np.ndarray[Any, Any]:
 
 
 def _run_numpy(
-    kind: str, margin: int, bits: bool, options: _Options, outs: tuple[Any, ...], operands: tuple[Any, ...]
-) -> None:
+    kind: str, margin: int, bits: bool, options: Any, outs: tuple[Any, ...], operands: tuple[Any, ...],
+    core_call: Callable[..., None] | None = None,
+) -> None:  # fmt: skip
+    core_call = _core_call if core_call is None else core_call
     *arrays, beta = (_host_view(b) for b in operands)
     # The result buffers are XLA's, handed to us to fill: writeable views, no copy.
-    _core_call(kind, margin, options, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits), np)
+    core_call(kind, margin, options, tuple(np.asarray(b) for b in outs), arrays, _beta_value(beta, bits), np)
 
 
 class _XlaStream:
@@ -538,8 +547,7 @@ def _run_cupy(
     operands: tuple[Any, ...],
     core_call: Callable[..., None] | None = None,
 ) -> None:
-    """The CUDA route: CuPy views of XLA's buffers, the core's call (``core_call``, default
-    :func:`_core_call`; the class-parallel loss passes its own, with its own ``options``)
+    """The CUDA route: CuPy views of XLA's buffers, ``core_call`` (as for :func:`_callback`)
     on XLA's stream."""
     import cupy
 

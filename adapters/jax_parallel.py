@@ -67,14 +67,13 @@ in float64 when ``jax_enable_x64`` is on and in float32 otherwise; the loss has 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.buffer_callback import buffer_callback
 
 import lsoftmax_core as core
 from lsoftmax_core.checks import check_arrays, check_integer, check_margin
@@ -254,7 +253,9 @@ def _loss_fwd(
     reduction, ignore, _ = options
     n = x.shape[0]
     stats = jax.ShapeDtypeStruct((n,), _stats_dtype())
-    lse_local, target_local = _call("stats", margin, bits, options, (stats, stats), x, w, label, start, beta)
+    lse_local, target_local = _adapter._call(
+        "stats", margin, bits, options, (stats, stats), x, w, label, start, beta, core_call=_shard_call
+    )
     if vma:
         axes = _varying(x) | _varying(w) | _varying(label) | _varying(beta) | {axis_name}
         lse_local, target_local = _vary(lse_local, axes), _vary(target_local, axes)
@@ -290,7 +291,10 @@ def _loss_bwd(
         # loss; the core needs the whole of it.
         grad_loss = lax.psum(grad_loss, axis_name)
     outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
-    grad_x, grad_w = _call("backward", margin, bits, options, outs, grad_loss, x, w, label, lse, start, beta)
+    grad_x, grad_w = _adapter._call(
+        "backward", margin, bits, options, outs, grad_loss, x, w, label, lse, start, beta,
+        core_call=_shard_call,
+    )  # fmt: skip
     if vma:
         # grad_x = sum over the devices of their terms; any axis that the inputs vary over
         # but x (or w) does not is summed too, as JAX's transpose of a broadcast would.
@@ -305,34 +309,6 @@ def _loss_bwd(
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
-
-
-def _call(kind: str, margin: int, bits: bool, options: _Options, outs: Any, *operands: jax.Array) -> Any:
-    call = buffer_callback(_callback(kind, margin, bits, options), outs, vmap_method="sequential")
-    return call(*operands)
-
-
-@functools.cache
-def _callback(kind: str, margin: int, bits: bool, options: _Options) -> Callable[..., None]:
-    """One callback object per static configuration (JAX caches compiled calls by its
-    identity); the device dispatch is the JAX adapter's."""
-
-    def callback(ctx: Any, out: Any, *operands: Any) -> None:
-        outs = out if isinstance(out, tuple) else (out,)
-        device_type, device_id = operands[0].__dlpack_device__()
-        if device_type == _adapter._DL_CPU:
-            *arrays, beta = (_adapter._host_view(b) for b in operands)
-            views = tuple(np.asarray(b) for b in outs)  # XLA's result buffers, writeable
-            _shard_call(kind, margin, options, views, arrays, _adapter._beta_value(beta, bits), np)
-        elif device_type == _adapter._DL_CUDA:
-            _adapter._run_cupy(kind, margin, bits, options, ctx, int(device_id), outs, operands, _shard_call)
-        else:
-            raise NotImplementedError(
-                f"lsoftmax_core.adapters.jax_parallel runs on CPU and CUDA devices only, not on "
-                f"DLPack device type {device_type}"
-            )
-
-    return callback
 
 
 def _shard_call(
