@@ -121,7 +121,14 @@ class LossDriver:
         if not sharded:
             if n:
                 self.run(call.targets())
-            return _Loss(p, reduction, valid, xp.count_nonzero(valid), call, cp, v["label"], False)
+            safe = v["label"]
+            if lab is not label:
+                # Ignored rows have no target (their lse is the plain one, as NumPy's): the
+                # chunk kernels read them as label -1, i.e. no target column (kernel labels
+                # are int32/int64); the target and margin kernels keep class 0 (a valid
+                # index; g_i = 0 there).
+                v["label"] = xp.where(valid, safe, -1).astype(safe.dtype, copy=False)
+            return _Loss(p, reduction, valid, xp.count_nonzero(valid), call, cp, safe, False)
         if n:
             self.run(call.check_labels(total))  # v["label"] holds the global labels here
             v["label"] = safe

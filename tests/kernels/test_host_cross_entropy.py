@@ -111,6 +111,12 @@ def test_ignored_rows_and_an_all_ignored_batch(emu) -> None:
         kw = dict(margin=2, beta=1.0, chunking=chunking, chunk_size=size)
         loss = be.cross_entropy(x, w, label, **kw)
         assert float(loss) == pytest.approx(float(lsm.cross_entropy(x[keep], w, label[keep], margin=2, beta=1.0)))
+        # An ignored row has no target and no margin: its lse is the plain logits' one.
+        _, lse = be.cross_entropy(x, w, label, return_lse=True, **kw)
+        _, lse_numpy = lsm.cross_entropy(x, w, label, margin=2, beta=1.0, return_lse=True)
+        plain = x[~keep] @ w.T
+        np.testing.assert_allclose(lse[~keep], np.log(np.exp(plain).sum(1)), rtol=1e-13)
+        np.testing.assert_allclose(lse, lse_numpy, rtol=1e-13)
         gx, gw = be.cross_entropy_backward(np.float64(1.0), x, w, label, **kw)
         assert np.all(gx[~keep] == 0.0)
         gxa, gwa = lsm.cross_entropy_backward(np.float64(1.0), x[keep], w, label[keep], margin=2, beta=1.0)
