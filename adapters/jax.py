@@ -47,7 +47,10 @@ Errors.  Shapes, dtypes, margin and a Python beta are checked at the call (under
 while tracing), with the core's messages.  Label values (and a traced beta) can only be
 checked when the callback runs; JAX re-raises the core's error as
 ``jax.errors.JaxRuntimeError`` whose message ends with the core's
-``ValueError: label must lie in [0, C) ...``.  The core's call inside the callback repeats
+``ValueError: label must lie in [0, C) ...``; on CUDA the core checks them on the device
+without synchronising, so the error comes from the next call on that device (of this
+adapter or the core) or from ``lsoftmax_core.check_labels()``, and the computation with
+the bad label completes (such a row gets no margin).  The core's call inside the callback repeats
 its O(1) shape and dtype checks (they also catch a computation compiled for another
 platform than the one checked at the call); the label values are scanned there once
 (NumPy labels given to :func:`lsoftmax` are also scanned at the call, before JAX may
@@ -120,7 +123,8 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
     [0, C) are an error naming label: a ValueError at the call for NumPy labels; for jax
     labels a ``jax.errors.JaxRuntimeError`` carrying the core's ValueError when the
     computation runs (JAX dispatches asynchronously: at the latest when the result is
-    used).
+    used); on CUDA, from the next call on that device or ``lsoftmax_core.check_labels()``
+    (see the module docstring).
 
     >>> import numpy as np
     >>> from lsoftmax_core.adapters.jax import lsoftmax

@@ -8,6 +8,8 @@ float64 range, odd shapes, streams, and memory that stays flat over 10,000 calls
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -119,6 +121,10 @@ def test_matches_reference(dtype, data) -> None:
 @pytest.mark.parametrize("m", [2, 4, 64])
 def test_shapes_against_reference(dtype, shape, m) -> None:
     x, w, label, g = _case(sum(shape) + m, *shape, dtype)
+    while dtype.itemsize == 2 and not representable(dtype, x, w, label, g, m, 0.5):
+        # |x||w| psi reaches -1.7e5 at D = 4099, m = 64: beyond float16, where -inf is the
+        # right answer and no tolerance applies.  Smaller x keeps the shape under test.
+        x = (x.astype(np.float64) / 16).astype(dtype)
     out, gx, gw = _run(*_gpu(x, w, label, g), m, 0.5)
     check_forward(out, x, w, label, margin=m, beta=0.5, dtype=dtype.name)
     check_backward((gx, gw), g, x, w, label, margin=m, beta=0.5, dtype=dtype.name)
@@ -390,13 +396,17 @@ def test_empty_and_featureless() -> None:
 def test_memory_stable_over_10000_calls() -> None:
     pool = cupy.get_default_memory_pool()
     x, w, label, g = _gpu(*_case(17, 64, 10, 16, np.float32))
-    for _ in range(10):
-        _run(x, w, label, g, 2, 0.0)
+    for i in range(12):  # every margin of the loop: their workspaces grow to size here
+        _run(x, w, label, g, 2 + i % 3, 0.0)
+    # Earlier tests' cyclic garbage holds pool memory until a collection, which would
+    # otherwise happen inside the loop (the first GPU run saw used_bytes fall by 83 KiB).
+    gc.collect()
     cupy.cuda.runtime.deviceSynchronize()
     used, total = pool.used_bytes(), pool.total_bytes()
     for i in range(10_000):
         out, gx, gw = _run(x, w, label, g, 2 + i % 3, 0.0)
         del out, gx, gw
+    gc.collect()
     cupy.cuda.runtime.deviceSynchronize()
     assert pool.used_bytes() == used
     assert pool.total_bytes() <= total
