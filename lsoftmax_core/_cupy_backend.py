@@ -27,9 +27,10 @@ bfloat16 values below 2^-126 (float32 subnormals) are flushed to zero in the flo
 statistics; float16 values never are.
 Element formats are converted with integer code (lsoftmax_math.cuh): no cuda_fp16.h /
 cuda_bf16.h is needed (NVRTC does not find them in a pip-installed CuPy), and CuPy's
--ftz=true cannot flush float32 subnormal inputs or results.  The GEMMs are CuPy's matmul
-(cuBLAS, float32 accumulation for float16/bfloat16).  bfloat16 (ml_dtypes) is accepted
-when the installed CuPy's matmul knows it.
+-ftz=true cannot flush float32 subnormal inputs or results.  The GEMMs are cuBLAS's gemmEx
+as CuPy's matmul calls it (float32 accumulation for float16/bfloat16), issued directly
+(lsoftmax_core/_cublas.py: a fraction of matmul's host time).  bfloat16 (ml_dtypes) is
+accepted when the installed CuPy's matmul knows it.
 
 Determinism.  No floating-point atomics: the same inputs give bitwise the same outputs on
 every run, whatever the pointer alignment (kernels/lsoftmax.cu explains the fixed orders;
@@ -68,6 +69,7 @@ import numpy as np
 from cupy.cuda import runtime
 
 from . import _cupy_plan as plan
+from ._cublas import matmul
 from .checks import Problem, check_arrays, check_out, supported_dtypes
 
 __all__ = ["add_margin", "add_margin_grad", "backward", "check_labels", "forward", "prepare"]
@@ -276,7 +278,7 @@ def forward(
         _check_out("out", out, (p.n, p.c), p, x, w, label)
     st = _state(x=x, w=w, label=label, **({} if out is None else {"out": out}))
     x, w = _contiguous(x), _contiguous(w)
-    logits = cupy.matmul(x, w.T, out=out)
+    logits = matmul(x, w.T, out)
     _margin_forward(st, p, logits, x, w, label)
     return (logits, None) if return_stats else logits
 
@@ -311,8 +313,8 @@ def backward(
         _check_out("out[1]", out[1], (p.c, p.d), p, grad_logits, x, w, label, out[0])
     st = _state(grad_logits=grad_logits, x=x, w=w, label=label, **outs)
     g, x, w = _contiguous(grad_logits), _contiguous(x), _contiguous(w)
-    grad_x = cupy.matmul(g, w, out=outs.get("out[0]"))
-    grad_w = cupy.matmul(g.T, x, out=outs.get("out[1]"))
+    grad_x = matmul(g, w, outs.get("out[0]"))
+    grad_w = matmul(g.T, x, outs.get("out[1]"))
     _margin_backward(st, p, grad_x, grad_w, g, x, w, label)
     return grad_x, grad_w
 

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _cupy_plan as plan
+from ._cublas import matmul
 from ._loss_plan import ChunkPlan, plan_chunks
 from .checks import Problem, check_arrays, check_integer, check_reduction, check_shard
 
@@ -351,14 +352,11 @@ def _call(method: str, *args: Any, **kwargs: Any) -> Any:
     st = cb._state(x=x, w=w, label=label)
     dtype_name = x.dtype.name
 
-    def gemm(a: Any, b: Any, out: Any) -> Any:
-        return cupy.matmul(a, b, out=out)
-
     def run(call: plan.Call) -> None:
         st.run(call, dtype_name)
 
     driver = LossDriver(
-        cupy, gemm, run, st.bufs, lambda: next(cb._SERIAL),
+        cupy, matmul, run, st.bufs, lambda: next(cb._SERIAL),
         lambda ncoef, nclasses: st.workspace().get(ncoef, nclasses), cb._DTYPES,
     )  # fmt: skip
     out = getattr(driver, method)(*head, cb._contiguous(x), cb._contiguous(w), label, **kwargs)
