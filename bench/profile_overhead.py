@@ -13,7 +13,8 @@ per forward+backward (NumPy's C functions count as one each):
 * ``jax``: ``jax.grad`` of the mean cross-entropy of ``lsoftmax(...)`` under ``jit``,
   against the same with ``x @ w.T`` (the callbacks' host side is what we add);
 * ``cupy`` (only where a GPU is visible): the CuPy backend's host time per
-  forward+backward, from call to return without synchronising.
+  forward+backward, from call to return without synchronising, then the host time of its
+  public steps and of the CuPy primitives they are made of (``cupy_steps``).
 
 ``--paths numpy,torch`` picks paths, ``--top`` the rows of each profile.  Cap the threads
 from outside (``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1``) for one-thread figures.
@@ -112,6 +113,63 @@ def _cupy(x: np.ndarray, w: np.ndarray, g: np.ndarray, y: np.ndarray) -> tuple[F
     return ours, floor
 
 
+# A kernel of lsm_backward_rows's argument list (7 pointers, 4 long long, a double, 2
+# pointers, a pointer-sized integer, a long long) that does nothing: CuPy's launch cost alone.
+_EMPTY_KERNEL = r"""
+extern "C" __global__ void lsm_probe_empty(const float* a, const float* b, const float* c, const long long* d,
+    float* e, double* f, unsigned int* g, long long n, long long cc, long long dd, long long m, double beta,
+    const double* t, unsigned long long* key, unsigned long long rec, long long serial) {}
+"""
+
+
+def cupy_steps(size_name: str = "mnist", dtype: str = "float32") -> list[tuple[str, Fn]]:
+    """The CuPy backend's forward+backward cut into the public steps and the CuPy
+    primitives it is made of, each a thunk whose host time ``--steps`` prints."""
+    import cupy
+
+    import lsoftmax_core as lsm
+    from lsoftmax_core.checks import check_arrays, supported_dtypes
+
+    (size,) = sizes_for("cpu", [size_name])
+    rng = np.random.default_rng(0)
+    x, w, g = (cupy.asarray(rng.standard_normal(s).astype(dtype)) for s in
+               ((size.n, size.d), (size.c, size.d), (size.n, size.c)))  # fmt: skip
+    y = cupy.asarray(rng.integers(0, size.c, size.n))
+    logits, gx, gw = x @ w.T, g @ w, g.T @ x
+    dtypes = supported_dtypes("cupy")
+    kernel = cupy.RawKernel(_EMPTY_KERNEL, "lsm_probe_empty")
+    ptrs = (x, w, g, y, gx, cupy.empty(4 * size.n), cupy.empty(3 * size.c, cupy.uint32))
+    scalars = (np.int64(size.n), np.int64(size.c), np.int64(size.d), np.int64(MARGIN), np.float64(BETA),
+               cupy.empty(8), cupy.empty(1, cupy.uint64), np.uint64(0), np.int64(1))  # fmt: skip
+    kw = {"margin": MARGIN, "beta": BETA}
+    return [
+        ("forward+backward", lambda: (lsm.forward(x, w, y, **kw), lsm.backward(g, x, w, y, **kw))),
+        ("forward", lambda: lsm.forward(x, w, y, **kw)),
+        ("backward", lambda: lsm.backward(g, x, w, y, **kw)),
+        ("add_margin (forward without its GEMM)", lambda: lsm.add_margin(logits, x, w, y, **kw)),
+        ("add_margin_grad (backward without its GEMMs)", lambda: lsm.add_margin_grad(gx, gw, g, x, w, y, **kw)),
+        ("checks.check_arrays (forward's)", lambda: check_arrays(x, w, y, MARGIN, BETA, dtypes=dtypes)),
+        ("cupy.matmul x @ w.T", lambda: cupy.matmul(x, w.T)),
+        ("cupy.matmul g @ w", lambda: cupy.matmul(g, w)),
+        ("cupy.matmul g.T @ x", lambda: cupy.matmul(g.T, x)),
+        ("cupy.empty (N, C)", lambda: cupy.empty((size.n, size.c), dtype)),
+        ("RawKernel launch, 16 arguments, empty kernel", lambda: kernel((size.n,), (128,), ptrs + scalars)),
+        ("cudaMemsetAsync", lambda: cupy.cuda.runtime.memsetAsync(gw.data.ptr, 0, 12 * size.c,
+                                                                   cupy.cuda.get_current_stream().ptr)),
+        ("cudaGetDevice", cupy.cuda.runtime.getDevice),
+    ]
+
+
+def _print_steps(size_name: str, repeat: int) -> None:
+    from .overhead import _host_clock
+
+    steps = cupy_steps(size_name)
+    cases = [Case(name, "cupy", "overhead", steps[0][0], fn, _host_clock) for name, fn in steps]
+    print("\n=== cupy steps: host time per call (median; no synchronisation inside the timed calls)")
+    for m in measure(cases, repeat=repeat, warmup=2, min_time=0.02):
+        print(f"{m.median * 1e6:9.2f} us  {m.case.name}" + (f"  ({m.error})" if m.error else ""))
+
+
 def paths(size_name: str = "mnist", dtype: str = "float32") -> dict[str, tuple[Fn, Fn]]:
     """path name -> (ours, floor), each one forward+backward, for the paths available here."""
     (size,) = sizes_for("cpu", [size_name])
@@ -176,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n=== {name}: ours {m_ours.median * 1e6:.1f} us, floor {m_floor.median * 1e6:.1f} us, "
               f"ratio {ratio:.2f}x (median of {a.repeat} interleaved samples)")
         print(_profile(ours, max(1, a.calls if size.c <= 1000 else 20), a.top))
+        if name == "cupy":
+            _print_steps(a.size, a.repeat)
     return 0
 
 
