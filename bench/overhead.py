@@ -17,7 +17,7 @@ synchronisation before and after each sample, outside the clock), which is what 
 small GPU step; next to it the same calls' device time (CUDA events) and the host time of
 CuPy's three cuBLAS GEMMs.
 
-Files: ``DEVICE_overhead.csv`` and ``DEVICE_overhead_env.json`` (CPU) in the results
+Files: ``DEVICE_overhead.csv`` and ``DEVICE_overhead_env.json`` in the results
 folder, and the section ``DEVICE-overhead`` of docs/BENCHMARKS.md (or
 ``DEVICE_overhead.md`` in ``--out`` with ``--no-doc``), goals included.
 """
@@ -288,8 +288,7 @@ def run_overhead(device: str, settings: Any, *, out_dir: Path, doc: Path | None,
     env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / f"{device}_overhead.csv", rows)
-    if device == "cpu":
-        (out_dir / f"{device}_overhead_env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    (out_dir / f"{device}_overhead_env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
     text = markdown(device, rows, env)
     if doc is None:
         (out_dir / f"{device}_overhead.md").write_text(text)

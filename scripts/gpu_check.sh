@@ -15,17 +15,20 @@
 #      PEER_BENCH=1 (200 s) the whole python -m bench --gpu instead (PyTorch adapter,
 #                           pytorch-metric-learning, autograd, LeNet): about 8 minutes in all
 #      LOSS_BENCH=1 (240 s) python -m bench --gpu --loss instead: the fused cross-entropy
-#                           comparison at 8192x512x1M, float32 and bfloat16 (the CuPy fused
-#                           loss is a skipped row until the core has one; the unfused PyTorch
-#                           contenders may run out of memory there, which their rows say):
-#                           about 8.5 minutes in all; into $OUT/bench/gpu_loss.{csv,md}, gpu_loss_env.json
-# Budget: 30 + 240 + 75 s of limits, about 6 minutes on a bare machine.
+#                           comparison at 8192x512x1M, float32 and bfloat16 (the unfused
+#                           PyTorch contenders may run out of memory there, which their rows
+#                           say); into $OUT/bench/gpu_loss.{csv,md}, gpu_loss_env.json.  240 s is
+#                           too short: on an H200 (2026-11-30) float32 alone had not finished
+#                           after 250 s.  Give it a device call of its own, LOSS_TIMEOUT=540.
+# Budget: 30 + 240 + 75 s of limits.  Measured on an H200 (2026-11-30, two runs): the whole
+# script 154-176 s, of which the GPU tests 117-136 s, the benchmark 6-7 s, the demo smoke
+# 18-23 s and the overhead 1-2 s.
 # Nothing is installed from a network: the package is laid out from the checkout into a
 # private folder as pip would install it (pyproject's package-dir map), and wheels carried in ./.whl are installed offline (see below).  Logs and the
-# benchmark's files go to $OUT_DIR (default: ./out/gpu-check, git-ignored): 4 logs and reports
-# plus $OUT_DIR/bench/gpu.{csv,md}, gpu_lenet.csv, gpu_env.json, 8 files in all; back where
-# the checkout is, `python -m bench --render gpu --from DIR/bench` puts them into
-# docs/BENCHMARKS.md.  Override the interpreter with PYTHON=..., the limits with
+# benchmark's files go to $OUT_DIR (default: ./out/gpu-check, git-ignored), and all of them
+# once more into one archive, $OUT_DIR/gpu-check.tgz (a remote GPU tool may bring back only a
+# few files: fetch that one); back where the checkout is, unpack it and
+# `python -m bench --render gpu --from DIR/bench` puts them into docs/BENCHMARKS.md.  Override the interpreter with PYTHON=..., the limits with
 # ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT / PEER_TIMEOUT / LOSS_TIMEOUT (seconds).
 # `python -m bench --render gpu --loss --from DIR/bench` renders a LOSS_BENCH=1 run.
 set -u
@@ -114,7 +117,7 @@ fi
 # the END of PYTHONPATH, after the laid-out package: `import bench` finds the checkout's,
 # `import lsoftmax_core` still the laid-out one, and nothing else of the root is exposed.
 # --no-doc --no-plot: the section (gpu.md) and the data go into $OUT/bench, no plot (the
-# render draws it), which keeps $OUT within 8 files.
+# render draws it).
 if [ $env_rc -eq 0 ]; then
   BENCH_PATH=${TMPDIR:-/tmp}/lsoftmax-gpu-bench
   rm -rf "$BENCH_PATH" "$OUT/bench" && mkdir -p "$BENCH_PATH" && ln -s "$PWD/bench" "$BENCH_PATH/bench"
@@ -169,8 +172,8 @@ fi
 # --- per-call overhead (issue 13) ------------------------------------------------------
 # python -m bench --gpu --overhead: the CuPy backend's host time per forward+backward at the
 # seed's 256x2x10 (call to return, no synchronisation inside; goal <= 60 us), its device
-# time and the host time of CuPy's three cuBLAS GEMMs.  Adds 3 files to $OUT: overhead.log,
-# bench/gpu_overhead.csv and bench/gpu_overhead.md (printed below with the other sections);
+# time and the host time of CuPy's three cuBLAS GEMMs.  Adds 4 files to $OUT: overhead.log,
+# bench/gpu_overhead.csv, _env.json and .md (printed below with the other sections);
 # `python -m bench --render gpu --overhead --from DIR/bench` puts it into docs/BENCHMARKS.md.
 # Limit OVERHEAD_TIMEOUT (60 s).
 if [ $env_rc -eq 0 ]; then
@@ -199,6 +202,8 @@ fi
 [ -f "$OUT/bench/gpu.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu.md"; cat "$OUT/bench/gpu.md"; }
 [ -f "$OUT/bench/gpu_loss.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_loss.md"; cat "$OUT/bench/gpu_loss.md"; }
 [ -f "$OUT/bench/gpu_overhead.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_overhead.md"; cat "$OUT/bench/gpu_overhead.md"; }
+tar czf "$OUT/gpu-check.tgz.part" --exclude=gpu-check.tgz --exclude=gpu-check.tgz.part -C "$OUT" . \
+  && mv "$OUT/gpu-check.tgz.part" "$OUT/gpu-check.tgz" && echo "all of the above: $OUT/gpu-check.tgz"
 echo
 echo "=== summary"
 echo "| stage | status | time |"
