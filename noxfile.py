@@ -2,9 +2,10 @@
 
 * ``lint``: ruff over the whole tree; mypy over the installed package (adapters, kernels and
   demo included, with the frameworks absent, so only our own annotations are checked).
-* ``tests``: the core, the CuPy backend's CPU-side checks (NVRTC compilation of every
-  kernel, the shared scalar header built for the host), the PyTorch and JAX adapters and
-  the demo, on the current numpy.  GPU tests are marked ``gpu`` and skip without a device.
+* ``tests``: the core (its NumPy backend with and without the opt-in Numba loops), the
+  CuPy backend's CPU-side checks (NVRTC compilation of every kernel, the shared scalar
+  header built for the host), the PyTorch and JAX adapters and the demo, on the current
+  numpy.  GPU tests are marked ``gpu`` and skip without a device.
 * ``mxnet``: MXNet 1.9.1 needs numpy < 1.24, so it gets its own environment; the whole
   suite runs there too, which also proves the core on numpy 1.23.
 """
@@ -36,7 +37,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[test,jax,cuda12,demo,bench]", TORCH_CPU)
+    session.install("-e", ".[test,jax,cuda12,demo,bench,numba]", TORCH_CPU)
     session.run("python", "-m", "pytest", "-q", *session.posargs, env={"CI": "1"})
 
 

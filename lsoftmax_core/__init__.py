@@ -47,12 +47,14 @@ __all__ = [
     "backward",
     "check_arguments",
     "check_labels",
+    "cpu_kernels",
     "cross_entropy",
     "cross_entropy_backward",
     "cross_entropy_shard_stats",
     "cross_entropy_with_grad",
     "forward",
     "schedule_from_dict",
+    "set_cpu_kernels",
     "supported_dtypes",
 ]
 
@@ -191,6 +193,26 @@ def check_arguments(
     return check_arrays(  # the backend's checks without the label scan
         x, w, label, margin, beta, dtypes=backend._DTYPES, grad_logits=grad_logits
     )
+
+
+def set_cpu_kernels(name: str) -> None:
+    """Choose how the NumPy backend does its per-sample work: ``"numpy"`` (the default and
+    the reference) or ``"numba"``, compiled loops (Numba, ``pip install numba``) that
+    replace its ~90 small NumPy calls per forward+backward by four loops, for small
+    problems where those calls cost more than the GEMMs (docs/BENCHMARKS.md, per-call
+    overhead).  Same maths within the tolerance table; calls with rows the loops decline
+    (zero or extreme norms, non-finite values) still run the NumPy code.  The first call
+    of each dtype compiles the loops (seconds; cached on disk).  Also set by the
+    environment variable ``LSOFTMAX_CPU_KERNELS`` before the first call.  Numba is
+    imported only once "numba" is chosen; without it this raises ImportError.
+    """
+    _numpy_backend.set_cpu_kernels(name)
+
+
+def cpu_kernels() -> str:
+    """The NumPy backend's per-sample kernels in use: "numpy" or "numba" (see
+    :func:`set_cpu_kernels`)."""
+    return _numpy_backend.cpu_kernels()
 
 
 def check_labels(device: int | None = None) -> None:

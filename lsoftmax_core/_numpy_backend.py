@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,7 +33,10 @@ import numpy.typing as npt
 from ._chebyshev import thresholds
 from .checks import Problem, check_arrays, check_label_values, check_out, supported_dtypes
 
-__all__ = ["STATS_ROWS", "add_margin", "add_margin_grad", "backward", "check_stats", "forward", "prepare"]
+__all__ = [
+    "STATS_ROWS", "add_margin", "add_margin_grad", "backward", "check_stats", "cpu_kernels", "forward", "prepare",
+    "set_cpu_kernels",
+]  # fmt: skip
 
 _DTYPES = supported_dtypes("numpy")
 
@@ -281,10 +285,57 @@ def add_margin(
     return (logits, rec) if return_stats else logits
 
 
+# ---------------------------------------------------------------- compiled kernels (opt-in)
+
+_KERNELS: dict[str, Any] = {"name": None, "module": None}  # name None: not chosen yet
+_CPU_KERNELS_ENV = "LSOFTMAX_CPU_KERNELS"
+
+
+def set_cpu_kernels(name: str, *, _source: str = "name") -> None:
+    """Choose the NumPy backend's per-sample kernels: "numpy" (the reference) or "numba"."""
+    if name not in ("numpy", "numba"):
+        raise ValueError(f"{_source} must be 'numpy' or 'numba', got {name!r}")
+    module: Any = None
+    if name == "numba":
+        try:
+            module = importlib.import_module(f"{__package__}._numba_kernels")  # imports Numba: only now
+        except ImportError as e:
+            raise ImportError(f"{_source}={name!r} needs Numba (pip install numba): {e}") from None
+    _KERNELS.update(name=name, module=module)
+
+
+def cpu_kernels() -> str:
+    """The kernels chosen (at first use from the environment variable, default "numpy")."""
+    if _KERNELS["name"] is None:
+        set_cpu_kernels(os.environ.get(_CPU_KERNELS_ENV) or "numpy", _source=_CPU_KERNELS_ENV)
+    return str(_KERNELS["name"])
+
+
+def _compiled() -> Any:
+    """The compiled kernels' module, or None for the NumPy code."""
+    if _KERNELS["name"] is None:
+        cpu_kernels()
+    return _KERNELS["module"]
+
+
+@functools.cache
+def _descending_thresholds(margin: int) -> F64:
+    t = np.array(thresholds(margin), dtype=np.float64)
+    t.flags.writeable = False
+    return t
+
+
 def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> F64:
     """Rewrite the target logits; returns the statistics record."""
     if p.margin == 1 or p.n == 0:
         return _no_stats(p)  # psi(c) = c: the target logit is already x·w_y.
+    kernels = _compiled()
+    if kernels is not None:  # None back: a row needs the careful path below, nothing written
+        rec = kernels.forward_rows(
+            logits, x, w, label, p.margin, p.beta, _descending_thresholds(p.margin), _SAFE_SQ[p.dtype]
+        )
+        if rec is not None:
+            return rec  # type: ignore[no-any-return]
     s = stats(x, w, label, p)
     logits[_arange(p.n), label] = target_logits(s, p)
     return s.record
@@ -370,6 +421,15 @@ def _margin_backward(
     if p.margin == 1 or p.n == 0:
         return
     g = np.asarray(grad_logits[_arange(p.n), label], dtype=np.float64)
+    kernels = _compiled()
+    if kernels is not None:
+        rec = record
+        if rec is None:
+            rec = kernels.stats_rows(x, w, label, p.margin, _descending_thresholds(p.margin), _SAFE_SQ[p.dtype])
+        elif np.minimum.reduce(rec[5]) < 0.0:  # a forward's careful rows: the NumPy code
+            rec = None
+        if rec is not None and kernels.backward_rows(grad_x, grad_w, g, x, w, label, rec, p.beta):
+            return
     s = stats(x, w, label, p) if record is None else _from_record(record, w, label)
     add_margin_terms(grad_x, grad_w, g, s, x, label, p)
 

@@ -12,7 +12,7 @@ import pytest
 
 import lsoftmax_core
 
-OPTIONAL = ["cupy", "torch", "jax", "jaxlib", "mxnet", "tensorflow", "sklearn", "matplotlib"]
+OPTIONAL = ["cupy", "torch", "jax", "jaxlib", "mxnet", "tensorflow", "sklearn", "matplotlib", "numba"]
 
 
 def test_core_import_pulls_in_no_optional_library() -> None:

@@ -1,4 +1,6 @@
-"""The NumPy backend against the float64 reference, finite differences and the maths' properties."""
+"""The NumPy backend against the float64 reference, finite differences and the maths'
+properties, with each of its per-sample kernels: the NumPy code and, where Numba is
+installed, the compiled loops (``lsoftmax_core.set_cpu_kernels``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ from support.strategies import BETAS, MARGINS, problems
 from support.tolerances import FD_TOL, assert_close, check_backward, check_forward, grad_scales
 
 DTYPES = ["float64", "float32"]
+
+
+@pytest.fixture(autouse=True, scope="module", params=["numpy", "numba"])
+def cpu_kernels(request):
+    """Every test of this module once per kernel choice (numba: skipped without Numba)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    before = lsm.cpu_kernels()
+    lsm.set_cpu_kernels(request.param)
+    yield request.param
+    lsm.set_cpu_kernels(before)
 
 
 def _grad(shape, seed=0, dtype=np.float64):
