@@ -47,14 +47,18 @@ def test_cpu_overhead_run_writes_both_thread_settings_and_renders_the_same(tmp_p
     assert main(["--cpu", "--overhead", "--quick", "--sizes", "mnist", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cpu_overhead.csv", "cpu_overhead.md", "cpu_overhead_env.json"]
     rows = _csv(out / "cpu_overhead.csv")
-    names = [overhead.NP_LINEAR, overhead.NP_CE_STEP, overhead.NP_FWD_BWD, overhead.NP_STATS,
-             TORCH_LINEAR, TORCH_ADAPTER]
+    numba = [overhead.NP_NUMBA] if overhead._numba_available() else []
+    names = [overhead.NP_LINEAR, overhead.NP_CE_STEP, overhead.NP_FWD_BWD, overhead.NP_STATS, *numba,
+             TORCH_LINEAR, TORCH_ADAPTER, *([overhead.TORCH_NUMBA] if numba else [])]
     assert [(r["threads"], r["contender"]) for r in rows] == [(t, n) for t in ("1", "default") for n in names]
     for r in rows:
         assert r["note"] == "" and float(r["median_us"]) > 0, r
-    ours = [r for r in rows if r["contender"] in (overhead.NP_FWD_BWD, overhead.NP_STATS)]
+    ours = [r for r in rows if r["contender"] in (overhead.NP_FWD_BWD, overhead.NP_STATS, *numba)]
     assert all(math.isfinite(float(r["ratio_ce_step"])) and math.isfinite(float(r["ratio_gemms"])) for r in ours)
-    adapter = [r for r in rows if r["contender"] == TORCH_ADAPTER]
+    adapter = [r for r in rows if r["contender"] in (TORCH_ADAPTER, overhead.TORCH_NUMBA)]
+    import lsoftmax_core
+
+    assert lsoftmax_core.cpu_kernels() == "numpy"  # the run restores the choice it found
     assert all(math.isfinite(float(r["ratio_torch_floor"])) for r in adapter)
     text = (out / "cpu_overhead.md").read_text()
     assert "#### CPU, threads: 1" in text and "#### CPU, threads: default" in text and "#### Goals (issue 13)" in text
@@ -74,12 +78,14 @@ def test_overhead_goals_say_met_missed_and_not_measured() -> None:
     good = [row(overhead.NP_FWD_BWD, "mnist", "1", ratio_ce_step=1.9),
             row(overhead.NP_STATS, "mnist", "1", ratio_ce_step=1.5),
             row(TORCH_ADAPTER, "mnist", "1", ratio_torch_floor=1.8),
+            row(overhead.NP_NUMBA, "mnist", "1", ratio_ce_step=0.8),
+            row(overhead.TORCH_NUMBA, "mnist", "1", ratio_torch_floor=1.9),
             *(row(overhead.NP_FWD_BWD, "face", t, ratio_gemms=1.02) for t in ("1", "default")),
             *(row(TORCH_ADAPTER, "face", t, ratio_torch_floor=1.04) for t in ("1", "default"))]
-    assert [g["status"] for g in overhead.goals("cpu", good)] == ["met"] * 7
+    assert [g["status"] for g in overhead.goals("cpu", good)] == ["met"] * 9
     bad = [dict(r, ratio_ce_step=3.0, ratio_gemms=1.1, ratio_torch_floor=2.5) for r in good]
-    assert [g["status"] for g in overhead.goals("cpu", bad)] == ["MISSED"] * 7
-    assert [g["status"] for g in overhead.goals("cpu", good[:3])][3:] == ["not measured"] * 4
+    assert [g["status"] for g in overhead.goals("cpu", bad)] == ["MISSED"] * 9
+    assert [g["status"] for g in overhead.goals("cpu", good[:3])][3:] == ["not measured"] * 6
     host = [{"size": "mnist", "dtype": "float32", "threads": "default", "contender": overhead.CP_HOST,
              "median_us": v} for v in (55.0, 75.0)]
     assert [g["status"] for g in overhead.goals("gpu", host[:1])] == ["met"]
