@@ -18,8 +18,10 @@ Maths as in docs/derivatives.md and kernels/lsoftmax_math.cuh; psi and psi' are
 ``_chebyshev.psi_and_derivative`` with the same float64 operations in the same order
 (tests compare them bit for bit).  Differences from the NumPy code, within the tolerance
 table: the sums x·x, w_y·w_y, x·w_y accumulate in float64 (NumPy's einsum: in the input
-dtype), and r_i is added to grad_w in the input dtype one sample at a time (NumPy: summed
-per class in float64 at small D).  Deterministic: fixed loop orders, one thread.
+dtype).  q_i and r_i are formed with the NumPy code's operations in its order, and r_i is
+summed per class in float64 in sample order and added once, as the NumPy code does at
+D <= 8 (the same bits there, given the same record; tested).  Deterministic: fixed loop
+orders, one thread.
 """
 
 from __future__ import annotations
@@ -120,19 +122,32 @@ def _coefficients(g: Any, rec: Any, beta: float, fmax: float, ftiny: float, coef
 
 
 @njit(cache=True, nogil=True)
-def _apply(grad_x: Any, grad_w: Any, x: Any, w: Any, label: Any, coef: Any) -> None:
-    """grad_x[i] += lx·x_i + k·w_y and grad_w[y] += k·x_i + lw·w_y with ``coef`` already
-    rounded to the input dtype, every product and sum rounded to it in the NumPy code's
-    order, samples in order."""
+def _apply(grad_x: Any, grad_w: Any, x: Any, w: Any, label: Any, coef: Any, order: Any) -> None:
+    """grad_x[i] += q_i = lx·x_i + k·w_y, and grad_w[y] += the float64 sum of the rows
+    r_i = k·x_i + lw·w_y of class y in sample order (``order``: a stable sort by label),
+    rounded once.  ``coef`` is already rounded to the input dtype, and q_i and r_i are
+    formed in it with the NumPy code's operations in its order."""
     n, d = x.shape
     for i in range(n):
         y = label[i]
-        k, lx, lw = coef[0, i], coef[1, i], coef[2, i]
+        k, lx = coef[0, i], coef[1, i]
         for j in range(d):
-            xv = x[i, j]
-            wv = w[y, j]
-            grad_x[i, j] = (grad_x[i, j] + xv * lx) + wv * k
-            grad_w[y, j] = grad_w[y, j] + (xv * k + wv * lw)
+            grad_x[i, j] = (grad_x[i, j] + x[i, j] * lx) + w[y, j] * k
+    acc = np.zeros(d)
+    start = 0
+    while start < n:
+        y = label[order[start]]
+        stop = start
+        acc[:] = 0.0
+        while stop < n and label[order[stop]] == y:
+            i = order[stop]
+            k, lw = coef[0, i], coef[2, i]
+            for j in range(d):
+                acc[j] += x[i, j] * k + w[y, j] * lw
+            stop += 1
+        for j in range(d):
+            grad_w[y, j] = grad_w[y, j] + acc[j]
+        start = stop
 
 
 def stats_rows(x: Any, w: Any, label: Any, margin: int, thr: Any, safe: tuple[float, float]) -> Any:
@@ -161,5 +176,5 @@ def backward_rows(
     coef = np.empty((3, g.shape[0]))
     if not _coefficients(g, rec, beta, float(fi.max), float(fi.tiny), coef):
         return False
-    _apply(grad_x, grad_w, x, w, label, coef.astype(x.dtype))
+    _apply(grad_x, grad_w, x, w, label, coef.astype(x.dtype), np.argsort(label, kind="stable"))
     return True

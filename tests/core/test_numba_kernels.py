@@ -150,6 +150,20 @@ def test_the_statistics_record_goes_both_ways_between_the_loops_and_the_numpy_co
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("n", "c", "d"), [(256, 10, 2), (64, 30, 8), (7, 3, 1), (1, 1, 4)])
+def test_given_the_same_record_the_backward_has_the_numpy_codes_bits(dtype, n, c, d) -> None:
+    """Where the NumPy code sums r_i per class in float64 (D <= 8, C <= 4N), the loops form
+    q_i and r_i with its operations in its order and sum alike: the same bits."""
+    x, w, label, g = _problem(dtype, n=n, c=c, d=d, seed=n + d)
+    lsm.set_cpu_kernels("numpy")
+    _, rec = lsm.forward(x, w, label, margin=4, beta=1.0, return_stats=True)
+    want = lsm.backward(g, x, w, label, margin=4, beta=1.0, stats=rec)
+    lsm.set_cpu_kernels("numba")
+    got = lsm.backward(g, x, w, label, margin=4, beta=1.0, stats=rec)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 def test_repeated_calls_give_the_same_bits_and_inputs_are_not_modified() -> None:
     x, w, label, g = _problem("float32", n=64, c=5, d=7, seed=5)
     copies = [a.copy() for a in (x, w, label, g)]
