@@ -744,3 +744,20 @@ def test_cuda_device_mix_and_half_precision() -> None:
         assert out.dtype == dtype
         xn, wn = x.to(dtype).double().cpu().numpy(), w.to(dtype).double().cpu().numpy()
         check_forward(out.double().cpu().numpy(), xn, wn, label.cpu().numpy(), margin=2, beta=1.0, dtype=name)
+
+
+def test_cpu_tensors_reach_the_core_as_read_only_views_of_their_memory() -> None:
+    from lsoftmax_core.adapters.torch._bridge import _cpu_views
+
+    x = torch.randn(4, 3, requires_grad=True)
+    label = torch.tensor([0, 2, 1, 2])
+    xa, la = _cpu_views(x=x, label=label)
+    assert not xa.flags.writeable and not la.flags.writeable
+    assert xa.ctypes.data == x.data_ptr() and la.ctypes.data == label.data_ptr()  # no copy
+    with pytest.raises(ValueError, match="read-only"):
+        xa[0, 0] = 1.0
+    t = x.detach()[:, ::2]  # a strided view stays one
+    (ta,) = _cpu_views(x=t)
+    assert ta.strides == (12, 8) and np.array_equal(ta, t.numpy())
+    with pytest.raises(TypeError, match=r"x\.dtype=torch\.bfloat16 cannot be passed to the CPU backend"):
+        _cpu_views(x=x.detach().to(torch.bfloat16))
