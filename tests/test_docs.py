@@ -20,7 +20,7 @@ import lsoftmax_core
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-OPTIONAL = {"torch", "jax", "jaxlib", "mxnet", "cupy", "sklearn", "matplotlib", "tqdm", "ml_dtypes"}
+OPTIONAL = {"torch", "jax", "jaxlib", "mxnet", "cupy", "sklearn", "matplotlib", "tqdm", "ml_dtypes", "numba"}
 
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _IMPORT = re.compile(r"^\s*(?:import|from)\s+([A-Za-z_][\w]*)", re.M)
