@@ -36,8 +36,8 @@ __all__ = ["backward_rows", "forward_rows", "stats_rows"]
 
 @njit(cache=True, nogil=True)
 def _psi(c: float, margin: int, thr: Any) -> tuple[float, float]:
-    """psi(c) and psi'(c): k = #{j : c <= cos(j*pi/m)} from the decreasing thresholds
-    ``thr``, T_m and U_{m-1} by their recurrences (docs/derivatives.md, "Forward")."""
+    """psi(c) and psi'(c): k = #{j : c <= cos(j*pi/m)} counted over the thresholds ``thr``
+    (in any order), T_m and U_{m-1} by their recurrences (docs/derivatives.md, "Forward")."""
     k = 0
     for t in thr:
         if c <= t:

@@ -318,13 +318,6 @@ def _compiled() -> Any:
     return _KERNELS["module"]
 
 
-@functools.cache
-def _descending_thresholds(margin: int) -> F64:
-    t = np.array(thresholds(margin), dtype=np.float64)
-    t.flags.writeable = False
-    return t
-
-
 def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> F64:
     """Rewrite the target logits; returns the statistics record."""
     if p.margin == 1 or p.n == 0:
@@ -332,7 +325,7 @@ def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> F64:
     kernels = _compiled()
     if kernels is not None:  # None back: a row needs the careful path below, nothing written
         rec = kernels.forward_rows(
-            logits, x, w, label, p.margin, p.beta, _descending_thresholds(p.margin), _SAFE_SQ[p.dtype]
+            logits, x, w, label, p.margin, p.beta, _ascending_thresholds(p.margin), _SAFE_SQ[p.dtype]
         )
         if rec is not None:
             return rec  # type: ignore[no-any-return]
@@ -425,7 +418,7 @@ def _margin_backward(
     if kernels is not None:
         rec = record
         if rec is None:
-            rec = kernels.stats_rows(x, w, label, p.margin, _descending_thresholds(p.margin), _SAFE_SQ[p.dtype])
+            rec = kernels.stats_rows(x, w, label, p.margin, _ascending_thresholds(p.margin), _SAFE_SQ[p.dtype])
         elif np.minimum.reduce(rec[5]) < 0.0:  # a forward's careful rows: the NumPy code
             rec = None
         if rec is not None and kernels.backward_rows(grad_x, grad_w, g, x, w, label, rec, p.beta):
