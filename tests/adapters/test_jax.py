@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 import lsoftmax_core
 from lsoftmax_core.adapters.jax import lsoftmax
 
+from support.jax_gpu import jax_gpu
 from support.tolerances import check_backward, check_forward
 
 # A failing callback makes JAX log the traceback before re-raising; the tests check the raise.
@@ -459,18 +460,11 @@ def test_lowering_uses_device_callbacks():
 # GPU (CUDA): the CuPy backend on XLA's buffers and stream.  Skipped without a device.
 
 
-def _jax_gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        pytest.skip("JAX has no CUDA backend here (install jax[cuda12])")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("jit", [False, True])
 def test_gpu_matches_reference(dtype, jit):
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(7)
     with jax.enable_x64(dtype == "float64"):
         x, w, label = _problem(rng, 37, 11, 9, dtype)
@@ -496,7 +490,7 @@ def test_gpu_matches_reference(dtype, jit):
 @pytest.mark.parametrize("jit", [False, True])
 def test_gpu_half_precision_matches_reference(dtype, jit):
     """On CUDA the adapter accepts what the CuPy backend accepts."""
-    dev = _jax_gpu()
+    dev = jax_gpu()
     jdtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16}[dtype]
     rng = np.random.default_rng(14)
     x, w, label = _problem(rng, 37, 11, 9, "float32")
@@ -525,7 +519,7 @@ def test_gpu_half_precision_matches_reference(dtype, jit):
 
 @pytest.mark.gpu
 def test_gpu_python_beta_beyond_float32_range():
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(15)
     x, w, label = _problem(rng, 9, 5, 3, "float32")
     xj, wj, lj = (jax.device_put(a, dev) for a in (x, w, label))
@@ -537,7 +531,7 @@ def test_gpu_python_beta_beyond_float32_range():
 def test_gpu_operands_are_device_views_on_xla_stream(monkeypatch):
     import cupy
 
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(8)
     x, w, label = (jax.device_put(a, dev) for a in _problem(rng, 16, 8, 4, "float32"))
     seen = []
@@ -563,7 +557,7 @@ def test_gpu_operands_are_device_views_on_xla_stream(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_vmap_and_label_error():
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(9)
     xs = jax.device_put(rng.standard_normal((2, 5, 3)).astype(np.float32), dev)
     w = jax.device_put(rng.standard_normal((4, 3)).astype(np.float32), dev)

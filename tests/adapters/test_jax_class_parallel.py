@@ -29,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 from lsoftmax_core.adapters.jax import lsoftmax_cross_entropy
 from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy
 
-from support import reference
-from support.loss_reference import assert_rel, ref_loss
+from support.jax_gpu import jax_gpu
+from support.loss_reference import IGNORE, assert_rel, ref_grad_logits, ref_loss
 from support.tolerances import TOLERANCES, check_backward, logit_scale
 
 logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
@@ -38,7 +38,6 @@ logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
 CASES = Path(__file__).resolve().parents[1] / "support" / "jax_class_parallel_cases.py"
 #: The cases take ~20 s on the loaded 2-core machine; a hang fails instead of stalling CI.
 TIMEOUT_S = 240
-IGNORE = -100
 REDUCTIONS = ["mean", "sum", "none"]
 
 
@@ -168,20 +167,6 @@ def test_rows_split_over_the_class_axis_and_gathered_as_in_partial_fc(cases, che
     _assert_equals_single_device(_get(cases, name), name)
 
 
-def _grad_logits(x, w, label, cot, *, margin, beta, reduction):
-    """d(sum(cot * loss))/d(logits) in float64 (rows of ignored labels 0)."""
-    kept = label != IGNORE
-    target = np.where(kept, label, 0)
-    f = reference.forward(x, w, target, margin=margin, beta=beta)
-    e = np.exp(f - f.max(axis=1, keepdims=True))
-    g = e / e.sum(axis=1, keepdims=True)
-    g[np.arange(len(target)), target] -= 1.0
-    weight = kept * np.asarray(cot, np.float64)
-    if reduction == "mean":
-        weight = weight / max(int(kept.sum()), 1)
-    return g * weight[:, None], target
-
-
 def _assert_float32_within_the_table(loss, gx, gw, x, w, label, cot, *, margin, beta, reduction, what=""):
     """Against the float64 reference: the loss within the forward tolerance of the row's
     logit scale (a row's loss moves by at most its largest logit error), the gradients
@@ -195,7 +180,7 @@ def _assert_float32_within_the_table(loss, gx, gw, x, w, label, cot, *, margin, 
     if reduction == "mean":
         bound = bound / max(int(kept.sum()), 1)
     assert np.all(np.abs(np.asarray(loss, np.float64) - want) <= bound), f"{what} loss {loss} vs {want}"
-    grad_logits, target = _grad_logits(x, w, label, cot, margin=margin, beta=beta, reduction=reduction)
+    grad_logits, target = ref_grad_logits(cot, x, w, label, margin=margin, beta=beta, reduction=reduction)
     c = w.shape[0]
     check_backward((gx, gw[:c]), grad_logits, x, w, target, margin=margin, beta=beta, dtype="float32")
 
@@ -360,20 +345,13 @@ def test_numpy_arrays_and_mixed_dtypes_are_type_errors():
 # --- On a CUDA device (scripts/gpu_check.sh): one GPU, so the axis has one device. ---
 
 
-def _jax_gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        pytest.skip("JAX has no CUDA backend here (install jax[cuda12])")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gpu_one_device_with_padding_equals_the_fused_loss(dtype, reduction):
     """The CUDA route (the core's CuPy class shards on XLA's stream): float64 to 1e-10 of
     the single-device fused loss on the same GPU, float32 within the tolerance table."""
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((64, 16)) * 2).astype(dtype)
     w = rng.standard_normal((50, 16)).astype(dtype)

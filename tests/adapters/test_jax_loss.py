@@ -17,6 +17,7 @@ import lsoftmax_core
 from lsoftmax_core.adapters.jax import lsoftmax, lsoftmax_cross_entropy
 
 from support import reference
+from support.jax_gpu import jax_gpu
 from support.tolerances import TOLERANCES, check_backward, logit_scale
 
 # A failing callback makes JAX log the traceback before re-raising; the tests check the raise.
@@ -390,13 +391,6 @@ def test_numpy_int64_labels_and_an_ignore_index_beyond_int32():
 # callback as lsoftmax.  Skipped without a device (never run here).
 
 
-def _jax_gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        pytest.skip("JAX has no CUDA backend here (install jax[cuda12])")
-
-
 def _on_gpu(item):
     return next(iter(item.devices())).platform in ("gpu", "cuda")
 
@@ -408,7 +402,7 @@ def _on_gpu(item):
 def test_gpu_float64_equals_the_unfused_composition(margin, beta, reduction, jit):
     """On CUDA, fused = log_softmax over lsoftmax's logits to 1e-10, loss and VJP, with
     ignored rows and duplicate labels; eagerly with a Python beta, under jit a traced one."""
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(margin * 10 + REDUCTIONS.index(reduction))
     with jax.enable_x64(True):
         x, w, label = (jax.device_put(a, dev) for a in _problem(rng, 33, 17, 9, scale=3.0))
@@ -457,7 +451,7 @@ def test_gpu_float64_class_chunks_round_trip_the_lse(reduction, monkeypatch):
     """A tiny memory budget: class chunks, and for "none" the backward from the forward's
     float64 log-sum-exp (its uint32 words in XLA's buffer)."""
     monkeypatch.setenv("LSOFTMAX_CE_BUDGET", "64")
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(21)
     with jax.enable_x64(True):
         x, w, label = _problem(rng, 10, 6, 4, scale=4.0)
@@ -474,7 +468,7 @@ def test_gpu_float64_class_chunks_round_trip_the_lse(reduction, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_float32_within_the_tolerance_table():
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(2)
     x, w, label = _problem(rng, 64, 50, 16, "float32", scale=2.0)
     xj, wj, lj = (jax.device_put(a, dev) for a in (x, w, label))
@@ -506,7 +500,7 @@ def test_gpu_float32_within_the_tolerance_table():
 def test_gpu_a_few_training_steps():
     """SGD on the class weights through jit(value_and_grad) of the fused loss on CUDA, beta
     annealed as a traced argument: finite gradients, and the loss at beta 1 goes down."""
-    dev = _jax_gpu()
+    dev = jax_gpu()
     rng = np.random.default_rng(3)
     with jax.enable_x64(True):
         label = np.tile(np.arange(3, dtype=np.int32), 10)

@@ -25,17 +25,25 @@ def ref_loss(x, w, label, *, margin, beta, reduction="mean", ignore_index=IGNORE
     return total / valid.sum() if reduction == "mean" and valid.any() else (0.0 if reduction == "mean" else total)
 
 
-def ref_grads(grad_loss, x, w, label, *, margin, beta, reduction="mean", ignore_index=IGNORE):
+def ref_grad_logits(grad_loss, x, w, label, *, margin, beta, reduction="mean", ignore_index=IGNORE):
+    """float64 d(loss)/d(logits) times the upstream gradient (0 on ignored rows), and the
+    labels with ignored rows pointed at class 0, as the reference backward reads them."""
     valid = label != ignore_index
     lab = np.where(valid, label, 0)
     f = reference.forward(x, w, lab, margin=margin, beta=beta)
     e = np.exp(f - f.max(axis=1, keepdims=True))
     g = e / e.sum(axis=1, keepdims=True)
     g[np.arange(len(lab)), lab] -= 1.0
-    weight = valid * (np.asarray(grad_loss, dtype=float) if reduction == "none" else float(grad_loss))
+    weight = valid * np.asarray(grad_loss, dtype=float)  # a scalar for "mean"/"sum", (N,) for "none"
     if reduction == "mean":
         weight = weight / max(int(valid.sum()), 1)
-    return reference.backward(g * weight[:, None], x, w, lab, margin=margin, beta=beta)
+    return g * weight[:, None], lab
+
+
+def ref_grads(grad_loss, x, w, label, *, margin, beta, reduction="mean", ignore_index=IGNORE):
+    g, lab = ref_grad_logits(grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction,
+                             ignore_index=ignore_index)  # fmt: skip
+    return reference.backward(g, x, w, lab, margin=margin, beta=beta)
 
 
 def problem(rng, n, c, d, scale=1.0, ignored=0.2):
