@@ -99,13 +99,16 @@ def _write_targets(logits: Any, label: Any, rec: Any, beta: float) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _coefficients(g: Any, rec: Any, beta: float, fmax: float, ftiny: float, coef: Any) -> bool:
+def _coefficients(grad_logits: Any, label: Any, rec: Any, beta: float, fmax: float, ftiny: float, coef: Any) -> bool:
     """coef rows k, ell·b/a, ell·a/b (docs/derivatives.md, "Backward at the cost of the
-    plain layer"); False if one is not finite and normal (or zero) in the input dtype."""
-    for i in range(g.shape[0]):
+    plain layer") from the target entries g_i = grad_logits[i, label[i]] (exact in float64),
+    rounded to ``coef``'s dtype (the input dtype) as they are stored; False if one is not
+    finite and normal (or zero) in that dtype."""
+    for i in range(label.shape[0]):
+        g = float(grad_logits[i, label[i]])
         a, b, c, psi, dpsi = rec[0, i], rec[1, i], rec[2, i], rec[3, i], rec[4, i]
-        k = (dpsi - 1.0) * g[i]
-        ell = (psi - c * dpsi) * g[i]
+        k = (dpsi - 1.0) * g
+        ell = (psi - c * dpsi) * g
         if beta != 0.0:
             k /= 1.0 + beta
             ell /= 1.0 + beta
@@ -124,15 +127,31 @@ def _coefficients(g: Any, rec: Any, beta: float, fmax: float, ftiny: float, coef
 @njit(cache=True, nogil=True)
 def _apply(grad_x: Any, grad_w: Any, x: Any, w: Any, label: Any, coef: Any, order: Any) -> None:
     """grad_x[i] += q_i = lx·x_i + k·w_y, and grad_w[y] += the float64 sum of the rows
-    r_i = k·x_i + lw·w_y of class y in sample order (``order``: a stable sort by label),
-    rounded once.  ``coef`` is already rounded to the input dtype, and q_i and r_i are
-    formed in it with the NumPy code's operations in its order."""
+    r_i = k·x_i + lw·w_y of class y in sample order, rounded once.  ``coef`` is already
+    rounded to the input dtype, and q_i and r_i are formed in it with the NumPy code's
+    operations in its order.  ``order``: a stable sort of the samples by label, or empty:
+    then the sums run in one (C, D) float64 block (C <= N), the same sums in the same order."""
     n, d = x.shape
     for i in range(n):
         y = label[i]
         k, lx = coef[0, i], coef[1, i]
         for j in range(d):
             grad_x[i, j] = (grad_x[i, j] + x[i, j] * lx) + w[y, j] * k
+    if order.shape[0] == 0:
+        c = grad_w.shape[0]
+        block = np.zeros((c, d))
+        hit = np.zeros(c, dtype=np.bool_)
+        for i in range(n):
+            y = label[i]
+            k, lw = coef[0, i], coef[2, i]
+            hit[y] = True
+            for j in range(d):
+                block[y, j] += x[i, j] * k + w[y, j] * lw
+        for y in range(c):
+            if hit[y]:  # classes without a sample are left untouched (not even + 0.0)
+                for j in range(d):
+                    grad_w[y, j] = grad_w[y, j] + block[y, j]
+        return
     acc = np.zeros(d)
     start = 0
     while start < n:
@@ -150,6 +169,25 @@ def _apply(grad_x: Any, grad_w: Any, x: Any, w: Any, label: Any, coef: Any, orde
         start = stop
 
 
+@njit(cache=True, nogil=True)
+def _forward(logits: Any, x: Any, w: Any, label: Any, margin: int, beta: float, thr: Any, lo: float, hi: float,
+             rec: Any) -> bool:  # fmt: skip
+    if not _stats_rows(x, w, label, margin, thr, lo, hi, rec):
+        return False
+    _write_targets(logits, label, rec, beta)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _backward(grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, rec: Any, beta: float,
+              fmax: float, ftiny: float, order: Any) -> bool:  # fmt: skip
+    coef = np.empty((3, label.shape[0]), dtype=x.dtype)
+    if not _coefficients(grad_logits, label, rec, beta, fmax, ftiny, coef):
+        return False
+    _apply(grad_x, grad_w, x, w, label, coef, order)
+    return True
+
+
 def stats_rows(x: Any, w: Any, label: Any, margin: int, thr: Any, safe: tuple[float, float]) -> Any:
     """The (6, N) statistics record, or None if a row needs the careful path."""
     rec = np.empty((6, x.shape[0]))
@@ -160,21 +198,19 @@ def forward_rows(
     logits: Any, x: Any, w: Any, label: Any, margin: int, beta: float, thr: Any, safe: tuple[float, float]
 ) -> Any:
     """Rewrite the target logits in place and return the statistics record; None (nothing
-    written) if a row needs the careful path."""
-    rec = stats_rows(x, w, label, margin, thr, safe)
-    if rec is not None:
-        _write_targets(logits, label, rec, beta)
-    return rec
+    written) if a row needs the careful path.  One compiled call (each costs microseconds)."""
+    rec = np.empty((6, x.shape[0]))
+    return rec if _forward(logits, x, w, label, margin, beta, thr, safe[0], safe[1], rec) else None
 
 
-def backward_rows(
-    grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any, rec: Any, beta: float
-) -> bool:
-    """Add the margin's terms to grad_x and grad_w given the target entries ``g`` (float64)
-    and the record; False (nothing written) if a coefficient needs the careful path."""
-    fi = np.finfo(x.dtype)
-    coef = np.empty((3, g.shape[0]))
-    if not _coefficients(g, rec, beta, float(fi.max), float(fi.tiny), coef):
-        return False
-    _apply(grad_x, grad_w, x, w, label, coef.astype(x.dtype), np.argsort(label, kind="stable"))
-    return True
+_LIMITS = {np.dtype(t): (float(np.finfo(t).max), float(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
+_BY_BLOCK = np.zeros(0, dtype=np.intp)  # "order" when the per-class sums run in a (C, D) block
+
+
+def backward_rows(grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, rec: Any, beta: float) -> bool:
+    """Add the margin's terms to grad_x and grad_w given the upstream gradient and the
+    record; False (nothing written) if a coefficient needs the careful path.  One compiled
+    call; a sort by label only where C > N (else the per-class block, no sort)."""
+    fmax, ftiny = _LIMITS[x.dtype]
+    order = _BY_BLOCK if grad_w.shape[0] <= label.shape[0] else np.argsort(label, kind="stable")
+    return bool(_backward(grad_x, grad_w, grad_logits, x, w, label, rec, beta, fmax, ftiny, order))

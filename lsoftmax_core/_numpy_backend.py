@@ -413,7 +413,6 @@ def _margin_backward(
 ) -> None:
     if p.margin == 1 or p.n == 0:
         return
-    g = np.asarray(grad_logits[_arange(p.n), label], dtype=np.float64)
     kernels = _compiled()
     if kernels is not None:
         rec = record
@@ -421,8 +420,9 @@ def _margin_backward(
             rec = kernels.stats_rows(x, w, label, p.margin, _ascending_thresholds(p.margin), _SAFE_SQ[p.dtype])
         elif np.minimum.reduce(rec[5]) < 0.0:  # a forward's careful rows: the NumPy code
             rec = None
-        if rec is not None and kernels.backward_rows(grad_x, grad_w, g, x, w, label, rec, p.beta):
+        if rec is not None and kernels.backward_rows(grad_x, grad_w, grad_logits, x, w, label, rec, p.beta):
             return
+    g = np.asarray(grad_logits[_arange(p.n), label], dtype=np.float64)
     s = stats(x, w, label, p) if record is None else _from_record(record, w, label)
     add_margin_terms(grad_x, grad_w, g, s, x, label, p)
 

@@ -94,8 +94,8 @@ class Problem:
     ) -> Problem:
         """This problem, if it was checked for these very arrays (identity: O(1), no data
         read) and hyper-parameters; a ValueError naming ``checked`` otherwise."""
-        given = (x, w, label, grad_logits)
-        if len(self.inputs) != len(given) or any(a is not b for a, b in zip(self.inputs, given)):
+        kept = self.inputs
+        if len(kept) != 4 or not (kept[0] is x and kept[1] is w and kept[2] is label and kept[3] is grad_logits):
             raise ValueError(
                 "checked= must be lsoftmax_core.check_arguments()'s result for the same x, w, label "
                 "(and grad_logits) objects"
@@ -105,6 +105,18 @@ class Problem:
                 f"checked= was made for margin={self.margin}, beta={self.beta}, not margin={margin!r}, beta={beta!r}"
             )
         return self
+
+    def with_grad_logits(self, grad_logits: Any) -> Problem:
+        """The backward's problem for the call this one was checked for: ``grad_logits``
+        checked for shape (N, C) and dtype, every other check (labels included) taken from
+        this one; for an adapter that keeps the forward's checked problem until the backward
+        of the same arrays (which a framework's saved tensors guarantee unchanged).  Pass the
+        result as ``checked=`` to :func:`lsoftmax_core.add_margin_grad` with the same arrays."""
+        if len(self.inputs) != 4 or self.inputs[3] is not None:
+            raise ValueError("with_grad_logits needs the problem check_arguments() returned without grad_logits")
+        _check_grad_logits(grad_logits, self.n, self.c, self.dtype)
+        x, w, label, _ = self.inputs
+        return Problem(self.n, self.c, self.d, self.dtype, self.margin, self.beta, (x, w, label, grad_logits))
 
 
 def check_integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -188,15 +200,17 @@ def check_arrays(
     if label.dtype.kind not in "iu":
         raise TypeError(f"label must have an integer dtype, got label.dtype={label.dtype}")
     if grad_logits is not None:
-        if tuple(grad_logits.shape) != (n, c):
-            raise ValueError(
-                f"grad_logits must have shape (N, C) = ({n}, {c}), got grad_logits.shape={tuple(grad_logits.shape)}"
-            )
-        if grad_logits.dtype != x.dtype:
-            raise TypeError(f"grad_logits.dtype={grad_logits.dtype} must equal x.dtype={x.dtype}")
-    return Problem(
-        n=n, c=c, d=d, dtype=np.dtype(x.dtype), margin=m, beta=b, inputs=(x, w, label, grad_logits)
-    )
+        _check_grad_logits(grad_logits, n, c, x.dtype)
+    return Problem(n, c, d, np.dtype(x.dtype), m, b, (x, w, label, grad_logits))  # positional: a cheaper init
+
+
+def _check_grad_logits(grad_logits: Any, n: int, c: int, dtype: Any) -> None:
+    if tuple(grad_logits.shape) != (n, c):
+        raise ValueError(
+            f"grad_logits must have shape (N, C) = ({n}, {c}), got grad_logits.shape={tuple(grad_logits.shape)}"
+        )
+    if grad_logits.dtype != dtype:
+        raise TypeError(f"grad_logits.dtype={grad_logits.dtype} must equal x.dtype={dtype}")
 
 
 def check_shard(class_start: object, num_classes: object, c: int) -> tuple[int, int]:

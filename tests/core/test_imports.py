@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,10 @@ def test_core_import_pulls_in_no_optional_library() -> None:
         "lsoftmax_core.check_labels(); lsoftmax_core.supported_dtypes('numpy');"  # no CuPy needed
         f"print(json.dumps(sorted(m for m in {OPTIONAL!r} if m in sys.modules)))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # The default kernels, whatever this process was started with (LSOFTMAX_CPU_KERNELS=numba
+    # imports Numba, by request).
+    env = {k: v for k, v in os.environ.items() if k != "LSOFTMAX_CPU_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
@@ -42,7 +46,10 @@ def test_core_imports_no_adapter_and_not_the_demo() -> None:
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('lsoftmax_core.adapters', "
         "'lsoftmax_core.demo', 'lsoftmax_core.kernels')))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # The default kernels, whatever this process was started with (LSOFTMAX_CPU_KERNELS=numba
+    # imports Numba, by request).
+    env = {k: v for k, v in os.environ.items() if k != "LSOFTMAX_CPU_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 

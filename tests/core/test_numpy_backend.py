@@ -419,3 +419,25 @@ def test_checked_skips_the_checks_only_for_the_arrays_it_was_made_for() -> None:
         lsm.add_margin(x @ w.T, x, w, label, margin=2, beta=1.0, checked=p)
     with pytest.raises(ValueError, match=r"checked= must be"):
         lsm.add_margin_grad(g @ w, g.T @ x, g, x, w, label, margin=3, beta=1.0, checked=p)  # no grad_logits
+
+
+def test_with_grad_logits_extends_a_forward_check_to_the_backward_of_the_same_arrays() -> None:
+    """Problem.with_grad_logits checks only grad_logits (shape, dtype), names it when it is
+    wrong, and gives add_margin_grad a problem for exactly these arrays."""
+    rng = np.random.default_rng(1)
+    x, w, label = rng.standard_normal((4, 3)), rng.standard_normal((5, 3)), np.array([0, 4, 2, 2])
+    g = rng.standard_normal((4, 5))
+    p = lsm.check_arguments(x, w, label, margin=3, beta=1.0)
+    pg = p.with_grad_logits(g)
+    assert pg == lsm.check_arguments(x, w, label, margin=3, beta=1.0, grad_logits=g)
+    gx, gw = lsm.add_margin_grad(g @ w, g.T @ x, g, x, w, label, margin=3, beta=1.0, checked=pg)
+    ex, ew = lsm.backward(g, x, w, label, margin=3, beta=1.0)
+    assert np.array_equal(gx, ex) and np.array_equal(gw, ew)
+    with pytest.raises(ValueError, match=r"grad_logits must have shape \(N, C\) = \(4, 5\), got grad_logits.shape=\(5, 4\)"):
+        p.with_grad_logits(g.T)
+    with pytest.raises(TypeError, match=r"grad_logits.dtype=float32 must equal x.dtype=float64"):
+        p.with_grad_logits(g.astype(np.float32))
+    with pytest.raises(ValueError, match=r"with_grad_logits needs the problem check_arguments\(\) returned without"):
+        pg.with_grad_logits(g)
+    with pytest.raises(ValueError, match=r"checked= must be"):  # made for g, not for a copy of it
+        lsm.add_margin_grad(g @ w, g.T @ x, g.copy(), x, w, label, margin=3, beta=1.0, checked=pg)
