@@ -8,8 +8,7 @@ array the backend allocates drawn from PyTorch's caching allocator.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +23,7 @@ def _as_numpy(name: str, t: Tensor) -> np.ndarray:
     than DLPack: a third of the cost per call (the Python side of ``__dlpack__``), and the
     view is marked read-only here (NumPy's DLPack import leaves it writeable)."""
     try:
-        a = t.detach().numpy()
+        a = (t.detach() if t.requires_grad else t).numpy()  # detach only where numpy() needs it
     except (TypeError, RuntimeError) as e:  # e.g. bfloat16, which NumPy lacks
         raise TypeError(f"{name}.dtype={t.dtype} cannot be passed to the CPU backend: {e}") from None
     a.flags.writeable = False
@@ -130,31 +129,45 @@ def _check_same_dtype(x: Tensor, weight: Tensor) -> None:
         ) from None
 
 
-@contextmanager
-def _dtype_errors_name_weight(x: Tensor, weight: Tensor) -> Iterator[None]:
-    """The core's checks keep their order (shapes first); a dtype error caused by x and
-    weight differing is reported with the adapter's names."""
-    try:
-        yield
-    except TypeError:
-        _check_same_dtype(x, weight)
-        raise
+class _DtypeErrorsNameWeight:
+    """A context in which the core's checks keep their order (shapes first), and a dtype
+    error caused by x and weight differing is reported with the adapter's names.  A class
+    rather than a generator context manager: this one is entered on every call."""
+
+    __slots__ = ("_x", "_weight")
+
+    def __init__(self, x: Tensor, weight: Tensor) -> None:
+        self._x, self._weight = x, weight
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: Any) -> None:
+        # Raises the adapter's error if x and weight differ; the exception propagates otherwise.
+        if kind is not None and issubclass(kind, TypeError):
+            _check_same_dtype(self._x, self._weight)
 
 
-def _no_autocast(device: torch.device) -> Any:
+def _no_autocast(device_type: str) -> Any:
     """The operators' own GEMMs run in the inputs' dtype, whatever autocast is doing."""
-    if not torch.is_autocast_enabled(device.type):
+    if not torch.is_autocast_enabled(device_type):
         return nullcontext()  # nothing to turn off (and cheaper than a disabled autocast)
-    return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device_type, enabled=False)
 
 
 def _check_tensors(**named: Any) -> None:
-    """Framework-level problems the core cannot see: non-tensors, devices, autograd."""
-    values = list(named.values())
-    if all(isinstance(t, Tensor) and t.layout == torch.strided for t in values):
-        on = {t.device for t in values}
-        if len(on) == 1 and next(iter(on)).type in ("cpu", "cuda") and not values[-1].requires_grad:
-            return  # the common case, decided at once; otherwise the checks below name the problem
+    """Framework-level problems the core cannot see: non-tensors, devices, autograd.
+    ``named``: x, weight, then the labels (label or target)."""
+    x, weight, labels = named.values()
+    if (
+        isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(labels, Tensor)
+        and x.layout is weight.layout is labels.layout is torch.strided
+        and not labels.requires_grad
+        and ((x.is_cpu and weight.is_cpu and labels.is_cpu)
+             or (x.is_cuda and weight.is_cuda and labels.is_cuda and x.get_device() == weight.get_device()
+                 == labels.get_device()))
+    ):  # fmt: skip
+        return  # the common case, decided at once; the checks below name any problem
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
@@ -197,7 +210,7 @@ def _beta_tensor(beta: object) -> Tensor:
 def _autocast_cast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """What the operators' autocast rule does, for the eager paths: under autocast on the
     inputs' device, floating inputs other than float64 become float32 (differentiably)."""
-    device = x.device.type
+    device = "cpu" if x.is_cpu else x.device.type
     if not torch.is_autocast_enabled(device):
         return x, weight
     return tuple(  # type: ignore[return-value]
@@ -208,9 +221,15 @@ def _autocast_cast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def _dispatch_mode() -> Any:
     """The active torch dispatch mode (make_fx's proxy mode, a fake-tensor mode), else None."""
+    if _dispatch_stack_len is not None and not _dispatch_stack_len():
+        return None  # no mode: the common case, without the Python lookup below
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return _get_current_dispatch_mode()
+
+
+# The depth of torch's dispatch-mode stack (what _get_current_dispatch_mode reads first).
+_dispatch_stack_len: Callable[[], int] | None = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
 def _beta_float(beta: object) -> float:

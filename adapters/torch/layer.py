@@ -26,7 +26,7 @@ from ._bridge import (
     _check_tensors,
     _cpu_views,
     _dispatch_mode,
-    _dtype_errors_name_weight,
+    _DtypeErrorsNameWeight,
     _no_autocast,
     _run,
 )
@@ -36,50 +36,53 @@ __all__ = ["lsoftmax"]
 
 def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float) -> tuple[Tensor, Any]:
     """The logits, and on the CPU what the backward can reuse (None on CUDA): the core's
-    per-sample statistics and the NumPy views of x, weight and label."""
-    if x.device.type == "cpu":
+    checked problem (which holds the NumPy views of x, weight and label) and its per-sample
+    statistics."""
+    if x.is_cpu:
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
         # and torch's OpenMP workers fight over the cores when they alternate), then the
-        # core rewrites the N target logits in place.
-        with _dtype_errors_name_weight(x, weight):
-            xa, wa, la = _cpu_views(x=x, weight=weight, label=label)
+        # core rewrites the N target logits in place.  No autograd graph is recorded here
+        # (an autograd.Function's forward and a custom op's implementation both run below
+        # autograd); the detached aliases are for Tensor.numpy, which refuses the others.
+        xd, wd = x.detach(), weight.detach()
+        with _DtypeErrorsNameWeight(x, weight):
+            xa, wa, la = _cpu_views(x=xd, weight=wd, label=label)
             checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
-        with _no_autocast(x.device):
-            logits = torch.mm(x.detach(), weight.detach().t())
+        with _no_autocast("cpu"):
+            logits = torch.mm(xd, wd.t())
         _, stats = _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked,
                                     return_stats=True)  # fmt: skip
-        return logits, (stats, (xa, wa, la))
+        return logits, (checked, stats)
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
         return _core.forward(xa, wa, la, margin=margin, beta=b)  # checks once, then computes
 
-    with _dtype_errors_name_weight(x, weight):
+    with _DtypeErrorsNameWeight(x, weight):
         return _run(call, x=x, weight=weight, label=label)[0], None
 
 
 def _backward_impl(
     grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float, saved: Any = None
 ) -> tuple[Tensor, Tensor]:
-    """``saved``: what the forward of this call kept (CPU; its labels were checked there, and
-    autograd refuses a backward after its saved tensors changed in place), or None: every
-    check again."""
-    stats = None
-    if x.device.type == "cpu":  # as in forward: torch's GEMMs, the core's corrections
-        with _dtype_errors_name_weight(x, weight):
-            if saved is None:
+    """``saved``: what the forward of this call kept (CPU; its arguments and labels were
+    checked there, and autograd refuses a backward after its saved tensors changed in
+    place), or None: every check again."""
+    if x.is_cpu:  # as in forward: torch's GEMMs (no graph recorded here), the core's corrections
+        stats = None
+        if saved is None:
+            with _DtypeErrorsNameWeight(x, weight):
                 ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
-            else:
-                stats, (xa, wa, la) = saved
-                (ga,) = _cpu_views(grad_logits=grad_logits)
-            checked = _core.check_arguments(
-                xa, wa, la, margin=margin, beta=b, grad_logits=ga, label_values=stats is None
-            )
-        g = grad_logits.detach()
+                checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
+        else:
+            forward_checked, stats = saved
+            xa, wa, la, _ = forward_checked.inputs
+            (ga,) = _cpu_views(grad_logits=grad_logits)
+            checked = forward_checked.with_grad_logits(ga)  # grad_logits' shape and dtype only
         # Not autocast: a backward run inside an autocast region (loss.backward() under
         # torch.autocast) computes in the forward's dtype too.
-        with _no_autocast(x.device):
-            grad_x = torch.mm(g, weight.detach())
-            grad_w = torch.mm(g.t(), x.detach())
+        with _no_autocast("cpu"):
+            grad_x = torch.mm(grad_logits, weight)
+            grad_w = torch.mm(grad_logits.t(), x)
         _core.add_margin_grad(
             grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked, stats=stats
         )
@@ -88,7 +91,7 @@ def _backward_impl(
     def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
         return _core.backward(ga, xa, wa, la, margin=margin, beta=b)
 
-    with _dtype_errors_name_weight(x, weight):
+    with _DtypeErrorsNameWeight(x, weight):
         grad_x, grad_w = _run(call, grad_logits=grad_logits, x=x, weight=weight, label=label)
     return grad_x, grad_w
 

@@ -218,7 +218,9 @@ def test_mixed_dtypes_name_x_and_weight() -> None:
 
 
 def test_arguments_are_checked_once_per_call_on_the_cpu(monkeypatch) -> None:
-    """One check_arguments per direction, before torch's GEMMs; add_margin* reuse it."""
+    """One check_arguments per call, in the forward before torch's GEMM; add_margin reuses
+    it, and the backward extends it to grad_logits (Problem.with_grad_logits) for
+    add_margin_grad instead of checking everything again."""
     calls: list[tuple[str, object]] = []
     real = {name: getattr(lsm, name) for name in ("check_arguments", "add_margin", "add_margin_grad")}
 
@@ -237,10 +239,14 @@ def test_arguments_are_checked_once_per_call_on_the_cpu(monkeypatch) -> None:
     out = lsoftmax(x, w, label, margin=3, beta=0.5)
     assert [c[0] for c in calls] == ["check_arguments", "add_margin"]
     assert isinstance(calls[0][1], lsm.Problem) and calls[1][1] is calls[0][1]
+    forward_problem = calls[0][1]
     calls.clear()
     out.sum().backward()
-    assert [c[0] for c in calls] == ["check_arguments", "add_margin_grad"]
-    assert isinstance(calls[0][1], lsm.Problem) and calls[1][1] is calls[0][1]
+    assert [c[0] for c in calls] == ["add_margin_grad"]
+    backward_problem = calls[0][1]
+    assert isinstance(backward_problem, lsm.Problem) and backward_problem == forward_problem
+    assert all(a is b for a, b in zip(backward_problem.inputs[:3], forward_problem.inputs[:3]))
+    assert backward_problem.inputs[3] is not None  # the view of the upstream gradient
 
 
 def test_labels_are_scanned_once_per_forward_and_backward_on_the_cpu(monkeypatch) -> None:
