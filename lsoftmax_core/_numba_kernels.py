@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from ._numpy_backend import _LIMITS  # the dtypes' finite and normal ranges, shared with the NumPy code
+
 __all__ = ["backward_rows", "forward_rows", "stats_rows"]
 
 
@@ -203,7 +205,6 @@ def forward_rows(
     return rec if _forward(logits, x, w, label, margin, beta, thr, safe[0], safe[1], rec) else None
 
 
-_LIMITS = {np.dtype(t): (float(np.finfo(t).max), float(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
 _BY_BLOCK = np.zeros(0, dtype=np.intp)  # "order" when the per-class sums run in a (C, D) block
 
 

@@ -106,8 +106,8 @@ def _psi_and_derivative(c: F64, margin: int, out: F64) -> None:
     n = c.shape[0]
     # s = #{boundaries cos(j*pi/m) < c}, so k = #{j : c <= cos(j*pi/m)} = (m - 1) - s; a NaN
     # cosine gets s = m - 1, k = 0, as there.
-    s = np.searchsorted(_ascending_thresholds(margin), c, side="left")
-    by_k = np.take(_tables(margin), s, axis=1)  # rows: (-1)^k, 2k, (-1)^k·m
+    s = _ascending_thresholds(margin).searchsorted(c, side="left")  # the methods: no dispatch wrapper
+    by_k = _tables(margin).take(s, axis=1)  # rows: (-1)^k, 2k, (-1)^k·m
     c2 = 2.0 * c  # (2c)·T_n, exactly as 2.0 * c * t_n evaluates
     cur = np.empty((2, n))
     cur[0] = c  # T_1
@@ -148,6 +148,9 @@ def _arange(n: int) -> npt.NDArray[np.intp]:
     a.flags.writeable = False
     return a
 
+
+#: The largest finite and the smallest normal value of each input dtype (np.finfo, looked up once).
+_LIMITS = {t: (float(np.finfo(t).max), float(np.finfo(t).tiny)) for t in _DTYPES}
 
 _NO_ROWS = np.zeros(0, dtype=np.intp)
 _NO_ROWS.flags.writeable = False
@@ -444,16 +447,16 @@ def add_margin_terms(
     coef[::3] *= g
     if p.beta != 0.0:  # dividing by 1 changes nothing
         coef[::3] /= 1.0 + p.beta
-    fi = np.finfo(p.dtype)
+    fmax, ftiny = _LIMITS[p.dtype]
     if s.careful.size == 0:
         # Every norm is in the safe range: the ratios b/a and a/b are finite and normal.
         np.multiply(ell, s.ab[::-1] / s.ab, out=coef[1:3])  # ell·(b/a), ell·(a/b)
         mag = np.abs(coef[:3])
         # Finite and not flushed to zero; a zero coefficient is exact (the common case has
         # none, and then the smallest magnitude alone decides).
-        fits_all = bool(np.maximum.reduce(mag, axis=None) <= fi.max)
-        if fits_all and not np.minimum.reduce(mag, axis=None) >= fi.tiny:
-            tiny = mag < fi.tiny
+        fits_all = bool(np.maximum.reduce(mag, axis=None) <= fmax)
+        if fits_all and not np.minimum.reduce(mag, axis=None) >= ftiny:
+            tiny = mag < ftiny
             tiny &= mag != 0.0
             fits_all = not tiny.any()
     else:
@@ -471,7 +474,7 @@ def add_margin_terms(
         # zero; rows where they are not take the careful path (float32 with norm ratios beyond
         # ~1e38, float64 with extreme norms).
         mags = np.abs(np.stack([k, lx, lw]))
-        fits = np.all(((mags >= fi.tiny) & (mags <= fi.max)) | (mags == 0.0), axis=0)
+        fits = np.all(((mags >= ftiny) & (mags <= fmax)) | (mags == 0.0), axis=0)
         fits[s.careful] = False
         careful = np.flatnonzero(~fits)
         if careful.size:  # before s.wy is overwritten below
