@@ -516,7 +516,7 @@ def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.
     np.not_equal(sorted_label[1:], sorted_label[:-1], out=first[1:])
     starts = np.flatnonzero(first)
     if starts.size == n:
-        grad_w[label] += rows
+        _add_rows(grad_w, label, rows)
         return
     counts = np.empty_like(starts)
     np.subtract(starts[1:], starts[:-1], out=counts[:-1])
@@ -524,13 +524,21 @@ def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.
     alone = np.repeat(counts == 1, counts)  # per sorted position
     if alone.any():
         single = order[alone]
-        grad_w[label[single]] += rows[single]
+        _add_rows(grad_w, label[single], rows.take(single, axis=0))
         shared = ~alone
         seg = np.flatnonzero(first[shared])
         many = counts[counts > 1]
-        grad_w[sorted_label[shared][seg]] += _segment_sums(rows[order[shared]], seg, many)
+        _add_rows(grad_w, sorted_label[shared][seg], _segment_sums(rows.take(order[shared], axis=0), seg, many))
     else:  # every class of the batch repeats (a small C)
-        grad_w[sorted_label[starts]] += _segment_sums(rows[order], starts, counts)
+        _add_rows(grad_w, sorted_label[starts], _segment_sums(rows.take(order, axis=0), starts, counts))
+
+
+def _add_rows(grad_w: npt.NDArray[Any], classes: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
+    """grad_w[classes] += rows for distinct classes: ``take`` and an in-place add instead of
+    fancy indexing's gather (half the cost at 256 rows of 512 features), then one scatter."""
+    dest = grad_w.take(classes, axis=0)
+    dest += rows
+    grad_w[classes] = dest
 
 
 def _segment_sums(rows: npt.NDArray[Any], starts: npt.NDArray[np.intp], counts: npt.NDArray[np.intp]) -> Any:
