@@ -176,9 +176,10 @@ def check_arrays(
     """
     m = check_margin(margin)
     b = check_beta(beta)
-    _check_ndim("x", x, 2)
-    _check_ndim("w", w, 2)
-    _check_ndim("label", label, 1)
+    if x.ndim != 2 or w.ndim != 2 or label.ndim != 1:  # one test for the common case
+        _check_ndim("x", x, 2)
+        _check_ndim("w", w, 2)
+        _check_ndim("label", label, 1)
     n, d = int(x.shape[0]), int(x.shape[1])
     c, dw = int(w.shape[0]), int(w.shape[1])
     if dw != d:
