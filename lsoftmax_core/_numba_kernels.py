@@ -2,7 +2,8 @@
 
 At small sizes the NumPy backend's cost is the number of NumPy calls it makes (about 45
 each way at 256x2x10), not their work.  These kernels do a call's per-sample part in one
-loop each: ``forward_rows`` the statistics and the target logits, ``backward_rows`` the
+compiled call each way: ``forward_rows`` the statistics and the target logits,
+``backward_rows`` the coefficients from the upstream gradient's target entries and the
 correction rows q_i (into grad_x) and r_i (into grad_w, class by class in sample order).
 The GEMMs stay NumPy's.  Selected with ``lsoftmax_core.set_cpu_kernels("numba")`` or
 ``LSOFTMAX_CPU_KERNELS=numba``; the NumPy code stays the reference and the default, and

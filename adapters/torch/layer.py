@@ -51,8 +51,8 @@ def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: floa
     statistics."""
     if x.is_cpu:
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
-        # and torch's OpenMP workers fight over the cores when they alternate), then the
-        # core rewrites the N target logits in place.  No autograd graph is recorded here
+        # and torch's OpenMP workers fight over the cores when they alternate; NumPy's for
+        # tiny problems, see TINY_GEMM), then the core rewrites the N target logits in place.  No autograd graph is recorded here
         # (an autograd.Function's forward and a custom op's implementation both run below
         # autograd); the detached aliases are for Tensor.numpy, which refuses the others.
         xd, wd = x.detach(), weight.detach()
@@ -82,7 +82,7 @@ def _backward_impl(
     """``saved``: what the forward of this call kept (CPU; its arguments and labels were
     checked there, and autograd refuses a backward after its saved tensors changed in
     place), or None: every check again."""
-    if x.is_cpu:  # as in forward: torch's GEMMs (no graph recorded here), the core's corrections
+    if x.is_cpu:  # as in forward: the plain GEMMs (no graph recorded here), the core's corrections
         stats = None
         if saved is None:
             with _DtypeErrorsNameWeight(x, weight):
