@@ -13,11 +13,9 @@ small sizes (``python -m bench --cpu --overhead``).
 
 CPU: the plain layer's GEMMs run in torch (its BLAS and its thread pool: NumPy's OpenBLAS
 workers and torch's OpenMP workers slow each other down badly when they alternate on the
-same cores; tiny problems, at most 2^16 multiply-adds per GEMM, use NumPy's matmul on the
-views instead, a third of the call cost and one OpenBLAS thread), and the core's
-:func:`lsoftmax_core.add_margin` / :func:`lsoftmax_core.add_margin_grad` then apply the
-margin in place on those results, reading the inputs through read-only NumPy views of the
-tensors' memory (no copy).  The arguments are checked once per call, by
+same cores), and the core's :func:`lsoftmax_core.add_margin` /
+:func:`lsoftmax_core.add_margin_grad` then apply the margin in place on those results,
+reading the inputs through read-only NumPy views of the tensors' memory (no copy).  The arguments are checked once per call, by
 :func:`lsoftmax_core.check_arguments` before the forward's GEMM (labels included), whose
 result lets ``add_margin`` skip its checks; the backward extends it to the upstream
 gradient (``Problem.with_grad_logits``) for ``add_margin_grad``.

@@ -34,39 +34,25 @@ from ._bridge import (
 __all__ = ["lsoftmax"]
 
 
-#: Up to this many multiply-adds per GEMM (the seed's 256x2x10 head has 5,120) the CPU
-#: path's GEMMs are NumPy's on the views: a third of the cost of calling torch.mm and
-#: viewing its result, and single-threaded in OpenBLAS at this size (no thread pools to
-#: fight over the cores).  Above it, torch's BLAS and thread pool (see _forward_impl).
-TINY_GEMM = 1 << 16
-
-
-def _tiny(p: _core.Problem) -> bool:
-    return p.n * p.c * p.d <= TINY_GEMM
-
-
 def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float) -> tuple[Tensor, Any]:
     """The logits, and on the CPU what the backward can reuse (None on CUDA): the core's
     checked problem (which holds the NumPy views of x, weight and label) and its per-sample
     statistics."""
     if x.is_cpu:
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
-        # and torch's OpenMP workers fight over the cores when they alternate; NumPy's for
-        # tiny problems, see TINY_GEMM), then the core rewrites the N target logits in place.  No autograd graph is recorded here
-        # (an autograd.Function's forward and a custom op's implementation both run below
+        # and torch's OpenMP workers fight over the cores when they alternate; and margin 1
+        # is then bit for bit torch's linear layer, at every size), then the core rewrites
+        # the N target logits in place.  No autograd graph is recorded here (an
+        # autograd.Function's forward and a custom op's implementation both run below
         # autograd); the detached aliases are for Tensor.numpy, which refuses the others.
         xd, wd = x.detach(), weight.detach()
         with _DtypeErrorsNameWeight(x, weight):
             xa, wa, la = _cpu_views(x=xd, weight=wd, label=label)
             checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
-        if _tiny(checked):
-            logits_a = xa @ wa.T
-            logits = torch.from_numpy(logits_a)  # shares logits_a's memory
-        else:
-            with _no_autocast("cpu"):
-                logits = torch.mm(xd, wd.t())
-            logits_a = logits.numpy()
-        _, stats = _core.add_margin(logits_a, xa, wa, la, margin=margin, beta=b, checked=checked, return_stats=True)
+        with _no_autocast("cpu"):
+            logits = torch.mm(xd, wd.t())
+        _, stats = _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked,
+                                    return_stats=True)  # fmt: skip
         return logits, (checked, stats)
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
@@ -93,17 +79,14 @@ def _backward_impl(
             xa, wa, la, _ = forward_checked.inputs
             (ga,) = _cpu_views(grad_logits=grad_logits)
             checked = forward_checked.with_grad_logits(ga)  # grad_logits' shape and dtype only
-        if _tiny(checked):
-            gxa, gwa = ga @ wa, ga.T @ xa
-            grad_x, grad_w = torch.from_numpy(gxa), torch.from_numpy(gwa)
-        else:
-            # Not autocast: a backward run inside an autocast region (loss.backward() under
-            # torch.autocast) computes in the forward's dtype too.
-            with _no_autocast("cpu"):
-                grad_x = torch.mm(grad_logits, weight)
-                grad_w = torch.mm(grad_logits.t(), x)
-            gxa, gwa = grad_x.numpy(), grad_w.numpy()
-        _core.add_margin_grad(gxa, gwa, ga, xa, wa, la, margin=margin, beta=b, checked=checked, stats=stats)
+        # Not autocast: a backward run inside an autocast region (loss.backward() under
+        # torch.autocast) computes in the forward's dtype too.
+        with _no_autocast("cpu"):
+            grad_x = torch.mm(grad_logits, weight)
+            grad_w = torch.mm(grad_logits.t(), x)
+        _core.add_margin_grad(
+            grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked, stats=stats
+        )
         return grad_x, grad_w
 
     def call(ga: Any, xa: Any, wa: Any, la: Any) -> Any:
