@@ -248,7 +248,11 @@ def add_margin(
     the inputs (CuPy: also C-contiguous).  ``checked``: :func:`check_arguments`'s result
     for these x, w, label (the argument checks then are not repeated).
     """
-    backend = _backend(logits=logits, x=x, w=w, label=label)
+    backend: ModuleType
+    if type(logits) is np.ndarray and type(x) is np.ndarray and type(w) is np.ndarray and type(label) is np.ndarray:
+        backend = _numpy_backend  # the common case, without _backend's checks
+    else:
+        backend = _backend(logits=logits, x=x, w=w, label=label)
     return backend.add_margin(
         logits, x, w, label, margin=margin, beta=beta, checked=checked, return_stats=return_stats
     )
@@ -275,7 +279,12 @@ def add_margin_grad(
     ``grad_x`` and ``grad_w``; ``checked`` comes from ``check_arguments(..., grad_logits=G)``;
     ``stats`` from ``add_margin``/``forward`` with ``return_stats=True`` (see :func:`backward`).
     """
-    backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
+    backend: ModuleType
+    arrays = (grad_x, grad_w, grad_logits, x, w, label)
+    if type(grad_x) is np.ndarray and all(type(a) is np.ndarray for a in arrays):
+        backend = _numpy_backend  # the common case, without _backend's checks
+    else:
+        backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
     return backend.add_margin_grad(  # type: ignore[no-any-return]
         grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta, checked=checked, stats=stats
     )

@@ -234,12 +234,22 @@ def check_shard(class_start: object, num_classes: object, c: int) -> tuple[int, 
     return start, total
 
 
+_UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+
+
 def check_label_values(label: Any, c: int, ignore_index: int | None = None) -> None:
     """Labels held in host memory (a NumPy array) must lie in [0, C), or equal
     ``ignore_index`` where one is given (the cross-entropy's ignored rows); O(N)."""
     if label.size == 0:
         return
-    if np.minimum.reduce(label) >= 0 and np.maximum.reduce(label) < c:  # two reductions decide the common case
+    kind, size = label.dtype.kind, label.dtype.itemsize
+    if kind == "u" or (kind == "i" and c <= 1 << (8 * size - 1)):
+        # One reduction decides the common case: read as unsigned, a negative label is at
+        # least 2^(bits-1) >= C, so max < C means every label lies in [0, C).
+        unsigned = label if kind == "u" else label.view(_UNSIGNED[size])
+        if np.maximum.reduce(unsigned) < c:
+            return
+    elif np.minimum.reduce(label) >= 0 and np.maximum.reduce(label) < c:
         return
     bad = (label < 0) | (label >= c)
     if ignore_index is not None:
@@ -277,5 +287,6 @@ def check_out(
         raise TypeError(f"{name}.dtype={out.dtype} must equal x.dtype={dtype}")
     if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name} must be writeable (it is updated in place); got a read-only array")
-    if any(overlaps(out, a) for a in inputs):
-        raise ValueError(f"{name} must not share memory with the inputs (it is updated in place)")
+    for a in inputs:
+        if overlaps(out, a):
+            raise ValueError(f"{name} must not share memory with the inputs (it is updated in place)")

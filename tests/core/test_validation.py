@@ -79,3 +79,23 @@ def test_error_messages_quote_the_argument_name_first() -> None:
     with pytest.raises(ValueError) as err:
         lsm.forward(X, W, Y, margin=-3, beta=0.0)
     assert re.match(r"margin=-3", str(err.value))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("c", [5, 127, 128, 129, 300, 70000])
+def test_every_label_dtype_and_class_count_catches_each_bad_label(dtype, c) -> None:
+    """The label scan reads signed labels as unsigned where that decides [0, C) in one
+    reduction (C <= 2^(bits-1)), and scans both ends otherwise: a negative label, one equal
+    to C and the dtype's extremes are refused at every C and width, with the first one named."""
+    info = np.iinfo(dtype)
+    good = np.zeros(6, dtype=dtype)
+    good[2] = min(c - 1, info.max)
+    lsm.check_arguments(np.ones((6, 2)), np.ones((c, 2)), good)  # accepted
+    bad_values = {info.min, info.max, c, -1, -c}
+    for bad in sorted(v for v in bad_values if info.min <= v <= info.max and not 0 <= v < c):
+        y = good.copy()
+        y[4] = bad
+        with pytest.raises(ValueError, match=rf"label must lie in \[0, C\) = \[0, {c}\): label\[4\]={bad}$"):
+            lsm.check_arguments(np.ones((6, 2)), np.ones((c, 2)), y)
+        with pytest.raises(ValueError, match=rf"label\[4\]={bad}$"):
+            lsm.check_arguments(np.ones((6, 2)), np.ones((c, 2)), np.repeat(y, 2)[::2])  # a strided view
