@@ -280,8 +280,7 @@ def add_margin_grad(
     ``stats`` from ``add_margin``/``forward`` with ``return_stats=True`` (see :func:`backward`).
     """
     backend: ModuleType
-    arrays = (grad_x, grad_w, grad_logits, x, w, label)
-    if type(grad_x) is np.ndarray and all(type(a) is np.ndarray for a in arrays):
+    if all(type(a) is np.ndarray for a in (grad_x, grad_w, grad_logits, x, w, label)):
         backend = _numpy_backend  # the common case, without _backend's checks
     else:
         backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
