@@ -70,10 +70,19 @@ def _library(a: Any) -> str | None:
     return None
 
 
+def _plain_numpy(*arrays: Any) -> bool:
+    """All of ``arrays`` are plain numpy.ndarray objects: the NumPy backend, decided at once
+    (the common case of every call, before any of _backend's naming work)."""
+    for a in arrays:
+        if type(a) is not np.ndarray:
+            return False
+    return True
+
+
 def _backend(**arrays: Any) -> ModuleType:
     """The backend module for the arrays' library; all must come from the same one."""
-    if all(type(a) is np.ndarray for a in arrays.values()):
-        return _numpy_backend  # the common case, decided at once
+    if _plain_numpy(*arrays.values()):
+        return _numpy_backend
     (first_name, first), *rest = arrays.items()
     lib = _library(first)
     if lib is None:
@@ -125,8 +134,8 @@ def forward(
     treated as opaque; CuPy arrays: None (the kernels recompute them; see :func:`backward`).
     """
     backend: ModuleType
-    if out is None and type(x) is np.ndarray and type(w) is np.ndarray and type(label) is np.ndarray:
-        backend = _numpy_backend  # the common case, without _backend's checks
+    if out is None and _plain_numpy(x, w, label):
+        backend = _numpy_backend  # without building _backend's named arguments
     else:
         named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
         backend = _backend(**named)
@@ -154,9 +163,8 @@ def backward(
     since the forward (an optimizer step in place) need a new forward.  None: computed here.
     """
     backend: ModuleType
-    if out is None and type(grad_logits) is np.ndarray and type(x) is np.ndarray and type(w) is np.ndarray \
-            and type(label) is np.ndarray:
-        backend = _numpy_backend  # the common case, without _backend's checks
+    if out is None and _plain_numpy(grad_logits, x, w, label):
+        backend = _numpy_backend  # without building _backend's named arguments
     else:
         named = {"grad_logits": grad_logits, "x": x, "w": w, "label": label}
         if out is not None:
@@ -249,8 +257,8 @@ def add_margin(
     for these x, w, label (the argument checks then are not repeated).
     """
     backend: ModuleType
-    if type(logits) is np.ndarray and type(x) is np.ndarray and type(w) is np.ndarray and type(label) is np.ndarray:
-        backend = _numpy_backend  # the common case, without _backend's checks
+    if _plain_numpy(logits, x, w, label):
+        backend = _numpy_backend  # without building _backend's named arguments
     else:
         backend = _backend(logits=logits, x=x, w=w, label=label)
     return backend.add_margin(
@@ -280,8 +288,8 @@ def add_margin_grad(
     ``stats`` from ``add_margin``/``forward`` with ``return_stats=True`` (see :func:`backward`).
     """
     backend: ModuleType
-    if all(type(a) is np.ndarray for a in (grad_x, grad_w, grad_logits, x, w, label)):
-        backend = _numpy_backend  # the common case, without _backend's checks
+    if _plain_numpy(grad_x, grad_w, grad_logits, x, w, label):
+        backend = _numpy_backend  # without building _backend's named arguments
     else:
         backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
     return backend.add_margin_grad(  # type: ignore[no-any-return]

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from ._numpy_backend import _LIMITS  # the dtypes' finite and normal ranges, shared with the NumPy code
+# The dtypes' finite and normal ranges and the record's row count, shared with the NumPy code.
+from ._numpy_backend import _LIMITS, STATS_ROWS
 
 __all__ = ["backward_rows", "forward_rows", "stats_rows"]
 
@@ -193,7 +194,7 @@ def _backward(grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label:
 
 def stats_rows(x: Any, w: Any, label: Any, margin: int, thr: Any, safe: tuple[float, float]) -> Any:
     """The (6, N) statistics record, or None if a row needs the careful path."""
-    rec = np.empty((6, x.shape[0]))
+    rec = np.empty((STATS_ROWS, x.shape[0]))
     return rec if _stats_rows(x, w, label, margin, thr, safe[0], safe[1], rec) else None
 
 
@@ -202,7 +203,7 @@ def forward_rows(
 ) -> Any:
     """Rewrite the target logits in place and return the statistics record; None (nothing
     written) if a row needs the careful path.  One compiled call (each costs microseconds)."""
-    rec = np.empty((6, x.shape[0]))
+    rec = np.empty((STATS_ROWS, x.shape[0]))
     return rec if _forward(logits, x, w, label, margin, beta, thr, safe[0], safe[1], rec) else None
 
 

@@ -534,8 +534,9 @@ def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.
 
 
 def _add_rows(grad_w: npt.NDArray[Any], classes: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
-    """grad_w[classes] += rows for distinct classes: ``take`` and an in-place add instead of
-    fancy indexing's gather (half the cost at 256 rows of 512 features), then one scatter."""
+    """grad_w[classes] += rows for distinct classes: a ``take`` (cheaper than fancy
+    indexing's gather: 21 against 27 us for 256 rows of 512 features, measured once) and an
+    in-place add, then one scatter; the same bits as ``grad_w[classes] += rows``."""
     dest = grad_w.take(classes, axis=0)
     dest += rows
     grad_w[classes] = dest
