@@ -441,3 +441,17 @@ def test_with_grad_logits_extends_a_forward_check_to_the_backward_of_the_same_ar
         pg.with_grad_logits(g)
     with pytest.raises(ValueError, match=r"checked= must be"):  # made for g, not for a copy of it
         lsm.add_margin_grad(g @ w, g.T @ x, g.copy(), x, w, label, margin=3, beta=1.0, checked=pg)
+
+
+def test_label_values_false_checks_shapes_and_dtypes_but_does_not_scan_the_labels() -> None:
+    """check_arguments(label_values=False): for a caller that scanned these labels already
+    (no adapter of this package needs it since Problem.with_grad_logits)."""
+    x, w = np.ones((3, 4)), np.ones((5, 4))
+    p = lsm.check_arguments(x, w, np.array([0, 9, 4]), margin=3, beta=0.5, label_values=False)  # 9: not scanned
+    assert (p.n, p.c, p.d, p.margin, p.beta) == (3, 5, 4, 3, 0.5)
+    with pytest.raises(ValueError, match=r"label must lie in \[0, C\) = \[0, 5\): label\[1\]=9"):
+        lsm.check_arguments(x, w, np.array([0, 9, 4]), margin=3, beta=0.5)
+    with pytest.raises(ValueError, match=r"label must have shape \(N,\) = \(3,\)"):
+        lsm.check_arguments(x, w, np.array([0, 1]), label_values=False)
+    with pytest.raises(TypeError, match=r"label must have an integer dtype"):
+        lsm.check_arguments(x, w, np.array([0.0, 1.0, 2.0]), label_values=False)
