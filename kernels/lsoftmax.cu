@@ -1,6 +1,6 @@
 // CUDA kernels of the CuPy backend (lsoftmax_core/_cupy_backend.py).  The GEMMs run in
 // cuBLAS; these kernels add the L-Softmax terms to their outputs (docs/derivatives.md), O(N*D)
-// work in total.
+// work in total.  Small problems run whole in one kernel each way, GEMMs included.
 //
 //   lsm_forward           one block per sample: the target logit of the GEMM output x @ w.T.
 //   lsm_backward_rows     one block per sample: grad_x[i] += q_i, and the per-sample grad_w
@@ -8,6 +8,8 @@
 //   lsm_backward_classes  one block per (sample, column tile); only the block of each class's
 //                         FIRST sample works: it adds sum_{j in class} r_j to grad_w[class].
 //   lsm_check_labels      margin 1 (a plain GEMM): only the label range check.
+//   lsm_small_forward, lsm_small_backward   small problems: a whole forward or backward,
+//                         GEMM included, in one launch (see "small problems" below).
 //
 // Determinism.  Every floating-point sum has a fixed order: per-thread loops in a fixed
 // element order, block reductions by a fixed tree in shared memory, and the per-class sum
@@ -446,6 +448,171 @@ __global__ void LSM_BOUNDS
       }
     }
     lsm::store_group<F>(gr, ga, g, cnt, bg);
+  }
+}
+
+// ---------------------------------------------------------------- small problems
+// At sizes where the GEMMs are a few thousand multiply-adds (the seed's 256x2x10), a call's
+// cost is its host-side CUDA calls, and cuBLAS's three GEMMs are most of it.  These two
+// kernels do a whole forward or backward each, GEMM included, in one launch and without a
+// workspace (_cupy_plan.small says when: D <= LSM_BLOCK, so a thread owns at most one
+// feature column, and N, C small enough that the sequential sums below stay short).
+//
+//   lsm_small_forward   one block per sample: logits[i, j] = x_i . w_j for every class (in
+//                       float64, k in order, rounded once) and the target logit as lsm_forward.
+//   lsm_small_backward  blocks [0, N), one per sample: grad_x[i] = sum_j G[i,j] w_j (float64,
+//                       j in order) + q_i, rounded once; blocks [N, N+C), one per class:
+//                       grad_w[j] = sum_i G[i,j] x_i (float64, i in order) + the sum of r_i
+//                       over the class's samples in index order, rounded once.
+//
+// The per-sample statistics are lsm::row_sums, as in the other kernels; a class block
+// recomputes them for each of its samples (the same function of the same rows, so the same
+// bits as the sample block's), which costs one block reduction per sample of the class and
+// spares the sample-to-class handoff (a workspace and a second launch).  The r_i sum is
+// formed as lsm_backward_classes forms it (scaled by 2^-E for float64 rows).  Bad labels:
+// the sample's row stays the plain layer's and is reported (forward and backward); a class
+// block only ever matches labels in [0, C).  Deterministic: every sum has a fixed order.
+
+namespace lsm {
+
+// x_i . w_j in float64, k = 0..d-1 in order.
+template <typename F>
+__device__ __forceinline__ double dot_f64(const typename F::Storage* a, const typename F::Storage* b, long long d) {
+  double acc = 0.0;
+  for (long long k = 0; k < d; ++k) acc = fma_(to_double<F>(a[k]), to_double<F>(b[k]), acc);
+  return acc;
+}
+
+}  // namespace lsm
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_small_forward(const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                      const L* __restrict__ label, typename F::Storage* __restrict__ logits, long long n,
+                      long long c, long long d, long long margin, double beta,
+                      const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
+                      long long serial) {
+  typedef typename F::Acc A;
+  __shared__ A red[3 * LSM_BLOCK];
+  const long long i = blockIdx.x;
+  const long long y = (long long)label[i];
+  const bool valid = y >= 0 && y < c;  // block-uniform
+  if (!valid && threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_FORWARD);
+  const typename F::Storage* xr = x + i * d;
+  for (long long j = threadIdx.x; j < c; j += LSM_BLOCK) {
+    if (j != y) logits[i * c + j] = lsm::from_double<F>(lsm::dot_f64<F>(xr, w + j * d, d));
+  }
+  if (!valid) return;
+  const lsm::RowSums<A> s = lsm::row_sums<F>(xr, w + y * d, d, red);
+  if (threadIdx.x == 0) {
+    const lsm::RowStats<A> st =
+        lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
+    logits[i * c + y] = lsm::from_double<F>(lsm::target_logit(st, beta));
+  }
+}
+
+template <typename F, typename L>
+__global__ void LSM_BOUNDS
+    lsm_small_backward(const typename F::Storage* __restrict__ grad_logits,
+                       const typename F::Storage* __restrict__ x, const typename F::Storage* __restrict__ w,
+                       const L* __restrict__ label, typename F::Storage* __restrict__ grad_x,
+                       typename F::Storage* __restrict__ grad_w, long long n, long long c, long long d,
+                       long long margin, double beta, const double* __restrict__ thresholds,
+                       lsm::u64* err_key, lsm::u64 err_rec, long long serial) {
+  typedef typename F::Acc A;
+  typedef typename F::Storage S;
+  __shared__ A red[3 * LSM_BLOCK];
+  __shared__ double k_sh[3];
+  __shared__ int e_sh, ew_sh;
+  const int t = threadIdx.x;
+  const long long col = t;  // this thread's feature column (D <= LSM_BLOCK)
+  const double* thr = lsm::thresholds_for(thresholds, margin);
+  if ((long long)blockIdx.x < n) {
+    const long long i = blockIdx.x;
+    const long long y = (long long)label[i];
+    const bool valid = y >= 0 && y < c;  // block-uniform
+    const S* xr = x + i * d;
+    if (valid) {
+      const lsm::RowSums<A> s = lsm::row_sums<F>(xr, w + y * d, d, red);
+      if (t == 0) {
+        const lsm::RowStats<A> st = lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, thr);
+        const lsm::Coefficients k =
+            lsm::backward_coefficients(st, lsm::to_double<F>(grad_logits[i * c + y]), beta);
+        k_sh[0] = k.gx_scale;
+        k_sh[1] = k.kw;
+        k_sh[2] = k.kx;
+        e_sh = s.ex;
+        ew_sh = s.ew;
+      }
+      __syncthreads();
+    } else if (t == 0) {
+      lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_BACKWARD);
+    }
+    if (col < d) {  // (read from shared memory only here: fewer registers live in the sum)
+      const S* gr = grad_logits + i * c;
+      double acc = 0.0;
+      for (long long j = 0; j < c; ++j) acc = lsm::fma_(lsm::to_double<F>(gr[j]), lsm::to_double<F>(w[j * d + col]), acc);
+      if (valid) {  // + q_i = gx_scale * (kw * w_y*2^-ew + kx * x_i*2^-ex), as lsm_backward_rows
+        const double ux = lsm::to_double<F>(xr[col]) * lsm::ldexp_(1.0, -e_sh);
+        const double uw = lsm::to_double<F>(w[y * d + col]) * lsm::ldexp_(1.0, -ew_sh);
+        acc = lsm::fma_(k_sh[0], lsm::fma_(k_sh[1], uw, k_sh[2] * ux), acc);
+      }
+      grad_x[i * d + col] = lsm::from_double<F>(acc);
+    }
+    return;
+  }
+  const long long j = (long long)blockIdx.x - n;  // this block's class, in [0, C)
+  const S* wr = w + j * d;
+  // float64 rows: the class's r sum is scaled by 2^-E, E the largest row scale exponent ex_i
+  // of its samples (lsm_backward_classes explains why); thread 0 finds E, as row_sums would.
+  const bool wide = sizeof(S) == 8;
+  if (t == 0) {
+    int e = 0;
+    bool any = false;
+    if (wide) {
+      for (long long i = 0; i < n; ++i) {
+        if ((long long)label[i] != j) continue;
+        A amax = A(0);
+        for (long long k = 0; k < d; ++k) {
+          const A v = lsm::abs_(lsm::to_acc<F>(x[i * d + k]));
+          if (v > amax) amax = v;
+        }
+        const int ex = lsm::scale_exponent(amax);
+        e = (!any || ex > e) ? ex : e;
+        any = true;
+      }
+    }
+    e_sh = e;
+  }
+  __syncthreads();
+  const int E = e_sh;
+  double corr = 0.0, eps_total = 0.0;  // eps_total: thread 0's
+  int ew = 0;
+  for (long long i = 0; i < n; ++i) {  // the class's samples in index order (block-uniform test)
+    if ((long long)label[i] != j) continue;
+    const lsm::RowSums<A> s = lsm::row_sums<F>(x + i * d, wr, d, red);
+    ew = s.ew;  // the same row w_j for every sample of the class
+    if (t == 0) {
+      const lsm::RowStats<A> st = lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, thr);
+      const lsm::Coefficients k = lsm::backward_coefficients(st, lsm::to_double<F>(grad_logits[i * c + j]), beta);
+      k_sh[0] = k.alpha;
+      eps_total += lsm::ldexp_(k.eps, s.ex - E);
+    }
+    __syncthreads();
+    // r_i = alpha_i x_i + eps_i 2^ex_i (w_j 2^-ew), summed as
+    // 2^E (sum alpha_i x_i 2^-E + (sum eps_i 2^(ex_i - E)) w_j 2^-ew).
+    if (col < d) corr = lsm::fma_(k_sh[0], lsm::to_double<F>(x[i * d + col]) * lsm::ldexp_(1.0, -E), corr);
+    // No barrier needed before k_sh is rewritten: thread 0 writes it only after the next
+    // row_sums' barriers, which every thread reaches after reading it here.
+  }
+  if (t == 0) k_sh[1] = eps_total;
+  __syncthreads();
+  if (col < d) {
+    double acc = 0.0;
+    for (long long i = 0; i < n; ++i)
+      acc = lsm::fma_(lsm::to_double<F>(grad_logits[i * c + j]), lsm::to_double<F>(x[i * d + col]), acc);
+    const double total = lsm::fma_(k_sh[1], lsm::to_double<F>(wr[col]) * lsm::ldexp_(1.0, -ew), corr);
+    grad_w[j * d + col] = lsm::from_double<F>(lsm::fma_(wide ? lsm::ldexp_(1.0, E) : 1.0, total, acc));
   }
 }
 

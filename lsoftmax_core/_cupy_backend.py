@@ -9,6 +9,11 @@ forward:  logits = x @ w.T (cuBLAS), then ``lsm_forward`` rewrites the N target 
 backward: grad_x = G @ w and grad_w = G.T @ x (cuBLAS), then ``lsm_backward_rows`` adds
           q_i to grad_x[i] and stores per-sample coefficients, and ``lsm_backward_classes``
           adds the per-class sums of r_i to grad_w.  Two GEMMs + O(N·D) work, no O(N·C·D).
+small problems (``_cupy_plan.small``: D <= 128, N and C <= 512, N·C·D <= 2^18, margin > 1):
+          ``lsm_small_forward`` and ``lsm_small_backward`` do the whole call, GEMMs
+          included (in float64, rounded once), one launch each way and no workspace; there a
+          call's cost is its host-side CUDA calls, and cuBLAS's were most of them.
+          ``add_margin``/``add_margin_grad`` always take the GEMM outputs they are given.
 margin 1: the GEMMs alone (psi(c) = c), plus a label check.
 The fused cross-entropy (``lsoftmax_core.cross_entropy`` and its gradients on CuPy arrays)
 is lsoftmax_core/_cupy_loss.py: cuBLAS GEMMs per chunk and the loss kernels, sharing this
@@ -48,9 +53,9 @@ call.  ``lsoftmax_core.check_labels()`` synchronises and raises at once; with th
 
 Memory.  The outputs are the only per-call allocations, except a contiguous copy of a
 non-contiguous input and an int64 copy of labels that are neither int32 nor int64.  The
-backward's workspace (4 float64 per sample, 3 uint32 per class) is cached per device,
-stream and thread, and only grows; its per-class part is cleared by one cudaMemsetAsync
-per call.  Nothing per call is baked into a launch, so CUDA-graph replays compute
+backward's workspace (4 float64 per sample, 3 uint32 per class; none on the small path) is
+cached per device, stream and thread, and only grows; its per-class part is cleared by one
+cudaMemsetAsync per call.  Nothing per call is baked into a launch, so CUDA-graph replays compute
 correctly (bad-label reports then surface only at the next eager call or check_labels()).
 """
 
@@ -278,8 +283,14 @@ def forward(
         _check_out("out", out, (p.n, p.c), p, x, w, label)
     st = _state(x=x, w=w, label=label, **({} if out is None else {"out": out}))
     x, w = _contiguous(x), _contiguous(w)
-    logits = matmul(x, w.T, out)
-    _margin_forward(st, p, logits, x, w, label)
+    if plan.small(p):  # one kernel, GEMM included
+        logits = cupy.empty((p.n, p.c), dtype=p.dtype) if out is None else out
+        call = plan.bind_small_forward(p, cupy, st.bufs, x=x, w=w, label=label, logits=logits, serial=next(_SERIAL))
+        st.run(call, p.dtype.name)
+        _finish(st)
+    else:
+        logits = matmul(x, w.T, out)
+        _margin_forward(st, p, logits, x, w, label)
     return (logits, None) if return_stats else logits
 
 
@@ -313,6 +324,16 @@ def backward(
         _check_out("out[1]", out[1], (p.c, p.d), p, grad_logits, x, w, label, out[0])
     st = _state(grad_logits=grad_logits, x=x, w=w, label=label, **outs)
     g, x, w = _contiguous(grad_logits), _contiguous(x), _contiguous(w)
+    if plan.small(p):  # one kernel, GEMMs included
+        grad_x = cupy.empty((p.n, p.d), dtype=p.dtype) if out is None else out[0]
+        grad_w = cupy.empty((p.c, p.d), dtype=p.dtype) if out is None else out[1]
+        call = plan.bind_small_backward(
+            p, cupy, st.bufs, grad_logits=g, x=x, w=w, label=label, grad_x=grad_x, grad_w=grad_w,
+            serial=next(_SERIAL),
+        )  # fmt: skip
+        st.run(call, p.dtype.name)
+        _finish(st)
+        return grad_x, grad_w
     grad_x = matmul(g, w, outs.get("out[0]"))
     grad_w = matmul(g.T, x, outs.get("out[1]"))
     _margin_backward(st, p, grad_x, grad_w, g, x, w, label)

@@ -20,6 +20,10 @@ replays correctly.  Plans are cached per (N, C, D, dtype, margin, label dtype): 
 a dictionary lookup, not the construction (beta, which a schedule changes every step, is
 per call).  The maths the kernels compute is in docs/derivatives.md.
 
+Small problems (``small``) take another plan: one kernel for the whole forward and one for
+the whole backward, GEMMs included (``bind_small_forward`` / ``bind_small_backward``), so
+a call makes one launch each way instead of cuBLAS calls plus launches.
+
 The fused cross-entropy (lsoftmax_core/_cupy_loss.py) binds its calls with ``bind_loss``
 (a ``LossCall`` hands out the per-chunk steps) and ``bind_accumulate`` / ``bind_from_f64``.
 """
@@ -47,6 +51,9 @@ __all__ = [
     "OP_BACKWARD",
     "OP_FORWARD",
     "RECORD_WORDS",
+    "SMALL_MAX_C",
+    "SMALL_MAX_MACS",
+    "SMALL_MAX_N",
     "Call",
     "DeviceBuffers",
     "Launch",
@@ -55,6 +62,8 @@ __all__ = [
     "backward_launches",
     "bind_backward",
     "bind_forward",
+    "bind_small_backward",
+    "bind_small_forward",
     "bind_accumulate",
     "bind_from_f64",
     "bind_loss",
@@ -67,6 +76,7 @@ __all__ = [
     "kernel_name",
     "kernel_source",
     "name_expressions",
+    "small",
     "threshold_table",
     "workspace_sizes",
 ]
@@ -122,6 +132,8 @@ NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false", "--maxrregcount
 
 KERNELS = (
     "lsm_forward", "lsm_backward_rows", "lsm_backward_classes",
+    # small problems: a whole forward or backward, GEMMs included, in one launch
+    "lsm_small_forward", "lsm_small_backward",
     # the fused cross-entropy (lsoftmax_core/_cupy_loss.py)
     "lsm_loss_targets", "lsm_loss_chunk_lse", "lsm_loss_chunk_grad", "lsm_loss_margin_rows",
 )  # fmt: skip
@@ -295,6 +307,43 @@ def _backward(
     return (clear, rows, classes)
 
 
+#: Limits of the small-problem path (``small``).  Its kernels give a thread at most one
+#: feature column (D <= BLOCK) and sum over all classes (a sample block) or all samples (a
+#: class block) one after another, and a class block recomputes each of its samples'
+#: statistics; these bounds keep those serial parts short (at most SMALL_MAX_N label tests
+#: and multiply-adds per thread, and SMALL_MAX_MACS multiply-adds in all).
+SMALL_MAX_N = 512
+SMALL_MAX_C = 512
+SMALL_MAX_MACS = 2**18
+
+
+def small(p: Problem) -> bool:
+    """Whether forward and backward run as one kernel each, GEMMs included, instead of
+    cuBLAS GEMMs plus the margin kernels.  At these sizes a call's cost is its host-side CUDA
+    calls, three GEMMs of them (docs/BENCHMARKS.md, GPU per-call overhead).  Margin 1 keeps
+    the GEMMs: its result is then exactly the plain layer's."""
+    return (
+        p.margin > 1 and 0 < p.n <= SMALL_MAX_N and 0 < p.d <= BLOCK and p.c <= SMALL_MAX_C
+        and p.n * p.c * p.d <= SMALL_MAX_MACS
+    )  # fmt: skip
+
+
+@lru_cache(maxsize=256)
+def _small(
+    n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
+) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """(forward, backward) steps of the small-problem path."""
+    i64 = np.int64
+    sizes = (i64(n), i64(c), i64(d), i64(margin), "beta", "thresholds", "err_key", "err_rec", "serial")
+    fwd = Launch(kernel_name("lsm_small_forward", dtype, label_dtype), (n, 1), ("x", "w", "label", "logits", *sizes))
+    bwd = Launch(
+        kernel_name("lsm_small_backward", dtype, label_dtype),
+        (n + c, 1),
+        ("grad_logits", "x", "w", "label", "grad_x", "grad_w", *sizes),
+    )
+    return (fwd,), (bwd,)
+
+
 def forward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
     """Steps after ``logits = x @ w.T``: the target fix-up (or only the label check)."""
     return _forward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
@@ -409,6 +458,29 @@ def bind_backward(
     if steps and p.margin > 1:  # margin 1 only checks labels
         values["coef"], values["classes"] = workspace(*workspace_sizes(p))
     return Call(steps, values)
+
+
+def bind_small_forward(
+    p: Problem, xp: Any, dev: DeviceBuffers, *, x: Any, w: Any, label: Any, logits: Any, serial: int
+) -> Call:
+    """The whole forward of a problem where ``small(p)``: ``logits`` (C-contiguous, N x C) is
+    written entirely by the kernel, no GEMM before it (arrays as for ``bind_forward``)."""
+    lab = kernel_labels(label, xp)
+    values = _values(p, dev, serial, lab)
+    values.update(x=x, w=w, logits=logits)
+    return Call(_small(p.n, p.c, p.d, p.dtype, p.margin, lab.dtype)[0], values)
+
+
+def bind_small_backward(
+    p: Problem, xp: Any, dev: DeviceBuffers, *, grad_logits: Any, x: Any, w: Any, label: Any, grad_x: Any,
+    grad_w: Any, serial: int,
+) -> Call:  # fmt: skip
+    """The whole backward of a problem where ``small(p)``: ``grad_x`` and ``grad_w`` are
+    written entirely by the kernel, no GEMMs before it and no workspace."""
+    lab = kernel_labels(label, xp)
+    values = _values(p, dev, serial, lab)
+    values.update(grad_logits=grad_logits, x=x, w=w, grad_x=grad_x, grad_w=grad_w)
+    return Call(_small(p.n, p.c, p.d, p.dtype, p.margin, lab.dtype)[1], values)
 
 
 # ---------------------------------------------------------------- the fused cross-entropy

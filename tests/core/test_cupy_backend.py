@@ -16,7 +16,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lsoftmax_core as lsm
+from lsoftmax_core.checks import check_arrays
 
+from support.kernel_host import DTYPES as HOST_DTYPES
 from support.kernel_host import (
     EXTREME_NORMS,
     EmuBackend,
@@ -33,6 +35,7 @@ from support.tolerances import check_backward, check_forward
 
 cupy = pytest.importorskip("cupy")
 cb = pytest.importorskip("lsoftmax_core._cupy_backend")
+plan = pytest.importorskip("lsoftmax_core._cupy_plan")
 
 pytestmark = pytest.mark.gpu
 
@@ -210,8 +213,15 @@ def test_float64_agrees_with_numpy_backend() -> None:
         np.testing.assert_allclose(cupy.asnumpy(a), b, rtol=1e-11, atol=1e-11 * float(np.max(np.abs(b))))
 
 
+@pytest.fixture
+def gemm_path(monkeypatch):
+    """The cuBLAS GEMMs + margin kernels at every size (the small-problem path off)."""
+    monkeypatch.setattr(plan, "SMALL_MAX_MACS", 0)
+
+
 @pytest.mark.parametrize("m", [1, 4])
-def test_add_margin_on_plain_results_equals_forward_and_backward(m) -> None:
+def test_add_margin_on_plain_results_equals_forward_and_backward(m, gemm_path) -> None:
+    """(On the GEMM path: the small-problem kernels compute their own products.)"""
     x, w, label, g = _gpu(*_case(11, 50, 9, 33, np.float32))
     out, gx, gw = _run(x, w, label, g, m, 2.0)
     logits = x @ w.T
@@ -250,7 +260,7 @@ def _plain(x, w, g):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(
-    "shape", [(4096, 10, 64), (2048, 3, 2), (512, 1000, 300)], ids=lambda s: "x".join(map(str, s))
+    "shape", [(4096, 10, 64), (2048, 3, 2), (512, 1000, 300), (256, 10, 2)], ids=lambda s: "x".join(map(str, s))
 )
 def test_deterministic(dtype, shape) -> None:
     """Same inputs, bitwise same outputs: repeated runs; and on another stream or from
@@ -287,12 +297,17 @@ def test_deterministic(dtype, shape) -> None:
 
 
 @pytest.mark.skipif(compiler() is None, reason="needs g++ for the host build of the kernels")
+@pytest.mark.parametrize("path", ["small", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_bitwise_equal_to_host_build_of_the_same_kernels(tmp_path_factory, dtype, monkeypatch) -> None:
+def test_bitwise_equal_to_host_build_of_the_same_kernels(tmp_path_factory, dtype, path, monkeypatch) -> None:
     """Given cuBLAS's GEMM outputs, the GPU kernels and their g++ build (the code the CPU
-    tests run) produce the same bits: same source, no FMA contraction on either side."""
+    tests run) produce the same bits: same source, no FMA contraction on either side.  The
+    small-problem kernels compute their products themselves: the same bits without cuBLAS."""
     emu = _EMU.get("emu") or _EMU.setdefault("emu", build_emulator(tmp_path_factory.mktemp("emu")))
+    if path == "gemm":
+        monkeypatch.setattr(plan, "SMALL_MAX_MACS", 0)
     x, w, label, g = _case(12, 300, 7, 45, dtype)
+    assert plan.small(check_arrays(x, w, label, 4, 0.75, dtypes=HOST_DTYPES)) == (path == "small")
     dx, dw, dl, dg = _gpu(x, w, label, g)
     out, gx, gw = _run(dx, dw, dl, dg, 4, 0.75)
     gemms = {"fwd": cupy.asnumpy(dx @ dw.T), "gx": cupy.asnumpy(dg @ dw), "gw": cupy.asnumpy(dg.T @ dx)}

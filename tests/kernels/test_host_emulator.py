@@ -56,6 +56,16 @@ def emu(tmp_path_factory):
     return build_emulator(tmp_path_factory.mktemp("emu"))
 
 
+@pytest.fixture(scope="module", autouse=True, params=["small", "gemm"])
+def path(request):
+    """Every test runs on both plans: as the backend chooses (the small-problem kernels at
+    most of these sizes), and with the small path off (cuBLAS GEMMs + the margin kernels)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "gemm":
+            mp.setattr(plan, "SMALL_MAX_MACS", 0)
+        yield request.param
+
+
 def _rand(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
@@ -112,6 +122,10 @@ def test_binding_of_a_call(margin, n, d) -> None:
                 p, np, dev, grad_logits=g, x=x, w=w, label=label, grad_x=x.copy(), grad_w=w.copy(),
                 serial=8, workspace=workspace,
             ),
+            plan.bind_small_forward(p, np, dev, x=x, w=w, label=label, logits=g.copy(), serial=7),
+            plan.bind_small_backward(
+                p, np, dev, grad_logits=g, x=x, w=w, label=label, grad_x=x.copy(), grad_w=w.copy(), serial=8
+            ),
         ]  # fmt: skip
         for call in calls:
             lab = call.values["label"]
@@ -132,6 +146,27 @@ def test_binding_of_a_call(margin, n, d) -> None:
         assert uses == (margin > 1 and n > 0)
         assert asked == ([plan.workspace_sizes(p)] if uses else [])
         asked.clear()
+
+
+def test_small_problems_take_one_launch_each_way(emu, path) -> None:
+    """At the seed's size (256x2x10) the backend's plan is one kernel per direction, GEMMs
+    included, and no workspace; margin 1, D > BLOCK, N or C over the limits, or too many
+    multiply-adds keep the GEMM plan."""
+    x, w, label, g = _case(11, 256, 10, 2, np.float32)
+    p = check_arrays(x, w, label, 4, 0.0, dtypes=DTYPES, grad_logits=g)
+    b = EmuBackend(emu)
+    b.forward(x, w, label, margin=4, beta=0.0)
+    b.backward(g, x, w, label, margin=4, beta=0.0)
+    if path == "small":
+        assert plan.small(p)
+        assert b.launched == [plan.kernel_name(k, np.float32, label.dtype) for k in ("lsm_small_forward", "lsm_small_backward")]
+        assert b.coef.size == 0 and b.classes.size == 0  # no workspace
+    else:
+        assert not plan.small(p) and len(b.launched) == 3
+    for n, c, d, m in ((256, 10, 2, 1), (4, 3, plan.BLOCK + 1, 4), (plan.SMALL_MAX_N + 1, 2, 2, 4),
+                       (2, plan.SMALL_MAX_C + 1, 2, 4), (512, 512, 2, 4)):  # fmt: skip
+        x, w, label, g = _case(12, n, c, d, np.float32)
+        assert not plan.small(check_arrays(x, w, label, m, 0.0, dtypes=DTYPES, grad_logits=g))
 
 
 def test_kernels_do_not_compile_without_the_plan_definitions(tmp_path) -> None:

@@ -258,7 +258,8 @@ def gemm(a: np.ndarray, b: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 
 class EmuBackend:
-    """forward/backward as _cupy_backend runs them, on the emulator.  Keeps its workspace
+    """forward/backward as _cupy_backend runs them, on the emulator (the small-problem path
+    where ``_cupy_plan.small`` says so, as there).  Keeps its workspace
     and error record across calls like the backend's per-device and per-stream state; a
     new workspace starts as garbage (not zeros), like CuPy's ``empty``."""
 
@@ -272,8 +273,10 @@ class EmuBackend:
         self.coef = np.zeros(0, dtype=np.float64)
         self.classes = np.zeros(0, dtype=np.uint32)
         self.serial = 0
+        self.launched: list[str] = []  # kernel names, in launch order
 
     def _launch(self, name: str, grid: tuple[int, int], args: tuple[Any, ...]) -> None:
+        self.launched.append(name)
         self.emu.launch(name, grid, args, self.order)
 
     @staticmethod
@@ -296,6 +299,13 @@ class EmuBackend:
     ) -> np.ndarray:
         p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES)
         x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+        if plan.small(p):  # every entry written by the kernel: start from NaN, not zeros
+            logits = np.full((p.n, p.c), np.nan, dtype=p.dtype)
+            call = plan.bind_small_forward(
+                p, np, self.bufs, x=x, w=w, label=label, logits=logits, serial=self._next_serial()
+            )
+            call.run(self._launch, self._zero)
+            return logits
         logits = gemm(x, w.T, p.dtype)
         call = plan.bind_forward(
             p, np, self.bufs, x=x, w=w, label=label, logits=logits, serial=self._next_serial()
@@ -315,6 +325,14 @@ class EmuBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES, grad_logits=grad_logits)
         g, x, w = (np.ascontiguousarray(a) for a in (grad_logits, x, w))
+        if plan.small(p):
+            grad_x, grad_w = (np.full(shape, np.nan, dtype=p.dtype) for shape in ((p.n, p.d), (p.c, p.d)))
+            call = plan.bind_small_backward(
+                p, np, self.bufs, grad_logits=g, x=x, w=w, label=label, grad_x=grad_x, grad_w=grad_w,
+                serial=self._next_serial(),
+            )  # fmt: skip
+            call.run(self._launch, self._zero)
+            return grad_x, grad_w
         grad_x, grad_w = gemm(g, w, p.dtype), gemm(g.T, x, p.dtype)
         call = plan.bind_backward(
             p, np, self.bufs, grad_logits=g, x=x, w=w, label=label, grad_x=grad_x, grad_w=grad_w,
