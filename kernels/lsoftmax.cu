@@ -37,14 +37,15 @@
 // Launch contract.  lsoftmax_core/_cupy_plan.py holds it: kernel names, grids, argument
 // order, and the constants below, which reach this file only as compiler definitions
 // (_cupy_plan.DEFINES, given to NVRTC and to the tests' g++ build alike): LSM_BLOCK, the
-// threads per block of every launch (blockDim.x == LSM_BLOCK always), and the bad-label op
-// codes LSM_OP_FORWARD / LSM_OP_BACKWARD.  Every early return is block-uniform (it depends
+// threads per block of every launch (blockDim.x == LSM_BLOCK always), the bad-label op
+// codes LSM_OP_FORWARD / LSM_OP_BACKWARD, and LSM_SMALL_MAX_N, the largest N the plan gives
+// lsm_small_backward.  Every early return before a barrier is block-uniform (it depends
 // only on blockIdx and on values all threads read the same), so no thread skips a
 // __syncthreads another thread waits at.
 #include "lsoftmax_math.cuh"
 
-#if !defined(LSM_BLOCK) || !defined(LSM_OP_FORWARD) || !defined(LSM_OP_BACKWARD)
-#error "compile with lsoftmax_core._cupy_plan.DEFINES (-DLSM_BLOCK=... -DLSM_OP_FORWARD=... -DLSM_OP_BACKWARD=...)"
+#if !defined(LSM_BLOCK) || !defined(LSM_OP_FORWARD) || !defined(LSM_OP_BACKWARD) || !defined(LSM_SMALL_MAX_N)
+#error "compile with lsoftmax_core._cupy_plan.DEFINES (-DLSM_BLOCK=... -DLSM_OP_FORWARD=... -DLSM_OP_BACKWARD=... -DLSM_SMALL_MAX_N=...)"
 #endif
 static_assert(LSM_BLOCK >= 32 && LSM_BLOCK <= 1024 && (LSM_BLOCK & (LSM_BLOCK - 1)) == 0,
               "LSM_BLOCK must be a power of two in [32, 1024] (the reduction trees halve it)");
@@ -456,21 +457,22 @@ __global__ void LSM_BOUNDS
 // cost is its host-side CUDA calls, and cuBLAS's three GEMMs are most of it.  These two
 // kernels do a whole forward or backward each, GEMM included, in one launch and without a
 // workspace (_cupy_plan.small says when: D <= LSM_BLOCK, so a thread owns at most one
-// feature column, and N, C small enough that the sequential sums below stay short).
+// feature column, and N <= LSM_SMALL_MAX_N, so a class block keeps per-sample values in
+// shared memory).
 //
 //   lsm_small_forward   one block per sample: logits[i, j] = x_i . w_j for every class (in
-//                       float64, k in order, rounded once) and the target logit as lsm_forward.
+//                       float64, k in order, rounded once), and the target logit.
 //   lsm_small_backward  blocks [0, N), one per sample: grad_x[i] = sum_j G[i,j] w_j (float64,
 //                       j in order) + q_i, rounded once; blocks [N, N+C), one per class:
 //                       grad_w[j] = sum_i G[i,j] x_i (float64, i in order) + the sum of r_i
 //                       over the class's samples in index order, rounded once.
 //
-// The per-sample statistics are lsm::row_sums, as in the other kernels; a class block
-// recomputes them for each of its samples (the same function of the same rows, so the same
-// bits as the sample block's), which costs one block reduction per sample of the class and
-// spares the sample-to-class handoff (a workspace and a second launch).  The r_i sum is
-// formed as lsm_backward_classes forms it (scaled by 2^-E for float64 rows).  Bad labels:
-// the sample's row stays the plain layer's and is reported (forward and backward); a class
+// Per-sample statistics come from row_sums_serial: one thread, the same two scaled passes
+// as row_sums but k in order (D is small here), so a class block computes its samples'
+// statistics in parallel, a thread per sample, with no barrier per sample, and the sample
+// blocks and the forward get the same bits for the same row.  The r_i sum is formed as
+// lsm_backward_classes forms it (scaled by 2^-E for float64 rows).  Bad labels: the
+// sample's row stays the plain layer's and is reported (forward and backward); a class
 // block only ever matches labels in [0, C).  Deterministic: every sum has a fixed order.
 
 namespace lsm {
@@ -483,6 +485,46 @@ __device__ __forceinline__ double dot_f64(const typename F::Storage* a, const ty
   return acc;
 }
 
+// row_sums' scaled sums by one thread, k in order.
+template <typename F>
+__device__ RowSums<typename F::Acc> row_sums_serial(const typename F::Storage* xr, const typename F::Storage* wr,
+                                                    long long d) {
+  typedef typename F::Acc A;
+  A mx = A(0), mw = A(0);
+  for (long long k = 0; k < d; ++k) {
+    const A vx = abs_(to_acc<F>(xr[k])), vw = abs_(to_acc<F>(wr[k]));
+    if (vx > mx) mx = vx;
+    if (vw > mw) mw = vw;
+  }
+  RowSums<A> r;
+  r.ex = scale_exponent(mx);
+  r.ew = scale_exponent(mw);
+  const A sx = ldexp_(A(1), -r.ex), sw = ldexp_(A(1), -r.ew);
+  r.xx = A(0);
+  r.ww = A(0);
+  r.xw = A(0);
+  for (long long k = 0; k < d; ++k) {
+    const A ux = to_acc<F>(xr[k]) * sx, uw = to_acc<F>(wr[k]) * sw;
+    r.xx = fma_(ux, ux, r.xx);
+    r.ww = fma_(uw, uw, r.ww);
+    r.xw = fma_(ux, uw, r.xw);
+  }
+  return r;
+}
+
+// The backward coefficients of sample i against class row wr (statistics by row_sums_serial).
+template <typename F>
+__device__ __forceinline__ Coefficients small_coefficients(const typename F::Storage* xr,
+                                                           const typename F::Storage* wr, long long d,
+                                                           double g, long long margin, double beta,
+                                                           const double* thr, int* ex, int* ew) {
+  typedef typename F::Acc A;
+  const RowSums<A> s = row_sums_serial<F>(xr, wr, d);
+  *ex = s.ex;
+  *ew = s.ew;
+  return backward_coefficients(finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, thr), g, beta);
+}
+
 }  // namespace lsm
 
 template <typename F, typename L>
@@ -493,22 +535,22 @@ __global__ void LSM_BOUNDS
                       const double* __restrict__ thresholds, lsm::u64* err_key, lsm::u64 err_rec,
                       long long serial) {
   typedef typename F::Acc A;
-  __shared__ A red[3 * LSM_BLOCK];
   const long long i = blockIdx.x;
   const long long y = (long long)label[i];
-  const bool valid = y >= 0 && y < c;  // block-uniform
-  if (!valid && threadIdx.x == 0) lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_FORWARD);
+  const bool valid = y >= 0 && y < c;
   const typename F::Storage* xr = x + i * d;
   for (long long j = threadIdx.x; j < c; j += LSM_BLOCK) {
     if (j != y) logits[i * c + j] = lsm::from_double<F>(lsm::dot_f64<F>(xr, w + j * d, d));
   }
-  if (!valid) return;
-  const lsm::RowSums<A> s = lsm::row_sums<F>(xr, w + y * d, d, red);
-  if (threadIdx.x == 0) {
-    const lsm::RowStats<A> st =
-        lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
-    logits[i * c + y] = lsm::from_double<F>(lsm::target_logit(st, beta));
+  if (threadIdx.x != 0) return;
+  if (!valid) {
+    lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_FORWARD);
+    return;
   }
+  const lsm::RowSums<A> s = lsm::row_sums_serial<F>(xr, w + y * d, d);
+  const lsm::RowStats<A> st =
+      lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, lsm::thresholds_for(thresholds, margin));
+  logits[i * c + y] = lsm::from_double<F>(lsm::target_logit(st, beta));
 }
 
 template <typename F, typename L>
@@ -519,11 +561,13 @@ __global__ void LSM_BOUNDS
                        typename F::Storage* __restrict__ grad_w, long long n, long long c, long long d,
                        long long margin, double beta, const double* __restrict__ thresholds,
                        lsm::u64* err_key, lsm::u64 err_rec, long long serial) {
-  typedef typename F::Acc A;
   typedef typename F::Storage S;
-  __shared__ A red[3 * LSM_BLOCK];
+  // Per sample of the class (class blocks): alpha_i, eps_i, ex_i, and whether i is one.
+  __shared__ double alpha_sh[LSM_SMALL_MAX_N], eps_sh[LSM_SMALL_MAX_N];
+  __shared__ int ex_sh[LSM_SMALL_MAX_N];
+  __shared__ bool member_sh[LSM_SMALL_MAX_N];
   __shared__ double k_sh[3];
-  __shared__ int e_sh, ew_sh;
+  __shared__ int e_sh[2];
   const int t = threadIdx.x;
   const long long col = t;  // this thread's feature column (D <= LSM_BLOCK)
   const double* thr = lsm::thresholds_for(thresholds, margin);
@@ -532,29 +576,25 @@ __global__ void LSM_BOUNDS
     const long long y = (long long)label[i];
     const bool valid = y >= 0 && y < c;  // block-uniform
     const S* xr = x + i * d;
-    if (valid) {
-      const lsm::RowSums<A> s = lsm::row_sums<F>(xr, w + y * d, d, red);
-      if (t == 0) {
-        const lsm::RowStats<A> st = lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, thr);
-        const lsm::Coefficients k =
-            lsm::backward_coefficients(st, lsm::to_double<F>(grad_logits[i * c + y]), beta);
+    if (t == 0) {
+      if (valid) {
+        const lsm::Coefficients k = lsm::small_coefficients<F>(
+            xr, w + y * d, d, lsm::to_double<F>(grad_logits[i * c + y]), margin, beta, thr, &e_sh[0], &e_sh[1]);
         k_sh[0] = k.gx_scale;
         k_sh[1] = k.kw;
         k_sh[2] = k.kx;
-        e_sh = s.ex;
-        ew_sh = s.ew;
+      } else {
+        lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_BACKWARD);
       }
-      __syncthreads();
-    } else if (t == 0) {
-      lsm::record_bad_label(i, y, c, err_key, err_rec, serial, lsm::OP_BACKWARD);
     }
-    if (col < d) {  // (read from shared memory only here: fewer registers live in the sum)
+    __syncthreads();
+    if (col < d) {
       const S* gr = grad_logits + i * c;
       double acc = 0.0;
       for (long long j = 0; j < c; ++j) acc = lsm::fma_(lsm::to_double<F>(gr[j]), lsm::to_double<F>(w[j * d + col]), acc);
       if (valid) {  // + q_i = gx_scale * (kw * w_y*2^-ew + kx * x_i*2^-ex), as lsm_backward_rows
-        const double ux = lsm::to_double<F>(xr[col]) * lsm::ldexp_(1.0, -e_sh);
-        const double uw = lsm::to_double<F>(w[y * d + col]) * lsm::ldexp_(1.0, -ew_sh);
+        const double ux = lsm::to_double<F>(xr[col]) * lsm::ldexp_(1.0, -e_sh[0]);
+        const double uw = lsm::to_double<F>(w[y * d + col]) * lsm::ldexp_(1.0, -e_sh[1]);
         acc = lsm::fma_(k_sh[0], lsm::fma_(k_sh[1], uw, k_sh[2] * ux), acc);
       }
       grad_x[i * d + col] = lsm::from_double<F>(acc);
@@ -563,55 +603,52 @@ __global__ void LSM_BOUNDS
   }
   const long long j = (long long)blockIdx.x - n;  // this block's class, in [0, C)
   const S* wr = w + j * d;
-  // float64 rows: the class's r sum is scaled by 2^-E, E the largest row scale exponent ex_i
-  // of its samples (lsm_backward_classes explains why); thread 0 finds E, as row_sums would.
+  // The class's samples' coefficients, a thread per sample.
+  for (long long i = t; i < n; i += LSM_BLOCK) {
+    const bool member = (long long)label[i] == j;
+    member_sh[i] = member;
+    if (member) {
+      int ew;
+      const lsm::Coefficients k = lsm::small_coefficients<F>(
+          x + i * d, wr, d, lsm::to_double<F>(grad_logits[i * c + j]), margin, beta, thr, &ex_sh[i], &ew);
+      alpha_sh[i] = k.alpha;
+      eps_sh[i] = k.eps;
+      e_sh[1] = ew;  // the same row w_j, so the same ew, for every sample of the class
+    }
+  }
+  __syncthreads();
+  // float64 rows: the class's r sum is scaled by 2^-E, E the largest ex_i of its samples
+  // (lsm_backward_classes explains why); thread 0 also sums eps_i 2^(ex_i - E) in index order.
   const bool wide = sizeof(S) == 8;
   if (t == 0) {
     int e = 0;
     bool any = false;
-    if (wide) {
-      for (long long i = 0; i < n; ++i) {
-        if ((long long)label[i] != j) continue;
-        A amax = A(0);
-        for (long long k = 0; k < d; ++k) {
-          const A v = lsm::abs_(lsm::to_acc<F>(x[i * d + k]));
-          if (v > amax) amax = v;
-        }
-        const int ex = lsm::scale_exponent(amax);
-        e = (!any || ex > e) ? ex : e;
+    for (long long i = 0; i < n; ++i) {
+      if (member_sh[i]) {
+        if (wide) e = (!any || ex_sh[i] > e) ? ex_sh[i] : e;
         any = true;
       }
     }
-    e_sh = e;
+    double eps_total = 0.0;
+    for (long long i = 0; i < n; ++i)
+      if (member_sh[i]) eps_total += lsm::ldexp_(eps_sh[i], ex_sh[i] - e);
+    e_sh[0] = e;
+    k_sh[0] = eps_total;
+    k_sh[1] = any ? lsm::ldexp_(1.0, -e_sh[1]) : 1.0;  // 2^-ew (e_sh[1] is set only by a sample)
   }
-  __syncthreads();
-  const int E = e_sh;
-  double corr = 0.0, eps_total = 0.0;  // eps_total: thread 0's
-  int ew = 0;
-  for (long long i = 0; i < n; ++i) {  // the class's samples in index order (block-uniform test)
-    if ((long long)label[i] != j) continue;
-    const lsm::RowSums<A> s = lsm::row_sums<F>(x + i * d, wr, d, red);
-    ew = s.ew;  // the same row w_j for every sample of the class
-    if (t == 0) {
-      const lsm::RowStats<A> st = lsm::finish_stats(s.xx, s.ww, s.xw, s.ex, s.ew, (int)margin, thr);
-      const lsm::Coefficients k = lsm::backward_coefficients(st, lsm::to_double<F>(grad_logits[i * c + j]), beta);
-      k_sh[0] = k.alpha;
-      eps_total += lsm::ldexp_(k.eps, s.ex - E);
-    }
-    __syncthreads();
-    // r_i = alpha_i x_i + eps_i 2^ex_i (w_j 2^-ew), summed as
-    // 2^E (sum alpha_i x_i 2^-E + (sum eps_i 2^(ex_i - E)) w_j 2^-ew).
-    if (col < d) corr = lsm::fma_(k_sh[0], lsm::to_double<F>(x[i * d + col]) * lsm::ldexp_(1.0, -E), corr);
-    // No barrier needed before k_sh is rewritten: thread 0 writes it only after the next
-    // row_sums' barriers, which every thread reaches after reading it here.
-  }
-  if (t == 0) k_sh[1] = eps_total;
   __syncthreads();
   if (col < d) {
-    double acc = 0.0;
-    for (long long i = 0; i < n; ++i)
-      acc = lsm::fma_(lsm::to_double<F>(grad_logits[i * c + j]), lsm::to_double<F>(x[i * d + col]), acc);
-    const double total = lsm::fma_(k_sh[1], lsm::to_double<F>(wr[col]) * lsm::ldexp_(1.0, -ew), corr);
+    // r_i = alpha_i x_i + eps_i 2^ex_i (w_j 2^-ew), summed as
+    // 2^E (sum alpha_i x_i 2^-E + (sum eps_i 2^(ex_i - E)) w_j 2^-ew).
+    const int E = e_sh[0];
+    const double se = lsm::ldexp_(1.0, -E);
+    double acc = 0.0, corr = 0.0;
+    for (long long i = 0; i < n; ++i) {
+      const double xv = lsm::to_double<F>(x[i * d + col]);
+      acc = lsm::fma_(lsm::to_double<F>(grad_logits[i * c + j]), xv, acc);
+      if (member_sh[i]) corr = lsm::fma_(alpha_sh[i], xv * se, corr);
+    }
+    const double total = lsm::fma_(k_sh[0], lsm::to_double<F>(wr[col]) * k_sh[1], corr);
     grad_w[j * d + col] = lsm::from_double<F>(lsm::fma_(wide ? lsm::ldexp_(1.0, E) : 1.0, total, acc));
   }
 }

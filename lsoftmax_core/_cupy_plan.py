@@ -89,12 +89,21 @@ BLOCK = 128
 OP_FORWARD = 0
 OP_BACKWARD = 1
 
+#: Limits of the small-problem path (``small``).  Its kernels give a thread at most one
+#: feature column (D <= BLOCK), keep four values per sample of a class in shared memory (N <=
+#: SMALL_MAX_N, which they get as LSM_SMALL_MAX_N) and sum over all classes (a sample block)
+#: or all samples (a class block) one after another; the bounds keep those serial sums short.
+SMALL_MAX_N = 512
+SMALL_MAX_C = 512
+SMALL_MAX_MACS = 2**18
+
 #: The preprocessor definitions kernels/lsoftmax.cu requires (it refuses to compile without
 #: them): NVRTC gets them in ``NVRTC_OPTIONS``, the host build of the tests the same list.
 DEFINES: dict[str, int] = {
     "LSM_BLOCK": BLOCK,
     "LSM_OP_FORWARD": OP_FORWARD,
     "LSM_OP_BACKWARD": OP_BACKWARD,
+    "LSM_SMALL_MAX_N": SMALL_MAX_N,
 }
 
 
@@ -307,23 +316,14 @@ def _backward(
     return (clear, rows, classes)
 
 
-#: Limits of the small-problem path (``small``).  Its kernels give a thread at most one
-#: feature column (D <= BLOCK) and sum over all classes (a sample block) or all samples (a
-#: class block) one after another, and a class block recomputes each of its samples'
-#: statistics; these bounds keep those serial parts short (at most SMALL_MAX_N label tests
-#: and multiply-adds per thread, and SMALL_MAX_MACS multiply-adds in all).
-SMALL_MAX_N = 512
-SMALL_MAX_C = 512
-SMALL_MAX_MACS = 2**18
-
-
 def small(p: Problem) -> bool:
     """Whether forward and backward run as one kernel each, GEMMs included, instead of
     cuBLAS GEMMs plus the margin kernels.  At these sizes a call's cost is its host-side CUDA
     calls, three GEMMs of them (docs/BENCHMARKS.md, GPU per-call overhead).  Margin 1 keeps
     the GEMMs: its result is then exactly the plain layer's."""
     return (
-        p.margin > 1 and 0 < p.n <= SMALL_MAX_N and 0 < p.d <= BLOCK and p.c <= SMALL_MAX_C
+        p.margin > 1 and 0 < p.n <= min(SMALL_MAX_N, DEFINES["LSM_SMALL_MAX_N"]) and 0 < p.d <= BLOCK
+        and p.c <= SMALL_MAX_C
         and p.n * p.c * p.d <= SMALL_MAX_MACS
     )  # fmt: skip
 

@@ -184,7 +184,7 @@ def test_kernels_follow_the_definitions_they_are_built_with(tmp_path) -> None:
     results and records its own op codes (a hard-coded 128 or 0/1 in the kernels would
     show).  Margin > 1 and D <= 64 groups only: there the plan's grids do not depend on
     BLOCK (per-sample blocks, at most 64 column groups per class block)."""
-    other = {"LSM_BLOCK": 64, "LSM_OP_FORWARD": 5, "LSM_OP_BACKWARD": 9}
+    other = {"LSM_BLOCK": 64, "LSM_OP_FORWARD": 5, "LSM_OP_BACKWARD": 9, "LSM_SMALL_MAX_N": plan.SMALL_MAX_N}
     emu64 = build_emulator(tmp_path, other)
     assert emu64.block == 64
     n, c, d = 150, 3, 37  # more members per class than one chunk of 64 labels
