@@ -14,8 +14,9 @@ libraries' default, two interleaved comparisons (see :mod:`bench.harness`):
 GPU (the seed's 256x2x10 head only): the CuPy backend's host time per forward+backward,
 from the first call to the return of the last one without synchronising (a device
 synchronisation before and after each sample, outside the clock), which is what bounds a
-small GPU step; next to it the same calls' device time (CUDA events) and the host time of
-CuPy's three cuBLAS GEMMs.
+small GPU step; next to it the same calls' device time (CUDA events), the host time of
+CuPy's three cuBLAS GEMMs, and the host time of the backend with its small-problem kernels
+off (cuBLAS GEMMs + margin kernels, the plan above the small-problem limits).
 
 Files: ``DEVICE_overhead.csv`` and ``DEVICE_overhead_env.json`` in the results
 folder, and the section ``DEVICE-overhead`` of docs/BENCHMARKS.md (or
@@ -56,6 +57,7 @@ TORCH_NUMBA = "lsoftmax-core torch adapter + CE, numba kernels"
 CP_HOST = "lsoftmax-core cupy forward+backward: host time"
 CP_DEVICE = "lsoftmax-core cupy forward+backward: device time"
 CP_GEMMS_HOST = "cupy 3 cuBLAS GEMMs: host time"
+CP_GEMM_PLAN = "lsoftmax-core cupy forward+backward, GEMM plan (small-problem kernels off): host time"
 
 #: Paired ratios of each row: to the three NumPy GEMMs, to the NumPy CE step, to torch's floor.
 FLOORS = {"ratio_gemms": NP_LINEAR, "ratio_ce_step": NP_CE_STEP, "ratio_torch_floor": TORCH_LINEAR}
@@ -196,6 +198,8 @@ def _host_clock(fn: Callable[[], object], inner: int) -> float:
 def cupy_overhead_cases(size: Size, dtype: str = "float32", seed: int = 0) -> list[Case]:
     import cupy
 
+    from lsoftmax_core import _cupy_plan as plan
+
     x64, w64, g64, label64 = _data(size, seed)
     assert g64 is not None
     x, w, g = (cupy.asarray(a.astype(dtype)) for a in (x64, w64, g64))
@@ -208,10 +212,21 @@ def cupy_overhead_cases(size: Size, dtype: str = "float32", seed: int = 0) -> li
     def gemms() -> object:
         return x @ w.T, g @ w, g.T @ x
 
+    def ours_gemm_plan() -> object:
+        # The plan the backend takes above its small-problem limits (cuBLAS GEMMs + margin
+        # kernels), at this size: what the small-problem kernels replace.
+        saved = plan.SMALL_MAX_MACS
+        plan.SMALL_MAX_MACS = 0
+        try:
+            return ours()
+        finally:
+            plan.SMALL_MAX_MACS = saved
+
     return [
         Case(CP_GEMMS_HOST, "cupy", "layer", CP_GEMMS_HOST, gemms, _host_clock),
         Case(CP_HOST, "cupy", "layer", CP_GEMMS_HOST, ours, _host_clock),
         Case(CP_DEVICE, "cupy", "layer", CP_GEMMS_HOST, ours, cupy_clock),
+        Case(CP_GEMM_PLAN, "cupy", "layer", CP_GEMMS_HOST, ours_gemm_plan, _host_clock),
     ]
 
 

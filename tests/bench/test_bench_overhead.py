@@ -117,7 +117,9 @@ def test_gpu_overhead_run_refuses_without_a_device(tmp_path: Path) -> None:
 def test_gpu_overhead_run_measures_the_cupy_host_time(tmp_path: Path) -> None:
     assert main(["--gpu", "--overhead", "--quick", "--out", str(tmp_path)]) == 0
     rows = _csv(tmp_path / "gpu_overhead.csv")
-    assert [r["contender"] for r in rows] == [overhead.CP_GEMMS_HOST, overhead.CP_HOST, overhead.CP_DEVICE]
+    assert [r["contender"] for r in rows] == [
+        overhead.CP_GEMMS_HOST, overhead.CP_HOST, overhead.CP_DEVICE, overhead.CP_GEMM_PLAN
+    ]
     assert all(float(r["median_us"]) > 0 and r["note"] == "" for r in rows)
     assert "CuPy backend host time per fwd+bwd" in (tmp_path / "gpu_overhead.md").read_text()
 
