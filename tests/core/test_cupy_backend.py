@@ -338,9 +338,17 @@ def test_bad_labels(margin) -> None:
     good = np.setdiff1d(np.arange(40), [5, 17])
     hx, hw, hl = (cupy.asnumpy(a) for a in (x, w, label))
     # Good rows: correct (a GEMM over fewer rows may round differently, so no bitwise check);
-    # bad rows: exactly the plain GEMM's (same cuBLAS call).
+    # bad rows: exactly the plain GEMM's (same cuBLAS call), or on the small-problem plan
+    # exactly the products its kernel forms for rows it corrects (the bad rows relabeled).
     check_forward(out[cupy.asarray(good)], hx[good], hw, hl[good], margin=margin, beta=0.0, dtype="float32")
-    _assert_bitwise(out[cupy.asarray([5, 17])], (x @ w.T)[cupy.asarray([5, 17])])
+    rows = cupy.asarray([5, 17])
+    if plan.small(check_arrays(hx, hw, hl, margin, 0.0, dtypes=HOST_DTYPES)):
+        for cls in (0, 1):
+            relabeled = lsm.forward(x, w, cupy.where(bad == label, bad, cls), margin=margin, beta=0.0)
+            keep = cupy.arange(6) != cls
+            _assert_bitwise(out[rows][:, keep], relabeled[rows][:, keep])
+    else:
+        _assert_bitwise(out[rows], (x @ w.T)[rows])
     # The next call on the device raises for an earlier bad call, without a sync of ours.
     lsm.backward(g, x, w, bad, margin=margin, beta=0.0)
     cupy.cuda.runtime.deviceSynchronize()
