@@ -320,7 +320,8 @@ def small(p: Problem) -> bool:
     """Whether forward and backward run as one kernel each, GEMMs included, instead of
     cuBLAS GEMMs plus the margin kernels.  At these sizes a call's cost is its host-side CUDA
     calls, three GEMMs of them (docs/BENCHMARKS.md, GPU per-call overhead).  Margin 1 keeps
-    the GEMMs: its result is then exactly the plain layer's."""
+    the GEMMs: its result is then exactly the plain layer's.  (N is also held to the
+    LSM_SMALL_MAX_N the kernels were compiled with, should SMALL_MAX_N be raised later.)"""
     return (
         p.margin > 1 and 0 < p.n <= min(SMALL_MAX_N, DEFINES["LSM_SMALL_MAX_N"]) and 0 < p.d <= BLOCK
         and p.c <= SMALL_MAX_C
