@@ -157,7 +157,7 @@ def test_per_class_sums_are_the_float64_sums_and_repeatable(n, d, c) -> None:
     np.add.at(want, label, rows.astype(np.float64))
     got = [start.copy() for _ in range(2)]
     for gw in got:
-        nb._add_per_class(gw, label, rows)
+        nb._add_per_class(gw, label, rows.copy())  # rows is its scratch
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(rows).sum())
     _same_bits([got[0]], [got[1]])
 
