@@ -172,13 +172,18 @@ fi
 # --- per-call overhead (issue 13) ------------------------------------------------------
 # python -m bench --gpu --overhead: the CuPy backend's host time per forward+backward at the
 # seed's 256x2x10 (call to return, no synchronisation inside; goal <= 60 us), its device
-# time and the host time of CuPy's three cuBLAS GEMMs.  Adds 4 files to $OUT: overhead.log,
+# time, the host time of CuPy's three cuBLAS GEMMs and the backend's host time with its
+# small-problem kernels off (the cuBLAS plan), interleaved.  Then python -m
+# bench.profile_overhead --paths cupy splits the host time into its steps, under its own
+# limit OVERHEAD_PROFILE_TIMEOUT (60 s), into overhead-profile.log.  Adds 4 files to $OUT: overhead.log,
 # bench/gpu_overhead.csv, _env.json and .md (printed below with the other sections);
 # `python -m bench --render gpu --overhead --from DIR/bench` puts it into docs/BENCHMARKS.md.
 # Limit OVERHEAD_TIMEOUT (60 s).
 if [ $env_rc -eq 0 ]; then
   stage overhead "${OVERHEAD_TIMEOUT:-60}" env PYTHONPATH="$PYTHONPATH:$BENCH_PATH" \
     "$PY" -P -m bench --gpu --overhead --no-doc --out "$OUT/bench"
+  stage "overhead profile" "${OVERHEAD_PROFILE_TIMEOUT:-60}" env PYTHONPATH="$PYTHONPATH:$BENCH_PATH" \
+    "$PY" -P -m bench.profile_overhead --paths cupy --top 15
 else
   SUMMARY+=("| overhead | not run | 0 s |")
 fi
