@@ -101,37 +101,47 @@ def _norm_and_unit(rows: npt.NDArray[Any]) -> tuple[F64, npt.NDArray[np.int64], 
 def _psi_and_derivative(c: F64, margin: int, out: F64) -> None:
     """psi(c) and psi'(c) into ``out`` (2, N): :func:`._chebyshev.psi_and_derivative` with the
     same arithmetic, so the same bits (tested), in a third of its NumPy calls: k by one
-    binary search over the interval boundaries, (-1)^k, 2k and (-1)^k·m looked up by it,
-    T_m and U_{m-1} advanced together as one (2, N) array."""
+    binary search over the interval boundaries, (-1)^k, (-1)^k·m and 2k looked up by it,
+    T_m and U_{m-1} advanced together as one (2, N) array.  Every operand of the loop is a
+    whole contiguous (2, N) array: a broadcast (N,) or a strided view takes NumPy's general
+    iterator, about twice the cost at N = 256."""
     n = c.shape[0]
     # s = #{boundaries cos(j*pi/m) < c}, so k = #{j : c <= cos(j*pi/m)} = (m - 1) - s; a NaN
     # cosine gets s = m - 1, k = 0, as there.
     s = _ascending_thresholds(margin).searchsorted(c, side="left")  # the methods: no dispatch wrapper
-    by_k = _tables(margin).take(s, axis=1)  # rows: (-1)^k, 2k, (-1)^k·m
-    c2 = 2.0 * c  # (2c)·T_n, exactly as 2.0 * c * t_n evaluates
-    cur = np.empty((2, n))
-    cur[0] = c  # T_1
-    cur[1] = 1.0  # U_0
-    prev: Any = _T0_U_MINUS1  # T_0 = 1, U_{-1} = 0
+    by_k = _tables(margin).take(s, axis=1)  # rows: (-1)^k, (-1)^k·m, 2k
+    both = np.empty((4, n))  # rows: T_1 = c, U_0 = 1, then 2c twice
+    both[0] = c
+    both[1] = 1.0
+    np.multiply(c, 2.0, out=both[2])  # (2c)·T_n, exactly as 2.0 * c * t_n evaluates
+    both[3] = both[2]
+    cur, c2 = both[:2], both[2:]
+    prev = _t0_u_minus1(n)  # T_0 = 1, U_{-1} = 0
     for _ in range(1, margin):
         nxt = c2 * cur
         nxt -= prev
         prev, cur = cur, nxt
-    np.multiply(by_k[::2], cur, out=out)  # (-1)^k·T_m, (-1)^k·m·U_{m-1}
-    out[0] -= by_k[1]  # psi = (-1)^k·T_m - 2k
+    np.multiply(by_k[:2], cur, out=out)  # (-1)^k·T_m, (-1)^k·m·U_{m-1}
+    out[0] -= by_k[2]  # psi = (-1)^k·T_m - 2k
 
 
 @functools.cache
 def _tables(margin: int) -> F64:
-    """(-1)^k, 2k and (-1)^k·m as functions of s = (m - 1) - k, for s = 0..m-1."""
+    """(-1)^k, (-1)^k·m and 2k as functions of s = (m - 1) - k, for s = 0..m-1."""
     k = (margin - 1) - np.arange(margin)
     sign = 1.0 - 2.0 * (k & 1)
-    t = np.stack([sign, 2.0 * k, sign * margin])
+    t = np.stack([sign, sign * margin, 2.0 * k])
     t.flags.writeable = False
     return t
 
 
-_T0_U_MINUS1 = np.array([[1.0], [0.0]])
+@functools.lru_cache(maxsize=16)
+def _t0_u_minus1(n: int) -> F64:
+    """Rows T_0 = 1 and U_{-1} = 0 for n samples (read-only, cached per batch size)."""
+    t = np.zeros((2, n))
+    t[0] = 1.0
+    t.flags.writeable = False
+    return t
 
 
 @functools.cache
@@ -139,6 +149,14 @@ def _ascending_thresholds(margin: int) -> F64:
     t = np.array(thresholds(margin)[::-1], dtype=np.float64)
     t.flags.writeable = False
     return t
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_index(n: int, d: int) -> npt.NDArray[np.intp]:
+    """0..d-1 repeated n times (read-only, cached): the feature of each entry of an (n, d) block."""
+    a = np.tile(np.arange(d, dtype=np.intp), n)
+    a.flags.writeable = False
+    return a
 
 
 @functools.lru_cache(maxsize=16)
@@ -436,21 +454,23 @@ def add_margin_terms(
     """Add q_i to grad_x[i] and r_i to grad_w[label[i]] (docs/derivatives.md), given the
     target entries g of the upstream gradient; consumes ``s.wy``."""
     n = g.shape[0]
-    # coef rows: k = g·(psi' - 1)/(1 + beta), the coefficient of w_y in q and of x in r;
-    # then ell·b/a (of x in q) and ell·a/b (of w_y in r), with ell = g·(psi - c·psi')/(1 + beta)
-    # in the last row.
+    # coef rows: ell·b/a (the coefficient of x in q), k = g·(psi' - 1)/(1 + beta) (of w_y in
+    # q and of x in r), ell·a/b (of w_y in r), and ell = g·(psi - c·psi')/(1 + beta); the
+    # first three in the order the stacked products below read them.
     coef = np.empty((4, n))
-    k, ell = coef[0], coef[3]
+    k, ell = coef[1], coef[3]
     np.subtract(s.dpsi, 1.0, out=k)
     np.multiply(s.c, s.dpsi, out=ell)
     np.subtract(s.psi, ell, out=ell)
-    coef[::3] *= g
+    k *= g
+    ell *= g
     if p.beta != 0.0:  # dividing by 1 changes nothing
-        coef[::3] /= 1.0 + p.beta
+        k /= 1.0 + p.beta
+        ell /= 1.0 + p.beta
     fmax, ftiny = _LIMITS[p.dtype]
     if s.careful.size == 0:
         # Every norm is in the safe range: the ratios b/a and a/b are finite and normal.
-        np.multiply(ell, s.ab[::-1] / s.ab, out=coef[1:3])  # ell·(b/a), ell·(a/b)
+        np.multiply(ell, s.ab[::-1] / s.ab, out=coef[:3:2])  # ell·(b/a), ell·(a/b)
         mag = np.abs(coef[:3])
         # Finite and not flushed to zero; a zero coefficient is exact (the common case has
         # none, and then the smallest magnitude alone decides).
@@ -463,7 +483,7 @@ def add_margin_terms(
         fits_all = False
     if fits_all:
         careful = _NO_ROWS
-        kd, lxd, lwd = coef[:3].astype(p.dtype)[:, :, None]
+        rows3 = coef[:3]
     else:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             lx = ell * (s.b / s.a)  # coefficient of x in q
@@ -473,24 +493,54 @@ def add_margin_terms(
         # Coefficients must be exact enough in the input dtype: finite, and not flushed to
         # zero; rows where they are not take the careful path (float32 with norm ratios beyond
         # ~1e38, float64 with extreme norms).
-        mags = np.abs(np.stack([k, lx, lw]))
+        rows3 = np.stack([lx, k, lw])
+        mags = np.abs(rows3)
         fits = np.all(((mags >= ftiny) & (mags <= fmax)) | (mags == 0.0), axis=0)
         fits[s.careful] = False
         careful = np.flatnonzero(~fits)
         if careful.size:  # before s.wy is overwritten below
             q_c, r_c = _careful_rows(s, x, careful, k, ell)
-        kd, lxd, lwd = np.where(fits, np.stack([k, lx, lw]), 0.0).astype(p.dtype)[:, :, None]
-    buf = np.multiply(x, lxd)  # q = k·w_y + lx·x, accumulated into grad_x one term at a time
-    grad_x += buf
-    np.multiply(s.wy, kd, out=buf)
-    grad_x += buf
-    np.multiply(x, kd, out=buf)  # r = k·x + lw·w_y, built in buf (s.wy is ours to overwrite)
-    np.multiply(s.wy, lwd, out=s.wy)
-    buf += s.wy
+        rows3 = np.where(fits, rows3, 0.0)
+    if x.shape[1] <= _STACKED_D:
+        r = _stacked_terms(grad_x, rows3.astype(p.dtype), x, s.wy)
+    else:
+        lxd, kd, lwd = rows3.astype(p.dtype)[:, :, None]
+        r = np.multiply(x, lxd)  # q = lx·x + k·w_y, accumulated into grad_x one term at a time
+        grad_x += r
+        np.multiply(s.wy, kd, out=r)
+        grad_x += r
+        np.multiply(x, kd, out=r)  # r = k·x + lw·w_y, built in r (s.wy is ours to overwrite)
+        np.multiply(s.wy, lwd, out=s.wy)
+        r += s.wy
     if careful.size:
         grad_x[careful] += q_c
-        buf[careful] = r_c
-    _add_per_class(grad_w, label, buf)
+        r[careful] = r_c
+    _add_per_class(grad_w, label, r)
+
+
+#: Up to this many features, the row updates multiply whole (sample, feature) blocks: a
+#: row scaled by a per-row coefficient is a broadcast, NumPy's general iterator, which
+#: costs twice a plain loop there (measured at N = 256, D = 2 to 32).
+_STACKED_D = 16
+
+
+def _stacked_terms(grad_x: Any, rows3: npt.NDArray[Any], x: Any, wy: Any) -> npt.NDArray[Any]:
+    """grad_x += lx·x + k·w_y (in that order) and returns r = k·x + lw·w_y, for the
+    coefficient rows ``rows3`` = (lx, k, lw) in the input dtype: the products and sums of
+    :func:`add_margin_terms`' row updates, the same bits, in contiguous (2, N, D) blocks."""
+    n, d = x.shape
+    xw = np.empty((2, n, d), dtype=x.dtype)
+    xw[0] = x
+    xw[1] = wy
+    per_entry = rows3.repeat(d, axis=1).reshape(3, n, d)  # each coefficient over its row's D entries
+    prod = np.empty((2, 2, n, d), dtype=x.dtype)
+    np.multiply(per_entry[0:2], xw, out=prod[0])  # lx·x, k·w_y
+    np.multiply(per_entry[1:3], xw, out=prod[1])  # k·x, lw·w_y
+    grad_x += prod[0, 0]
+    grad_x += prod[0, 1]
+    r = prod[1, 0]
+    r += prod[1, 1]
+    return r
 
 
 def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
@@ -509,8 +559,10 @@ def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.
     n, d = rows.shape
     c = grad_w.shape[0]
     if d <= 8 and c <= 4 * n:
-        cells = (label.astype(np.intp, copy=False) * d)[:, None] + _arange(d)  # flat (class, feature)
-        grad_w += np.bincount(cells.ravel(), weights=rows.ravel(), minlength=c * d).reshape(c, d)
+        cells = label.astype(np.intp, copy=False).repeat(d)  # flat (class, feature) of each entry
+        cells *= d
+        cells += _feature_index(n, d)
+        grad_w += np.bincount(cells, weights=rows.ravel(), minlength=c * d).reshape(c, d)
         return
     order = np.argsort(label, kind="stable")
     sorted_label = label.take(order)
