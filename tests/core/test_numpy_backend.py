@@ -246,6 +246,35 @@ def test_odd_shape_252x507x123() -> None:
     check_backward(lsm.backward(g, x, w, label, margin=4, beta=3.0), g, x, w, label, margin=4, beta=3.0, dtype="float32")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 16, 17, 40])
+def test_row_updates_give_the_same_bits_in_blocks_and_in_scaled_rows(cpu_kernels, monkeypatch, dtype, d) -> None:
+    """The NumPy code adds q_i and r_i either as (2, N, D) blocks (few features) or as rows
+    scaled by per-row coefficients: both forms, forced in turn, give the same bits (careful
+    rows included: a zero row, a norm whose square overflows float32), and the result is
+    the reference's."""
+    if cpu_kernels == "numba":
+        pytest.skip("the two forms of the NumPy code's row updates")
+    from lsoftmax_core import _numpy_backend as nb
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((40, d)) * 10.0 ** rng.uniform(-2, 2, (40, 1))
+    w = rng.standard_normal((7, d)) * 10.0 ** rng.uniform(-2, 2, (7, 1))
+    x[3] = 0.0
+    w[5] *= 1e25 if dtype == "float32" else 1.0
+    x, w = x.astype(dtype), w.astype(dtype)
+    label = rng.integers(0, 7, 40)
+    label[:3] = 5
+    g = _grad((40, 7), seed=d, dtype=x.dtype)
+    got = []
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(nb, "_STACKED_D", limit)
+        got.append(lsm.backward(g, x, w, label, margin=3, beta=1.5))
+    for a, b in zip(*got):
+        assert a.tobytes() == b.tobytes()
+    check_backward(got[0], g, x, w, label, margin=3, beta=1.5, dtype=dtype)
+
+
 def test_backward_is_deterministic_with_repeated_labels() -> None:
     rng = np.random.default_rng(4)
     x = rng.standard_normal((300, 16))
