@@ -576,16 +576,25 @@ def _add_per_class(grad_w: npt.NDArray[Any], label: npt.NDArray[Any], rows: npt.
     repeated[:-1] |= cont[1:]
     if repeated.all():  # every class of the batch repeats (a small C): one row per class
         starts = np.flatnonzero(~cont)
-        sums = _segment_sums(rows.take(order, axis=0), starts, np.diff(starts, append=n))
+        sums = _segment_sums(rows.take(order, axis=0), starts, _lengths(starts, n))
         _add_rows(grad_w, sorted_label.take(starts), sums)
         return
     pos = np.flatnonzero(repeated)
     members = order.take(pos)  # the samples of repeated classes, class by class, in sample order
     starts = np.flatnonzero(~cont.take(pos))
-    counts = np.diff(starts, append=pos.size)
+    counts = _lengths(starts, pos.size)
     sums = _segment_sums(rows.take(members, axis=0), starts, counts)
     rows[members] = sums.repeat(counts, axis=0)  # every sample of a class now carries its total
     _add_rows(grad_w, label, rows)
+
+
+def _lengths(starts: npt.NDArray[np.intp], total: int) -> npt.NDArray[np.intp]:
+    """The lengths of the segments that start at ``starts`` (ascending, at least one) and
+    end at ``total``: ``np.diff(starts, append=total)`` without its Python wrapper (6 us)."""
+    out = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=out[:-1])
+    out[-1] = total - starts[-1]
+    return out
 
 
 def _add_rows(grad_w: npt.NDArray[Any], classes: npt.NDArray[Any], rows: npt.NDArray[Any]) -> None:
