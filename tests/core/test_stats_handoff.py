@@ -162,6 +162,36 @@ def test_per_class_sums_are_the_float64_sums_and_repeatable(n, d, c) -> None:
     _same_bits([got[0]], [got[1]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "n,d,c,crowd",
+    [(256, 256, 100, 0), (300, 16, 3, 0), (60, 12, 40, 50), (40, 1, 500, 30), (40, 2, 500, 3), (9, 9, 2, 0)],
+)
+def test_per_class_sums_of_the_sort_path_run_exactly_in_sample_order(n, d, c, crowd, dtype) -> None:
+    """Where the sums are formed in the input dtype (the sort path: more than 8 features,
+    or C > 4N), each class's rows are added strictly in sample order, ((r_0 + r_1) + r_2)
+    + ..., and the total once to grad_w: the same bits as that loop, whether the sums run
+    rank by rank (many short classes) or class by class (few long ones, ``crowd`` samples of
+    class 0), -0.0 rows included."""
+    rng = np.random.default_rng(n * d + c)
+    label = rng.integers(0, c, n)
+    label[rng.permutation(n)[:crowd]] = 0
+    rows = (rng.standard_normal((n, d)) * 10.0 ** rng.uniform(-3, 3, (n, 1))).astype(dtype)
+    rows[::7] = -0.0
+    start = rng.standard_normal((c, d)).astype(dtype)
+    start[0] = -0.0
+    want = start.copy()
+    for j in np.unique(label):
+        mine = np.flatnonzero(label == j)
+        total = rows[mine[0]].copy()
+        for i in mine[1:]:
+            total += rows[i]
+        want[j] += total
+    got = start.copy()
+    nb._add_per_class(got, label, rows.copy())
+    assert got.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("chunking", ["rows", "classes"])
 def test_fused_loss_computes_the_statistics_once_per_call(monkeypatch, chunking) -> None:
     """The target logits and the gradient's margin terms come from one statistics pass."""
