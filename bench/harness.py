@@ -180,10 +180,25 @@ def measure(
     return out
 
 
+def _pairs(m: Measured, floor: Measured) -> list[float]:
+    """This sample / the floor's sample of the same repetition, for every repetition."""
+    return [a / b for a, b in zip(m.samples, floor.samples) if b > 0]
+
+
 def paired_ratio(m: Measured, floor: Measured) -> float:
     """Median over repetitions of (this sample / the floor's sample of the same repetition)."""
-    pairs = [a / b for a, b in zip(m.samples, floor.samples) if b > 0]
+    pairs = _pairs(m, floor)
     return statistics.median(pairs) if pairs else math.nan
+
+
+def paired_ratio_quartiles(m: Measured, floor: Measured) -> tuple[float, float]:
+    """The first and third quartiles of the same per-repetition ratios: how far one run's
+    median may be trusted on a shared machine (NaN with fewer than two repetitions)."""
+    pairs = _pairs(m, floor)
+    if len(pairs) < 2:
+        return math.nan, math.nan
+    q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+    return q1, q3
 
 
 # --------------------------------------------------------------------------- memory

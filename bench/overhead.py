@@ -18,6 +18,10 @@ small GPU step; next to it the same calls' device time (CUDA events), the host t
 CuPy's three cuBLAS GEMMs, and the host time of the backend with its small-problem kernels
 off (cuBLAS GEMMs + margin kernels, the plan above the small-problem limits).
 
+Each ratio also gets the first and third quartiles of its per-repetition ratios (columns
+``ratio_*_q1`` / ``ratio_*_q3``), shown next to the goals: on a shared machine a median on
+the target's edge is a coin toss, and the quartiles say how wide the toss is.
+
 Files: ``DEVICE_overhead.csv`` and ``DEVICE_overhead_env.json`` in the results
 folder, and the section ``DEVICE-overhead`` of docs/BENCHMARKS.md (or
 ``DEVICE_overhead.md`` in ``--out`` with ``--no-doc``), goals included.
@@ -45,7 +49,16 @@ from .contenders import (
     numpy_ce_step,
     sizes_for,
 )
-from .harness import Case, Measured, cpu_clock, cupy_clock, environment, measure, paired_ratio
+from .harness import (
+    Case,
+    Measured,
+    cpu_clock,
+    cupy_clock,
+    environment,
+    measure,
+    paired_ratio,
+    paired_ratio_quartiles,
+)
 
 __all__ = ["COLUMNS", "GOALS", "goals", "markdown", "run_overhead"]
 
@@ -61,8 +74,10 @@ CP_GEMM_PLAN = "lsoftmax-core cupy forward+backward, GEMM plan (small-problem ke
 
 #: Paired ratios of each row: to the three NumPy GEMMs, to the NumPy CE step, to torch's floor.
 FLOORS = {"ratio_gemms": NP_LINEAR, "ratio_ce_step": NP_CE_STEP, "ratio_torch_floor": TORCH_LINEAR}
+#: Each ratio's first and third quartiles over the repetitions ("ratio_gemms_q1", ...).
+QUARTILES = tuple(f"{column}_{q}" for column in FLOORS for q in ("q1", "q3"))
 COLUMNS = ("device", "threads", "size", "n", "d", "c", "dtype", "contender", "median_us", *FLOORS,
-           "repeats", "inner", "note")
+           "repeats", "inner", "note", *QUARTILES)
 
 #: Issue 13's goals: (what, threads (None: the default), size name, contender, ratio column or
 #: "median_us", target, test).
@@ -101,6 +116,8 @@ def _row(device: str, threads: int | None, size: Size, dtype: str, m: Measured,
         floor = by_name.get(floor_name)
         ok = floor is not None and bool(floor.samples) and bool(m.samples) and floor is not m
         row[column] = paired_ratio(m, floor) if ok and floor is not None else math.nan
+        q1, q3 = paired_ratio_quartiles(m, floor) if ok and floor is not None else (math.nan, math.nan)
+        row[f"{column}_q1"], row[f"{column}_q3"] = q1, q3
     row.update(repeats=len(m.samples), inner=m.inner, note=m.error or m.case.note)
     return row
 
@@ -238,6 +255,9 @@ def goals(device: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
         value = float(found[0][column]) if found and _ok(found[0][column]) else math.nan
         dims = next(s for s in sizes_for(device) if s.name == size).dims
         shown = f"{value:.3g} us" if column == "median_us" else f"{value:.3f}x"  # 2.004x is not "2x"
+        q1, q3 = (found[0].get(f"{column}_{q}", math.nan) for q in ("q1", "q3")) if found else (math.nan, math.nan)
+        if _ok(q1) and _ok(q3):  # older files have no quartiles
+            shown += f" ({float(q1):.3f}-{float(q3):.3f})"
         out.append({"goal": f"{what}, {dims} float32", "target": target,
                     "measured": shown if _ok(value) else "not measured",
                     "status": ("met" if test(value) else "MISSED") if _ok(value) else "not measured"})
@@ -287,7 +307,10 @@ def markdown(device: str, rows: Sequence[dict[str, Any]], env: dict[str, Any]) -
                      for s, _ in sizes]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
-    out += ["#### Goals (issue 13)", "", "| goal | target | measured | status |", "|---|---|---|---|"]
+    out += ["#### Goals (issue 13)", "",
+            "The measured ratio is the median of the per-repetition ratios; in parentheses their first and "
+            "third quartiles, the spread of this one run. The status compares the median alone.", "",
+            "| goal | target | measured | status |", "|---|---|---|---|"]
     out += [f"| {g['goal']} | {g['target']} | {g['measured']} | {g['status']} |" for g in goals(device, rows)]
     out += ["", "Machine and libraries:", ""]
     out += [f"- {k}: {v}" for k, v in sorted(env.items())]

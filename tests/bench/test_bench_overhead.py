@@ -94,6 +94,28 @@ def test_overhead_goals_say_met_missed_and_not_measured() -> None:
     assert NP_LINEAR in overhead.FLOORS.values()
 
 
+def test_goals_show_the_quartiles_of_the_per_repetition_ratios() -> None:
+    from bench.harness import Case, Measured, paired_ratio, paired_ratio_quartiles
+
+    def measured(samples: list[float]) -> Measured:
+        m = Measured(Case("x", "numpy", "layer", "x", lambda: None, lambda fn, k: 0.0))
+        m.samples = samples
+        return m
+
+    floor = measured([1.0, 1.0, 2.0, 1.0, 1.0])
+    ours = measured([2.0, 2.2, 4.2, 1.8, 2.6])  # ratios 2.0, 2.2, 2.1, 1.8, 2.6
+    assert paired_ratio(ours, floor) == 2.1
+    assert paired_ratio_quartiles(ours, floor) == pytest.approx((2.0, 2.2))
+    assert all(math.isnan(q) for q in paired_ratio_quartiles(measured([2.0]), measured([1.0])))
+    row = {"size": "mnist", "dtype": "float32", "threads": "1", "contender": overhead.NP_FWD_BWD,
+           "median_us": 50.0, **dict.fromkeys(overhead.FLOORS, math.nan), "ratio_ce_step": 2.1,
+           "ratio_ce_step_q1": 2.0, "ratio_ce_step_q3": 2.2}
+    first = overhead.goals("cpu", [row])[0]
+    assert first["measured"] == "2.100x (2.000-2.200)" and first["status"] == "MISSED"
+    older = {k: v for k, v in row.items() if not k.endswith(("_q1", "_q3"))}  # a file from before the quartiles
+    assert overhead.goals("cpu", [older])[0]["measured"] == "2.100x"
+
+
 def test_overhead_refuses_loss_and_layer_only(tmp_path: Path) -> None:
     for extra in ("--loss", "--layer-only"):
         with pytest.raises(SystemExit):
