@@ -79,11 +79,13 @@ def _plain_numpy(*arrays: Any) -> bool:
     return True
 
 
-def _backend(**arrays: Any) -> ModuleType:
-    """The backend module for the arrays' library; all must come from the same one."""
-    if _plain_numpy(*arrays.values()):
+def _backend(names: tuple[str, ...], *arrays: Any) -> ModuleType:
+    """The backend module for the arrays' library; all must come from the same one.
+    ``names`` name the arrays in the errors (the first ``len(arrays)`` of them): plain NumPy
+    arrays, every call's common case, are decided before any naming work."""
+    if _plain_numpy(*arrays):
         return _numpy_backend
-    (first_name, first), *rest = arrays.items()
+    (first_name, first), *rest = zip(names, arrays)
     lib = _library(first)
     if lib is None:
         raise TypeError(
@@ -133,12 +135,7 @@ def forward(
     (6, N) float64 array, valid for these very x, w, label and margin (any beta), to be
     treated as opaque; CuPy arrays: None (the kernels recompute them; see :func:`backward`).
     """
-    backend: ModuleType
-    if out is None and _plain_numpy(x, w, label):
-        backend = _numpy_backend  # without building _backend's named arguments
-    else:
-        named = {"x": x, "w": w, "label": label} | ({} if out is None else {"out": out})
-        backend = _backend(**named)
+    backend = _backend(("x", "w", "label", "out"), x, w, label, *(() if out is None else (out,)))
     return backend.forward(x, w, label, margin=margin, beta=beta, out=out, return_stats=return_stats)
 
 
@@ -162,16 +159,10 @@ def backward(
     dtype and margin (a ValueError naming stats), not against the data: arrays changed
     since the forward (an optimizer step in place) need a new forward.  None: computed here.
     """
-    backend: ModuleType
-    if out is None and _plain_numpy(grad_logits, x, w, label):
-        backend = _numpy_backend  # without building _backend's named arguments
-    else:
-        named = {"grad_logits": grad_logits, "x": x, "w": w, "label": label}
-        if out is not None:
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise TypeError(f"out must be a pair (grad_x, grad_w) of arrays, got {type(out).__name__}")
-            named.update(zip(("out[0]", "out[1]"), out))
-        backend = _backend(**named)
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
+        raise TypeError(f"out must be a pair (grad_x, grad_w) of arrays, got {type(out).__name__}")
+    names = ("grad_logits", "x", "w", "label", "out[0]", "out[1]")
+    backend = _backend(names, grad_logits, x, w, label, *(() if out is None else out))
     return backend.backward(  # type: ignore[no-any-return]
         grad_logits, x, w, label, margin=margin, beta=beta, out=out, stats=stats
     )
@@ -192,8 +183,7 @@ def check_arguments(
     backward of a call whose forward checked these very labels, which cannot have changed
     since (a framework's saved tensors).
     """
-    named = {"x": x, "w": w, "label": label} | ({} if grad_logits is None else {"grad_logits": grad_logits})
-    backend = _backend(**named)
+    backend = _backend(("x", "w", "label", "grad_logits"), x, w, label, *(() if grad_logits is None else (grad_logits,)))
     if label_values:
         return backend.prepare(x, w, label, margin, beta, grad_logits)  # type: ignore[no-any-return]
     from .checks import check_arrays
@@ -256,11 +246,7 @@ def add_margin(
     the inputs (CuPy: also C-contiguous).  ``checked``: :func:`check_arguments`'s result
     for these x, w, label (the argument checks then are not repeated).
     """
-    backend: ModuleType
-    if _plain_numpy(logits, x, w, label):
-        backend = _numpy_backend  # without building _backend's named arguments
-    else:
-        backend = _backend(logits=logits, x=x, w=w, label=label)
+    backend = _backend(("logits", "x", "w", "label"), logits, x, w, label)
     return backend.add_margin(
         logits, x, w, label, margin=margin, beta=beta, checked=checked, return_stats=return_stats
     )
@@ -287,18 +273,14 @@ def add_margin_grad(
     ``grad_x`` and ``grad_w``; ``checked`` comes from ``check_arguments(..., grad_logits=G)``;
     ``stats`` from ``add_margin``/``forward`` with ``return_stats=True`` (see :func:`backward`).
     """
-    backend: ModuleType
-    if _plain_numpy(grad_x, grad_w, grad_logits, x, w, label):
-        backend = _numpy_backend  # without building _backend's named arguments
-    else:
-        backend = _backend(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
+    backend = _backend(("grad_x", "grad_w", "grad_logits", "x", "w", "label"), grad_x, grad_w, grad_logits, x, w, label)
     return backend.add_margin_grad(  # type: ignore[no-any-return]
         grad_x, grad_w, grad_logits, x, w, label, margin=margin, beta=beta, checked=checked, stats=stats
     )
 
 
-def _loss_backend(**arrays: Any) -> ModuleType:
-    if _backend(**arrays).__name__.endswith("_cupy_backend"):
+def _loss_backend(x: Any, w: Any, label: Any) -> ModuleType:
+    if _backend(("x", "w", "label"), x, w, label).__name__.endswith("_cupy_backend"):
         from . import _cupy_loss
 
         return _cupy_loss
@@ -341,7 +323,7 @@ def cross_entropy(
     >>> bool(np.isclose(lsm.cross_entropy(x, w, y, margin=3), np.log(np.exp(f).sum()) - f[0, 0]))
     True
     """
-    return _loss_backend(x=x, w=w, label=label).cross_entropy(
+    return _loss_backend(x, w, label).cross_entropy(
         x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
         chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, return_lse=return_lse,
     )  # fmt: skip
@@ -376,7 +358,7 @@ def cross_entropy_backward(
     kw: dict[str, Any] = {}
     if num_classes is not None or class_start != 0:
         kw = {"class_start": class_start, "num_classes": num_classes}  # the backend checks them
-    return _loss_backend(x=x, w=w, label=label).cross_entropy_backward(  # type: ignore[no-any-return]
+    return _loss_backend(x, w, label).cross_entropy_backward(  # type: ignore[no-any-return]
         grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
         chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, lse=lse, **kw,
     )  # fmt: skip
@@ -418,7 +400,7 @@ def cross_entropy_shard_stats(
     True
     """
     shard = {"class_start": class_start, "num_classes": num_classes}
-    return _loss_backend(x=x, w=w, label=label).cross_entropy_shard_stats(  # type: ignore[no-any-return]
+    return _loss_backend(x, w, label).cross_entropy_shard_stats(  # type: ignore[no-any-return]
         x, w, label, margin=margin, beta=beta, ignore_index=ignore_index, chunk_size=chunk_size,
         chunking=chunking, memory_budget=memory_budget, **shard,
     )  # fmt: skip
@@ -440,7 +422,7 @@ def cross_entropy_with_grad(
     """``(loss, grad_x, grad_w)`` in one pass for reduction "mean" or "sum": row chunks
     form the gradients as they go (three GEMMs in all, no recomputation); class chunks
     take a log-sum-exp pass first (four).  Scale the gradients by the upstream gradient."""
-    return _loss_backend(x=x, w=w, label=label).cross_entropy_with_grad(  # type: ignore[no-any-return]
+    return _loss_backend(x, w, label).cross_entropy_with_grad(  # type: ignore[no-any-return]
         x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
         chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget,
     )  # fmt: skip
