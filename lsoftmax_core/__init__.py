@@ -196,7 +196,7 @@ def check_arguments(
 def set_cpu_kernels(name: str) -> None:
     """Choose how the NumPy backend does its per-sample work: ``"numpy"`` (the default and
     the reference) or ``"numba"``, compiled loops (Numba, ``pip install numba``) that
-    replace its ~90 small NumPy calls per forward+backward by one compiled call each way, for small
+    replace its ~75 small NumPy calls per forward+backward by one compiled call each way, for small
     problems where those calls cost more than the GEMMs (docs/BENCHMARKS.md, per-call
     overhead).  Same maths within the tolerance table; calls with rows the loops decline
     (zero or extreme norms, non-finite values) still run the NumPy code.  The first call

@@ -175,8 +175,8 @@ fi
 # time, the host time of CuPy's three cuBLAS GEMMs and the backend's host time with its
 # small-problem kernels off (the cuBLAS plan), interleaved.  Then python -m
 # bench.profile_overhead --paths cupy splits the host time into its steps, under its own
-# limit OVERHEAD_PROFILE_TIMEOUT (60 s), into overhead-profile.log.  Adds 4 files to $OUT: overhead.log,
-# bench/gpu_overhead.csv, _env.json and .md (printed below with the other sections);
+# limit OVERHEAD_PROFILE_TIMEOUT (60 s).  Adds 5 files to $OUT: overhead.log,
+# overhead-profile.log, bench/gpu_overhead.csv, _env.json and .md (printed below with the other sections);
 # `python -m bench --render gpu --overhead --from DIR/bench` puts it into docs/BENCHMARKS.md.
 # Limit OVERHEAD_TIMEOUT (60 s).
 if [ $env_rc -eq 0 ]; then
