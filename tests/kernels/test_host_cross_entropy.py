@@ -291,5 +291,7 @@ def test_property_equals_the_reference(emu, p, reduction, chunk) -> None:
 def test_cupy_arrays_dispatch_to_the_cupy_loss(monkeypatch) -> None:
     import lsoftmax_core._cupy_loss as cupy_loss
 
-    monkeypatch.setattr(lsm, "_backend", lambda **arrays: types.SimpleNamespace(__name__="lsoftmax_core._cupy_backend"))
-    assert lsm._loss_backend(x=None, w=None, label=None) is cupy_loss
+    monkeypatch.setattr(
+        lsm, "_backend", lambda names, *arrays: types.SimpleNamespace(__name__="lsoftmax_core._cupy_backend")
+    )
+    assert lsm._loss_backend(None, None, None) is cupy_loss
