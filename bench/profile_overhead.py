@@ -20,6 +20,12 @@ per forward+backward (NumPy's C functions count as one each):
 from outside (``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1``) for one-thread figures.
 cProfile roughly doubles the cost of each Python call, so its times rank where the time
 goes; the medians above each profile are the unprofiled figures.
+
+``--between`` prints, instead of the profiles, each path's time per call (ours and its
+floor) when something else runs before every timed call, as in a training step: nothing
+(calls back to back, as ``python -m bench`` times them), a 1 ms busy wait, a 1 ms sleep,
+and a PyTorch ``F.cross_entropy(F.linear(...))`` forward+backward; then ours / floor for
+each.  Only the call itself is timed.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .contenders import BETA, MARGIN, sizes_for
-from .harness import Case, cpu_clock, measure
+from .harness import Case, Clock, cpu_clock, measure, paired_ratio
 
 __all__ = ["main", "paths"]
 
@@ -194,6 +200,57 @@ def paths(size_name: str = "mnist", dtype: str = "float32") -> dict[str, tuple[F
     return out
 
 
+def _after(before: Fn) -> Clock:
+    """A clock that runs ``before`` ahead of every call and times the calls alone."""
+
+    def clock(fn: Callable[[], object], inner: int) -> float:
+        spent = 0.0
+        for _ in range(inner):
+            before()
+            t0 = time.perf_counter()
+            fn()
+            spent += time.perf_counter() - t0
+        return spent / inner
+
+    return clock
+
+
+def _busy_wait(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _between(available: dict[str, tuple[Fn, Fn]], chosen: list[str], repeat: int) -> None:
+    """``--between``: each chosen path's ours and floor after each of the ``before`` steps,
+    all interleaved in one run."""
+    befores: dict[str, Fn] = {
+        "back to back": lambda: None,
+        "1 ms busy wait": lambda: _busy_wait(1e-3),
+        "1 ms sleep": lambda: time.sleep(1e-3),
+    }
+    if "torch" in available:
+        befores["torch CE step"] = available["torch"][1]
+    cases = [Case(f"{name} {who} | {label}", name, "overhead", f"{name} floor | {label}", fn, _after(before))
+             for name in chosen for who, fn in zip(("ours", "floor"), available[name])
+             for label, before in befores.items()]  # fmt: skip
+    got = {m.case.name: m for m in measure(cases, repeat=repeat, warmup=2, min_time=0.02)}
+    width = max(len(label) for label in befores)
+    print(f"\n=== time per call (median of {repeat} interleaved samples) after each step; only the call is timed")
+    print(f"{'before each call':{width}s}" + "".join(f"  {f'{n} ours':>11s}  {f'{n} floor':>11s}  {'ratio':>6s}"
+                                                   for n in chosen))
+    for label in befores:
+        row = f"{label:{width}s}"
+        for name in chosen:
+            ours, floor = got[f"{name} ours | {label}"], got[f"{name} floor | {label}"]
+            if ours.error or floor.error:
+                row += f"  {'error':>11s}  {'error':>11s}  {'':>6s}"
+                continue
+            row += (f"  {ours.median * 1e6:8.1f} us  {floor.median * 1e6:8.1f} us"
+                    f"  {paired_ratio(ours, floor):5.2f}x")  # fmt: skip
+        print(row)
+
+
 def _profile(fn: Fn, calls: int, top: int) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -217,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--calls", type=int, default=2000, help="calls under cProfile per path")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--between", action="store_true",
+                   help="time each path after other work before every call instead of profiling it")
     a = p.parse_args(argv)
     available = paths(a.size)
     chosen = a.paths or list(available)
@@ -225,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"path(s) {', '.join(missing)} not available here; available: {', '.join(available)}")
     (size,) = sizes_for("cpu", [a.size])
     print(f"{size.label} float32, margin {MARGIN}, beta {BETA}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if a.between:
+        _between(available, chosen, a.repeat)
+        return 0
     for name in chosen:
         ours, floor = available[name]
         cases = [Case(f"{name} floor", name, "overhead", f"{name} floor", floor, cpu_clock),

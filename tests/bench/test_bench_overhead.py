@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,17 @@ def test_profile_overhead_runs_every_cpu_path(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert out.startswith("mnist 256x2x10 float32") and "=== numpy:" in out and "=== torch:" in out
     assert "function calls per forward+backward" in out
+
+
+def test_profile_overhead_between_times_every_path_after_each_step(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import profile_overhead
+
+    assert profile_overhead.main(["--between", "--repeat", "1", "--paths", "numpy,torch"]) == 0
+    out = capsys.readouterr().out
+    assert "function calls" not in out  # the table replaces the profiles
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    for step in ("back to back", "1 ms busy wait", "1 ms sleep", "torch CE step"):
+        times = [float(v) for v in re.findall(r"([0-9.]+) us", rows[step])]  # numpy ours, floor, torch ours, floor
+        ratios = [float(v) for v in re.findall(r"([0-9.]+)x", rows[step])]
+        assert len(times) == 4 and all(t > 0 for t in times) and len(ratios) == 2, rows[step]
+        assert all(r > 0 and math.isfinite(r) for r in ratios), rows[step]
