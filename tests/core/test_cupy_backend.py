@@ -360,7 +360,9 @@ def test_bad_labels(margin) -> None:
 
 def test_bad_label_synchronous_mode(monkeypatch) -> None:
     x, w, label, _ = _gpu(*_case(14, 8, 3, 4, np.float64))
-    monkeypatch.setattr(cb, "_SYNC_CHECK", True)
+    import lsoftmax_core._cupy_state as cs
+
+    monkeypatch.setattr(cs, "_SYNC_CHECK", True)
     with pytest.raises(ValueError, match=r"label\[0\]>=2147483647"):
         lsm.forward(x, w, cupy.asarray([2**40] + [0] * 7), margin=2, beta=0.0)
 
