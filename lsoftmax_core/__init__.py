@@ -10,6 +10,7 @@ nor any framework.  The maths: docs/derivatives.md.
 the plain layer's results, computed by any GEMM (a framework's own BLAS and thread pool,
 or into buffers the caller owns), into L-Softmax results in place, at O(N·D) cost.
 
+Each call runs on the :class:`Backend` of its arrays' library (:mod:`lsoftmax_core.backends`).
 The contract with framework adapters is public: :func:`check_arguments` (every check,
 nothing computed) with ``checked=``, :func:`check_labels`, :func:`supported_dtypes`, and
 the scalar and array checks of :mod:`lsoftmax_core.checks`.
@@ -21,10 +22,9 @@ import sys
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from . import _numpy_backend
 from ._chebyshev import MAX_MARGIN
+from .backends import Backend, backend_for
 from .checks import Problem, supported_dtypes
 from .schedule import (
     ConstantSchedule,
@@ -35,6 +35,7 @@ from .schedule import (
 )
 
 __all__ = [
+    "Backend",
     "ConstantSchedule",
     "ExponentialSchedule",
     "InverseSchedule",
@@ -61,48 +62,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def _library(a: Any) -> str | None:
-    if isinstance(a, np.ndarray):
-        return "numpy"
-    cupy = sys.modules.get("cupy")  # a CuPy array implies CuPy is already imported
-    if cupy is not None and isinstance(a, cupy.ndarray):
-        return "cupy"
-    return None
-
-
-def _plain_numpy(*arrays: Any) -> bool:
-    """All of ``arrays`` are plain numpy.ndarray objects: the NumPy backend, decided at once
-    (the common case of every call, before any of _backend's naming work)."""
-    for a in arrays:
-        if type(a) is not np.ndarray:
-            return False
-    return True
-
-
-def _backend(names: tuple[str, ...], *arrays: Any) -> ModuleType:
-    """The backend module for the arrays' library; all must come from the same one.
-    ``names`` name the arrays in the errors (the first ``len(arrays)`` of them): plain NumPy
-    arrays, every call's common case, are decided before any naming work."""
-    if _plain_numpy(*arrays):
-        return _numpy_backend
-    (first_name, first), *rest = zip(names, arrays)
-    lib = _library(first)
-    if lib is None:
-        raise TypeError(
-            f"{first_name} must be a numpy.ndarray or cupy.ndarray, got {type(first).__module__}."
-            f"{type(first).__qualname__} (use lsoftmax_core.adapters for framework tensors)"
-        )
-    for name, a in rest:
-        if _library(a) != lib:
-            raise TypeError(
-                f"{name} must be a {lib}.ndarray like {first_name}, got "
-                f"{type(a).__module__}.{type(a).__qualname__}"
-            )
-    if lib == "numpy":
-        return _numpy_backend
-    from . import _cupy_backend
-
-    return _cupy_backend
+#: The dispatch of every public function: the backend of its arrays' library (backends.py).
+_backend = backend_for
 
 
 def forward(
@@ -189,7 +150,7 @@ def check_arguments(
     from .checks import check_arrays
 
     return check_arrays(  # the backend's checks without the label scan
-        x, w, label, margin, beta, dtypes=backend._DTYPES, grad_logits=grad_logits
+        x, w, label, margin, beta, dtypes=backend.dtypes, grad_logits=grad_logits
     )
 
 
@@ -221,9 +182,9 @@ def check_labels(device: int | None = None) -> None:
     once (this synchronises ``device``, default the current one).  Without CuPy in use
     there is nothing to report and this returns immediately.
     """
-    cupy_backend = sys.modules.get(f"{__name__}._cupy_backend")
-    if cupy_backend is not None:
-        cupy_backend.check_labels(device)
+    cupy_state = sys.modules.get(f"{__name__}._cupy_state")
+    if cupy_state is not None:
+        cupy_state.check_labels(device)
 
 
 def add_margin(
@@ -280,7 +241,7 @@ def add_margin_grad(
 
 
 def _loss_backend(x: Any, w: Any, label: Any) -> ModuleType:
-    if _backend(("x", "w", "label"), x, w, label).__name__.endswith("_cupy_backend"):
+    if _backend(("x", "w", "label"), x, w, label).name == "cupy":
         from . import _cupy_loss
 
         return _cupy_loss

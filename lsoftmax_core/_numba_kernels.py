@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit
 
 # The dtypes' finite and normal ranges and the record's row count, shared with the NumPy code.
-from ._numpy_backend import _LIMITS, STATS_ROWS
+from ._numpy_backend import LIMITS, STATS_ROWS
 
 __all__ = ["backward_rows", "forward_rows", "stats_rows"]
 
@@ -214,6 +214,6 @@ def backward_rows(grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, la
     """Add the margin's terms to grad_x and grad_w given the upstream gradient and the
     record; False (nothing written) if a coefficient needs the careful path.  One compiled
     call; a sort by label only where C > N (else the per-class block, no sort)."""
-    fmax, ftiny = _LIMITS[x.dtype]
+    fmax, ftiny = LIMITS[x.dtype]
     order = _BY_BLOCK if grad_w.shape[0] <= label.shape[0] else np.argsort(label, kind="stable")
     return bool(_backward(grad_x, grad_w, grad_logits, x, w, label, rec, beta, fmax, ftiny, order))

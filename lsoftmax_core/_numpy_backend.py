@@ -34,11 +34,12 @@ from ._chebyshev import thresholds
 from .checks import Problem, check_arrays, check_label_values, check_out, supported_dtypes
 
 __all__ = [
-    "STATS_ROWS", "add_margin", "add_margin_grad", "backward", "check_stats", "cpu_kernels", "forward", "prepare",
+    "DTYPES", "LIMITS", "STATS_ROWS", "add_margin", "add_margin_grad", "backward", "check_stats", "cpu_kernels", "forward", "prepare",
     "set_cpu_kernels",
 ]  # fmt: skip
 
-_DTYPES = supported_dtypes("numpy")
+#: The floating dtypes of x and w this backend computes in.
+DTYPES = supported_dtypes("numpy")
 
 F64 = npt.NDArray[np.float64]
 
@@ -168,7 +169,7 @@ def _arange(n: int) -> npt.NDArray[np.intp]:
 
 
 #: The largest finite and the smallest normal value of each input dtype (np.finfo, looked up once).
-_LIMITS = {t: (float(np.finfo(t).max), float(np.finfo(t).tiny)) for t in _DTYPES}
+LIMITS = {t: (float(np.finfo(t).max), float(np.finfo(t).tiny)) for t in DTYPES}
 
 _NO_ROWS = np.zeros(0, dtype=np.intp)
 _NO_ROWS.flags.writeable = False
@@ -270,7 +271,7 @@ def prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
 ) -> Problem:
     """All argument checks of this backend, labels included (host data); the problem's sizes."""
-    p = check_arrays(x, w, label, margin, beta, dtypes=_DTYPES, grad_logits=grad_logits)
+    p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES, grad_logits=grad_logits)
     check_label_values(label, p.c)
     return p
 
@@ -467,7 +468,7 @@ def add_margin_terms(
     if p.beta != 0.0:  # dividing by 1 changes nothing
         k /= 1.0 + p.beta
         ell /= 1.0 + p.beta
-    fmax, ftiny = _LIMITS[p.dtype]
+    fmax, ftiny = LIMITS[p.dtype]
     if s.careful.size == 0:
         # Every norm is in the safe range: the ratios b/a and a/b are finite and normal.
         np.multiply(ell, s.ab[::-1] / s.ab, out=coef[:3:2])  # ell·(b/a), ell·(a/b)
