@@ -8,6 +8,9 @@
   numpy.  GPU tests are marked ``gpu`` and skip without a device.
 * ``mxnet``: MXNet 1.9.1 needs numpy < 1.24, so it gets its own environment; the whole
   suite runs there too, which also proves the core on numpy 1.23.
+* ``docs``: the API reference (Sphinx autodoc over the installed package and its PyTorch
+  and JAX adapters; MXNet's is mocked, see docs/api/conf.py) into build/docs/html, strict:
+  any warning, an unresolved cross-reference included, fails it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "mxnet"]
+nox.options.sessions = ["lint", "tests", "mxnet", "docs"]
 nox.options.error_on_missing_interpreters = True
 
 # torch 2.13.0 is pinned for the CPU test environment: it is the CPU build that the
@@ -46,3 +49,12 @@ def mxnet(session: nox.Session) -> None:
     session.install("-e", ".[test,mxnet]")
     session.env["MXNET_CPU_WORKER_NTHREADS"] = "2"
     session.run("python", "-m", "pytest", "-q", *session.posargs, env={"CI": "1"})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    session.install("-e", ".[docs,jax]", TORCH_CPU)
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-n", "-q", "-b", "html", "docs/api", "build/docs/html",
+        *session.posargs,
+    )
