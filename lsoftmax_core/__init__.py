@@ -54,8 +54,10 @@ __all__ = [
     "cross_entropy_shard_stats",
     "cross_entropy_with_grad",
     "forward",
+    "gpu_small_kernels",
     "schedule_from_dict",
     "set_cpu_kernels",
+    "set_gpu_small_kernels",
     "supported_dtypes",
 ]
 
@@ -166,6 +168,25 @@ def set_cpu_kernels(name: str) -> None:
     imported only once "numba" is chosen; without it this raises ImportError.
     """
     _numpy_backend.set_cpu_kernels(name)
+
+
+def set_gpu_small_kernels(enabled: bool) -> None:
+    """Allow (True, the default) or forbid the CuPy backend's one-kernel path for small
+    problems (margin > 1, D <= 128, N and C <= 512, N·C·D <= 2^18), where forward and
+    backward each run as one kernel, GEMMs included, because a call's cost there is its
+    host-side CUDA calls.  Forbidden, every call takes cuBLAS GEMMs plus the margin kernels
+    (for comparisons, or to get cuBLAS's bits at every size).  Process-wide; imports no CuPy."""
+    from . import _cupy_plan
+
+    _cupy_plan.set_small_kernels(enabled)
+
+
+def gpu_small_kernels() -> bool:
+    """Whether the CuPy backend may take its one-kernel small-problem path (see
+    :func:`set_gpu_small_kernels`)."""
+    from . import _cupy_plan
+
+    return _cupy_plan.small_kernels()
 
 
 def cpu_kernels() -> str:

@@ -96,6 +96,20 @@ OP_BACKWARD = 1
 SMALL_MAX_N = 512
 SMALL_MAX_C = 512
 SMALL_MAX_MACS = 2**18
+#: Whether ``small`` may choose the one-kernel path (``lsoftmax_core.set_gpu_small_kernels``).
+_SMALL_KERNELS = {"enabled": True}
+
+
+def set_small_kernels(enabled: bool) -> None:
+    """Allow (True, the default) or forbid the one-kernel small-problem path."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"enabled={enabled!r} must be True or False, not {type(enabled).__name__}")
+    _SMALL_KERNELS["enabled"] = bool(enabled)
+
+
+def small_kernels() -> bool:
+    """Whether the one-kernel small-problem path may be chosen (see :func:`set_small_kernels`)."""
+    return _SMALL_KERNELS["enabled"]
 
 #: The preprocessor definitions kernels/lsoftmax.cu requires (it refuses to compile without
 #: them): NVRTC gets them in ``NVRTC_OPTIONS``, the host build of the tests the same list.
@@ -323,7 +337,7 @@ def small(p: Problem) -> bool:
     the GEMMs: its result is then exactly the plain layer's.  (N is also held to the
     LSM_SMALL_MAX_N the kernels were compiled with, should SMALL_MAX_N be raised later.)"""
     return (
-        p.margin > 1 and 0 < p.n <= min(SMALL_MAX_N, DEFINES["LSM_SMALL_MAX_N"]) and 0 < p.d <= BLOCK
+        _SMALL_KERNELS["enabled"] and p.margin > 1 and 0 < p.n <= min(SMALL_MAX_N, DEFINES["LSM_SMALL_MAX_N"]) and 0 < p.d <= BLOCK
         and p.c <= SMALL_MAX_C
         and p.n * p.c * p.d <= SMALL_MAX_MACS
     )  # fmt: skip
