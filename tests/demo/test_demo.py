@@ -191,6 +191,47 @@ def test_load_mnist_names_the_missing_folder_and_file(tmp_path):
     assert "train-labels.idx1-ubyte.gz" in str(info.value)  # every name looked for is named
 
 
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("given", ["root", "root/MNIST"], ids=["download-root", "its-MNIST-folder"])
+def test_load_mnist_reads_torchvisions_download_layout(tmp_path, gz, given):
+    """torchvision.datasets.MNIST(root=DIR, download=True) leaves the files in DIR/MNIST/raw:
+    --mnist takes DIR itself, or DIR/MNIST."""
+    root = tmp_path / "data"
+    raw = write_mnist(root / "MNIST" / "raw", 30, 12, gz=gz)
+    (root / "MNIST" / "processed").mkdir()  # what older torchvision releases also left there
+    data = load_mnist(root if given == "root" else root / "MNIST")
+    flat = load_mnist(raw)
+    assert data.x_train.shape == (30, 1, 28, 28) and data.y_test.shape == (12,)
+    np.testing.assert_array_equal(data.x_train, flat.x_train)
+    np.testing.assert_array_equal(data.y_test, flat.y_test)
+    assert str(raw) in data.name  # the run records where the files came from
+
+
+def test_files_directly_in_the_folder_win_over_torchvisions_layout(tmp_path):
+    folder = write_mnist(tmp_path / "data", 20, 10)
+    write_mnist(folder / "MNIST" / "raw", 30, 12)
+    assert load_mnist(folder).y_test.shape == (10,)
+
+
+def test_a_folder_without_mnist_files_names_itself_every_place_looked_and_the_first_file(tmp_path):
+    empty = tmp_path / "data"
+    (empty / "MNIST" / "raw").mkdir(parents=True)  # torchvision's folders, but no download
+    with pytest.raises(DataError) as info:
+        load_mnist(empty)
+    message = str(info.value)
+    assert f"MNIST folder {empty} has no train-images-idx3-ubyte" in message
+    assert str(empty / "MNIST" / "raw") in message and str(empty / "raw") in message
+    assert "torchvision.datasets.MNIST(root=" in message
+
+
+def test_torchvisions_layout_missing_a_file_names_the_raw_folder_and_the_file(tmp_path):
+    raw = write_mnist(tmp_path / "data" / "MNIST" / "raw", 20, 10, gz=True)
+    (raw / (MNIST_FILES["test_labels"] + ".gz")).unlink()
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path / "data")
+    assert f"MNIST folder {raw} has no t10k-labels-idx1-ubyte" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("key", "array", "needle"),
     [
@@ -402,10 +443,13 @@ def test_a_run_stopped_early_keeps_the_margins_it_finished(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("gz", "dotted"), [(True, False), (False, True)], ids=["standard-gz", "dotted-plain"]
+    ("gz", "dotted", "torchvision"),
+    [(True, False, True), (False, True, False)],
+    ids=["torchvision-layout-gz", "flat-dotted-plain"],
 )
-def test_quick_run_on_mnist_files(tmp_path, capsys, gz, dotted):
-    folder = write_mnist(tmp_path / "mnist", 96, 40, gz=gz, dotted=dotted)
+def test_quick_run_on_mnist_files(tmp_path, capsys, gz, dotted, torchvision):
+    folder = tmp_path / "mnist"
+    write_mnist(folder / "MNIST" / "raw" if torchvision else folder, 96, 40, gz=gz, dotted=dotted)
     out = tmp_path / "out"
     assert (
         demo.main(
