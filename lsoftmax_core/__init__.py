@@ -142,9 +142,9 @@ def check_arguments(
     (see :func:`check_labels`).  Pass the result as ``checked=`` to :func:`add_margin` /
     :func:`add_margin_grad` with the same array objects to skip their own checks: an
     adapter that runs the GEMMs itself checks once, before them.  ``label_values=False``
-    skips the O(N) scan of NumPy labels (shapes and dtypes are still checked): for the
-    backward of a call whose forward checked these very labels, which cannot have changed
-    since (a framework's saved tensors).
+    skips the O(N) scan of NumPy labels here (shapes and dtypes are still checked); the
+    result records that, and :func:`add_margin` / :func:`add_margin_grad` then scan the
+    labels themselves before they index with them (a label outside [0, C) is never used).
     """
     backend = _backend(("x", "w", "label", "grad_logits"), x, w, label, *(() if grad_logits is None else (grad_logits,)))
     if label_values:

@@ -271,7 +271,7 @@ def prepare(
     x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
 ) -> Problem:
     """All argument checks of this backend, labels included (host data); the problem's sizes."""
-    p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES, grad_logits=grad_logits)
+    p = check_arrays(x, w, label, margin, beta, dtypes=DTYPES, grad_logits=grad_logits, labels_checked=True)
     check_label_values(label, p.c)
     return p
 
@@ -281,7 +281,10 @@ def _checked(
 ) -> Problem:
     if checked is None:
         return prepare(x, w, label, margin, beta, grad_logits)
-    return checked.same_call(x, w, label, margin, beta, grad_logits)
+    p = checked.same_call(x, w, label, margin, beta, grad_logits)
+    if not p.labels_checked:  # check_arguments(label_values=False): never index with an unscanned label
+        check_label_values(label, p.c)
+    return p
 
 
 def forward(

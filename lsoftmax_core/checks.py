@@ -79,7 +79,9 @@ def supported_dtypes(library: str = "numpy") -> tuple[np.dtype[Any], ...]:
 @dataclass(frozen=True)
 class Problem:
     """The checked sizes and hyper-parameters of one call, and the arrays they were checked
-    for (``inputs``: x, w, label, grad_logits or None)."""
+    for (``inputs``: x, w, label, grad_logits or None).  ``labels_checked``: the label values
+    were found in [0, C) (host labels; a problem made without that scan makes the NumPy
+    backend scan them before it indexes with them)."""
 
     n: int
     c: int
@@ -88,6 +90,7 @@ class Problem:
     margin: int
     beta: float
     inputs: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+    labels_checked: bool = field(default=False, compare=False)
 
     def same_call(
         self, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
@@ -116,7 +119,9 @@ class Problem:
             raise ValueError("with_grad_logits needs the problem check_arguments() returned without grad_logits")
         _check_grad_logits(grad_logits, self.n, self.c, self.dtype)
         x, w, label, _ = self.inputs
-        return Problem(self.n, self.c, self.d, self.dtype, self.margin, self.beta, (x, w, label, grad_logits))
+        return Problem(
+            self.n, self.c, self.d, self.dtype, self.margin, self.beta, (x, w, label, grad_logits), self.labels_checked
+        )
 
 
 def check_integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -168,11 +173,13 @@ def check_arrays(
     *,
     dtypes: tuple[np.dtype[Any], ...],
     grad_logits: Any = None,
+    labels_checked: bool = False,
 ) -> Problem:
     """Check shapes, dtypes and hyper-parameters (not label values); the problem's sizes.
 
     ``dtypes`` are the floating dtypes the backend that will run supports
-    (:func:`supported_dtypes`).
+    (:func:`supported_dtypes`).  ``labels_checked`` is recorded in the result: True only
+    where the caller scans the label values (:func:`check_label_values`) before using it.
     """
     m = check_margin(margin)
     b = check_beta(beta)
@@ -202,10 +209,15 @@ def check_arrays(
         raise TypeError(f"label must have an integer dtype, got label.dtype={label.dtype}")
     if grad_logits is not None:
         _check_grad_logits(grad_logits, n, c, x.dtype)
-    return Problem(n, c, d, np.dtype(x.dtype), m, b, (x, w, label, grad_logits))  # positional: a cheaper init
+    return Problem(n, c, d, np.dtype(x.dtype), m, b, (x, w, label, grad_logits), labels_checked)  # positional: cheaper
 
 
 def _check_grad_logits(grad_logits: Any, n: int, c: int, dtype: Any) -> None:
+    if not (hasattr(grad_logits, "shape") and hasattr(grad_logits, "dtype")):
+        raise TypeError(
+            f"grad_logits must be an (N, C) = ({n}, {c}) array of dtype {dtype}, got "
+            f"{type(grad_logits).__module__}.{type(grad_logits).__qualname__}"
+        )
     if tuple(grad_logits.shape) != (n, c):
         raise ValueError(
             f"grad_logits must have shape (N, C) = ({n}, {c}), got grad_logits.shape={tuple(grad_logits.shape)}"

@@ -484,3 +484,34 @@ def test_label_values_false_checks_shapes_and_dtypes_but_does_not_scan_the_label
         lsm.check_arguments(x, w, np.array([0, 1]), label_values=False)
     with pytest.raises(TypeError, match=r"label must have an integer dtype"):
         lsm.check_arguments(x, w, np.array([0.0, 1.0, 2.0]), label_values=False)
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 2**40])
+def test_an_unscanned_problem_never_lets_a_bad_label_index_the_margin_step(bad) -> None:
+    """check_arguments(label_values=False) skips the scan, but add_margin / add_margin_grad
+    then scan the labels before indexing: label -1 is not class C-1, and label C is a named
+    ValueError, not an internal IndexError; nothing is written."""
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    label = np.array([0, bad, 4])
+    g = rng.standard_normal((3, 5))
+    p = lsm.check_arguments(x, w, label, margin=3, label_values=False)
+    logits = x @ w.T
+    before = logits.copy()
+    with pytest.raises(ValueError, match=rf"label must lie in \[0, C\) = \[0, 5\): label\[1\]={bad}"):
+        lsm.add_margin(logits, x, w, label, margin=3, checked=p)
+    assert np.array_equal(logits, before)
+    gx, gw = g @ w, g.T @ x
+    gx0, gw0 = gx.copy(), gw.copy()
+    pg = p.with_grad_logits(g)
+    with pytest.raises(ValueError, match=rf"label\[1\]={bad}"):
+        lsm.add_margin_grad(gx, gw, g, x, w, label, margin=3, checked=pg)
+    assert np.array_equal(gx, gx0) and np.array_equal(gw, gw0)
+
+
+@pytest.mark.parametrize("bad", [None, [[1.0] * 5] * 4, "abc", 3.0])
+def test_with_grad_logits_names_grad_logits_when_it_is_not_an_array(bad) -> None:
+    x, w, label = np.ones((4, 3)), np.ones((5, 3)), np.array([0, 4, 2, 2])
+    p = lsm.check_arguments(x, w, label, margin=3)
+    with pytest.raises(TypeError, match=r"grad_logits must be an \(N, C\) = \(4, 5\) array of dtype float64, got"):
+        p.with_grad_logits(bad)
