@@ -18,16 +18,22 @@ import lsoftmax_core
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("adapters", "kernels", "demo")
+#: The adapters' own packages, found without importing their framework.
+ADAPTERS = ("adapters.jax", "adapters.mxnet", "adapters.torch")
 
 # Run in a fresh process from a folder outside the checkout: reports where each package
-# came from, whether the kernel sources are found, and whether the torch adapter imports.
+# came from (each adapter's package found, not imported), whether the kernel sources are
+# found, and whether the torch adapter imports.
 PROBE = """
-import importlib, json, sys
+import importlib, importlib.util, json, sys
 import lsoftmax_core, lsoftmax_core.adapters, lsoftmax_core.kernels, lsoftmax_core.demo
 from lsoftmax_core import _cupy_plan
 out = {"core": lsoftmax_core.__file__, "kernel_source": len(_cupy_plan.kernel_source())}
 for sub in ("adapters", "kernels", "demo"):
     out[sub] = importlib.import_module("lsoftmax_core." + sub).__file__
+for sub in %r:
+    spec = importlib.util.find_spec("lsoftmax_core." + sub)
+    out[sub] = None if spec is None else spec.origin
 try:
     import torch  # noqa: F401
 except ImportError:
@@ -36,7 +42,7 @@ else:
     import lsoftmax_core.adapters.torch as t
     out["torch"] = t.__file__
 print(json.dumps(out))
-"""
+""" % (ADAPTERS,)
 
 
 def _probe(python: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -67,6 +73,8 @@ def test_the_editable_install_maps_the_top_level_folders(tmp_path: Path) -> None
     found = _probe(sys.executable, tmp_path)
     for sub in SUBPACKAGES:
         assert Path(str(found[sub])).parent == ROOT / sub
+    for sub in ADAPTERS:
+        assert Path(str(found[sub])) == ROOT.joinpath(*sub.split("."), "__init__.py")
     assert int(str(found["kernel_source"])) > 10_000
 
 
@@ -101,7 +109,7 @@ def test_a_non_editable_install_into_a_fresh_venv_has_every_subpackage(tmp_path:
     found = _probe(python, tmp_path, env)
     core = Path(str(found["core"]))
     assert core.is_relative_to(env_dir), core
-    for sub in SUBPACKAGES:
+    for sub in (*SUBPACKAGES, *ADAPTERS):
         assert Path(str(found[sub])).is_relative_to(core.parent), found[sub]
     assert int(str(found["kernel_source"])) > 10_000
     if found["torch"] is not None:

@@ -1,4 +1,4 @@
-"""lsoftmax_core.adapters.jax_parallel.class_parallel_cross_entropy: W sharded by class over
+"""lsoftmax_core.adapters.jax.class_parallel_cross_entropy: W sharded by class over
 a mesh axis under ``jax.shard_map`` gives the single-device fused loss and its gradients.
 
 The multi-device cases run on 4 JAX CPU devices in one subprocess
@@ -26,8 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lsoftmax_core.adapters.jax import lsoftmax_cross_entropy
-from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy
+from lsoftmax_core.adapters.jax import class_parallel_cross_entropy, lsoftmax_cross_entropy
 
 from support.jax_gpu import jax_gpu
 from support.loss_reference import IGNORE, assert_rel, ref_grad_logits, ref_loss

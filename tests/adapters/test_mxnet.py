@@ -641,7 +641,7 @@ def test_pending_custom_op_work_is_drained_at_exit():
     pass counted, without waiting itself."""
     code = (
         "import atexit, mxnet as mx\n"
-        "atexit.register(lambda: print('steps at exit', lmx._SHARED_STEPS.get(b._lsm.step_key)))\n"
+        "atexit.register(lambda: print('steps at exit', lmx.layer._SHARED_STEPS.get(b._lsm.step_key)))\n"
         "import lsoftmax_core.adapters.mxnet as lmx\n"
         "b = lmx.LSoftmaxDense(1000, margin=4, beta=100.0)\n"
         "b.initialize()\n"
@@ -650,7 +650,7 @@ def test_pending_custom_op_work_is_drained_at_exit():
         "    with mx.autograd.record():\n"
         "        out = b(x, y)\n"
         "    out.backward()\n"  # queued: nothing here waits for the engine
-        "print('steps queued', lmx._SHARED_STEPS.get(b._lsm.step_key))\n"
+        "print('steps queued', lmx.layer._SHARED_STEPS.get(b._lsm.step_key))\n"
     )
     env = {**os.environ, "MXNET_CPU_WORKER_NTHREADS": "2"}
     try:

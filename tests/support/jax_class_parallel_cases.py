@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from lsoftmax_core.adapters.jax import lsoftmax_cross_entropy  # noqa: E402
-from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy  # noqa: E402
+from lsoftmax_core.adapters.jax import class_parallel_cross_entropy, lsoftmax_cross_entropy  # noqa: E402
 
 PARTS = 4
 IGNORE = -100

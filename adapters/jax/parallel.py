@@ -22,7 +22,7 @@ the core over the device's classes, the backward one more with the gradients (th
 single-device loss needs no second pass under ``jax.grad`` because it knows the lse
 before it forms the gradients; here the lse is known only after the all-reduce).
 
-Everything else is :mod:`lsoftmax_core.adapters.jax`'s: the core runs inside
+Everything else is the rest of :mod:`lsoftmax_core.adapters.jax`'s: the core runs inside
 ``jax.experimental.buffer_callback`` on zero-copy views of XLA's buffers, margin is
 static, beta an operand (a Python number exact as float64, or a traced scalar: no
 recompile for a new value, no gradient to it), the same dtypes, the same errors (label
@@ -78,9 +78,17 @@ from jax import lax
 import lsoftmax_core as core
 from lsoftmax_core.checks import check_arrays, check_integer, check_margin
 
-__all__ = ["class_parallel_cross_entropy"]
+from ._bridge import (
+    _beta_operand,
+    _call,
+    _check_concrete_beta,
+    _check_loss_options,
+    _copy_into,
+    _dtypes,
+    _platform,
+)
 
-_REDUCTIONS = ("mean", "sum", "none")
+__all__ = ["class_parallel_cross_entropy"]
 
 #: Static parts of a call: (reduction, ignore_index, num_classes).
 _Options = tuple[str, int, int]
@@ -117,8 +125,7 @@ def class_parallel_cross_entropy(
 
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from jax.sharding import Mesh, PartitionSpec as P
-    >>> from lsoftmax_core.adapters.jax import lsoftmax_cross_entropy
-    >>> from lsoftmax_core.adapters.jax_parallel import class_parallel_cross_entropy
+    >>> from lsoftmax_core.adapters.jax import class_parallel_cross_entropy, lsoftmax_cross_entropy
     >>> mesh = Mesh(np.array(jax.devices()), ("classes",))   # all devices hold classes
     >>> parts = mesh.shape["classes"]
     >>> rng = np.random.default_rng(0)
@@ -138,19 +145,17 @@ def class_parallel_cross_entropy(
     >>> bool(jnp.all(gw[10:] == 0))                          # padding gets no gradient
     True
     """
-    if not (isinstance(reduction, str) and reduction in _REDUCTIONS):
-        raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
-    ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+    reduction, ignore = _check_loss_options(reduction, ignore_index)
     total = check_integer("num_classes", num_classes, 1)
     m = check_margin(margin)
-    beta_now = _adapter._check_concrete_beta(beta)
+    beta_now = _check_concrete_beta(beta)
     for name, a in (("x", x), ("w_local", w_local), ("label", label)):
         if not isinstance(a, jax.Array):
             raise TypeError(
                 f"{name} must be a jax.Array (a value inside jax.shard_map), got "
                 f"{type(a).__module__}.{type(a).__qualname__}"
             )
-    dtypes = _adapter._dtypes(_adapter._platform(x, w_local))
+    dtypes = _dtypes(_platform(x, w_local))
     check_arrays(x, w_local, label, m, 0.0 if beta_now is None else beta_now, dtypes=dtypes)
     parts = _axis_size(axis_name)
     local = int(w_local.shape[0])
@@ -159,10 +164,7 @@ def class_parallel_cross_entropy(
             f"num_classes={total} exceeds the {parts} x {local} rows that the {parts} devices of "
             f"axis_name={axis_name!r} hold (w_local.shape={tuple(w_local.shape)}): shard all of W"
         )
-    if beta_now is None:
-        beta_op, bits = lax.stop_gradient(beta), False  # a hyper-parameter: no gradient
-    else:
-        beta_op, bits = _adapter._beta_bits(beta_now), True
+    beta_op, bits = _beta_operand(beta, beta_now)
     index = lax.axis_index(axis_name)
     vma = _check_varying(axis_name, index, x, w_local, label, beta)
     start = index * local  # this device's first global class
@@ -253,7 +255,7 @@ def _loss_fwd(
     reduction, ignore, _ = options
     n = x.shape[0]
     stats = jax.ShapeDtypeStruct((n,), _stats_dtype())
-    lse_local, target_local = _adapter._call(
+    lse_local, target_local = _call(
         "stats", margin, bits, options, (stats, stats), x, w, label, start, beta, core_call=_shard_call
     )
     if vma:
@@ -291,7 +293,7 @@ def _loss_bwd(
         # loss; the core needs the whole of it.
         grad_loss = lax.psum(grad_loss, axis_name)
     outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
-    grad_x, grad_w = _adapter._call(
+    grad_x, grad_w = _call(
         "backward", margin, bits, options, outs, grad_loss, x, w, label, lse, start, beta,
         core_call=_shard_call,
     )  # fmt: skip
@@ -329,8 +331,8 @@ def _shard_call(
             outs[1][...] = 0
             return
         lse, target = core.cross_entropy_shard_stats(x, w[:rows], label, **kw)
-        _adapter._copy_into(outs[0], lse, xp)
-        _adapter._copy_into(outs[1], target, xp)
+        _copy_into(outs[0], lse, xp)
+        _copy_into(outs[1], target, xp)
         return
     grad_loss, x, w, label, lse, _ = arrays
     if rows == 0:
@@ -338,12 +340,7 @@ def _shard_call(
         outs[1][...] = 0
         return
     grad_x, grad_w = core.cross_entropy_backward(grad_loss, x, w[:rows], label, reduction=reduction, lse=lse, **kw)
-    _adapter._copy_into(outs[0], grad_x, xp)
-    _adapter._copy_into(outs[1][:rows], grad_w, xp)
+    _copy_into(outs[0], grad_x, xp)
+    _copy_into(outs[1][:rows], grad_w, xp)
     outs[1][rows:] = 0  # padding rows: no gradient
 
-
-# The JAX adapter's checks and callback plumbing (its private helpers), looked up when
-# called.  Imported last, as a module object: lsoftmax_core.adapters.jax can then import
-# class_parallel_cross_entropy from here (to re-export it) in either import order.
-import lsoftmax_core.adapters.jax as _adapter  # noqa: E402
