@@ -4,6 +4,7 @@ gradients, backward) with autograd, and :func:`lsoftmax_cross_entropy` on top.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,6 +171,29 @@ def _input_grads(ctx: Any, grad_x: Tensor, grad_w: Tensor) -> tuple[Tensor | Non
     return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None, None)
 
 
+def _scaled(
+    grads: tuple[Tensor, Tensor], grad_loss: Tensor, target: Tensor, ignore_index: int, *, in_place: bool
+) -> tuple[Tensor, Tensor]:
+    """The forward's gradients (for an upstream 1) times the upstream gradient ``grad_loss``.
+
+    Ignored rows take no part whatever the upstream gradient, as in torch's cross_entropy:
+    their rows of grad_x are exact zeros, and so is grad_w when every row is ignored, and a
+    non-finite ``grad_loss`` (``loss.sqrt()`` of a loss of 0) must not make them 0 * inf =
+    NaN.  A finite CPU ``grad_loss`` (the usual case; reading it costs no synchronisation)
+    scales both as they are; otherwise the factor is 0 on the ignored rows, without reading it.
+    """
+    grad_x, grad_w = grads
+    if not in_place or grad_loss.device.type != "cpu" or not math.isfinite(grad_loss.item()):
+        ignored = target == ignore_index
+        zero = grad_loss.new_zeros(())
+        row_factor = torch.where(ignored, zero, grad_loss).to(grad_x.dtype)[:, None]
+        w_factor = torch.where(ignored.all(), zero, grad_loss).to(grad_w.dtype)
+        if not in_place:  # traced: no in-place update of an output
+            return grad_x * row_factor, grad_w * w_factor
+        return grad_x.mul_(row_factor), grad_w.mul_(w_factor)
+    return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss)
+
+
 def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     """Both forward operators: keep the inputs, and the (non-differentiable) extra outputs."""
     x, weight, target, margin, beta, reduction, ignore_index = inputs
@@ -210,14 +234,13 @@ def _loss_with_grad_backward(
             grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None
         )
         return _input_grads(ctx, grad_x, grad_w)
-    grad_x, grad_w = grads
-    if torch.compiler.is_compiling() or not all(type(t) is Tensor for t in (grad_x, grad_w, grad_loss)):
-        # Traced (compile, AOT, fake or functional tensors): no in-place update of an output.
-        return _input_grads(ctx, grad_x * grad_loss, grad_w * grad_loss)
-    # Scaled in place: the forward's gradients are ours alone (the op's extra outputs, not
-    # returned by lsoftmax_cross_entropy), so no (C, D) copy is made; for the usual upstream
-    # 1 the values are unchanged.
-    return _input_grads(ctx, grad_x.mul_(grad_loss), grad_w.mul_(grad_loss))
+    # Traced (compile, AOT, fake or functional tensors): no in-place update of an output.
+    # Otherwise scaled in place: the forward's gradients are ours alone (the op's extra
+    # outputs, not returned by lsoftmax_cross_entropy), so no (C, D) copy is made; for the
+    # usual upstream 1 the values are unchanged.
+    traced = torch.compiler.is_compiling() or not all(type(t) is Tensor for t in (*grads, grad_loss))
+    ignore_index = ctx.hyper[2]
+    return _input_grads(ctx, *_scaled(grads, grad_loss, target, ignore_index, in_place=not traced))
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
@@ -248,7 +271,8 @@ class _EagerWithGrad(torch.autograd.Function):
             # operator (no derivative of its own: a double backward fails loudly).
             grad_x, grad_w = _backward_via_op(grad_loss, x, weight, target, ctx.kw, None)
         else:
-            grad_x, grad_w = grads[0].mul_(grad_loss), grads[1].mul_(grad_loss)  # ours alone: no copy
+            # Ours alone: scaled in place, no copy.
+            grad_x, grad_w = _scaled(grads, grad_loss, target, ctx.kw["ignore_index"], in_place=True)
         return _eager_grads(ctx, grad_x, grad_w)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -114,7 +115,13 @@ class _AnnealedHead(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {**self._config(), "iteration": self._iteration, "schedule": self._schedule.to_dict()}
 
-    def set_extra_state(self, state: Any) -> None:
+    def _mismatch(self, key: str, saved: Any, own: Any) -> str:
+        """The message for a checkpoint whose setting ``key`` differs from this module's."""
+        return f"checkpoint has {key}={saved!r} but this {self._noun} has {key}={own!r}"
+
+    def _restored(self, state: Any) -> tuple[int, Schedule]:
+        """The iteration and schedule a checkpoint's extra state restores: every check of
+        the extra state, changing nothing."""
         if not isinstance(state, dict) or not {"iteration", "schedule"} <= set(state):
             raise ValueError(
                 f"{type(self).__name__} extra state must be a dict with 'iteration' and 'schedule', got {state!r}"
@@ -122,14 +129,14 @@ class _AnnealedHead(nn.Module):
         for key, own in self._config().items():
             saved = state.get(key, own)
             if saved != own:
-                raise ValueError(f"checkpoint has {key}={saved!r} but this {self._noun} has {key}={own!r}")
+                raise ValueError(self._mismatch(key, saved, own))
         saved = state["schedule"]
         own = self._schedule.to_dict()
         if saved == own:
             schedule = self._schedule  # also the one way to restore a schedule of the user's own
         else:
             try:
-                schedule = schedule_from_dict(dict(saved))
+                schedule = check_schedule(schedule_from_dict(dict(saved)))
             except (TypeError, ValueError) as e:
                 raise ValueError(
                     f"checkpoint has schedule {saved!r}, which cannot be rebuilt ({e}), and this {self._noun}'s "
@@ -137,9 +144,48 @@ class _AnnealedHead(nn.Module):
                     "was saved with, then load_state_dict"
                 ) from None
         iteration = check_integer("iteration", state["iteration"], 0)
-        self._check_beta_at(schedule, iteration)  # nothing changes on an error
+        self._check_beta_at(schedule, iteration)
+        return iteration, schedule
+
+    def set_extra_state(self, state: Any) -> None:
+        iteration, schedule = self._restored(state)  # nothing changes on an error
         self._iteration = iteration
         self.schedule = schedule
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch's ``load_state_dict``, except that a strict load with missing or unexpected
+        keys raises before anything is loaded (torch loads the rest first)."""
+        if strict and isinstance(state_dict, Mapping):
+            own = set(self.state_dict(keep_vars=True))
+            missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: missing key(s) {missing}, "
+                    f"unexpected key(s) {unexpected}; nothing was loaded (strict=False loads the keys that match)"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool, missing_keys: list[str],
+        unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
+        # torch copies the weight first and calls set_extra_state last: everything a load can
+        # refuse here (the extra state, the weight's type and shape) is checked first, so that
+        # a refused checkpoint leaves the module as it was.
+        keys = {name: prefix + name for name in ("weight", "_extra_state")}
+        if keys["_extra_state"] in state_dict:
+            self._restored(state_dict[keys["_extra_state"]])
+        weight = state_dict.get(keys["weight"])
+        if keys["weight"] in state_dict and not isinstance(weight, Tensor):
+            raise TypeError(f"checkpoint's {keys['weight']} must be a torch.Tensor, got {type(weight).__name__}")
+        if weight is not None and weight.shape != self.weight.shape:
+            raise ValueError(
+                f"checkpoint's {keys['weight']} has shape {tuple(weight.shape)} but this {self._noun}'s weight "
+                f"has shape {tuple(self.weight.shape)}"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class LSoftmaxLinear(_AnnealedHead):
