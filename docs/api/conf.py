@@ -34,12 +34,13 @@ add_module_names = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = True
 
-# Nitpicky mode (-n): every cross-reference must resolve.  The frameworks' own types are
-# documented elsewhere (no network for intersphinx in CI), so references to them are left
-# as plain text instead of being reported.
+# Nitpicky mode (-n): every cross-reference must resolve.  The frameworks' and the standard
+# library's own types are documented elsewhere (no network for intersphinx in CI), so
+# references to them are left as plain text instead of being reported.
 nitpicky = True
 nitpick_ignore_regex = [
     ("py:.*", r"(np|numpy|npt|numpy\.typing|torch|jax|jaxlib|mx|mxnet|cupy)(\..*)?"),
+    ("py:.*", r"(collections\.abc|typing|types|os|pathlib)\..*"),
 ]
 
 html_theme = "alabaster"
