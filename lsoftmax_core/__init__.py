@@ -24,6 +24,7 @@ from typing import Any
 
 from . import _numpy_backend
 from ._chebyshev import MAX_MARGIN
+from ._numpy_backend import STATS_ROWS
 from .backends import Backend, backend_for
 from .checks import Problem, supported_dtypes
 from .schedule import (
@@ -41,6 +42,7 @@ __all__ = [
     "InverseSchedule",
     "MAX_MARGIN",
     "Problem",
+    "STATS_ROWS",
     "Schedule",
     "__version__",
     "add_margin",
@@ -95,8 +97,10 @@ def forward(
     ``return_stats=True`` returns ``(logits, stats)``: ``stats`` are the per-sample
     statistics the margin was computed from (norms, cosine, psi, psi'; O(N)), which
     :func:`backward` takes as ``stats=`` instead of computing them again.  NumPy arrays: a
-    (6, N) float64 array, valid for these very x, w, label and margin (any beta), to be
-    treated as opaque; CuPy arrays: None (the kernels recompute them; see :func:`backward`).
+    (:data:`STATS_ROWS`, N) float64 array, valid for these very x, w, label and margin (any
+    beta), to be treated as opaque (it carries fingerprints of the rows of x and w[label] it
+    came from, which the backward checks); CuPy arrays: None (the kernels recompute them;
+    see :func:`backward`).
     """
     backend = _backend(("x", "w", "label", "out"), x, w, label, *(() if out is None else (out,)))
     return backend.forward(x, w, label, margin=margin, beta=beta, out=out, return_stats=return_stats)
@@ -118,9 +122,12 @@ def backward(
     ``out``: a pair of arrays, (N, D) and (C, D), to write the gradients into (and return),
     with the rules of :func:`forward`'s ``out``.  ``stats``: what ``forward(...,
     return_stats=True)`` returned for the same x, w, label and margin; the result is then
-    the same, bit for bit, without the statistics' O(N·D) pass.  It is checked for shape,
-    dtype and margin (a ValueError naming stats), not against the data: arrays changed
-    since the forward (an optimizer step in place) need a new forward.  None: computed here.
+    the same, bit for bit, without the statistics' psi evaluations.  It is checked for
+    shape, dtype and margin, and against the data: the fingerprints of x's rows and of
+    w[label]'s rows (exact integer sums of their bits, O(N·D)) must be the forward's, so
+    statistics of another batch, or of arrays changed in place since the forward (an
+    optimizer step), raise a ValueError naming stats instead of giving a wrong gradient.
+    None: computed here.
     """
     if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
         raise TypeError(f"out must be a pair (grad_x, grad_w) of arrays, got {type(out).__name__}")

@@ -15,7 +15,7 @@ line.  Implementation choices:
 * large N×D temporaries are few and reused in place (each costs page faults that show
   against the GEMMs);
 * at small sizes the cost is the number of NumPy calls, not their work: the statistics are
-  rows of one (6, N) record (which ``forward`` can hand to ``backward``, ``stats=``), psi
+  rows of one (8, N) record (which ``forward`` can hand to ``backward``, ``stats=``), psi
   is a binary search plus recurrences on stacked rows, and range checks are reductions
   that decide the common case before any per-row mask is built.
 """
@@ -74,7 +74,7 @@ class _Stats(NamedTuple):
     a_parts: tuple[F64, npt.NDArray[np.int64]]  # careful rows: |x| = ldexp(mantissa, exponent)
     b_parts: tuple[F64, npt.NDArray[np.int64]]
     ab: F64  # (2, N): a and b as one array (a and b are its rows)
-    record: F64  # (6, N): a, b, c, psi, psi' and the margin tag (see stats)
+    record: F64  # (STATS_ROWS, N): a, b, c, psi, psi', the margin tag, fingerprints (see stats)
 
 
 def _rowdot(u: npt.NDArray[Any], v: npt.NDArray[Any]) -> F64:
@@ -175,16 +175,49 @@ _NO_ROWS = np.zeros(0, dtype=np.intp)
 _NO_ROWS.flags.writeable = False
 
 
-#: Rows of the statistics record (see :func:`stats`): a, b, c, psi, psi', margin tag.
-STATS_ROWS = 6
+#: Rows of the statistics record (see :func:`stats`): a, b, c, psi, psi', margin tag, and
+#: the fingerprints of the rows of x and of w[label] they came from (:func:`_fingerprint`).
+STATS_ROWS = 8
+
+_UINT = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+
+
+@functools.lru_cache(maxsize=64)
+def _odd_weights(d: int) -> npt.NDArray[np.uint64]:
+    w = 2 * np.arange(d, dtype=np.uint64) + 1
+    w.flags.writeable = False
+    return w
+
+
+def _fingerprint(rows: npt.NDArray[Any]) -> F64:
+    """Per row, sum_j (2j + 1)·bits(rows[i, j]) mod 2^64 (the bits as float64 words to store
+    in a record).  Exact integer arithmetic, so the same values give the same fingerprint
+    whatever the memory layout; any change of one element changes it (an odd weight is
+    invertible mod 2^64), and so do swapped elements.  O(N·D), one pass."""
+    rows = np.ascontiguousarray(rows)  # a view of the bits needs a contiguous last axis
+    bits = rows.view(_UINT[rows.dtype.itemsize])
+    weights = _odd_weights(rows.shape[1])
+    if rows.shape[1] <= 16:  # (measured: the matmul's loop is faster for short rows, einsum for long)
+        fp = (bits if bits.dtype == np.uint64 else bits.astype(np.uint64)) @ weights
+    else:
+        fp = np.einsum("ij,j->i", bits, weights)
+    return fp.view(np.float64)  # type: ignore[no-any-return]
+
+
+def _seal(rec: F64, x: npt.NDArray[Any], wy: npt.NDArray[Any]) -> F64:
+    """Write the fingerprints of x and of w[label] (``wy``) into a record handed to the caller."""
+    rec[6] = _fingerprint(x)
+    rec[7] = _fingerprint(wy)
+    return rec
 
 
 def stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: Problem) -> _Stats:
     """Per-sample norms, cosine, psi and psi' (float64), for labels already checked.
 
-    They are the rows of one (6, N) float64 array, ``record``, which ``forward`` can hand to
-    ``backward`` (``return_stats`` / ``stats``): a, b, c, psi, psi', and a tag, +m on rows
-    of the fast path and -m on the careful rows (their statistics needed per-row scaling).
+    They are the rows of one (STATS_ROWS, N) float64 array, ``record``, which ``forward`` can
+    hand to ``backward`` (``return_stats`` / ``stats``): a, b, c, psi, psi', and a tag, +m on
+    rows of the fast path and -m on the careful rows (their statistics needed per-row
+    scaling); rows 6 and 7 are left for the fingerprints of a record handed out (:func:`_seal`).
     """
     wy = w.take(label, axis=0)  # w[label], a fresh array (faster than fancy indexing)
     n = p.n
@@ -230,16 +263,21 @@ def stats(x: npt.NDArray[Any], w: npt.NDArray[Any], label: npt.NDArray[Any], p: 
     return _Stats(a, b, c, rec[3], rec[4], wy, careful, (am, ae), (bm, be), ab, rec)
 
 
-def _from_record(rec: F64, w: npt.NDArray[Any], label: npt.NDArray[Any]) -> _Stats:
-    """The statistics of a record made by :func:`stats` (checked by :func:`check_stats`); the
-    careful rows' split norms are not kept there: the backward's careful path recomputes them."""
+def _from_record(rec: F64, w: npt.NDArray[Any], label: npt.NDArray[Any], wy: Any = None) -> _Stats:
+    """The statistics of a record made by :func:`stats` (checked by :func:`check_stats`, which
+    gathered ``wy`` = w[label]); the careful rows' split norms are not kept there: the
+    backward's careful path recomputes them."""
     careful = np.flatnonzero(rec[5] < 0.0) if np.minimum.reduce(rec[5], initial=0.0) < 0.0 else _NO_ROWS
-    return _Stats(rec[0], rec[1], rec[2], rec[3], rec[4], w.take(label, axis=0), careful, (_NO_F64, _NO_I64),
+    wy = w.take(label, axis=0) if wy is None else wy
+    return _Stats(rec[0], rec[1], rec[2], rec[3], rec[4], wy, careful, (_NO_F64, _NO_I64),
                   (_NO_F64, _NO_I64), rec[0:2], rec)
 
 
-def check_stats(stats: Any, p: Problem) -> None:
-    """``stats`` must be a record of :func:`stats` for this problem's N and margin (O(1))."""
+def check_stats(stats: Any, p: Problem, x: Any, w: Any, label: Any) -> npt.NDArray[Any] | None:
+    """``stats`` must be a record of :func:`stats` for this problem's N and margin and for
+    these very values of x and w[label] (their fingerprints, O(N·D)); returns w[label] (the
+    rows gathered for the check, which the backward reuses), or None where the record is not
+    read (margin 1, no rows)."""
     if not isinstance(stats, np.ndarray):
         raise TypeError(
             f"stats must be the numpy.ndarray that forward(..., return_stats=True) returned, got "
@@ -247,17 +285,33 @@ def check_stats(stats: Any, p: Problem) -> None:
         )
     if stats.dtype != np.float64 or stats.shape != (STATS_ROWS, p.n):
         raise ValueError(
-            f"stats must be forward's (6, N) = (6, {p.n}) float64 statistics, got stats.shape="
+            f"stats must be forward's (STATS_ROWS, N) = ({STATS_ROWS}, {p.n}) float64 statistics, got stats.shape="
             f"{tuple(stats.shape)}, stats.dtype={stats.dtype}"
         )
     if p.n and abs(float(stats[5, 0])) != p.margin:
         raise ValueError(
             f"stats were computed for margin={abs(float(stats[5, 0])):g}, not margin={p.margin}"
         )
+    if p.margin == 1 or p.n == 0:
+        return None  # nothing of the record is read
+    wy = w.take(label, axis=0)
+    which = None
+    if not np.array_equal(stats[6].view(np.uint64), _fingerprint(x).view(np.uint64)):
+        which = "x"
+    elif not np.array_equal(stats[7].view(np.uint64), _fingerprint(wy).view(np.uint64)):
+        which = "w[label]"
+    if which is not None:
+        raise ValueError(
+            f"stats were computed from other values of {which} than these (another batch, or an array "
+            "changed in place since the forward, e.g. by an optimizer step): run the forward again, or "
+            "pass stats=None"
+        )
+    return wy
 
 
 def _no_stats(p: Problem) -> F64:
-    """The record where nothing was computed (margin 1, or no rows): only the margin tag."""
+    """The record where nothing was computed (margin 1, or no rows): only the margin tag
+    (the backward reads nothing else of it)."""
     rec = np.zeros((STATS_ROWS, p.n))
     rec[5] = p.margin
     return rec
@@ -296,7 +350,7 @@ def forward(
     else:
         check_out("out", out, (p.n, p.c), p.dtype, x, w, label)
         logits = np.matmul(x, w.T, out=out)
-    rec = _margin_forward(logits, x, w, label, p)
+    rec = _margin_forward(logits, x, w, label, p, return_stats)
     return (logits, rec) if return_stats else logits
 
 
@@ -306,7 +360,7 @@ def add_margin(
 ) -> Any:  # fmt: skip
     p = _checked(checked, x, w, label, margin, beta)
     check_out("logits", logits, (p.n, p.c), p.dtype, x, w, label)
-    rec = _margin_forward(logits, x, w, label, p)
+    rec = _margin_forward(logits, x, w, label, p, return_stats)
     return (logits, rec) if return_stats else logits
 
 
@@ -343,8 +397,9 @@ def _compiled() -> Any:
     return _KERNELS["module"]
 
 
-def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> F64:
-    """Rewrite the target logits; returns the statistics record."""
+def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem, seal: bool = False) -> F64:
+    """Rewrite the target logits; returns the statistics record (with ``seal``, the
+    fingerprints of the data it came from written in: a record handed to the caller)."""
     if p.margin == 1 or p.n == 0:
         return _no_stats(p)  # psi(c) = c: the target logit is already x·w_y.
     kernels = _compiled()
@@ -353,10 +408,10 @@ def _margin_forward(logits: Any, x: Any, w: Any, label: Any, p: Problem) -> F64:
             logits, x, w, label, p.margin, p.beta, _ascending_thresholds(p.margin), _SAFE_SQ[p.dtype]
         )
         if rec is not None:
-            return rec  # type: ignore[no-any-return]
+            return _seal(rec, x, w.take(label, axis=0)) if seal else rec  # type: ignore[no-any-return]
     s = stats(x, w, label, p)
     logits[_arange(p.n), label] = target_logits(s, p)
-    return s.record
+    return _seal(s.record, x, s.wy) if seal else s.record
 
 
 def target_logits(s: _Stats, p: Problem) -> F64:
@@ -396,8 +451,7 @@ def backward(
     stats: Any = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:  # fmt: skip
     p = prepare(x, w, label, margin, beta, grad_logits)
-    if stats is not None:
-        check_stats(stats, p)
+    wy = None if stats is None else check_stats(stats, p, x, w, label)
     if out is None:
         grad_x = grad_logits @ w
         grad_w = grad_logits.T @ x
@@ -407,7 +461,7 @@ def backward(
         check_out("out[1]", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
         np.matmul(grad_logits, w, out=grad_x)
         np.matmul(grad_logits.T, x, out=grad_w)
-    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats)
+    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats, wy)
     return grad_x, grad_w
 
 
@@ -425,17 +479,17 @@ def add_margin_grad(
     stats: Any = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     p = _checked(checked, x, w, label, margin, beta, grad_logits)
-    if stats is not None:
-        check_stats(stats, p)
+    wy = None if stats is None else check_stats(stats, p, x, w, label)
     check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits, label)
     check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
-    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats)
+    _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats, wy)
     return grad_x, grad_w
 
 
 def _margin_backward(
-    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Problem, record: Any = None
-) -> None:
+    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Problem, record: Any = None,
+    wy: Any = None,
+) -> None:  # fmt: skip
     if p.margin == 1 or p.n == 0:
         return
     kernels = _compiled()
@@ -448,7 +502,7 @@ def _margin_backward(
         if rec is not None and kernels.backward_rows(grad_x, grad_w, grad_logits, x, w, label, rec, p.beta):
             return
     g = np.asarray(grad_logits[_arange(p.n), label], dtype=np.float64)
-    s = stats(x, w, label, p) if record is None else _from_record(record, w, label)
+    s = stats(x, w, label, p) if record is None else _from_record(record, w, label, wy)
     add_margin_terms(grad_x, grad_w, g, s, x, label, p)
 
 

@@ -44,7 +44,7 @@ def test_backward_with_the_forwards_stats_gives_the_same_bits(dtype, data) -> No
     g = np.random.default_rng(0).standard_normal((len(x), len(w))).astype(dtype)
     logits, stats = lsm.forward(x, w, label, margin=m, beta=beta, return_stats=True)
     _same_bits([logits], [lsm.forward(x, w, label, margin=m, beta=beta)])
-    assert stats.shape == (6, len(x)) and stats.dtype == np.float64
+    assert stats.shape == (lsm.STATS_ROWS, len(x)) and stats.dtype == np.float64
     want = lsm.backward(g, x, w, label, margin=m, beta=beta)
     _same_bits(lsm.backward(g, x, w, label, margin=m, beta=beta, stats=stats), want)
     # Statistics do not depend on beta: one forward serves a backward at another beta.
@@ -92,8 +92,9 @@ def test_stats_and_inputs_are_not_modified_by_the_backward() -> None:
     "bad,exc,pattern",
     [
         ([[0.0] * 3] * 6, TypeError, r"stats must be the numpy\.ndarray .* got builtins\.list"),
-        (np.zeros((6, 2)), ValueError, r"stats must be forward's \(6, N\) = \(6, 3\) float64 .*shape=\(6, 2\)"),
-        (np.zeros((6, 3), np.float32), ValueError, r"stats\.dtype=float32"),
+        (np.zeros((8, 2)), ValueError, r"stats must be forward's \(STATS_ROWS, N\) = \(8, 3\) float64 .*shape=\(8, 2\)"),
+        (np.zeros((8, 3), np.float32), ValueError, r"stats\.dtype=float32"),
+        (np.zeros((6, 3)), ValueError, r"stats\.shape=\(6, 3\)"),
         (np.zeros((3, 6)), ValueError, r"stats\.shape=\(3, 6\)"),
     ],
 )
@@ -117,10 +118,70 @@ def test_stats_of_another_margin_are_refused() -> None:
         lsm.backward(np.ones((3, 2)), x, w, label, margin=4, stats=stats)
 
 
+def _stale_case(dtype=np.float64):
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((9, 4)).astype(dtype), rng.standard_normal((6, 4)).astype(dtype)
+    label = rng.integers(0, 6, 9)
+    return x, w, label, rng.standard_normal((9, 6)).astype(dtype)
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "change",
+    ["w_step_in_place", "x_in_place", "another_batch", "one_bit_of_w", "swapped_features", "label_in_place"],
+)
+def test_stale_stats_are_refused_before_anything_is_written(change, dtype, kernels, monkeypatch) -> None:
+    """Statistics of other data (another batch, or x or w changed in place since the forward)
+    are a ValueError naming stats, not a wrong gradient; out and grad_x/grad_w are untouched."""
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    prev = lsm.cpu_kernels()
+    lsm.set_cpu_kernels(kernels)
+    dtype = np.dtype(dtype).type
+    try:
+        x, w, label, g = _stale_case(dtype)
+        _, stats = lsm.forward(x, w, label, margin=4, return_stats=True)
+        if change == "w_step_in_place":
+            w -= dtype(0.1) * (g.T @ x)
+        elif change == "x_in_place":
+            x *= dtype(1.5)
+        elif change == "another_batch":
+            x, w, label, g = _stale_case(dtype)
+            x = x[::-1].copy()
+        elif change == "one_bit_of_w":
+            w.view(np.uint32 if dtype == np.float32 else np.uint64)[label[3], 2] ^= 1
+        elif change == "swapped_features":
+            x[:, [0, 1]] = x[:, [1, 0]]
+        else:
+            label[[0, 1]] = (label[0] + 1) % 6, (label[1] + 2) % 6
+        out = (np.full((9, 4), 7, dtype), np.full((6, 4), 7, dtype))
+        with pytest.raises(ValueError, match=r"stats were computed from other values of (x|w\[label\]) than these"):
+            lsm.backward(g, x, w, label, margin=4, out=out, stats=stats)
+        assert (out[0] == 7).all() and (out[1] == 7).all()
+        gx, gw = g @ w, g.T @ x
+        with pytest.raises(ValueError, match=r"stats were computed from other values"):
+            lsm.add_margin_grad(gx, gw, g, x, w, label, margin=4, stats=stats)
+        np.testing.assert_array_equal(gx, g @ w)
+        np.testing.assert_array_equal(gw, g.T @ x)
+    finally:
+        lsm.set_cpu_kernels(prev)
+
+
+def test_stats_are_accepted_for_a_copy_of_the_same_values() -> None:
+    """The fingerprints are exact integer sums of the bits: a copy of the same values, in
+    another memory layout, is the same data."""
+    x, w, label, g = _stale_case()
+    _, stats = lsm.forward(x, w, label, margin=3, return_stats=True)
+    want = lsm.backward(g, x, w, label, margin=3)
+    xf, wf = np.asfortranarray(x), np.asfortranarray(w)
+    _same_bits(lsm.backward(g, xf, wf, label.copy(), margin=3, stats=stats.copy()), want)
+
+
 def test_empty_batch_and_margin_one_have_stats_too() -> None:
     x, w, label = np.zeros((0, 3)), np.ones((4, 3)), np.zeros(0, np.int64)
     logits, stats = lsm.forward(x, w, label, margin=2, return_stats=True)
-    assert logits.shape == (0, 4) and stats.shape == (6, 0)
+    assert logits.shape == (0, 4) and stats.shape == (lsm.STATS_ROWS, 0)
     gx, gw = lsm.backward(np.zeros((0, 4)), x, w, label, margin=2, stats=stats)
     assert gx.shape == (0, 3) and not gw.any()
     x1 = np.arange(6.0).reshape(2, 3)
