@@ -34,7 +34,10 @@ stream (tested by a ``gpu`` test on one device, not yet run on a GPU).
 Uneven class counts.  ``shard_map`` splits W's rows evenly, so pad W to a multiple of
 the axis size P: device p holds the global rows ``[p·C_local, (p + 1)·C_local)`` and the
 rows at or beyond ``num_classes`` are padding.  Padding rows enter no softmax, get a zero
-gradient and may hold anything; a device may hold only padding.
+gradient and may hold anything; a device may hold only padding.  Such a device calls no
+core function, but it checks the labels and a traced beta as the core does on the others,
+so that bad data is the same error on every device rather than a device waiting alone in
+the all-reduce until XLA aborts the process.
 
 ``jax.shard_map``'s ``check_vma``.  With ``check_vma=True`` (JAX's default) the values'
 types say what varies over the axis: x and label must not vary over ``axis_name``, w_local
@@ -76,7 +79,7 @@ import numpy as np
 from jax import lax
 
 import lsoftmax_core as core
-from lsoftmax_core.checks import check_arrays, check_integer, check_margin
+from lsoftmax_core.checks import check_arrays, check_beta, check_integer, check_label_values, check_margin
 
 from ._bridge import (
     _beta_operand,
@@ -327,6 +330,7 @@ def _shard_call(
     if kind == "stats":
         x, w, label, _ = arrays
         if rows == 0:  # only padding: no class, so exp(lse) = 0 and no target
+            _check_without_classes(label, beta, total, ignore, xp)
             outs[0][...] = -np.inf
             outs[1][...] = 0
             return
@@ -336,6 +340,7 @@ def _shard_call(
         return
     grad_loss, x, w, label, lse, _ = arrays
     if rows == 0:
+        _check_without_classes(label, beta, total, ignore, xp)
         outs[0][...] = 0
         outs[1][...] = 0
         return
@@ -344,3 +349,17 @@ def _shard_call(
     _copy_into(outs[1][:rows], grad_w, xp)
     outs[1][rows:] = 0  # padding rows: no gradient
 
+
+def _check_without_classes(label: Any, beta: float, total: int, ignore: int, xp: Any) -> None:
+    """The checks of the data that the core makes in a shard call, made on a device that
+    holds only padding and so calls no core function: beta, and on the CPU the labels
+    against all ``total`` classes (the core's messages).
+
+    Every device of the axis must reach the same verdict before the collectives that follow
+    the callback: a device whose callback raises never enters the all-reduce, and one that
+    does not raise would wait there alone until XLA aborts the process.  On CUDA the core
+    checks labels on the device without synchronising and raises from a later call (see
+    the package docstring), so no device raises here for a label and none waits alone."""
+    check_beta(beta)
+    if xp is np:
+        check_label_values(label, total, ignore)

@@ -238,6 +238,60 @@ def test_a_wrong_layout_is_a_value_error_when_tracing(cases, name, message):
     assert r.get("error", "").startswith(f"ValueError: {message}"), r.get("error", "accepted")
 
 
+PADDING_ONLY = CASES.with_name("jax_padding_only_errors.py")
+#: Those cases take a few seconds; a device left waiting in an all-reduce makes XLA abort
+#: the process after about 60 s (a failure through the exit status), a hang fails here.
+PADDING_ONLY_TIMEOUT_S = 150
+
+
+@pytest.fixture(scope="module")
+def padding_only_errors() -> dict[str, dict[str, Any]]:
+    """support/jax_padding_only_errors.py's cases (C = 9 over 4 devices of 3 rows: device 3
+    holds only padding), by name; a process that aborts or hangs fails the tests."""
+    tests = str(CASES.parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(PADDING_ONLY)], env=env, capture_output=True, text=True,
+            timeout=PADDING_ONLY_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{PADDING_ONLY.name} hung past {PADDING_ONLY_TIMEOUT_S} s; stdout: {e.stdout!r}")
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        pytest.fail(
+            f"{PADDING_ONLY.name} exited with {done.returncode} after the cases {[r['case'] for r in records]}; "
+            f"its stderr ends:\n{done.stderr[-3000:]}"
+        )
+    return {r["case"]: r for r in records}
+
+
+@pytest.mark.parametrize(
+    ("case", "where"),
+    [("label=9", "label[2]=9"), ("label=9 under grad", "label[2]=9"), ("label=11", "label[1]=11"),
+     ("label=-1", "label[2]=-1")],
+)  # fmt: skip
+def test_a_bad_label_is_an_error_on_every_device_also_one_holding_only_padding(padding_only_errors, case, where):
+    """Issue 23 item 1: the devices holding classes reject the label in their callbacks; the
+    padding-only device must reject it too, before the all-reduce, instead of waiting there
+    until XLA aborts the process."""
+    r = padding_only_errors[case]
+    assert r.get("error", "").startswith("JaxRuntimeError"), r
+    assert f"label must lie in [0, C) = [0, 9) or equal ignore_index=-100: {where}" in r["error"]
+
+
+def test_a_bad_traced_beta_is_an_error_on_every_device_also_one_holding_only_padding(padding_only_errors):
+    r = padding_only_errors["beta=-1"]
+    assert r.get("error", "").startswith("JaxRuntimeError"), r
+    assert "beta=-1.0 must be a finite number >= 0" in r["error"]
+
+
+def test_good_data_on_the_padding_only_mesh_gives_a_finite_loss(padding_only_errors):
+    r = padding_only_errors["good"]
+    assert "error" not in r, r
+    assert np.isfinite(r["loss"])
+
+
 # --- In this process: one device. ---
 
 
