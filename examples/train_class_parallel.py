@@ -19,6 +19,7 @@ backend's class shards over NCCL (not yet run on a GPU).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import torch
@@ -41,12 +42,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--save", help="write the full head checkpoint here (rank 0)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds a collective waits for the other ranks before it fails (torch's default: "
+                             "30 minutes with gloo, 10 with NCCL)")  # fmt: skip
     args = parser.parse_args()
 
     # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT (and LOCAL_RANK) for the default init.
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    # A rank that stops (an exception, a hung data loader) leaves the others waiting in the
+    # head's next collective until this timeout, then they fail (docs/distributed.md).
+    timeout = datetime.timedelta(seconds=args.timeout)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
 

@@ -25,7 +25,7 @@ on C.  The collectives are this module's own (``torch.distributed.nn`` is not us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_integer, supported_dtypes
+from lsoftmax_core.checks import check_integer, check_margin, supported_dtypes
 from lsoftmax_core.schedule import Schedule
 
 from ._bridge import _run
@@ -46,12 +46,33 @@ _REDUCTIONS = ("mean", "sum")
 # Dtypes by a small code, so that the ranks can compare theirs in one int64 all-gather.
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _CPU_DTYPES = tuple(t for t in _DTYPES if str(t).split(".")[1] in {str(d) for d in supported_dtypes("numpy")})
-# What each rank reports before any data moves: a problem found on its own input (0: none,
-# 1: TypeError, 2: ValueError), its batch size, its feature size and its dtype's code, then
-# the settings every rank must share (a rank that missed a step() has another beta).
-_META = 9
-_SETTINGS = ("num_classes", "margin", "ignore_index", "beta", "reduction")
 _ERRORS = {1: TypeError, 2: ValueError}
+
+
+def _float_bits(value: float) -> int:
+    return int(np.array(value, dtype=np.float64).view(np.int64))
+
+
+def _bits_float(code: int) -> float:
+    return float(np.array(code, dtype=np.int64).view(np.float64))
+
+
+# Every setting that changes the loss, which all ranks must share (a rank that missed a
+# step() has another beta), with its int64 code for the all-gather and the way back to the
+# value an error shows (beta by its float64 bits: compared exactly).  This is the one list:
+# a setting added here (and to _Call) is checked, gathered, compared and named in the error.
+_SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = (
+    ("num_classes", int, int),
+    ("margin", int, int),
+    ("normalize_weight", int, bool),
+    ("ignore_index", int, int),
+    ("beta", _float_bits, _bits_float),
+    ("reduction", _REDUCTIONS.index, _REDUCTIONS.__getitem__),
+)
+# What each rank reports before any data moves: a problem found on its own input or
+# settings (0: none, 1: TypeError, 2: ValueError), its batch size, its feature size and its
+# dtype's code, then the codes of the settings.
+_META = 4 + len(_SETTINGS)
 
 # torch >= 2.13 names the tensor collectives *_single; the older names warn there.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -76,6 +97,7 @@ class _Call:
     num_classes: int
     class_start: int
     margin: int
+    normalize_weight: bool
     beta: float
     reduction: str
     ignore_index: int
@@ -113,31 +135,32 @@ def _local_problem(x: Any, target: Any, weight: Tensor, in_features: int) -> Exc
     return None
 
 
-def _settings(call: _Call) -> list[int]:
-    """The settings of :data:`_SETTINGS` as int64 (beta by its float64 bits: compared exactly)."""
-    beta_bits = int(np.array(call.beta, dtype=np.float64).view(np.int64))
-    return [call.num_classes, call.margin, call.ignore_index, beta_bits, _REDUCTIONS.index(call.reduction)]
-
-
-def _setting_value(name: str, code: int) -> object:
-    """A setting as the user knows it, from its int64 code in :func:`_settings`."""
-    if name == "beta":
-        return float(np.array(code, dtype=np.int64).view(np.float64))
-    if name == "reduction":
-        return _REDUCTIONS[code]
-    return code
+def _setting_codes(call: _Call) -> list[int]:
+    """The int64 codes of :data:`_SETTINGS`; a ValueError/TypeError naming the setting if
+    one of them is invalid (set on the module after it was built)."""
+    if call.reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={call.reduction!r} must be one of {_REDUCTIONS}")
+    if not isinstance(call.normalize_weight, bool):
+        raise TypeError(f"normalize_weight={call.normalize_weight!r} must be a bool")
+    check_margin(call.margin)
+    check_integer("ignore_index", call.ignore_index, -(2**63), 2**63 - 1)
+    return [encode(getattr(call, name)) for name, encode, _ in _SETTINGS]
 
 
 def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tensor) -> list[int]:
     """All-gather every rank's report (:data:`_META`) and raise on every rank if one of
     them has a problem or the ranks disagree; the batch sizes of the ranks otherwise."""
+    try:
+        own_settings = _setting_codes(call)
+    except (TypeError, ValueError) as e:
+        own_settings, problem = [0] * len(_SETTINGS), problem or e
     ok = problem is None
     mine = [
         0 if ok else (1 if isinstance(problem, TypeError) else 2),
         x.shape[0] if ok else 0,
         x.shape[1] if ok else 0,
         _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1,
-        *_settings(call),
+        *own_settings,
     ]
     local = torch.tensor(mine, dtype=torch.int64, device=weight.device)
     every = torch.empty(call.world_size * _META, dtype=torch.int64, device=weight.device)
@@ -149,17 +172,17 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
     for r, (code, _, d, dt, *settings) in enumerate(table):
         if code:
             raise _ERRORS[code](
-                f"rank {r} of the process group passed an invalid x or target to ClassParallelLSoftmaxLoss "
-                "(its own error says what); every rank raises so that none waits for it"
+                f"rank {r} of the process group passed an invalid x or target, or has an invalid setting, to "
+                "ClassParallelLSoftmaxLoss (its own error says what); every rank raises so that none waits for it"
             )
         if (d, dt) != (x.shape[1], _DTYPES.index(x.dtype)):
             raise TypeError(
                 f"every rank must pass x of one feature size and dtype: rank {call.rank} has D={x.shape[1]}, "
                 f"{x.dtype}, rank {r} has D={d}, {_DTYPES[dt] if dt >= 0 else 'another dtype'}"
             )
-        for name, own, theirs in zip(_SETTINGS, _settings(call), settings):
+        for (name, _, decode), own, theirs in zip(_SETTINGS, own_settings, settings):
             if own != theirs:
-                own_value, their_value = _setting_value(name, own), _setting_value(name, theirs)
+                own_value, their_value = decode(own), decode(theirs)
                 raise ValueError(
                     f"every rank's ClassParallelLSoftmaxLoss must have the same {name}: rank {call.rank} has "
                     f"{name}={own_value!r}, rank {r} has {name}={their_value!r} (same arguments on every rank, and step() "
@@ -320,10 +343,15 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     ``torch.autocast`` float16/bfloat16 features are computed in float32.
 
     Bad input raises a ValueError/TypeError on every rank instead of leaving the others
-    waiting in a collective: each rank's own problem (shape, dtype, device), its settings
-    (num_classes, margin, beta, ignore_index, reduction: a rank that missed a ``step()``
-    has another beta) and the gathered labels are compared on all ranks before anything
-    is computed.
+    waiting in a collective: each rank's own problem (shape, dtype, device, an invalid
+    setting), its settings (num_classes, margin, normalize_weight, ignore_index, beta,
+    reduction: a rank that missed a ``step()`` has another beta) and the gathered labels
+    are compared on all ranks before anything is computed.  A rank that stops calling
+    the head (or never calls ``backward()``) cannot be detected by the others: they wait
+    in the next collective until the process group's timeout, then raise a RuntimeError
+    (gloo) or are taken down by the watchdog (NCCL).  The default timeout is 30 minutes
+    (gloo; 10 for NCCL): set a shorter one with ``torch.distributed.init_process_group(...,
+    timeout=datetime.timedelta(seconds=...))`` (``new_group`` takes ``timeout`` too).
 
     Checkpoints: ``state_dict()`` is this rank's shard, with the iteration, the schedule,
     ``num_classes`` and the shard's bounds (a checkpoint must match them).  To change the
@@ -336,7 +364,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     backward, the bytes of the tensor each passes (all-gather: the gathered output;
     reduce-scatter: the summed input); ``last_comm_bytes`` their sum.  With N_max the
     largest batch of a rank, N the global batch, D features of s bytes:
-    ``72*P + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
+    ``80*P + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
     (``docs/distributed.md``).
     """
 
@@ -408,12 +436,16 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
             x = x.float()
         if autocast and weight.dtype in (torch.float16, torch.bfloat16):
             weight = weight.float()
+        problem = _local_problem(x, target, weight, self.in_features)
+        try:
+            beta = self.beta  # a schedule of the user's own may fail: on every rank, not this one alone
+        except (TypeError, ValueError) as e:
+            beta, problem = float("nan"), problem or e
         call = _Call(
             self.process_group, self.world_size, self.rank, self.num_classes, self.class_start,
-            self.margin, self.beta, self.reduction, self.ignore_index,
+            self.margin, self.normalize_weight, beta, self.reduction, self.ignore_index,
         )  # fmt: skip
         self.last_collectives = call.log
-        problem = _local_problem(x, target, weight, self.in_features)
         sizes = _compare_ranks(call, problem, x, weight)
         with torch.autocast(device_type, enabled=False):
             loss: Tensor = _ClassParallelLoss.apply(x, weight, target, call, sizes)
@@ -432,24 +464,13 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
             "class_start": self.class_start, "class_stop": self.class_stop,
         }  # fmt: skip
 
-    def _load_from_state_dict(
-        self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool, missing_keys: list[str],
-        unexpected_keys: list[str], error_msgs: list[str],
-    ) -> None:  # fmt: skip
-        # The shard's bounds are checked before the weight is copied: a checkpoint of
-        # another shard (or world size) must not overwrite this one's rows.
-        state = state_dict.get(prefix + "_extra_state")
-        if isinstance(state, dict):
-            for key in ("num_classes", "class_start", "class_stop"):
-                own = getattr(self, key)
-                if state.get(key, own) != own:
-                    raise ValueError(
-                        f"checkpoint has {key}={state[key]!r} but this rank's shard has {key}={own!r} "
-                        f"(classes [{self.class_start}, {self.class_stop}) of {self.num_classes}): a checkpoint "
-                        "of another world size or rank loads through load_full_state_dict"
-                    )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    def _mismatch(self, key: str, saved: Any, own: Any) -> str:
+        if key not in ("num_classes", "class_start", "class_stop"):
+            return super()._mismatch(key, saved, own)
+        return (
+            f"checkpoint has {key}={saved!r} but this rank's shard has {key}={own!r} (classes "
+            f"[{self.class_start}, {self.class_stop}) of {self.num_classes}): a checkpoint of another world size "
+            "or rank loads through load_full_state_dict"
         )
 
     def _full_extra_state(self) -> dict[str, Any]:
@@ -526,7 +547,10 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
                 f"state['weight'] must be the full (num_classes, in_features) = ({self.num_classes}, "
                 f"{self.in_features}) weight, got {shape}"
             )
-        extra = dict(state.get("_extra_state") or {})
+        extra = state.get("_extra_state") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"state['_extra_state'] must be a dict, got {type(extra).__name__}")
+        extra = dict(extra)
         for key in ("num_classes", "class_start", "class_stop"):
             extra.pop(key, None)  # a shard's own bounds are this rank's, not the saved ones
         # A bare {"weight": W} keeps this module's iteration and schedule.

@@ -125,11 +125,11 @@ def test_float32_is_within_the_tolerance_table(world_size, case) -> None:
 
 
 def _formula(world_size: int, sizes: tuple[int, ...], d: int, itemsize: int) -> int:
-    """docs/distributed.md: 72*P + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
+    """docs/distributed.md: 80*P + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
     n_max, n = max(sizes), sum(sizes)
     if n == 0:
-        return 72 * world_size
-    return 72 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
+        return 80 * world_size
+    return 80 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -146,7 +146,7 @@ def test_the_bytes_passed_to_collectives_follow_the_formula_and_not_the_number_o
                      "reduce_scatter grad_x"]  # fmt: skip
     # The same batch against 1003 and 5000 classes: the same collectives, byte for byte.
     assert ranks[0]["cases"]["more-classes"]["collectives"] == ranks[0]["cases"]["m2-beta0"]["collectives"]
-    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 72 * world_size)]
+    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 80 * world_size)]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -160,6 +160,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(
         "dtype": ("TypeError", "x.dtype=torch.float32, weight.dtype=torch.float64"),
         "target-dtype": ("TypeError", "target must have an integer dtype, got target.dtype=torch.float64"),
         "not-a-tensor": ("TypeError", "x must be a torch.Tensor, got numpy.ndarray"),
+        "bad-setting": ("ValueError", "reduction='none' must be one of ('mean', 'sum')"),
     }
     for what, (kind, text) in expected.items():
         for r, res in enumerate(ranks):
@@ -169,7 +170,8 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(
             if r == bad or what in ("label", "negative"):
                 assert text in got[1], f"{what}: rank {r} said {got[1]!r}"
             else:
-                assert f"rank {bad} of the process group passed an invalid x or target" in got[1], got[1]
+                assert f"rank {bad} of the process group passed an invalid x or target, or has an invalid " \
+                       "setting" in got[1], got[1]
     assert "must lie in [0, num_classes) = [0, 11) or equal ignore_index=-100" in ranks[0]["errors"]["label"][1]
     # A rank whose beta differs (a missed step()): every rank raises, naming both betas.
     for r, res in enumerate(ranks):
@@ -183,6 +185,18 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(
             f"every rank's ClassParallelLSoftmaxLoss must have the same beta: rank {r} has beta={mine!r}, rank "
             f"{other} has beta={theirs!r} (same arguments on every rank, and step() on every rank once per "
             "optimizer step)",
+        )
+    # normalize_weight=True on the last rank alone: every rank raises, naming the setting and both values.
+    for r, res in enumerate(ranks):
+        if world_size == 1:
+            assert res["errors"]["normalize_weight"] is None
+            continue
+        other = 0 if r == bad else bad
+        assert res["errors"]["normalize_weight"] == (
+            "ValueError",
+            f"every rank's ClassParallelLSoftmaxLoss must have the same normalize_weight: rank {r} has "
+            f"normalize_weight={r == bad!r}, rank {other} has normalize_weight={other == bad!r} (same arguments on "
+            "every rank, and step() on every rank once per optimizer step)",
         )
     afters = [res["errors"]["after"] for res in ranks]
     assert all(res["errors"]["weight-unchanged"] for res in ranks)
@@ -214,6 +228,9 @@ def test_checkpoints_gather_the_full_weight_and_load_it_at_any_world_size(world_
         assert r["from_single"] == (True, 3)
         assert r["reloaded"] == (True, 2, 12.5)
         assert r["margin_mismatch"][0] == "ValueError" and "checkpoint has margin=2" in r["margin_mismatch"][1]
+        assert r["shard_margin_mismatch"] == ("ValueError", "checkpoint has margin=2 but this loss has margin=3")
+        assert r["negative_iteration"][0] == "ValueError" and "iteration=-1" in r["negative_iteration"][1]
+        assert r["refused_unchanged"], "a refused checkpoint changed the shard or its settings"
         assert r["wrong_shape"] == ("ValueError", f"state['weight'] must be the full (num_classes, in_features) = "
                                                   f"({c}, {d}) weight, got (1002, 4)")  # fmt: skip
         assert r["too_many_ranks"][0] == "ValueError" and "num_classes=" in r["too_many_ranks"][1]
@@ -232,6 +249,15 @@ def test_autocast_computes_bfloat16_features_in_float32_and_logits_are_the_shard
         logits, expected = r["extras"]["logits"]
         assert logits.shape == expected.shape
         assert_rel(logits, expected, 1e-6, "logits")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_ignored_rows_take_no_part_in_the_backward_whatever_the_upstream_gradient(world_size) -> None:
+    """Every row ignored: the loss is 0 and sqrt's upstream gradient inf; torch's
+    cross_entropy gives zero gradients there, and so must every rank (no 0 * inf = NaN)."""
+    for r in _group(world_size):
+        for reduction, (gx, gw) in r["extras"]["all_ignored_sqrt"].items():
+            assert not gx.any() and not gw.any(), f"{reduction}: {int(np.isnan(gw).sum())} NaN in grad_w"
 
 
 def test_ddp_training_on_two_ranks_equals_single_process_training_in_float64() -> None:
@@ -314,6 +340,20 @@ def test_an_nccl_group_checks_gathers_and_matches_the_cpu_loss() -> None:
         for name in ("grad_x", "grad_w"):
             a, b = res[name]
             assert_rel(a, b, 1e-4, name)
+
+
+def test_a_rank_that_never_calls_backward_makes_the_others_raise_at_the_groups_timeout(tmp_path) -> None:
+    """docs/distributed.md, "A rank that stops": with init_process_group(timeout=5 s) the
+    survivor's backward raises a RuntimeError after about 5 s (well within 20 s) instead of
+    waiting for gloo's default 30 minutes."""
+    timeout = 5.0
+    survivor, skipper = run_ranks(2, cp.run_skipped_backward, str(tmp_path / "done"), timeout=60.0,
+                                  collective_timeout=timeout)  # fmt: skip
+    assert skipper == {"skipped": True}
+    assert survivor["error"] is not None, f"the backward returned after {survivor['waited']:.1f} s"
+    kind, message = survivor["error"]
+    assert kind in ("RuntimeError", "DistBackendError") and "Timed out" in message, survivor["error"]
+    assert timeout - 0.5 <= survivor["waited"] < 20.0, survivor["waited"]
 
 
 def test_a_group_still_running_at_its_deadline_is_killed_and_fails() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 IGNORE = -100
+_REDUCTIONS_OF_THE_HEAD = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,14 @@ def run_errors(group: Any) -> dict[str, Any]:
         head.schedule = ConstantSchedule(3.0)  # as if this rank had missed a step()
     out["beta"] = _error_of(lambda: head(xl, tl))
     head.schedule = ConstantSchedule(case.beta)
+    # Every setting that changes the loss is compared: normalize_weight on the last rank only.
+    other = _head(Case("errors", (5,) * world_size, num_classes=11, normalize_weight=bad), w, group)
+    out["normalize_weight"] = _error_of(lambda: other(xl, tl))
+    # A setting made invalid on one rank after construction raises there and on every rank.
+    if bad:
+        head.reduction = "none"
+    out["bad-setting"] = _error_of(lambda: head(xl, tl))
+    head.reduction = case.reduction
     before = head.weight.detach().clone()
     out["weight-unchanged"] = bool(torch.equal(before, head.weight.detach())) and head.weight.grad is None
     # The group still works: a good call gives the same loss on every rank.
@@ -204,7 +213,16 @@ def run_extras(group: Any) -> dict[str, Any]:
     xf = xl.bfloat16().float().requires_grad_()
     want = head(xf, tl)
     want.backward()
+    # Every row ignored: the loss is 0, so sqrt's upstream gradient is inf; ignored rows take
+    # no part in the backward whatever it is (torch's cross_entropy gives 0 gradients).
+    all_ignored = {}
+    for reduction in _REDUCTIONS_OF_THE_HEAD:
+        ignoring = _head(Case("ignored", case.sizes, num_classes=13, reduction=reduction), w, group)
+        xi = xl.double().requires_grad_()
+        ignoring(xi, torch.full_like(tl, IGNORE)).sqrt().backward()
+        all_ignored[reduction] = (xi.grad.numpy(), ignoring.weight.grad.numpy())
     return {
+        "all_ignored_sqrt": all_ignored,
         "autocast": (str(loss.dtype), loss.item(), want.item(), str(xb.grad.dtype)),
         "autocast_grad": (xb.grad.float().numpy(), xf.grad.bfloat16().float().numpy()),
         "logits": (head.logits(xl).detach().numpy(), xl.numpy() @ w[head.class_start : head.class_stop].T),
@@ -258,8 +276,17 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
         before = fresh.weight.detach().clone()
         out["foreign"] = _error_of(lambda: fresh.load_state_dict(foreign))
         out["foreign_unchanged"] = bool(torch.equal(before, fresh.weight.detach()))
-    out["margin_mismatch"] = _error_of(
-        lambda: fresh.load_full_state_dict({"weight": full, "_extra_state": {"margin": 2}})
+    # A refused checkpoint (another margin, a bad iteration) leaves the shard and the
+    # settings as they were, through either load.
+    before = (fresh.weight.detach().clone(), fresh.get_extra_state())
+    other_full = {"weight": full + 1.0, "_extra_state": {"margin": 2}}
+    out["margin_mismatch"] = _error_of(lambda: fresh.load_full_state_dict(other_full))
+    other_shard = {"weight": shard["weight"] + 1.0, "_extra_state": {**shard["_extra_state"], "margin": 2}}
+    out["shard_margin_mismatch"] = _error_of(lambda: fresh.load_state_dict(other_shard))
+    negative = {"weight": full + 1.0, "_extra_state": {"iteration": -1}}
+    out["negative_iteration"] = _error_of(lambda: fresh.load_full_state_dict(negative))
+    out["refused_unchanged"] = bool(torch.equal(before[0], fresh.weight.detach())) and (
+        before[1] == fresh.get_extra_state()
     )
     out["wrong_shape"] = _error_of(lambda: fresh.load_full_state_dict({"weight": full[:-1]}))
     out["too_many_ranks"] = _error_of(
@@ -367,6 +394,35 @@ def run_world(rank: int, world_size: int, training: Training) -> dict[int, Any]:
         for p, members in GROUPS.items()
         if rank in members
     }
+
+
+def run_skipped_backward(rank: int, world_size: int, flag: str) -> dict[str, Any]:
+    """Rank 1 computes the loss and never calls backward (it waits, alive, until rank 0 has
+    finished or 60 s have passed); rank 0's backward waits in the reduce-scatter until the
+    group's timeout, then raises: what it raised, and how long it waited."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from lsoftmax_core.adapters.torch import ClassParallelLSoftmaxLoss
+
+    head = ClassParallelLSoftmaxLoss(4, 6, margin=2, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    loss = head(x, torch.tensor([0, 3, 5]))
+    if rank != 0:
+        deadline = time.monotonic() + 60.0
+        while not Path(flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {"skipped": True}
+    t0 = time.monotonic()
+    try:
+        loss.backward()
+        return {"error": None, "waited": time.monotonic() - t0}
+    except RuntimeError as e:
+        return {"error": (type(e).__name__, str(e)), "waited": time.monotonic() - t0}
+    finally:
+        Path(flag).touch()
 
 
 def run_cuda(rank: int, world_size: int) -> dict[str, Any]:

@@ -39,8 +39,9 @@ def _loopback_interface() -> str | None:
 
 
 def _entry(
-    rank: int, world_size: int, folder: str, backend: str, fn: Callable[..., Any], args: tuple[Any, ...]
-) -> None:
+    rank: int, world_size: int, folder: str, backend: str, collective_timeout: float, fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:  # fmt: skip
     out = Path(folder, f"rank{rank}.pkl")
     try:
         import torch
@@ -54,7 +55,7 @@ def _entry(
             torch.cuda.set_device(rank)
         dist.init_process_group(
             backend, init_method=f"file://{folder}/store", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=timedelta(seconds=collective_timeout),
         )  # fmt: skip
         try:
             result: dict[str, Any] = {"value": fn(rank, world_size, *args)}
@@ -66,16 +67,18 @@ def _entry(
 
 
 def run_ranks(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0, backend: str = "gloo"
-) -> list[Any]:
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0, backend: str = "gloo",
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+) -> list[Any]:  # fmt: skip
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]``, each run by its own
-    rank of a fresh group (gloo; ``backend="nccl"``: rank r on GPU r); :class:`RankFailed`
-    if a rank raises or any is still running ``timeout`` seconds after the start (those are
-    killed)."""
+    rank of a fresh group (gloo; ``backend="nccl"``: rank r on GPU r) whose collectives
+    wait at most ``collective_timeout`` seconds (the group's ``timeout``);
+    :class:`RankFailed` if a rank raises or any is still running ``timeout`` seconds after
+    the start (those are killed)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="lsoftmax-dist-") as folder:
         procs = [
-            ctx.Process(target=_entry, args=(r, world_size, folder, backend, fn, args), daemon=True)
+            ctx.Process(target=_entry, args=(r, world_size, folder, backend, collective_timeout, fn, args), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:
