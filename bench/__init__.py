@@ -1,13 +1,26 @@
-"""Benchmarks of lsoftmax-core against its peers, CPU and GPU: one harness (see docs/BENCHMARKS.md).
+"""Benchmarks of lsoftmax-core against its peers, CPU and GPU (not installed; run from the repository root).
 
-    python -m bench --cpu               # NumPy backend, PyTorch adapter, pytorch-metric-learning, autograd, LeNet
-    python -m bench --gpu               # the same on CUDA, plus the CuPy backend against three cuBLAS GEMMs
-    python -m bench --gpu --layer-only  # the CuPy backend against cuBLAS alone (scripts/gpu_check.sh runs this)
-    python -m bench --cpu --loss        # the fused cross-entropy against the unfused loss and its peers
+    python -m bench                        # the layer and LeNet suites on the CPU
+    python -m bench loss --threads 1       # one suite (layer, loss, overhead, lenet, class-parallel-memory)
+    python -m bench layer loss --gpu       # on CUDA
+    python -m bench --help
 
-One size table for both devices (``bench.contenders.SIZES``), one timing method
-(``bench.harness``), one doc section per device (``bench.report``).  Not part of the
-installed package; run from the repository root.
+Each suite (:class:`bench.record.Suite`) writes ``DEVICE_SUITE.csv``, ``_env.json`` and the
+generated ``.md`` table into ``bench/results/``, which docs/BENCHMARKS.md links to.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .record import Suite
+
+__all__ = ["suites"]
+
+
+def suites() -> dict[str, Suite]:
+    """Every suite by name, in the order ``python -m bench --help`` lists them."""
+    from . import class_parallel_memory, layer, lenet, loss, overhead
+
+    return {s.name: s for s in (layer.SUITE, loss.SUITE, overhead.SUITE, lenet.SUITE, class_parallel_memory.SUITE)}

@@ -1,11 +1,9 @@
-"""Per-rank CPU memory of the class-parallel head's forward+backward against the
-single-process fused head, for ``docs/distributed.md``.
+"""The class-parallel memory suite: per-rank CPU memory of the class-parallel head's
+forward+backward against the single-process fused head (``python -m bench class-parallel-memory``).
 
-    python -m bench.class_parallel_memory [--classes 1000000] [--dim 128] [--batch 64] [--ranks 2,4] [--json PATH]
-
-For each world size P the head runs on a gloo group of P spawned processes (loopback,
-FileStore), each rank holding 1/P of the classes and 1/P of the global batch of
-``--batch`` rows; "single" is :class:`~lsoftmax_core.adapters.torch.LSoftmaxLoss` with
+For each world size P (2 and 4) the head runs on a gloo group of P spawned processes
+(loopback, FileStore), each rank holding 1/P of the classes and 1/P of the global batch
+(the size's N rows, D features, C classes); "single" is :class:`~lsoftmax_core.adapters.torch.LSoftmaxLoss` with
 the whole weight in one process, no process group.  float32, one thread per process.
 
 Measured per process, as :mod:`bench.memprobe` does (glibc's mmap threshold fixed at
@@ -14,20 +12,20 @@ warm-up step, ``step_mib`` is the peak resident size during one forward+backward
 resident size before it (the weight's gradient, the gathered features, the logits' chunk,
 the collectives' buffers and every temporary); ``weight_mib`` is the weight (shard) held
 before the step, counted exactly from its size; ``total_mib`` their sum.  Prints one JSON
-object per process and a Markdown table.
+object per process.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["main"]
+from .record import Options, Suite, table
+
+__all__ = ["SUITE"]
 
 
 def _step(head: Any, x: Any, target: Any) -> None:
@@ -78,7 +76,7 @@ def _measure(rank: int, world_size: int, args: dict[str, Any], folder: str | Non
         dist.destroy_process_group()
 
 
-def _run(world_size: int | None, args: dict[str, Any]) -> list[dict[str, Any]]:
+def _run_ranks(world_size: int | None, args: dict[str, Any]) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -97,35 +95,37 @@ def _run(world_size: int | None, args: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.class_parallel_memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--classes", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64, help="global batch (split evenly over the ranks)")
-    parser.add_argument("--ranks", default="2,4", help="world sizes, comma-separated")
-    parser.add_argument("--json", help="also write the rows to this file")
-    opts = parser.parse_args(argv)
+COLUMNS = ("ranks", "rank", "classes", "dim", "batch", "local_rows", "local_classes", "weight_mib", "step_mib",
+           "total_mib")
+RANKS = (2, 4)
+
+
+def _run(opts: Options) -> Iterator[list[dict[str, Any]]]:
     # Read by glibc at process start: the spawned processes inherit it.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    args = {"classes": opts.classes, "dim": opts.dim, "batch": opts.batch}
-    rows = _run(None, args)
-    for p in (int(s) for s in opts.ranks.split(",")):
-        rows += _run(p, args)
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    if opts.json:
-        with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
-    single = rows[0]["total_mib"]
-    print("\n| ranks | rank | classes held | rows held | weight (MiB) | step peak (MiB) | total (MiB) | total / single |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['ranks']} | {r['rank']} | {r['local_classes']:,} | {r['local_rows']} | {r['weight_mib']} | "
-            f"{r['step_mib']} | {r['total_mib']} | {r['total_mib'] / single:.3f} |"
-        )
-    return 0
+    for size in opts.sizes:
+        args = {"classes": size.c, "dim": size.d, "batch": size.n}
+        rows = _run_ranks(None, args)
+        for p in RANKS:
+            rows += _run_ranks(p, args)
+        yield rows
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    single = {r["classes"]: r["total_mib"] for r in rows if r["ranks"] == "single"}
+    return [*table(["ranks", "rank", "classes held", "rows held", "weight (MiB)", "step peak (MiB)", "total (MiB)",
+                    "total / single"],
+                   [[str(r["ranks"]), str(r["rank"]), f"{r['local_classes']:,}", str(r["local_rows"]),
+                     str(r["weight_mib"]), str(r["step_mib"]), str(r["total_mib"]),
+                     f"{r['total_mib'] / single[r['classes']]:.3f}" if single[r["classes"]] else "n/a"] for r in rows]), ""]
+
+
+SUITE = Suite(
+    name="class-parallel-memory", title="Class-parallel head: memory per rank", devices=("cpu",), columns=COLUMNS,
+    table="class-parallel",
+    about=("Per process, float32, one thread: `weight_mib` is the weight (shard) held, counted from its size; "
+           "`step_mib` the peak resident size during one forward+backward above the resident size before it, "
+           "after a warm-up step (glibc's mmap threshold fixed at 64 KiB); \"single\" is `LSoftmaxLoss` with the "
+           "whole weight in one process."),
+    run=_run, markdown=markdown,
+)

@@ -1,28 +1,20 @@
-"""Timing, memory and environment records shared by the CPU and GPU benchmarks.
+"""Timing, memory and environment records shared by every suite.
 
-Timing.  Every contender is warmed up, then the contenders are run round-robin: each
-repetition times every contender once, in an order shuffled per repetition (a fixed
-seed), so that a slow spell of a shared machine, or one contender leaving BLAS threads
-spinning for the next, hits all of them alike instead of one.  One sample is ``inner``
-back-to-back calls (``inner`` calibrated in the warm-up so that a sample lasts about
-``min_time`` seconds), divided by ``inner``.  Reported: the median over repetitions and
-the ratio to the library's floor, taken per repetition (both measured within a few
-milliseconds of each other) and then the median over repetitions: a ratio survives a
-noisy machine, an absolute time does not.
+Timing.  Each contender is warmed up, then the contenders of one comparison run
+round-robin, the order shuffled per repetition (fixed seed), so that a slow spell of a
+shared machine hits all of them alike.  One sample is ``inner`` back-to-back calls
+(calibrated so that a sample lasts about ``min_time``), divided by ``inner``.  Ratios are
+taken per repetition against the floor's sample of the same repetition, then the median
+(and quartiles) over repetitions: a ratio survives a noisy machine, an absolute time does
+not.  CPU clock: ``time.perf_counter``; CUDA: events on the current stream after a device
+synchronisation.  A sample includes the host-side Python of each call.
 
-Clocks.  CPU: ``time.perf_counter``.  CUDA: events recorded on the stream the contender
-runs on, after a device synchronisation, read after the end event completes.  A sample
-includes the host-side Python of each call: where the GPU work is tiny, the GPU waits on
-the CPU and the sample measures launch and Python overhead, which is what a user pays.
-
-Memory.  CPU: the peak resident set size (VmHWM) above the resident size just before one
-call, after a warm-up call, in a separate process started with glibc's mmap threshold
-fixed at 64 KiB so that every large block freed goes back to the OS and the next call's
-peak is its own (see :func:`cpu_peak_rss`).  This sees NumPy, BLAS and PyTorch allocations
-alike (tracemalloc would see only NumPy's).  GPU: the allocator's own peak, i.e. PyTorch's
-``max_memory_allocated`` for PyTorch contenders (the adapter allocates through it too), a
-counting allocator over CuPy's pool for CuPy contenders.  Library workspaces (cuBLAS, the
-CUDA context) are not counted on GPU.
+Memory.  CPU: the peak resident set size above the resident size just before one call,
+after a warm-up call, in a separate process (:mod:`bench.memprobe`) started with glibc's
+mmap threshold fixed at 64 KiB, so that every large freed block goes back to the OS and
+the next call's peak is its own; it sees NumPy, BLAS and PyTorch allocations alike.  GPU:
+the allocators' own peaks (PyTorch's ``max_memory_allocated``, a counting allocator over
+CuPy's pool); library workspaces are not counted.
 """
 
 from __future__ import annotations
@@ -36,21 +28,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-__all__ = [
-    "Case",
-    "Measured",
-    "cpu_clock",
-    "cupy_clock",
-    "environment",
-    "measure",
-    "peak_rss_delta",
-    "torch_cuda_clock",
-]
+__all__ = ["Case", "Measured", "cpu_clock", "cupy_clock", "cupy_peak", "environment", "measure", "paired_ratio",
+           "paired_ratio_quartiles", "peak_rss_delta", "threads", "torch_cuda_clock", "torch_cuda_peak"]
 
 Clock = Callable[[Callable[[], object], int], float]
 
@@ -59,13 +44,13 @@ Clock = Callable[[Callable[[], object], int], float]
 class Case:
     """One contender prepared at one size; ``run()`` does one forward+backward.
 
-    ``floor`` names the contender in the same library that the ratio is taken against
-    (a floor names itself).  ``clock`` times ``inner`` calls and returns seconds per call.
+    ``floor`` names the contender of the same comparison that the ratio is taken against
+    (a floor names itself).  ``clock`` times ``inner`` calls and returns seconds per call;
+    ``library`` says which allocator holds its GPU memory ("torch", "cupy").
     """
 
     name: str
     library: str
-    kind: str
     floor: str
     run: Callable[[], object]
     clock: Clock
@@ -131,14 +116,9 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def measure(
-    cases: Sequence[Case], *, repeat: int, warmup: int, min_time: float, seed: int = 0
-) -> list[Measured]:
-    """Warm up, calibrate and time ``cases`` round-robin (shuffled order per repetition).
-
-    A case that raises (e.g. a dtype its library does not support) is kept with its
-    error and no samples; the others go on.
-    """
+def measure(cases: Sequence[Case], *, repeat: int, warmup: int, min_time: float, seed: int = 0) -> list[Measured]:
+    """Warm up, calibrate and time ``cases`` round-robin (shuffled order per repetition); a case
+    that raises (out of memory, a dtype its library lacks) keeps its error and no samples."""
     out = [Measured(c) for c in cases]
     for m in out:
         try:
@@ -181,7 +161,6 @@ def measure(
 
 
 def _pairs(m: Measured, floor: Measured) -> list[float]:
-    """This sample / the floor's sample of the same repetition, for every repetition."""
     return [a / b for a, b in zip(m.samples, floor.samples) if b > 0]
 
 
@@ -213,12 +192,8 @@ def _status_kib(key: str) -> int:
 
 
 def peak_rss_delta(fn: Callable[[], object]) -> float:
-    """Peak RSS above the current RSS during one call of ``fn``, in MiB (Linux only).
-
-    Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current RSS.
-    Meaningful only in a process whose allocator returns freed blocks to the OS (see
-    the module docstring); :mod:`bench.memprobe` runs it so.
-    """
+    """Peak RSS above the current RSS during one call of ``fn``, in MiB (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM to the current RSS; see the module docstring)."""
     gc.collect()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -245,11 +220,8 @@ def torch_cuda_peak(fn: Callable[[], object]) -> float:
 
 
 def cupy_peak(fn: Callable[[], object]) -> float:
-    """Peak bytes live in CuPy allocations made during one call, in MiB.
-
-    Every allocation goes through CuPy's default pool but is wrapped in an owner object
-    whose lifetime CuPy ties to the memory; the counter goes down when CuPy drops it.
-    """
+    """Peak bytes live in CuPy allocations made during one call, in MiB: each allocation from
+    CuPy's pool is wrapped in an owner whose lifetime CuPy ties to the memory."""
     import cupy
 
     pool = cupy.get_default_memory_pool()
@@ -280,7 +252,34 @@ def cupy_peak(fn: Callable[[], object]) -> float:
     return state["peak"] / 2**20
 
 
-# --------------------------------------------------------------------------- environment
+# --------------------------------------------------------------------------- threads and environment
+
+
+@contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Cap NumPy's BLAS and, if imported, PyTorch at ``count`` threads for the block (None: leave them)."""
+    if not count:
+        yield
+        return
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(count)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the BLAS keeps its threads; the environment record says how many
+        limits = None
+    else:
+        limits = threadpool_limits(limits=count, user_api="blas")
+    try:
+        yield
+    finally:
+        if torch is not None:
+            torch.set_num_threads(before)
+        if limits is not None:
+            limits.restore_original_limits()
+
+
 
 
 def _cpu_model() -> str:

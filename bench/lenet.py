@@ -16,11 +16,13 @@ the other contenders (see :mod:`bench.harness`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
-from .harness import Case, Measured, cpu_clock, measure, torch_cuda_clock
+from .harness import Case, Measured, cpu_clock, measure, paired_ratio, threads, torch_cuda_clock
+from .record import Options, Suite, ok, table
 
-__all__ = ["SEED", "lenet_cases", "lenet_rows"]
+__all__ = ["SEED", "SUITE", "lenet_cases"]
 
 #: The seed's GTX 1070 figures (samples/s): batch -> (plain, L-Softmax CUDA).
 SEED = {128: (45000.0, 40000.0), 256: (54000.0, 47000.0)}
@@ -77,35 +79,50 @@ def lenet_cases(batch: int, device: str, seed: int = 0) -> list[Case]:
         return step
 
     return [
-        Case(PLAIN, "torch", "train step", PLAIN, step_fn("plain"), clock),
-        Case(LSOFTMAX, "torch", "train step", PLAIN, step_fn("lsoftmax"), clock),
+        Case(PLAIN, "torch", PLAIN, step_fn("plain"), clock),
+        Case(LSOFTMAX, "torch", PLAIN, step_fn("lsoftmax"), clock),
     ]
 
 
-def lenet_rows(device: str, batches: tuple[int, ...], *, repeat: int, warmup: int, min_time: float,
-               seed: int = 0) -> list[dict[str, Any]]:
-    """Samples/s per head and batch, with the L-Softmax/plain ratio and the seed's."""
-    from .harness import paired_ratio
+COLUMNS = ("device", "threads", "batch", "head", "samples_per_s", "ratio_to_plain", "seed_samples_per_s",
+           "seed_ratio", "repeats", "inner", "note")
+#: A full run's batches; a run with one repetition (``--quick``) takes the first only.
+BATCHES = (128, 256)
 
-    rows: list[dict[str, Any]] = []
-    for batch in batches:
-        measured = measure(lenet_cases(batch, device, seed), repeat=repeat, warmup=warmup,
-                           min_time=min_time, seed=seed)
-        plain: Measured = measured[0]
-        for m in measured:
-            # samples/s ratio = inverse of the time ratio
-            time_ratio = paired_ratio(m, plain)
-            seed_plain, seed_lsm = SEED.get(batch, (float("nan"), float("nan")))
-            rows.append({
-                "device": "gpu" if device.startswith("cuda") else device,
-                "batch": batch,
-                "head": m.case.name,
-                "samples_per_s": batch / m.median if m.samples else float("nan"),
-                "ratio_to_plain": 1.0 / time_ratio if m.samples else float("nan"),
-                "seed_samples_per_s": seed_plain if m is plain else seed_lsm,
-                "seed_ratio": 1.0 if m is plain else seed_lsm / seed_plain,
-                "repeats": len(m.samples),
-                "inner": m.inner,
-                "note": m.error,
-            })
-    return rows
+
+def _run(opts: Options) -> Iterator[list[dict[str, Any]]]:
+    """Samples/s per head and batch, with the L-Softmax/plain ratio (paired) and the seed's."""
+    import torch  # noqa: F401 - imported first, so that threads() caps its pool
+
+    with threads(opts.threads):
+        for batch in BATCHES[:1] if opts.repeat <= 2 else BATCHES:
+            measured: list[Measured] = measure(lenet_cases(batch, "cuda" if opts.device == "gpu" else "cpu"),
+                                               repeat=opts.repeat, warmup=opts.warmup, min_time=opts.min_time)
+            plain = measured[0]
+            yield [{"device": opts.device, "threads": opts.threads or "default", "batch": batch,
+                    "head": m.case.name, "samples_per_s": batch / m.median,
+                    "ratio_to_plain": 1.0 / paired_ratio(m, plain),  # samples/s: the inverse of the time ratio
+                    "seed_samples_per_s": SEED[batch][m is not plain],
+                    "seed_ratio": 1.0 if m is plain else SEED[batch][1] / SEED[batch][0],
+                    "repeats": len(m.samples), "inner": m.inner, "note": m.error} for m in measured]
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    body = []
+    for plain, lsm in zip(rows[::2], rows[1::2]):
+        def f(v: Any, fmt: str) -> str:
+            return format(v, fmt) if ok(v) else "n/a"
+
+        body.append([str(plain["batch"]), f(plain["samples_per_s"], ".0f"), f(lsm["samples_per_s"], ".0f"),
+                     f(lsm["ratio_to_plain"], ".3f"), f(lsm["seed_ratio"], ".3f")])
+    return [*table(["batch", "plain head (samples/s)", "L-Softmax head (samples/s)", "L-Softmax / plain",
+                    "seed's ratio (GTX 1070, CUDA op)"], body), ""]
+
+
+SUITE = Suite(
+    name="lenet", title="The seed's table: LeNet training throughput", devices=("cpu", "gpu"), columns=COLUMNS, table=None,
+    about=("One training step (forward, cross-entropy, backward, SGD) of the demo's LeNet on a fixed random "
+           "batch, plain linear head against `LSoftmaxLinear(2, 10, margin=4)` with beta 1, timed round-robin; "
+           "the seed (mx-lsoftmax, one GTX 1070) reported the ratio in the last column."),
+    run=_run, markdown=markdown,
+)

@@ -2,39 +2,46 @@
 # GPU check of the CuPy backend, for a bare machine with one CUDA GPU, CuPy (+ PyTorch, JAX)
 # preinstalled and no network.  From the repository root:
 #
-#     scripts/gpu_check.sh            # about 6 minutes at most; the benchmark section, then the summary table, print last
+#     scripts/gpu_check.sh                 # GPU tests, layer benchmark, demo smoke, overhead (about 3 min on an H200)
+#     LOSS_BENCH=1 scripts/gpu_check.sh    # the loss suite alone at 8192x512x256k: one 5-minute device call
+#     DRY_RUN=1 LOSS_BENCH=1 scripts/gpu_check.sh   # anywhere: print the stages and the benchmark plans, run nothing
 #
 # Stages, each under its own timeout so one hang cannot eat the budget:
 #   1. environment  (30 s)  python, CuPy, the device, NVRTC; fails fast without a GPU
-#   2. gpu tests   (240 s)  pytest -m gpu across tests/ (needs pytest + hypothesis; if they
-#                           are missing the stage says so and is skipped, nothing is fetched)
-#   3. benchmark    (75 s)  python -m bench --gpu --layer-only, the one benchmark harness: the
-#                           CuPy backend's forward+backward against the three cuBLAS GEMMs of a
-#                           linear layer, every GPU size of the one size table, float32 and
-#                           float16, 30 repetitions; into $OUT/bench
-#      PEER_BENCH=1 (200 s) the whole python -m bench --gpu instead (PyTorch adapter,
-#                           pytorch-metric-learning, autograd, LeNet): about 8 minutes in all
-#      LOSS_BENCH=1 (240 s) python -m bench --gpu --loss instead: the fused cross-entropy
-#                           comparison at 8192x512x1M, float32 and bfloat16 (the unfused
-#                           PyTorch contenders may run out of memory there, which their rows
-#                           say); into $OUT/bench/gpu_loss.{csv,md}, gpu_loss_env.json.  240 s is
-#                           too short: on an H200 (2026-11-30) float32 alone had not finished
-#                           after 250 s.  Give it a device call of its own, LOSS_TIMEOUT=540.
-# Budget: 30 + 240 + 75 s of limits.  Measured on an H200 (2026-11-30, two runs): the whole
-# script 154-176 s, of which the GPU tests 117-136 s, the benchmark 6-7 s, the demo smoke
-# 18-23 s and the overhead 1-2 s.
-# Nothing is installed from a network: the package is laid out from the checkout into a
-# private folder as pip would install it (pyproject's package-dir map), and wheels carried in ./.whl are installed offline (see below).  Logs and the
-# benchmark's files go to $OUT_DIR (default: ./out/gpu-check, git-ignored), and all of them
-# once more into one archive, $OUT_DIR/gpu-check.tgz (a remote GPU tool may bring back only a
-# few files: fetch that one); back where the checkout is, unpack it and
-# `python -m bench --render gpu --from DIR/bench` puts them into docs/BENCHMARKS.md.  Override the interpreter with PYTHON=..., the limits with
-# ENV_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT / PEER_TIMEOUT / LOSS_TIMEOUT (seconds).
-# `python -m bench --render gpu --loss --from DIR/bench` renders a LOSS_BENCH=1 run.
+#   2. gpu tests   (240 s)  pytest -m gpu across tests/ (needs pytest + hypothesis, else skipped)
+#   3. benchmark    (75 s)  python -m bench layer --gpu --exclude torch: the CuPy backend against
+#                           three cuBLAS GEMMs, every GPU layer size, float32 and float16
+#      PEER_BENCH=1 (200 s) python -m bench layer lenet --gpu (PyTorch adapter, peers, LeNet)
+#   4. demo smoke  (120 s)  lsoftmax-demo --device cuda on scikit-learn's digits, margins 1 and 4
+#   5. overhead     (60 s)  python -m bench overhead --gpu (host time per call at 256x2x10), then
+#                           scripts/profile_overhead.py --paths cupy (60 s)
+# LOSS_BENCH=1 replaces all but the environment with python -m bench loss --gpu (LOSS_TIMEOUT,
+# 240 s): the fused loss (CuPy) against F.linear_cross_entropy with LinearCrossEntropyOptions(),
+# F.linear + F.cross_entropy, the unfused L-Softmax loss, pytorch-metric-learning and the three
+# GEMMs, float32 and bfloat16, inputs drawn on the device, 5 repetitions.  Its default size,
+# ce-256k (8192x512x256k: 8 GB of float32 logits), is sized to finish within the call;
+# LOSS_SIZES=ce-1m (8192x512x1M, 32 GB of logits) is the opt-in larger one, with a call of its own.
+# Measured on an H200 (2026-11-30, before LOSS_BENCH was resized): the default script 154-176 s.
+# Nothing is installed from a network: the package is laid out from the checkout into a private
+# folder as pip would install it (pyproject's package-dir map); wheels carried in ./.whl are
+# installed offline.  Logs and the benchmark's files go to $OUT_DIR (default ./out/gpu-check,
+# git-ignored) and once more into one archive, $OUT_DIR/gpu-check.tgz; back in the checkout,
+# copy its bench/ files into bench/results/ (they are the generated CSV, env and markdown).
+# Override the interpreter with PYTHON=..., the limits with ENV_TIMEOUT / TEST_TIMEOUT /
+# BENCH_TIMEOUT / PEER_TIMEOUT / LOSS_TIMEOUT / DEMO_TIMEOUT / OVERHEAD_TIMEOUT (seconds).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT_DIR:-$PWD/out/gpu-check}
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  # What the GPU call would run, checked here without a GPU: the shell parses, the benchmark's
+  # arguments parse and name existing suites and sizes (python -m bench --dry-run measures nothing).
+  if [ "${LOSS_BENCH:-0}" = 1 ]; then set -- loss --gpu ${LOSS_SIZES:+--sizes "$LOSS_SIZES"}
+  elif [ "${PEER_BENCH:-0}" = 1 ]; then set -- layer lenet --gpu
+  else set -- layer --gpu --exclude torch; fi
+  echo "stages: environment$([ "${LOSS_BENCH:-0}" = 1 ] || echo ', gpu tests, demo smoke, overhead'), benchmark"
+  exec "$PY" -m bench "$@" --dry-run --out "$OUT/bench"
+fi
 mkdir -p "$OUT"
 SITE=${TMPDIR:-/tmp}/lsoftmax-gpu-site
 rm -rf "$SITE" && mkdir -p "$SITE"
@@ -100,8 +107,11 @@ print("CuPy backend dtypes:", ", ".join(str(d) for d in lsm.supported_dtypes("cu
 EOF
 env_rc=$?
 
+LOSS=${LOSS_BENCH:-0}
 if [ $env_rc -ne 0 ]; then
   SUMMARY+=("| gpu tests | not run (no usable GPU/CuPy) | 0 s |" "| benchmark | not run | 0 s |")
+elif [ "$LOSS" = 1 ]; then
+  echo "LOSS_BENCH=1: the GPU tests, demo smoke and overhead stages are left to a call of their own"
 elif ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
   echo "pytest and/or hypothesis are not installed: the GPU tests cannot run here (nothing is fetched)."
   SUMMARY+=("| gpu tests | SKIPPED: pytest/hypothesis missing | 0 s |")
@@ -110,29 +120,22 @@ else
     --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
 fi
 
-# The benchmark: `python -m bench`, the same harness, size table and files as on CPU (see
-# docs/BENCHMARKS.md).  Like pytest above it runs with -P, so the current directory (the
-# repository root, whose lsoftmax_core/ has no adapters) is not put first on sys.path;
-# bench itself is not part of the package, so a folder holding only a link to bench/ goes at
-# the END of PYTHONPATH, after the laid-out package: `import bench` finds the checkout's,
-# `import lsoftmax_core` still the laid-out one, and nothing else of the root is exposed.
-# --no-doc --no-plot: the section (gpu.md) and the data go into $OUT/bench, no plot (the
-# render draws it).
+# The benchmark: `python -m bench`, the same suites and files as on CPU (docs/BENCHMARKS.md),
+# run with -P like pytest above, so the repository root (whose lsoftmax_core/ has no adapters)
+# is not first on sys.path; a folder holding only a link to bench/ goes at the END of
+# PYTHONPATH, after the laid-out package.
 if [ $env_rc -eq 0 ]; then
   BENCH_PATH=${TMPDIR:-/tmp}/lsoftmax-gpu-bench
   rm -rf "$BENCH_PATH" "$OUT/bench" && mkdir -p "$BENCH_PATH" && ln -s "$PWD/bench" "$BENCH_PATH/bench"
-  if [ "${LOSS_BENCH:-0}" = 1 ]; then
-    # The fused cross-entropy comparison in place of the layer one (7 files in $OUT in all).
-    bench_args=(--gpu --loss) bench_limit=${LOSS_TIMEOUT:-240}
+  if [ "$LOSS" = 1 ]; then
+    bench_args=(loss --gpu ${LOSS_SIZES:+--sizes "$LOSS_SIZES"}) bench_limit=${LOSS_TIMEOUT:-240}
   elif [ "${PEER_BENCH:-0}" = 1 ]; then
-    bench_args=(--gpu) bench_limit=${PEER_TIMEOUT:-200}
+    bench_args=(layer lenet --gpu) bench_limit=${PEER_TIMEOUT:-200}
   else
-    # The layer contenders only: bench_cupy.py's comparison at full repetitions (30), which
-    # needs neither PyTorch nor LeNet and fits the 6-minute budget.
-    bench_args=(--gpu --layer-only) bench_limit=${BENCH_TIMEOUT:-75}
+    bench_args=(layer --gpu --exclude torch) bench_limit=${BENCH_TIMEOUT:-75}
   fi
   stage benchmark "$bench_limit" env PYTHONPATH="$PYTHONPATH:$BENCH_PATH" \
-    "$PY" -P -m bench "${bench_args[@]}" --no-doc --no-plot --out "$OUT/bench"
+    "$PY" -P -m bench "${bench_args[@]}" --out "$OUT/bench"
 fi
 
 # --- demo smoke (issue 14) -------------------------------------------------------------
@@ -142,7 +145,7 @@ fi
 # accuracy is under 0.9; skipped, and said so, without torch (CUDA), scikit-learn,
 # matplotlib or tqdm.  Adds 2 files to $OUT: demo-smoke.log and demo-results.json (the
 # run's results.json, CuPy's version included).  Limit DEMO_TIMEOUT (120 s).
-if [ $env_rc -eq 0 ]; then
+if [ $env_rc -eq 0 ] && [ "$LOSS" != 1 ]; then
   if ! "$PY" -c "import torch, sklearn, matplotlib, tqdm; assert torch.cuda.is_available()" 2>/dev/null; then
     echo "demo smoke: torch with CUDA, scikit-learn, matplotlib or tqdm missing; skipped"
     SUMMARY+=("| demo smoke | SKIPPED: demo dependencies missing | 0 s |")
@@ -164,27 +167,21 @@ if low:
     sys.exit(f"demo smoke: test accuracy under 0.9 at margins {low}")
 EOF
   fi
-else
+elif [ "$LOSS" != 1 ]; then
   SUMMARY+=("| demo smoke | not run | 0 s |")
 fi
 # --- end demo smoke ------------------------------------------------------------------------
 
-# --- per-call overhead (issue 13) ------------------------------------------------------
-# python -m bench --gpu --overhead: the CuPy backend's host time per forward+backward at the
-# seed's 256x2x10 (call to return, no synchronisation inside; goal <= 60 us), its device
-# time, the host time of CuPy's three cuBLAS GEMMs and the backend's host time with its
-# small-problem kernels off (the cuBLAS plan), interleaved.  Then python -m
-# bench.profile_overhead --paths cupy splits the host time into its steps, under its own
-# limit OVERHEAD_PROFILE_TIMEOUT (60 s).  Adds 5 files to $OUT: overhead.log,
-# overhead-profile.log, bench/gpu_overhead.csv, _env.json and .md (printed below with the other sections);
-# `python -m bench --render gpu --overhead --from DIR/bench` puts it into docs/BENCHMARKS.md.
-# Limit OVERHEAD_TIMEOUT (60 s).
-if [ $env_rc -eq 0 ]; then
+# --- per-call overhead ---------------------------------------------------------------
+# python -m bench overhead --gpu: the CuPy backend's host time per forward+backward at 256x2x10
+# (goal <= 60 us), its device time, CuPy's three cuBLAS GEMMs and the backend with its
+# small-problem kernels off, interleaved; then scripts/profile_overhead.py splits the host time.
+if [ $env_rc -eq 0 ] && [ "$LOSS" != 1 ]; then
   stage overhead "${OVERHEAD_TIMEOUT:-60}" env PYTHONPATH="$PYTHONPATH:$BENCH_PATH" \
-    "$PY" -P -m bench --gpu --overhead --no-doc --out "$OUT/bench"
+    "$PY" -P -m bench overhead --gpu --out "$OUT/bench"
   stage "overhead profile" "${OVERHEAD_PROFILE_TIMEOUT:-60}" env PYTHONPATH="$PYTHONPATH:$BENCH_PATH" \
-    "$PY" -P -m bench.profile_overhead --paths cupy --top 15
-else
+    "$PY" -P scripts/profile_overhead.py --paths cupy --top 15
+elif [ "$LOSS" != 1 ]; then
   SUMMARY+=("| overhead | not run | 0 s |")
 fi
 # --- end per-call overhead -------------------------------------------------------------
@@ -202,11 +199,10 @@ EOF
 )
 fi
 
-# The benchmark's section, goals included (the text the render puts into docs/BENCHMARKS.md),
-# then the summary table, last.
-[ -f "$OUT/bench/gpu.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu.md"; cat "$OUT/bench/gpu.md"; }
-[ -f "$OUT/bench/gpu_loss.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_loss.md"; cat "$OUT/bench/gpu_loss.md"; }
-[ -f "$OUT/bench/gpu_overhead.md" ] && { echo; echo "=== benchmark: $OUT/bench/gpu_overhead.md"; cat "$OUT/bench/gpu_overhead.md"; }
+# The benchmarks' generated tables, then the summary table, last.
+for md in "$OUT"/bench/gpu_*.md; do
+  [ -f "$md" ] && { echo; echo "=== benchmark: $md"; cat "$md"; }
+done
 tar czf "$OUT/gpu-check.tgz.part" --exclude=gpu-check.tgz --exclude=gpu-check.tgz.part -C "$OUT" . \
   && mv "$OUT/gpu-check.tgz.part" "$OUT/gpu-check.tgz" && echo "all of the above: $OUT/gpu-check.tgz"
 echo
