@@ -55,6 +55,6 @@ def mxnet(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     session.install("-e", ".[docs,jax]", TORCH_CPU)
     session.run(
-        "sphinx-build", "-W", "--keep-going", "-n", "-q", "-b", "html", "docs/api", "build/docs/html",
+        "sphinx-build", "-E", "-W", "--keep-going", "-n", "-q", "-b", "html", "docs/api", "build/docs/html",
         *session.posargs,
     )

@@ -8,6 +8,11 @@ when a name of an ``__all__`` has no entry.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
+from sphinx.util.inspect import stringify_signature
+
 import lsoftmax_core
 
 project = "lsoftmax-core"
@@ -47,3 +52,22 @@ html_theme = "alabaster"
 html_title = f"lsoftmax-core {release}: API reference"
 html_static_path: list[str] = []
 exclude_patterns = ["_build"]
+
+
+def _own_signature_over_a_mocked_base(
+    app: Any, what: str, name: str, obj: Any, options: Any, signature: str | None, return_annotation: str | None
+) -> tuple[str, str | None] | None:
+    """A class deriving from a mocked MXNet class would show the mock's ``(*args, **kwargs)``
+    (autodoc reads the mock's ``__new__`` first): show the class's own ``__init__`` instead."""
+    if what != "class" or "__init__" not in vars(obj):
+        return None
+    if not any(getattr(base, "__sphinx_mock__", False) for base in obj.__mro__[1:]):
+        return None
+    sig = inspect.signature(obj.__init__)
+    params = list(sig.parameters.values())[1:]  # without self
+    own = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+    return stringify_signature(own), return_annotation
+
+
+def setup(app: Any) -> None:
+    app.connect("autodoc-process-signature", _own_signature_over_a_mocked_base)
