@@ -3,7 +3,7 @@ the framework-agnostic core; ``lsoftmax_core`` never imports it.
 
     pip install -e '.[demo]' && lsoftmax-demo      # or: python -m lsoftmax_core.demo
 
-See :mod:`lsoftmax_core.demo.app` and the README's "The demo" section.
+See :mod:`lsoftmax_core.demo.app` and docs/demo.md.
 """
 
 # One file, one module name: this folder is installed as lsoftmax_core.demo and nothing else.
