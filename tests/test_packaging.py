@@ -31,7 +31,7 @@ from lsoftmax_core import _cupy_plan
 out = {"core": lsoftmax_core.__file__, "kernel_source": len(_cupy_plan.kernel_source())}
 for sub in ("adapters", "kernels", "demo"):
     out[sub] = importlib.import_module("lsoftmax_core." + sub).__file__
-for sub in %r:
+for sub in sys.argv[1:]:  # the adapters' packages
     spec = importlib.util.find_spec("lsoftmax_core." + sub)
     out[sub] = None if spec is None else spec.origin
 try:
@@ -42,11 +42,11 @@ else:
     import lsoftmax_core.adapters.torch as t
     out["torch"] = t.__file__
 print(json.dumps(out))
-""" % (ADAPTERS,)
+"""
 
 
 def _probe(python: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, object]:
-    done = subprocess.run([python, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([python, "-c", PROBE, *ADAPTERS], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
