@@ -241,16 +241,14 @@ def _public_names(module: str) -> list[str]:
     assert spec is not None and spec.origin is not None, f"{module} is not importable"
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     for node in tree.body:
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else [node.target]
-            if isinstance(node, ast.AnnAssign)
-            else []
-        )
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
         if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
-            value = ast.literal_eval(node.value)  # type: ignore[arg-type]
-            return list(value)
+            return list(ast.literal_eval(value))
     raise AssertionError(f"{module} ({spec.origin}) has no literal __all__: the reference is built from it")
 
 
