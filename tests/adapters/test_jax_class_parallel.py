@@ -40,18 +40,23 @@ TIMEOUT_S = 240
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("class_parallel") / "cases.json"
-    tests = str(CASES.parents[1])
+def _run_script(script: Path, timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python script *args`` with tests/ on its path; a hang past ``timeout`` fails the test."""
+    tests = str(script.parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     try:
-        done = subprocess.run(
-            [sys.executable, str(CASES), str(out)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        return subprocess.run(
+            [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr or b"")[-3000:]
-        pytest.fail(f"{CASES.name} did not finish within {TIMEOUT_S} s; its stderr ends:\n{tail!r}")
+        pytest.fail(f"{script.name} did not finish within {timeout} s; its stderr ends:\n{tail!r}")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("class_parallel") / "cases.json"
+    done = _run_script(CASES, TIMEOUT_S, str(out))
     if done.returncode != 0:
         pytest.fail(f"{CASES.name} exited with {done.returncode}; its stderr ends:\n{done.stderr[-5000:]}")
     results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
@@ -248,15 +253,7 @@ PADDING_ONLY_TIMEOUT_S = 150
 def padding_only_errors() -> dict[str, dict[str, Any]]:
     """support/jax_padding_only_errors.py's cases (C = 9 over 4 devices of 3 rows: device 3
     holds only padding), by name; a process that aborts or hangs fails the tests."""
-    tests = str(CASES.parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    try:
-        done = subprocess.run(
-            [sys.executable, str(PADDING_ONLY)], env=env, capture_output=True, text=True,
-            timeout=PADDING_ONLY_TIMEOUT_S,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{PADDING_ONLY.name} hung past {PADDING_ONLY_TIMEOUT_S} s; stdout: {e.stdout!r}")
+    done = _run_script(PADDING_ONLY, PADDING_ONLY_TIMEOUT_S)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
         pytest.fail(
