@@ -68,6 +68,9 @@ _SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = 
     ("ignore_index", int, int),
     ("beta", _float_bits, _bits_float),
     ("reduction", _REDUCTIONS.index, _REDUCTIONS.__getitem__),
+    # Not a setting of the loss, but a loss that needs a backward on some ranks only leaves
+    # them waiting in its reduce-scatter (grad mode on, and x or the weight requiring grad).
+    ("needs_grad", int, bool),
 )
 # What each rank reports before any data moves: a problem found on its own input or
 # settings (0: none, 1: TypeError, 2: ValueError), its batch size, its feature size and its
@@ -101,6 +104,7 @@ class _Call:
     beta: float
     reduction: str
     ignore_index: int
+    needs_grad: bool
     log: list[tuple[str, int]] = field(default_factory=list)
 
     def note(self, name: str, t: Tensor) -> None:
@@ -185,8 +189,8 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
                 own_value, their_value = decode(own), decode(theirs)
                 raise ValueError(
                     f"every rank's ClassParallelLSoftmaxLoss must have the same {name}: rank {call.rank} has "
-                    f"{name}={own_value!r}, rank {r} has {name}={their_value!r} (same arguments on every rank, and step() "
-                    "on every rank once per optimizer step)"
+                    f"{name}={own_value!r}, rank {r} has {name}={their_value!r} (same arguments on every rank, step() "
+                    "on every rank once per optimizer step, and a loss needing a backward on every rank or on none)"
                 )
     return [row[1] for row in table]
 
@@ -345,8 +349,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     Bad input raises a ValueError/TypeError on every rank instead of leaving the others
     waiting in a collective: each rank's own problem (shape, dtype, device, an invalid
     setting), its settings (num_classes, margin, normalize_weight, ignore_index, beta,
-    reduction: a rank that missed a ``step()`` has another beta) and the gathered labels
-    are compared on all ranks before anything is computed.  A rank that stops calling
+    reduction: a rank that missed a ``step()`` has another beta), whether its loss needs a
+    backward, and the gathered labels are compared on all ranks before anything is computed.  A rank that stops calling
     the head (or never calls ``backward()``) cannot be detected by the others: they wait
     in the next collective until the process group's timeout, then raise a RuntimeError
     (gloo) or are taken down by the watchdog (NCCL).  The default timeout is 30 minutes
@@ -364,7 +368,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     backward, the bytes of the tensor each passes (all-gather: the gathered output;
     reduce-scatter: the summed input); ``last_comm_bytes`` their sum.  With N_max the
     largest batch of a rank, N the global batch, D features of s bytes:
-    ``80*P + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
+    ``88*P + P*N_max*(8 + 2*D*s) + 24*N``, independent of num_classes
     (``docs/distributed.md``).
     """
 
@@ -444,6 +448,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         call = _Call(
             self.process_group, self.world_size, self.rank, self.num_classes, self.class_start,
             self.margin, self.normalize_weight, beta, self.reduction, self.ignore_index,
+            torch.is_grad_enabled() and (weight.requires_grad or (isinstance(x, Tensor) and x.requires_grad)),
         )  # fmt: skip
         self.last_collectives = call.log
         sizes = _compare_ranks(call, problem, x, weight)

@@ -125,11 +125,11 @@ def test_float32_is_within_the_tolerance_table(world_size, case) -> None:
 
 
 def _formula(world_size: int, sizes: tuple[int, ...], d: int, itemsize: int) -> int:
-    """docs/distributed.md: 80*P + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
+    """docs/distributed.md: 88*P + P*N_max*(8 + 2*D*s) + 24*N bytes per step."""
     n_max, n = max(sizes), sum(sizes)
     if n == 0:
-        return 80 * world_size
-    return 80 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
+        return 88 * world_size
+    return 88 * world_size + world_size * n_max * (8 + 2 * d * itemsize) + 24 * n
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -146,7 +146,7 @@ def test_the_bytes_passed_to_collectives_follow_the_formula_and_not_the_number_o
                      "reduce_scatter grad_x"]  # fmt: skip
     # The same batch against 1003 and 5000 classes: the same collectives, byte for byte.
     assert ranks[0]["cases"]["more-classes"]["collectives"] == ranks[0]["cases"]["m2-beta0"]["collectives"]
-    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 80 * world_size)]
+    assert ranks[0]["cases"]["all-empty"]["collectives"] == [("all_gather sizes", 88 * world_size)]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -183,8 +183,8 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(
         assert res["errors"]["beta"] == (
             "ValueError",
             f"every rank's ClassParallelLSoftmaxLoss must have the same beta: rank {r} has beta={mine!r}, rank "
-            f"{other} has beta={theirs!r} (same arguments on every rank, and step() on every rank once per "
-            "optimizer step)",
+            f"{other} has beta={theirs!r} (same arguments on every rank, step() on every rank once per "
+            "optimizer step, and a loss needing a backward on every rank or on none)",
         )
     # normalize_weight=True on the last rank alone: every rank raises, naming the setting and both values.
     for r, res in enumerate(ranks):
@@ -196,8 +196,14 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_the_group_usable(
             "ValueError",
             f"every rank's ClassParallelLSoftmaxLoss must have the same normalize_weight: rank {r} has "
             f"normalize_weight={r == bad!r}, rank {other} has normalize_weight={other == bad!r} (same arguments on "
-            "every rank, and step() on every rank once per optimizer step)",
+            "every rank, step() on every rank once per optimizer step, and a loss needing a backward on every rank "
+            "or on none)",
         )
+    for r, res in enumerate(ranks):
+        got = res["errors"]["needs_grad"]
+        assert (got is None) if world_size == 1 else (got[0] == "ValueError" and "the same needs_grad" in got[1])
+        if world_size > 1:
+            assert f"rank {r} has needs_grad={r != bad!r}" in got[1], got[1]
     afters = [res["errors"]["after"] for res in ranks]
     assert all(res["errors"]["weight-unchanged"] for res in ranks)
     assert len(set(afters)) == 1 and np.isfinite(afters[0])

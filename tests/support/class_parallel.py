@@ -6,6 +6,7 @@ cases, and the rank functions, which return NumPy arrays for the test to compare
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +190,13 @@ def run_errors(group: Any) -> dict[str, Any]:
         head.reduction = "none"
     out["bad-setting"] = _error_of(lambda: head(xl, tl))
     head.reduction = case.reduction
+    # A loss that needs a backward on some ranks only (the last computes it under no_grad).
+
+    def no_grad_on_the_last_rank() -> Any:
+        with torch.no_grad() if bad else contextlib.nullcontext():
+            return head(xl, tl)
+
+    out["needs_grad"] = _error_of(no_grad_on_the_last_rank)
     before = head.weight.detach().clone()
     out["weight-unchanged"] = bool(torch.equal(before, head.weight.detach())) and head.weight.grad is None
     # The group still works: a good call gives the same loss on every rank.
