@@ -173,10 +173,12 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
             if r is None or not ok(r["median_ms"]):
                 return "" if r is None else "skipped"
             gemms = next((q for q in part if q["contender"] == NP_LINEAR and q["size"] == size), None)
-            shown = [] if r["contender"] == r["floor"] else [f"{r['ratio']:.3g}x {r['floor']}"]
+            short = {NP_CE_STEP: "CE step", TORCH_LINEAR: "floor", CP_GEMMS_HOST: "GEMMs"}.get(r["floor"], r["floor"])
+            shown = [] if r["contender"] == r["floor"] or not ok(r["ratio"]) else [f"{r['ratio']:.3g}x {short}"]
             if r["library"] == "numpy" and gemms is not None and r is not gemms and ok(gemms["ratio"]):
                 shown.append(f"{r['ratio'] / gemms['ratio']:.3g}x GEMMs")
-            return f"{r['median_ms'] * 1e3:.4g} us" + (f" ({', '.join(shown)})" if shown else "")
+            us = r["median_ms"] * 1e3
+            return (f"{us:.4g} us" if us < 1e4 else f"{us / 1e3:.4g} ms") + (f" ({', '.join(shown)})" if shown else "")
 
         names = list(dict.fromkeys(r["contender"] for r in part))
         out += [f"## threads: {count}", "", *table(["contender", *(f"{s} {d}" for s, d in sizes)],
@@ -188,8 +190,9 @@ _MNIST, _FACE = (256, 2, 10), (256, 512, 10_000)
 SUITE = Suite(
     name="overhead", title="Per-call overhead", devices=("cpu", "gpu"),
     about=("Median time per forward + backward, float32, margin 4, beta 0; in parentheses the median of the "
-           "per-repetition ratios to the floor named (measured in the same interleaved run) and, for NumPy rows, "
-           "the ratio of that to the three NumPy GEMMs' ratio."),
+           "per-repetition ratios to the floor of the same interleaved run (`CE step`: a whole NumPy linear + "
+           "softmax-CE step; `floor`: `F.cross_entropy(F.linear(x, w), y)`; `GEMMs`: CuPy's three cuBLAS "
+           "GEMMs, host time) and, for NumPy rows, that ratio over the three NumPy GEMMs' (`x GEMMs`)."),
     run=_run, markdown=markdown, cases=cases,
     goals={"cpu": (Goal("NumPy fwd+bwd vs NumPy CE step", _MNIST, NP_FWD_BWD, 2.0, threads="1"),
                    Goal("the same, statistics handed to the backward", _MNIST, NP_STATS, 2.0, threads="1"),
