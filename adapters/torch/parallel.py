@@ -490,7 +490,18 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         group, ``{"weight": (num_classes, in_features) CPU tensor, "_extra_state": {...}}``,
         the format of :class:`LSoftmaxLoss`; None on the other ranks.  The shards travel one
         at a time (point to point), so no device holds more than one shard of them."""
-        dst = check_integer("dst", dst, 0, self.world_size - 1)
+        # The ranks compare their dst first: ranks waiting to receive from one another would
+        # otherwise wait until the group's timeout.
+        try:
+            problem, dst = None, check_integer("dst", dst, 0, self.world_size - 1)
+        except (TypeError, ValueError) as e:
+            problem, dst = e, -1
+        every = self.weight.new_empty(self.world_size, dtype=torch.int64)
+        _all_gather(every, torch.tensor([dst], device=self.weight.device), group=self.process_group)
+        if problem is not None:
+            raise problem
+        if len(set(every.tolist())) > 1:
+            raise ValueError(f"every rank must pass the same dst to full_state_dict, got dst={every.tolist()} in rank order")
         glob = (lambda r: r) if self.process_group is None else (
             lambda r: dist.get_global_rank(self.process_group, r)
         )  # fmt: skip

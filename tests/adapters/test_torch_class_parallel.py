@@ -237,6 +237,12 @@ def test_checkpoints_gather_the_full_weight_and_load_it_at_any_world_size(world_
         assert r["shard_margin_mismatch"] == ("ValueError", "checkpoint has margin=2 but this loss has margin=3")
         assert r["negative_iteration"][0] == "ValueError" and "iteration=-1" in r["negative_iteration"][1]
         assert r["refused_unchanged"], "a refused checkpoint changed the shard or its settings"
+        if world_size > 1:
+            assert r["dst_differs"] == ("ValueError", f"every rank must pass the same dst to full_state_dict, got "
+                                                      f"dst={list(range(world_size))} in rank order")  # fmt: skip
+        else:
+            assert r["dst_differs"] is None
+        assert r["dst_invalid"] is not None and r["dst_invalid"][0] == "ValueError", r["dst_invalid"]
         assert r["wrong_shape"] == ("ValueError", f"state['weight'] must be the full (num_classes, in_features) = "
                                                   f"({c}, {d}) weight, got (1002, 4)")  # fmt: skip
         assert r["too_many_ranks"][0] == "ValueError" and "num_classes=" in r["too_many_ranks"][1]

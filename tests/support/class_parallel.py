@@ -258,6 +258,9 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
     again.load_state_dict(shard)
     out["reloaded"] = (bool(torch.equal(again.weight, shard["weight"])), again.iteration, again.beta)
     out["full_last"] = head.full_state_dict(dst=world_size - 1)
+    # A dst that differs between the ranks, or is invalid on one of them: every rank raises.
+    out["dst_differs"] = _error_of(lambda: head.full_state_dict(dst=rank))
+    out["dst_invalid"] = _error_of(lambda: head.full_state_dict(dst=world_size if rank == world_size - 1 else 0))
     out["full_0"] = head.full_state_dict()
     # A full weight made elsewhere (any world size) loads as this rank's rows.
     full = torch.arange(c * d, dtype=torch.float64).reshape(c, d)
