@@ -9,6 +9,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_gpu_run_refuses_without_a_device(tmp_path: Path) -> None:
 def test_gpu_check_parses_and_its_loss_call_plans_the_default_size() -> None:
     script = ROOT / "scripts" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    env = dict(os.environ, DRY_RUN="1", LOSS_BENCH="1", PYTHON=os.sys.executable)
+    env = dict(os.environ, DRY_RUN="1", LOSS_BENCH="1", PYTHON=sys.executable)
     out = subprocess.run([str(script)], env=env, capture_output=True, text=True, check=True, timeout=120).stdout
     assert "loss on gpu: sizes ce-256k 8192x512x256k; 5 repetitions" in out and "gpu tests" not in out
     out = subprocess.run([str(script)], env=dict(env, LOSS_SIZES="ce-1m"), capture_output=True, text=True,
