@@ -531,6 +531,14 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         process group needed.  Checks that the shards tile the classes and agree."""
         if not shards:
             raise ValueError("shards must hold every rank's state_dict, got none")
+        needed = {"num_classes", "class_start", "class_stop", "margin", "normalize_weight", "iteration", "schedule"}
+        for i, sd in enumerate(shards):
+            extra = sd.get("_extra_state") if isinstance(sd, dict) else None
+            if not (isinstance(extra, dict) and needed <= set(extra) and isinstance(sd.get("weight"), Tensor)):
+                raise ValueError(
+                    f"shards[{i}] must be a rank's state_dict(), with 'weight' and an '_extra_state' holding "
+                    f"{sorted(needed)}, got {type(sd).__name__} with keys {sorted(sd) if isinstance(sd, dict) else []}"
+                )
         states = sorted((s["_extra_state"] for s in shards), key=lambda e: int(e["class_start"]))
         order = sorted(range(len(shards)), key=lambda i: int(shards[i]["_extra_state"]["class_start"]))
         total = states[0]["num_classes"]

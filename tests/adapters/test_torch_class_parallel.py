@@ -317,6 +317,8 @@ def test_merging_shards_that_do_not_tile_the_classes_raises() -> None:
         ClassParallelLSoftmaxLoss.merge_state_dicts([shard(0, 5), shard(5, 10, iteration=3)])
     with pytest.raises(ValueError, match=r"got none"):
         ClassParallelLSoftmaxLoss.merge_state_dicts([])
+    with pytest.raises(ValueError, match=r"shards\[1\] must be a rank's state_dict\(\).*keys \['weight'\]"):
+        ClassParallelLSoftmaxLoss.merge_state_dicts([shard(0, 5), {"weight": torch.zeros(5, 3)}])
     full = ClassParallelLSoftmaxLoss.merge_state_dicts([shard(5, 10), shard(0, 5)])
     assert full["weight"].shape == (10, 3) and "class_start" not in full["_extra_state"]
 
