@@ -9,7 +9,7 @@ and dispatch modes (``make_fx``), and passes ``torch.library.opcheck``.  A plain
 skips the operator dispatch: an ``autograd.Function`` runs the same implementations (the
 same bits, tested) and hands the forward's per-sample statistics to the backward
 (``lsoftmax_core.forward(..., return_stats=True)``), which keeps the per-call cost low at
-small sizes (``python -m bench --cpu --overhead``).
+small sizes (``python -m bench overhead``).
 
 CPU: the plain layer's GEMMs run in torch (its BLAS and its thread pool: NumPy's OpenBLAS
 workers and torch's OpenMP workers slow each other down badly when they alternate on the

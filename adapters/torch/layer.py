@@ -152,7 +152,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _Eager(torch.autograd.Function):
     """The eager path: the operators' implementations without the custom-op dispatch, which
-    cost more than the layer's own work at small sizes (bench/results/overhead_profile_*),
+    cost more than the layer's own work at small sizes (scripts/profile_overhead.py shows it),
     and the forward's per-sample statistics handed to the backward (CPU).  Under
     ``torch.compile`` the operators run instead (see :func:`lsoftmax`)."""
 
