@@ -19,11 +19,11 @@ the scalar and array checks of :mod:`lsoftmax_core.checks`.
 from __future__ import annotations
 
 import sys
-from types import ModuleType
 from typing import Any
 
 from . import _numpy_backend
 from ._chebyshev import MAX_MARGIN
+from ._loss_plan import DEFAULT_MEMORY_BUDGET, ChunkPlan, LossOptions, plan_chunks
 from ._numpy_backend import STATS_ROWS
 from .backends import Backend, backend_for
 from .checks import Problem, supported_dtypes
@@ -37,9 +37,12 @@ from .schedule import (
 
 __all__ = [
     "Backend",
+    "ChunkPlan",
     "ConstantSchedule",
+    "DEFAULT_MEMORY_BUDGET",
     "ExponentialSchedule",
     "InverseSchedule",
+    "LossOptions",
     "MAX_MARGIN",
     "Problem",
     "STATS_ROWS",
@@ -57,6 +60,7 @@ __all__ = [
     "cross_entropy_with_grad",
     "forward",
     "gpu_small_kernels",
+    "plan_chunks",
     "schedule_from_dict",
     "set_cpu_kernels",
     "set_gpu_small_kernels",
@@ -268,14 +272,9 @@ def add_margin_grad(
     )
 
 
-def _loss_backend(x: Any, w: Any, label: Any) -> ModuleType:
-    if _backend(("x", "w", "label"), x, w, label).name == "cupy":
-        from . import _cupy_loss
-
-        return _cupy_loss
-    from . import _numpy_loss
-
-    return _numpy_loss
+def _loss_engine_for(x: Any, w: Any, label: Any) -> Any:
+    """The fused loss of the arrays' backend (:class:`lsoftmax_core.backends.LossOps`)."""
+    return _backend(("x", "w", "label"), x, w, label).loss
 
 
 def cross_entropy(
@@ -300,8 +299,11 @@ def cross_entropy(
     NaN), "sum" (0-d results) or "none" (shape (N,), 0 on ignored rows).  Labels must lie
     in [0, C) or equal ``ignore_index``; ignored rows get no margin and no gradient.
     ``chunking`` "rows" or "classes" and ``chunk_size`` (rows or classes per chunk) are
-    chosen from ``memory_budget`` bytes of temporaries when not given (default 64 MiB, or
-    the environment variable LSOFTMAX_CE_BUDGET); they change the result only by rounding.
+    chosen by :func:`plan_chunks` from ``memory_budget``, the bytes the chunk of logits may
+    take, when not given (default :data:`DEFAULT_MEMORY_BUDGET`, 32 MiB, or the environment
+    variable LSOFTMAX_CE_BUDGET); they change the result only by rounding.  The options are
+    checked as one :class:`LossOptions` before anything is computed.  x and w may be
+    ``numpy.matrix`` objects, as for :func:`forward`; the results are plain arrays.
     ``return_lse=True`` also returns each row's float64 log-sum-exp, which
     :func:`cross_entropy_backward` takes to skip a pass.  NumPy arrays run the CPU
     backend, CuPy arrays cuBLAS GEMMs per chunk plus this project's kernels.
@@ -312,10 +314,8 @@ def cross_entropy(
     >>> bool(np.isclose(lsm.cross_entropy(x, w, y, margin=3), np.log(np.exp(f).sum()) - f[0, 0]))
     True
     """
-    return _loss_backend(x, w, label).cross_entropy(
-        x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
-        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, return_lse=return_lse,
-    )  # fmt: skip
+    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    return _loss_engine_for(x, w, label).cross_entropy(x, w, label, opts, return_lse=return_lse)
 
 
 def cross_entropy_backward(
@@ -336,21 +336,30 @@ def cross_entropy_backward(
     num_classes: int | None = None,
 ) -> tuple[Any, Any]:
     """Gradients ``(grad_x, grad_w)`` of ``sum(grad_loss * cross_entropy(...))``: grad_loss
-    has the loss's shape (0-d, or (N,) for reduction "none").  ``lse``: the forward's
-    ``return_lse`` output, saving the class-chunked path one pass.
+    is a real scalar or a real array of the loss's shape (0-d, or (N,) for reduction
+    "none"); anything else (None, a complex number, a string, a list) is a TypeError naming
+    it.  Ignored rows take no part, whatever their upstream gradient (an inf or NaN there
+    changes nothing).
+
+    ``lse``: the forward's ``return_lse`` output (float64 of shape (N,)) for the same x, w,
+    label and options.  Both chunkings then use it as each row's softmax denominator
+    (``softmax = exp(logit - lse)``), which saves the class chunks their log-sum-exp pass.
+    It is checked for its type, shape and a real floating dtype; NumPy arrays also for
+    finite values on the rows that are not ignored and, as the chunks are computed, against
+    each row's largest logit (a log-sum-exp is never below it, up to the GEMMs' rounding),
+    so an lse of another batch or of weights changed since raises a ValueError naming lse
+    before any result is returned (CuPy arrays: not their values, which would synchronise
+    the device).
 
     On a class shard (``num_classes`` given, see :func:`cross_entropy_shard_stats`) w holds
     the classes ``[class_start, class_start + C)``, ``lse`` (required) is each row's
     log-sum-exp over all ``num_classes`` classes, and the results are this shard's part:
     grad_w exactly, grad_x the shard's term of a sum over the shards ("mean" divides by the
     rows of the whole batch that are not ignored)."""
-    kw: dict[str, Any] = {}
-    if num_classes is not None or class_start != 0:
-        kw = {"class_start": class_start, "num_classes": num_classes}  # the backend checks them
-    return _loss_backend(x, w, label).cross_entropy_backward(  # type: ignore[no-any-return]
-        grad_loss, x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
-        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget, lse=lse, **kw,
-    )  # fmt: skip
+    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    return _loss_engine_for(x, w, label).cross_entropy_backward(  # type: ignore[no-any-return]
+        grad_loss, x, w, label, opts, lse=lse, class_start=class_start, num_classes=num_classes
+    )
 
 
 def cross_entropy_shard_stats(
@@ -388,11 +397,10 @@ def cross_entropy_shard_stats(
     >>> bool(np.allclose(loss, lsm.cross_entropy(x, w, y, margin=3, reduction="none")))
     True
     """
-    shard = {"class_start": class_start, "num_classes": num_classes}
-    return _loss_backend(x, w, label).cross_entropy_shard_stats(  # type: ignore[no-any-return]
-        x, w, label, margin=margin, beta=beta, ignore_index=ignore_index, chunk_size=chunk_size,
-        chunking=chunking, memory_budget=memory_budget, **shard,
-    )  # fmt: skip
+    opts = LossOptions(margin, beta, "none", ignore_index, chunk_size, chunking, memory_budget)
+    return _loss_engine_for(x, w, label).cross_entropy_shard_stats(  # type: ignore[no-any-return]
+        x, w, label, opts, class_start=class_start, num_classes=num_classes
+    )
 
 
 def cross_entropy_with_grad(
@@ -411,7 +419,5 @@ def cross_entropy_with_grad(
     """``(loss, grad_x, grad_w)`` in one pass for reduction "mean" or "sum": row chunks
     form the gradients as they go (three GEMMs in all, no recomputation); class chunks
     take a log-sum-exp pass first (four).  Scale the gradients by the upstream gradient."""
-    return _loss_backend(x, w, label).cross_entropy_with_grad(  # type: ignore[no-any-return]
-        x, w, label, margin=margin, beta=beta, reduction=reduction, ignore_index=ignore_index,
-        chunk_size=chunk_size, chunking=chunking, memory_budget=memory_budget,
-    )  # fmt: skip
+    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    return _loss_engine_for(x, w, label).cross_entropy_with_grad(x, w, label, opts)  # type: ignore[no-any-return]

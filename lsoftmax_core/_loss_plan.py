@@ -1,79 +1,147 @@
-"""How the fused cross-entropy walks the N×C logits: by rows or by classes, in chunks
-sized from a memory budget.  Plain Python, shared by every backend.
+"""The fused cross-entropy's options and how it walks the N×C logits: by rows or by classes,
+in chunks sized from a memory budget.  Plain Python, shared by every backend.
 
-Rows (Liger-Kernel's way): a chunk of R rows holds all C logits, so the softmax of each
-row is complete inside the chunk and the gradients can be formed at once: three GEMMs in
-all (logits, G·W, Gᵀ·X), the last one accumulated into grad_w once per chunk.  Classes
-(Cut Cross-Entropy's way): a chunk of K classes for all N rows; a first pass builds each
-row's log-sum-exp online, the gradient pass recomputes the chunk's logits: four GEMMs, but
-the chunk never needs a whole row, so it fits any C.  The maths: docs/derivatives.md,
-"Cross-entropy".
+:class:`LossOptions` holds the seven options of every loss call, checked once where the
+public functions build it.  :func:`plan_chunks` turns a memory budget into a
+:class:`ChunkPlan`:
+
+* rows (Liger-Kernel's way): a chunk of R rows holds all C logits, so each row's softmax is
+  complete inside the chunk and the gradients are formed at once: three GEMMs in all
+  (logits, G·W, Gᵀ·X), the last one accumulated into grad_w once per chunk;
+* classes (Cut Cross-Entropy's way): a chunk of K classes for all N rows; a first pass
+  builds each row's log-sum-exp online and the gradient pass recomputes the chunk's logits:
+  four GEMMs, but a chunk never needs a whole row, so it fits any C.
+
+The maths: docs/derivatives.md, "Cross-entropy".
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
-from .checks import check_integer
+from .checks import check_beta, check_integer, check_margin, check_reduction
 
-__all__ = ["CHUNKINGS", "DEFAULT_BUDGET", "ChunkPlan", "plan_chunks"]
+__all__ = ["BUDGET_ENV", "CHUNKINGS", "DEFAULT_MEMORY_BUDGET", "ChunkPlan", "LossOptions", "plan_chunks"]
 
-#: Bytes the chunk's temporaries may take by default; the environment variable
-#: LSOFTMAX_CE_BUDGET (bytes) or the ``memory_budget`` argument override it.
-DEFAULT_BUDGET = 64 * 2**20
+#: Bytes the chunk of logits may take when neither ``memory_budget`` nor the environment
+#: variable :data:`BUDGET_ENV` says otherwise.
+DEFAULT_MEMORY_BUDGET = 32 * 2**20
+
+#: The environment variable that sets the default budget: a whole number of bytes, ASCII digits.
+BUDGET_ENV = "LSOFTMAX_CE_BUDGET"
 
 CHUNKINGS = ("rows", "classes")
 
-#: Bytes per logit held at once: the chunk's logits (input dtype), its exponentials /
-#: gradient (input dtype, in place) and a float64 row or column statistic share.
-_PER_ELEMENT_EXTRA = 8
+#: Fewest rows per chunk for which the default plan takes rows.  A row chunk reads all of w
+#: for its logits and for G·W and reads and writes all of grad_w for Gᵀ·X: about 4·C·D
+#: elements of memory traffic per chunk, against the class path's fourth GEMM of 2·N·C·D
+#: flops.  Rows win while N/R·4·itemsize/bandwidth < 2·N/flop rate, i.e. for R above a
+#: few tens on a CPU core (~10 GB/s, ~85 GFLOP/s in float32) as on a GPU: R decides, not N.
+#: Measured at 2048x256x100k float32 on one core (scripts/bench_fused_loss.py): 83-row
+#: chunks beat 4096-class chunks.
+MIN_ROWS = 64
 
-#: Most row chunks worth the three-GEMM path: each row chunk adds its Gᵀ·X (C×D) into
-#: grad_w, re-reading and re-writing all of grad_w, and its GEMMs have only R rows, which
-#: costs more than the class path's fourth GEMM once there are many chunks (CPU,
-#: 2048x256x100k float32, docs/BENCHMARKS.md run E: 50 row chunks took 1.31x the unfused
-#: loss, 13 chunks 0.92x, 49 class chunks 1.06x).
-_MAX_ROW_CHUNKS = 8
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of one fused cross-entropy call, checked when built (a ``ValueError`` or
+    ``TypeError`` naming the bad one); see :func:`lsoftmax_core.cross_entropy` for their
+    meaning.  Frozen: one object can serve many calls.
+
+    >>> from lsoftmax_core import LossOptions
+    >>> LossOptions(margin=3, reduction="sum")
+    LossOptions(margin=3, beta=0.0, reduction='sum', ignore_index=-100, chunk_size=None, chunking=None, memory_budget=None)
+    """
+
+    margin: int = 2
+    beta: float = 0.0
+    reduction: str = "mean"
+    ignore_index: int = -100
+    chunk_size: int | None = None
+    chunking: str | None = None
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__  # frozen: the checked values replace the given ones once
+        put(self, "margin", check_margin(self.margin))
+        put(self, "beta", check_beta(self.beta))
+        put(self, "reduction", check_reduction(self.reduction))
+        put(self, "ignore_index", check_integer("ignore_index", self.ignore_index, -(2**63), 2**63 - 1))
+        if self.chunk_size is not None:
+            put(self, "chunk_size", check_integer("chunk_size", self.chunk_size, 1))
+        if self.chunking is not None:
+            put(self, "chunking", _check_chunking(self.chunking))
+        if self.memory_budget is not None:
+            put(self, "memory_budget", check_integer("memory_budget", self.memory_budget, 1))
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """``mode`` 'rows' or 'classes', and the chunk's length along that axis."""
+    """How one call walks the logits: ``mode`` "rows" or "classes", and ``size``, the chunk's
+    length along that axis (rows or classes per chunk)."""
 
     mode: str
     size: int
 
 
+def _check_chunking(chunking: object) -> str:
+    if chunking not in CHUNKINGS:
+        raise ValueError(f"chunking={chunking!r} must be one of {CHUNKINGS} or None")
+    return str(chunking)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_budget(raw: str) -> int:
+    # ASCII digits only: str.isdigit() alone admits "²" and other digits int() rejects.
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{BUDGET_ENV}={raw!r} must be a whole number of bytes >= 1 (ASCII digits)")
+    return int(text)
+
+
+def default_memory_budget() -> int:
+    """The budget when a call gives none: :data:`BUDGET_ENV` if set and not empty, else
+    :data:`DEFAULT_MEMORY_BUDGET`; a malformed value raises a ValueError naming the variable."""
+    raw = os.environ.get(BUDGET_ENV, "")
+    return _parse_budget(raw) if raw.strip() else DEFAULT_MEMORY_BUDGET
+
+
+def _even(total: int, most: int) -> int:
+    """The chunk length that splits ``total`` into as few chunks of at most ``most`` as
+    possible, of lengths differing by at most one (no short last chunk)."""
+    chunks = -(-max(total, 1) // max(most, 1))
+    return -(-max(total, 1) // chunks)
+
+
 def plan_chunks(
     n: int, c: int, itemsize: int, *, chunk_size: object = None, chunking: object = None, memory_budget: object = None
 ) -> ChunkPlan:
-    """The chunking for an (N, C) problem; explicit ``chunking``/``chunk_size`` win.
+    """The chunking of an (N, C) problem whose logits have ``itemsize`` bytes each.
 
-    Default: rows when the batch fits the budget in at most 8 chunks of whole rows (the
-    three-GEMM path), else classes, as many as fit for all N rows.
+    The budget (``memory_budget`` bytes, else :func:`default_memory_budget`) bounds the chunk
+    of logits, which the backends overwrite in place with its exponentials and then its
+    gradient: R·C·itemsize bytes for R rows, N·K·itemsize for K classes (a few float64
+    vectors of N entries come on top).  Default: rows when at least :data:`MIN_ROWS` rows
+    (or all N) fit, else classes; either way as few chunks as fit, of even lengths.  An
+    explicit ``chunking`` or ``chunk_size`` wins.
+
+    >>> from lsoftmax_core import plan_chunks
+    >>> plan_chunks(2048, 100_000, 4)  # float32: 83 rows of 100k logits fit in 32 MiB
+    ChunkPlan(mode='rows', size=82)
+    >>> plan_chunks(2048, 1_000_000, 4)  # 8 rows would fit: classes, 245 chunks of <= 4096
+    ChunkPlan(mode='classes', size=4082)
     """
-    if chunking is not None and chunking not in CHUNKINGS:
-        raise ValueError(f"chunking={chunking!r} must be one of {CHUNKINGS} or None")
-    if memory_budget is None:
-        env = os.environ.get("LSOFTMAX_CE_BUDGET", "").strip()
-        if not env:
-            budget = DEFAULT_BUDGET
-        elif env.isdigit():
-            budget = check_integer("LSOFTMAX_CE_BUDGET", int(env), 1)
-        else:
-            raise ValueError(f"LSOFTMAX_CE_BUDGET={env!r} must be a whole number of bytes")
-    else:
-        budget = check_integer("memory_budget", memory_budget, 1)
+    mode = None if chunking is None else _check_chunking(chunking)
+    budget = default_memory_budget() if memory_budget is None else check_integer("memory_budget", memory_budget, 1)
     size = None if chunk_size is None else check_integer("chunk_size", chunk_size, 1)
-    per_element = itemsize * 2 + _PER_ELEMENT_EXTRA
-    rows_fit = budget // max(1, c * per_element)
-    if chunking is None:
-        row_chunks = -(-max(n, 1) // rows_fit) if rows_fit else None
-        chunking = "rows" if row_chunks is not None and row_chunks <= _MAX_ROW_CHUNKS else "classes"
+    rows_fit = budget // max(1, c * itemsize)
+    if mode is None:
+        mode = "rows" if rows_fit >= min(max(n, 1), MIN_ROWS) else "classes"
     if size is None:
-        if chunking == "rows":
-            size = max(1, rows_fit)
+        if mode == "rows":
+            size = _even(n, rows_fit)
         else:
-            size = max(1, budget // max(1, n * per_element))
-    return ChunkPlan(str(chunking), size)
+            size = _even(c, budget // max(1, n * itemsize))
+    return ChunkPlan(mode, size)

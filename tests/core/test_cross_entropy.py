@@ -4,6 +4,7 @@ every chunking, without NaN, deterministic, with torch's ignore_index semantics.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -202,27 +203,53 @@ def test_inputs_are_not_modified() -> None:
 
 
 def test_the_default_plan_follows_the_memory_budget() -> None:
-    from lsoftmax_core._loss_plan import DEFAULT_BUDGET, plan_chunks
+    budget = lsm.DEFAULT_MEMORY_BUDGET
+    assert lsm.plan_chunks(2048, 100_000, 4) == lsm.ChunkPlan("rows", 82)  # 83 rows fit: 25 even chunks
+    assert lsm.plan_chunks(2048, 10_000, 4) == lsm.ChunkPlan("rows", 683)  # 838 fit: 3 chunks
+    assert lsm.plan_chunks(2048, 100_000, 8).mode == "classes"  # float64: 41 rows would fit
+    assert lsm.plan_chunks(2048, 100_000, 8, memory_budget=2 * budget).mode == "rows"
+    assert lsm.plan_chunks(2048, 1_000_000, 4) == lsm.ChunkPlan("classes", 4082)  # 245 chunks of <= 4096
+    assert lsm.plan_chunks(8, 1_000_000, 4).mode == "rows"  # every row fits: one chunk
+    assert lsm.plan_chunks(9, 1_000_000, 4).mode == "classes"
+    assert lsm.plan_chunks(10, 5, 8, chunking="classes", chunk_size=2) == lsm.ChunkPlan("classes", 2)
+    assert lsm.plan_chunks(10, 5, 8, chunking="rows") == lsm.ChunkPlan("rows", 10)
+    assert lsm.plan_chunks(0, 5, 8) == lsm.ChunkPlan("rows", 1)
 
-    assert plan_chunks(2048, 10_000, 4) == plan_chunks(2048, 10_000, 4, chunking="rows")  # 5 chunks of 419 rows
-    assert plan_chunks(2048, 100_000, 4).mode == "classes"  # rows would take 50 chunks of 41
-    assert plan_chunks(2048, 100_000, 4, memory_budget=8 * DEFAULT_BUDGET).mode == "rows"  # 7 chunks
-    assert plan_chunks(2048, 10_000_000, 4).mode == "classes"
-    assert plan_chunks(2048, 100_000, 4, memory_budget=DEFAULT_BUDGET // 100).mode == "classes"
-    assert plan_chunks(10, 5, 8, chunking="classes", chunk_size=2).size == 2
-    big = plan_chunks(2048, 10_000_000, 4)
-    assert big.size * 2048 * 16 <= DEFAULT_BUDGET
+
+@given(st.integers(0, 10**5), st.integers(1, 10**7), st.sampled_from([2, 4, 8]), st.integers(1, 2**32),
+       st.sampled_from([None, "rows", "classes"]))  # fmt: skip
+def test_property_a_default_chunk_never_exceeds_the_budget(n, c, itemsize, budget, chunking) -> None:
+    plan = lsm.plan_chunks(n, c, itemsize, memory_budget=budget, chunking=chunking)
+    other = c if plan.mode == "rows" else n
+    length = n if plan.mode == "rows" else c
+    assert 1 <= plan.size <= max(1, length)
+    if max(1, other) * itemsize <= budget:  # at least one row (class) fits
+        assert plan.size * other * itemsize <= budget
+    chunks = -(-max(length, 1) // plan.size)
+    assert chunks * plan.size - max(length, 1) < chunks  # even chunks: no short last one
 
 
 def test_the_budget_comes_from_the_environment_when_not_given(monkeypatch) -> None:
-    from lsoftmax_core._loss_plan import plan_chunks
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", str(2**28))
+    assert lsm.plan_chunks(2048, 100_000, 4) == lsm.ChunkPlan("rows", 512)  # 256 MiB: 671 rows fit
+    assert lsm.plan_chunks(2048, 1_000_000, 4, memory_budget=2**25).mode == "classes"  # the argument wins
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", " 1048576\n")
+    assert lsm.plan_chunks(2048, 1000, 4) == lsm.ChunkPlan("rows", 256)  # 262 rows fit: 8 chunks
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", "")
+    assert lsm.plan_chunks(2048, 100_000, 4) == lsm.plan_chunks(2048, 100_000, 4, memory_budget=lsm.DEFAULT_MEMORY_BUDGET)
 
-    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", str(2**30))
-    assert plan_chunks(2048, 100_000, 4).mode == "rows"  # 1 GiB: 4 chunks of whole rows
-    assert plan_chunks(2048, 100_000, 4, memory_budget=2**26).mode == "classes"  # the argument wins
-    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", "64MB")
-    with pytest.raises(ValueError, match=r"LSOFTMAX_CE_BUDGET='64MB' must be a whole number of bytes"):
-        plan_chunks(10, 5, 8)
+
+@pytest.mark.parametrize("value", ["64MB", "\u00b2", "\u0661\u0662", "0", "-5", "1e6", "0x100"])
+def test_a_malformed_budget_variable_is_named_with_its_value(monkeypatch, value) -> None:
+    """Only ASCII digits: "²" and "١٢" pass str.isdigit() but are not a number of bytes."""
+    monkeypatch.setenv("LSOFTMAX_CE_BUDGET", value)
+    message = re.escape(f"LSOFTMAX_CE_BUDGET={value!r} must be a whole number of bytes")
+    with pytest.raises(ValueError, match=message):
+        lsm.plan_chunks(10, 5, 8)
+    x, w = np.ones((3, 2)), np.ones((4, 2))
+    with pytest.raises(ValueError, match="LSOFTMAX_CE_BUDGET"):
+        lsm.cross_entropy(x, w, np.array([0, 1, 2]))
+    lsm.cross_entropy(x, w, np.array([0, 1, 2]), memory_budget=2**20)  # an explicit budget needs no variable
 
 
 @pytest.mark.parametrize(
@@ -254,14 +281,23 @@ def test_bad_labels_and_gradients_name_themselves() -> None:
         lsm.cross_entropy_with_grad(x, w, np.array([0, 1, 2]), reduction="none")
 
 
+@pytest.mark.parametrize("blas", [True, False])
 @pytest.mark.parametrize("block_bytes", [1, 40, 1 << 20])
-def test_row_chunks_accumulate_grad_w_in_class_blocks_of_any_size(monkeypatch, block_bytes) -> None:
-    from lsoftmax_core import _numpy_loss
+def test_row_chunks_accumulate_in_blocks_of_any_size(monkeypatch, blas, block_bytes) -> None:
+    """Row chunks add into grad_w (and, by class blocks, grad_x) through the BLAS or through a
+    temporary block: blocks of one class or row, odd sizes and one block all give the result."""
+    from lsoftmax_core import _cblas, _numpy_loss
 
-    monkeypatch.setattr(_numpy_loss, "_ACC_BYTES", block_bytes)  # 1 byte: one class per block
+    if not blas:
+        monkeypatch.setattr(_cblas, "_GEMM", {})
+        monkeypatch.setattr(_cblas, "_LOADED", [True])
+    monkeypatch.setattr(_numpy_loss, "_ACC_BYTES", block_bytes)  # 1 byte: one row per block
+    monkeypatch.setattr(_numpy_loss, "_CLASS_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_numpy_loss, "_SOFTMAX_BYTES", block_bytes)
     rng = np.random.default_rng(12)
     x, w, label = problem(rng, 19, 11, 5, scale=2.0)
     ex, ew = ref_grads(np.float64(1.0), x, w, label, margin=3, beta=1.0)
-    _, gx, gw = lsm.cross_entropy_with_grad(x, w, label, margin=3, beta=1.0, chunking="rows", chunk_size=4)
-    assert_rel(gx, ex, 1e-10)
-    assert_rel(gw, ew, 1e-10)
+    for chunking, size in [("rows", 4), ("rows", 19), ("classes", 3)]:
+        _, gx, gw = lsm.cross_entropy_with_grad(x, w, label, margin=3, beta=1.0, chunking=chunking, chunk_size=size)
+        assert_rel(gx, ex, 1e-10, f"grad_x {chunking} {size}")
+        assert_rel(gw, ew, 1e-10, f"grad_w {chunking} {size}")

@@ -1,4 +1,4 @@
-"""The CuPy fused cross-entropy (lsoftmax_core/_cupy_loss.py's ``LossDriver``, its launch
+"""The CuPy fused cross-entropy (lsoftmax_core/_cupy_loss.py's ops under the loss engine, its launch
 plan and its kernels) on the host emulator, with NumPy GEMMs for cuBLAS: against the
 float64 reference of tests/support/loss_reference.py and the NumPy loss, in every chunking,
 reduction and dtype; deterministic; bad labels skipped and recorded, ignore_index allowed."""
@@ -288,10 +288,13 @@ def test_property_equals_the_reference(emu, p, reduction, chunk) -> None:
         assert np.abs(np.asarray(a) - np.asarray(b)).max(initial=0.0) <= 1e-10 * sc
 
 
-def test_cupy_arrays_dispatch_to_the_cupy_loss(monkeypatch) -> None:
+def test_the_public_functions_run_the_loss_engine_of_the_arrays_backend(monkeypatch) -> None:
     import lsoftmax_core._cupy_loss as cupy_loss
+    import lsoftmax_core._numpy_loss as numpy_loss
+    from lsoftmax_core._loss_engine import LossEngine
 
-    monkeypatch.setattr(
-        lsm, "_backend", lambda names, *arrays: types.SimpleNamespace(__name__="lsoftmax_core._cupy_backend")
-    )
-    assert lsm._loss_backend(None, None, None) is cupy_loss
+    assert lsm._loss_engine_for(np.ones((2, 2)), np.ones((3, 2)), np.zeros(2, int)) is numpy_loss.engine()
+    assert isinstance(cupy_loss.engine(), LossEngine)  # importable without CuPy; binds a device per call
+    stub = types.SimpleNamespace(loss=object())
+    monkeypatch.setattr(lsm, "_backend", lambda names, *arrays: stub)
+    assert lsm._loss_engine_for(None, None, None) is stub.loss

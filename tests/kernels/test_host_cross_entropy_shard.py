@@ -1,4 +1,4 @@
-"""The CuPy fused cross-entropy on class shards (``LossDriver`` with ``class_start`` and
+"""The CuPy fused cross-entropy on class shards (its ops under the loss engine, with ``class_start`` and
 ``num_classes``) on the host emulator: the same results as the NumPy shards and the float64
 reference; labels checked against num_classes, a label on another shard never reported."""
 
@@ -41,7 +41,7 @@ def test_emulated_shards_combine_to_the_reference_and_match_the_numpy_shards(
     stats = []
     for a, b in bounds:
         wa = np.ascontiguousarray(w[a:b])
-        got = be.loss_driver().cross_entropy_shard_stats(x, wa, label, class_start=a, num_classes=10, **kw)
+        got = be.cross_entropy_shard_stats(x, wa, label, class_start=a, num_classes=10, **kw)
         want = lsm.cross_entropy_shard_stats(x, wa, label, class_start=a, num_classes=10, **kw)
         for u, v in zip(got, want):
             assert_rel(u, v, 1e-12, f"shard [{a}, {b})")
@@ -69,7 +69,7 @@ def test_labels_are_checked_against_num_classes_on_the_device(emu, margin) -> No
     rng = np.random.default_rng(2)
     x, w, label = problem(rng, 5, 4, 3, ignored=0.0)
     label[:] = [0, 7, 9, IGNORE, 3]  # 9 is past num_classes=8; 7 lives on another shard
-    lse, tgt = be.loss_driver().cross_entropy_shard_stats(
+    lse, tgt = be.cross_entropy_shard_stats(
         x, w, label, class_start=0, num_classes=8, margin=margin, chunk_size=2
     )
     assert np.isfinite(lse).all() and np.isfinite(tgt).all()

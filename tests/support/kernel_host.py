@@ -4,7 +4,7 @@
 * ``build_emulator``: kernels/lsoftmax.cu itself, every instantiation the backend names,
   run by the fiber emulator in tests/support/cuda_emulator.hpp.
 * ``EmuBackend``: forward/backward as lsoftmax_core/_cupy_backend.py runs them, and the fused
-  cross-entropy as lsoftmax_core/_cupy_loss.py runs it (its ``LossDriver``, unchanged): same
+  cross-entropy as lsoftmax_core/_cupy_loss.py runs it (its ops under the one loss engine): same
   validation, and the same launch plan and argument binding (``_cupy_plan.bind_forward`` /
   ``bind_backward``, executed by ``Call.run``), with NumPy arrays and GEMMs in place of
   CuPy and cuBLAS and the emulator in place of the GPU.
@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from lsoftmax_core import LossOptions
 from lsoftmax_core import _cupy_plan as plan
-from lsoftmax_core._cupy_loss import LossDriver
+from lsoftmax_core._cupy_loss import engine_over
+from lsoftmax_core._loss_engine import LossEngine
 from lsoftmax_core.checks import check_arrays
 
 from support.reference import backward as ref_backward
@@ -351,22 +353,29 @@ class EmuBackend:
     def _run(self, call: plan.Call) -> None:
         call.run(self._launch, self._zero)
 
-    def loss_driver(self) -> LossDriver:
-        """_cupy_loss's driver with NumPy, the cuBLAS stand-in and the emulated kernels."""
-        return LossDriver(np, self._gemm_into, self._run, self.bufs, self._next_serial, self._workspace, DTYPES)
+    def loss_engine(self) -> LossEngine:
+        """_cupy_loss's ops under the loss engine, with NumPy, the cuBLAS stand-in and the
+        emulated kernels."""
+        return engine_over(np, self._gemm_into, self._run, self.bufs, self._next_serial, self._workspace, DTYPES)
+
+    def _loss(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The engine's ``method`` with the public functions' keywords (options as LossOptions)."""
+        names = LossOptions.__dataclass_fields__
+        opts = LossOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        return getattr(self.loss_engine(), method)(*args, opts, **kwargs)
 
     def cross_entropy(self, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any) -> Any:
-        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-        return self.loss_driver().cross_entropy(x, w, label, **kwargs)
+        return self._loss("cross_entropy", x, w, label, **kwargs)
 
     def cross_entropy_backward(
         self, grad_loss: Any, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any
     ) -> tuple[np.ndarray, np.ndarray]:
-        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-        return self.loss_driver().cross_entropy_backward(grad_loss, x, w, label, **kwargs)
+        return self._loss("cross_entropy_backward", grad_loss, x, w, label, **kwargs)  # type: ignore[no-any-return]
 
     def cross_entropy_with_grad(
         self, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any
     ) -> tuple[Any, np.ndarray, np.ndarray]:
-        x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-        return self.loss_driver().cross_entropy_with_grad(x, w, label, **kwargs)
+        return self._loss("cross_entropy_with_grad", x, w, label, **kwargs)  # type: ignore[no-any-return]
+
+    def cross_entropy_shard_stats(self, x: np.ndarray, w: np.ndarray, label: np.ndarray, **kwargs: Any) -> Any:
+        return self._loss("cross_entropy_shard_stats", x, w, label, **kwargs)
