@@ -64,10 +64,6 @@ def _real(owner: str, name: str, value: object, low: float, high: float, *, open
     return v
 
 
-def _scale(owner: str, value: object) -> float:
-    return _real(owner, "s", value, 0.0, math.inf, open_low=True, open_high=True)
-
-
 def _cosines(c: object) -> F64:
     """c as a new float64 array clamped to [-1, 1] (the caller's array is never written)."""
     a = np.asarray(c, dtype=np.float64)
@@ -152,8 +148,25 @@ class SphereFace(_Multiplicative):
     normalizes_weights: ClassVar[bool] = True
 
 
+class _Cosine(Margin):
+    """The kinds whose logits are s times cosines of unit features and unit weight rows."""
+
+    s: float
+    normalizes_features: ClassVar[bool] = True
+    normalizes_weights: ClassVar[bool] = True
+
+    @property
+    def scale(self) -> float:
+        return self.s
+
+    def _check(self, name: str, low: float, high: float, *, open_low: bool = False, open_high: bool = True) -> None:
+        """Replace the parameter ``name`` by its checked float (dataclasses are frozen)."""
+        value = _real(type(self).__name__, name, getattr(self, name), low, high, open_low=open_low, open_high=open_high)
+        object.__setattr__(self, name, value)
+
+
 @dataclass(frozen=True)
-class CosFace(Margin):
+class CosFace(_Cosine):
     """CosFace / AM-Softmax (Wang et al. 2018): f_y = s (c - m), the others s c_j.
 
     m in (0, 2): at m >= 2 the target s(c - m) <= -s lies below every other logit for every
@@ -163,23 +176,17 @@ class CosFace(Margin):
     m: float = 0.35
     s: float = 64.0
     kind: ClassVar[str] = "cosface"
-    normalizes_features: ClassVar[bool] = True
-    normalizes_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "m", _real("CosFace", "m", self.m, 0.0, 2.0, open_low=True, open_high=True))
-        object.__setattr__(self, "s", _scale("CosFace", self.s))
-
-    @property
-    def scale(self) -> float:
-        return self.s
+        self._check("m", 0.0, 2.0, open_low=True)
+        self._check("s", 0.0, math.inf, open_low=True)
 
     def _parts(self, c: F64) -> mm.Parts:
         return mm.cosface_parts(c, self.m)
 
 
 @dataclass(frozen=True)
-class ArcFace(Margin):
+class ArcFace(_Cosine):
     """ArcFace (Deng et al. 2019): f_y = s cos(theta + m), m in radians, the others s c_j.
 
     Past theta = pi - m the target continues as s (cos(theta) - m sin(m)), the rule of
@@ -191,24 +198,17 @@ class ArcFace(Margin):
     m: float = 0.5
     s: float = 64.0
     kind: ClassVar[str] = "arcface"
-    normalizes_features: ClassVar[bool] = True
-    normalizes_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        m = _real("ArcFace", "m", self.m, 0.0, math.pi / 2, open_low=True, open_high=False)
-        object.__setattr__(self, "m", m)
-        object.__setattr__(self, "s", _scale("ArcFace", self.s))
-
-    @property
-    def scale(self) -> float:
-        return self.s
+        self._check("m", 0.0, math.pi / 2, open_low=True, open_high=False)
+        self._check("s", 0.0, math.inf, open_low=True)
 
     def _parts(self, c: F64) -> mm.Parts:
         return mm.arcface_parts(c, self.m)
 
 
 @dataclass(frozen=True)
-class CombinedMargin(Margin):
+class CombinedMargin(_Cosine):
     """InsightFace's combined margin: f_y = s (cos(m1 theta + m2) - m3), the others s c_j.
 
     m1 in [1, MAX_MARGIN] (real), m2 in [0, pi) radians, m3 in [0, 2), s > 0.  Past
@@ -221,19 +221,12 @@ class CombinedMargin(Margin):
     m3: float = 0.0
     s: float = 64.0
     kind: ClassVar[str] = "combined"
-    normalizes_features: ClassVar[bool] = True
-    normalizes_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        name = "CombinedMargin"
-        object.__setattr__(self, "m1", _real(name, "m1", self.m1, 1.0, MAX_MARGIN, open_low=False, open_high=False))
-        object.__setattr__(self, "m2", _real(name, "m2", self.m2, 0.0, math.pi, open_low=False, open_high=True))
-        object.__setattr__(self, "m3", _real(name, "m3", self.m3, 0.0, 2.0, open_low=False, open_high=True))
-        object.__setattr__(self, "s", _scale(name, self.s))
-
-    @property
-    def scale(self) -> float:
-        return self.s
+        self._check("m1", 1.0, MAX_MARGIN, open_high=False)
+        self._check("m2", 0.0, math.pi)
+        self._check("m3", 0.0, 2.0)
+        self._check("s", 0.0, math.inf, open_low=True)
 
     def _parts(self, c: F64) -> mm.Parts:
         return mm.combined_parts(c, self.m1, self.m2, self.m3)
