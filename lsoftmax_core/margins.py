@@ -238,8 +238,8 @@ _KINDS: dict[str, type[Margin]] = {cls.kind: cls for cls in (LSoftmax, SphereFac
 def margin_of(margin: object) -> Margin:
     """The margin object a ``margin=`` argument means: an int m is ``LSoftmax(m=m)`` (checked
     as ``margin``), a margin object is itself; anything else is a TypeError naming ``margin``."""
-    if isinstance(margin, Margin):
-        return margin
+    if isinstance(margin, tuple(_KINDS.values())):  # not a bare Margin: the engine knows these five
+        return margin  # type: ignore[return-value]
     if isinstance(margin, numbers.Integral) and not isinstance(margin, (bool, np.bool_)):
         return LSoftmax(m=check_margin(margin))
     raise TypeError(

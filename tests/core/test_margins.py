@@ -195,7 +195,7 @@ def test_margin_of_turns_an_int_into_lsoftmax_and_passes_a_margin_through() -> N
     assert margin_of(arc) is arc
 
 
-@pytest.mark.parametrize("value", [True, 4.0, "4", None, {"kind": "arcface"}, np.float64(2.0), ArcFace])
+@pytest.mark.parametrize("value", [True, 4.0, "4", None, {"kind": "arcface"}, np.float64(2.0), ArcFace, Margin()])
 def test_margin_of_refuses_other_types_naming_margin(value) -> None:
     with pytest.raises(TypeError, match=r"^margin="):
         margin_of(value)
