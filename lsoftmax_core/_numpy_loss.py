@@ -53,8 +53,10 @@ class _State:
     def __init__(self, p: Problem, x: Any, w: Any, valid: Any, owned: Any, lab: Any, st: Any) -> None:
         self.p, self.x, self.w, self.valid, self.owned, self.lab, self.st = p, x, w, valid, owned, lab, st
         self.n_valid = int(np.count_nonzero(valid))
-        # margin > 1: forward's target logits (float64); the statistics stay for the margin terms.
+        # margin > 1: forward's target logits (float64); the statistics stay for the margin
+        # terms, without w[label] (N·D, gathered again by margin()).
         self.target = None if st is None else target_logits(st, p)
+        self.st = None if st is None else st._replace(wy=None)
         self.tgt, self.lse = np.zeros(p.n), np.zeros(p.n)
         self.m = self.se = self.weights = self.given = self.tol = self.grad_x = self.grad_w = None
         self.g = np.zeros(p.n)
@@ -209,7 +211,8 @@ class NumpyLossOps:
     def margin(k: _State) -> None:
         """The margin's own gradient terms from the target entries g of G."""
         if k.st is not None:
-            add_margin_terms(k.grad_x, k.grad_w, k.g, k.st, k.x, k.lab, k.p)
+            st = k.st._replace(wy=k.w.take(k.lab, axis=0))  # add_margin_terms overwrites it
+            add_margin_terms(k.grad_x, k.grad_w, k.g, st, k.x, k.lab, k.p)
 
     @staticmethod
     def to_dtype(a: Any, dtype: Any) -> Any:
