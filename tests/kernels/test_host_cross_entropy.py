@@ -298,3 +298,24 @@ def test_the_public_functions_run_the_loss_engine_of_the_arrays_backend(monkeypa
     stub = types.SimpleNamespace(loss=object())
     monkeypatch.setattr(lsm, "_backend", lambda names, *arrays: stub)
     assert lsm._loss_engine_for(None, None, None) is stub.loss
+
+
+def test_ignored_rows_and_a_given_lse_as_in_the_numpy_loss(emu) -> None:
+    """Both chunkings use a given lse as the softmax's denominator, and an ignored row's
+    upstream gradient (inf here) and lse take no part, as the NumPy loss does."""
+    be = EmuBackend(emu)
+    rng = np.random.default_rng(13)
+    x, w, label = problem(rng, 9, 5, 4, ignored=0.0)
+    label[[2, 6]] = IGNORE
+    _, lse = be.cross_entropy(x, w, label, margin=3, reduction="none", return_lse=True)
+    given = lse + np.linspace(0.0, 1.0, 9)
+    g = np.linspace(0.5, 1.5, 9)
+    g[2] = np.inf
+    given[6] = np.nan
+    want = lsm.cross_entropy_backward(g, x, w, label, margin=3, reduction="none", lse=given)
+    for chunking, size in CHUNKINGS:
+        got = be.cross_entropy_backward(g, x, w, label, margin=3, reduction="none", lse=given, chunking=chunking,
+                                        chunk_size=size)  # fmt: skip
+        for a, b in zip(got, want):
+            assert np.isfinite(a).all()
+            assert_rel(a, b, 1e-12, f"{chunking} {size}")
