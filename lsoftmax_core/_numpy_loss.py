@@ -19,7 +19,7 @@ of the plain NumPy code).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,15 @@ _SOFTMAX_BYTES = 1 << 18
 #: A row chunk's gradient GEMMs and the next chunk's logits take w and grad_w in blocks of
 #: about this many bytes (L2-L3 sized), each read from memory once per chunk.
 _CLASS_BLOCK_BYTES = 1 << 21
+
+
+def _by_rows(n: int, width: int, fn: Callable[[int, int], None]) -> None:
+    """``fn(i0, i1)`` over row blocks of [0, n) of about _SOFTMAX_BYTES (``width`` bytes a
+    row), so that a block's passes (max, exp, sum, scale) find it in the core's cache.
+    Row-wise work only: the results do not depend on the blocks."""
+    step = max(1, _SOFTMAX_BYTES // max(1, width))
+    for i0 in range(0, n, step):
+        fn(i0, min(n, i0 + step))
 
 
 class _State:
@@ -164,21 +173,22 @@ class NumpyLossOps:
         hit, cols = self._targets(k, z, rows, 0)
         k.tgt[r0 + hit] = z[hit, cols]
         given = k.given if grad else None
-        step = max(1, _SOFTMAX_BYTES // max(1, z.shape[1] * z.itemsize))
-        for i0 in range(0, z.shape[0], step):
-            sub = slice(i0, min(z.shape[0], i0 + step))
-            m, se = _exp_shifted(z[sub])
-            span = slice(r0 + sub.start, r0 + sub.stop)
+
+        def part(i0: int, i1: int) -> None:
+            m, se = _exp_shifted(z[i0:i1])
+            span = slice(r0 + i0, r0 + i1)
             k.lse[span] = m + np.log(se)
             if not grad:
-                continue
+                return
             wr = k.weights[span]
             if given is None:
                 scale = wr / se  # softmax times the row's weight: exp(z - m) / se
             else:
                 self._check_max(k, m, span)
                 scale = wr * np.exp(m - given[span])
-            z[sub] *= scale.astype(z.dtype)[:, None]
+            z[i0:i1] *= scale.astype(z.dtype)[:, None]
+
+        _by_rows(z.shape[0], z.shape[1] * z.itemsize, part)
         if grad:
             wr = k.weights[rows]
             z[hit, cols] -= wr[hit].astype(z.dtype)
@@ -186,11 +196,17 @@ class NumpyLossOps:
 
     def classes_lse(self, k: _State, z: Any, k0: int, *, first: bool) -> None:
         """Classes k0.. for all rows: their (max, sum of exponentials) combined online."""
-        hit, cols = self._targets(k, z, slice(0, k.p.n), k0)
+        n = k.p.n
+        hit, cols = self._targets(k, z, slice(0, n), k0)
         k.tgt[hit] = z[hit, cols]
-        mk, sk = _exp_shifted(z)
+        mk, sk = np.empty(n), np.empty(n)
+
+        def part(i0: int, i1: int) -> None:
+            mk[i0:i1], sk[i0:i1] = _exp_shifted(z[i0:i1])
+
+        _by_rows(n, z.shape[1] * z.itemsize, part)
         if first:
-            k.m, k.se = np.full(k.p.n, -np.inf), np.zeros(k.p.n)
+            k.m, k.se = np.full(n, -np.inf), np.zeros(n)
         m_new = np.maximum(k.m, mk)
         k.se = k.se * np.exp(k.m - m_new) + sk * np.exp(mk - m_new)
         k.m = m_new
@@ -198,12 +214,17 @@ class NumpyLossOps:
 
     def classes_grad(self, k: _State, z: Any, k0: int) -> None:
         """Classes k0.. for all rows: z becomes G from the rows' lse."""
-        hit, cols = self._targets(k, z, slice(0, k.p.n), k0)
-        m, _ = _exp_shifted(z, want_sum=False)
-        if k.given is not None:
-            self._check_max(k, m, slice(0, k.p.n))
+        n = k.p.n
+        hit, cols = self._targets(k, z, slice(0, n), k0)
         lse = k.lse if k.given is None else k.given
-        z *= (k.weights * np.exp(m - lse)).astype(z.dtype)[:, None]  # softmax times the weight
+
+        def part(i0: int, i1: int) -> None:
+            m, _ = _exp_shifted(z[i0:i1], want_sum=False)
+            if k.given is not None:
+                self._check_max(k, m, slice(i0, i1))
+            z[i0:i1] *= (k.weights[i0:i1] * np.exp(m - lse[i0:i1])).astype(z.dtype)[:, None]  # softmax times the weight
+
+        _by_rows(n, z.shape[1] * z.itemsize, part)
         z[hit, cols] -= k.weights[hit].astype(z.dtype)
         k.g[hit] = z[hit, cols]
 

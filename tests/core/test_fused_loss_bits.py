@@ -77,10 +77,16 @@ def expected():
         return dict(f)
 
 
+@pytest.mark.parametrize("row_bytes", [None, 1], ids=["blocks", "one-row-blocks"])
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
-def test_pure_numpy_path_keeps_every_bit_of_the_old_implementation(monkeypatch, expected, i) -> None:
+def test_pure_numpy_path_keeps_every_bit_of_the_old_implementation(monkeypatch, expected, i, row_bytes) -> None:
+    """Also with the softmax's row blocks one row each."""
+    from lsoftmax_core import _numpy_loss
+
     monkeypatch.setattr(_cblas, "_GEMM", {})
     monkeypatch.setattr(_cblas, "_LOADED", [True])
+    if row_bytes is not None:
+        monkeypatch.setattr(_numpy_loss, "_SOFTMAX_BYTES", row_bytes)
     got = compute(lsm, i, CASES[i])
     assert got.keys() == {k for k in expected if k.startswith(CASES[i][0] + ".")}
     for key, value in got.items():
