@@ -57,7 +57,7 @@ def _load() -> None:
             continue
         for pattern, int_t in _SYMBOLS:
             try:
-                found = {
+                found: dict[np.dtype[Any], Any] = {
                     np.dtype(np.float32): _bind(lib, pattern.format("s"), int_t, ctypes.c_float),
                     np.dtype(np.float64): _bind(lib, pattern.format("d"), int_t, ctypes.c_double),
                 }

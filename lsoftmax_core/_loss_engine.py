@@ -48,8 +48,11 @@ class LossOps(Protocol):
     or device scalar), ``k.tgt`` and ``k.lse`` (float64 (N,): each row's target logit, 0
     where w has none, and its log-sum-exp over w's classes, filled by the passes)."""
 
-    xp: Any
-    dtypes: tuple[np.dtype[Any], ...]
+    @property
+    def xp(self) -> Any: ...
+
+    @property
+    def dtypes(self) -> tuple[np.dtype[Any], ...]: ...
 
     def arrays(self, x: Any, w: Any) -> tuple[Any, Any]: ...
 
@@ -183,7 +186,10 @@ class LossEngine:
         them), and with ``grads`` (grad_x, grad_w) the gradients written into them."""
         p, x, w, k, size = c.p, c.x, c.w, c.k, c.plan.size
         grad = grads is not None
-        grad_x, grad_w = grads if grads is not None else (None, None)
+        grad_x: Any = None
+        grad_w: Any = None
+        if grads is not None:
+            grad_x, grad_w = grads
         flat = self._buffer(ops, c, min(p.n, size), p.c)
         starts = list(range(0, p.n, size))
         block = max(1, ops.class_block(p)) if grad else p.c

@@ -67,11 +67,17 @@ class _State:
         self.target = None if st is None else target_logits(st, p)
         self.st = None if st is None else st._replace(wy=None)
         self.tgt, self.lse = np.zeros(p.n), np.zeros(p.n)
-        self.m = self.se = self.weights = self.given = self.tol = self.grad_x = self.grad_w = None
+        self.m: Any = None  # class chunks: the rows' running max and sum of exponentials
+        self.se: Any = None
+        self.weights: Any = None  # from begin_grad on
+        self.given: Any = None
+        self.grad_x: Any = None
+        self.grad_w: Any = None
+        self.tol: Any = None  # with a given lse: how far a row's logit may exceed it (rounding)
         self.g = np.zeros(p.n)
 
 
-def _exp_shifted(z: Any, want_sum: bool = True) -> tuple[F64, F64 | None]:
+def _exp_shifted(z: Any, want_sum: bool = True) -> tuple[F64, Any]:
     """z -> exp(z - rowmax) in place; returns (rowmax, sum of exponentials), float64."""
     m = z.max(axis=1)
     z -= m[:, None]  # exact: m is one of the row's values

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import lsoftmax_core as lsm
-import lsoftmax_core._numpy_loss as numpy_loss
+import lsoftmax_core._loss_engine as loss_engine
 from lsoftmax_core.adapters.torch import LSoftmaxLinear, LSoftmaxLoss, lsoftmax, lsoftmax_cross_entropy
 
 from support import reference
@@ -292,7 +292,7 @@ def _spy_on_the_core(monkeypatch):
 
     for name in ("cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"):
         spy(lsm, name, lambda kw: kw.get("lse") is not None)
-    spy(numpy_loss, "check_arrays", lambda kw: None)
+    spy(loss_engine, "check_arrays", lambda kw: None)
     return calls
 
 
@@ -367,7 +367,7 @@ def test_a_bad_target_is_refused_before_anything_runs(monkeypatch) -> None:
     calls = _spy_on_the_core(monkeypatch)
     matmuls: list[int] = []
     real_matmul = np.matmul
-    monkeypatch.setattr(numpy_loss.np, "matmul", lambda *a, **k: matmuls.append(1) or real_matmul(*a, **k))
+    monkeypatch.setattr(loss_engine.np, "matmul", lambda *a, **k: matmuls.append(1) or real_matmul(*a, **k))
     x, w, target = _problem(6, 4, 3, ignored=0.0)
     w.requires_grad_()
     target[4] = 4
