@@ -120,12 +120,12 @@ def plan_chunks(
 ) -> ChunkPlan:
     """The chunking of an (N, C) problem whose logits have ``itemsize`` bytes each.
 
-    The budget (``memory_budget`` bytes, else :func:`default_memory_budget`) bounds the chunk
-    of logits, which the backends overwrite in place with its exponentials and then its
-    gradient: R·C·itemsize bytes for R rows, N·K·itemsize for K classes (a few float64
-    vectors of N entries come on top).  Default: rows when at least :data:`MIN_ROWS` rows
-    (or all N) fit, else classes; either way as few chunks as fit, of even lengths.  An
-    explicit ``chunking`` or ``chunk_size`` wins.
+    The budget (``memory_budget`` bytes, else the environment variable LSOFTMAX_CE_BUDGET,
+    else :data:`DEFAULT_MEMORY_BUDGET`) bounds the chunk of logits, which the backends
+    overwrite in place with its exponentials and then its gradient: R·C·itemsize bytes for
+    R rows, N·K·itemsize for K classes (a few float64 vectors of N entries come on top).
+    Default: rows when at least 64 rows (or all N) fit, else classes; either way as few
+    chunks as fit, of even lengths.  An explicit ``chunking`` or ``chunk_size`` wins.
 
     >>> from lsoftmax_core import plan_chunks
     >>> plan_chunks(2048, 100_000, 4)  # float32: 83 rows of 100k logits fit in 32 MiB

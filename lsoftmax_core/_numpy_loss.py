@@ -117,9 +117,10 @@ class NumpyLossOps:
         # How far two computations of one logit may differ: |x_i|·|w_j|·D·eps twice (the
         # GEMMs' rounding, whatever their blocking), plus lse's own rounding.
         p, eps = k.p, float(np.finfo(k.p.dtype).eps)
-        with np.errstate(over="ignore"):
-            a = np.sqrt(np.einsum("ij,ij->i", k.x, k.x, dtype=np.float64))
-            b = float(np.sqrt(np.max(np.einsum("ij,ij->i", k.w, k.w, dtype=np.float64))))
+        with np.errstate(over="ignore"):  # an overflowing norm makes the bound inf: no check
+            # Squared norms in the input dtype: no float64 copy of w (C·D) for a bound.
+            a = np.sqrt(np.einsum("ij,ij->i", k.x, k.x).astype(np.float64))
+            b = float(np.sqrt(np.max(np.einsum("ij,ij->i", k.w, k.w), initial=0.0)))
             k.tol = 2.0 * (p.d + 2) * eps * a * b + 4 * np.finfo(np.float64).eps * (1.0 + np.abs(lse))
 
     @staticmethod

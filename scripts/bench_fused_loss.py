@@ -6,7 +6,7 @@ forward+backward, its three GEMMs, at one size (default 2048x256x100k float32).
 Contenders, interleaved in one process (each repetition runs every contender once, in turn,
 so that a change of the machine's load hits them alike): ``gemms`` (x·W_Kᵀ, G·W_K into
 grad_x, G_Kᵀ·x in 64 MiB class chunks, the floor), ``default`` (cross_entropy_with_grad with
-no options), ``rows@256MiB``, and with ``--old`` the default of the fused loss as it was at
+no options), ``rows@256MiB``, ``classes`` (class chunks at the default budget), and with ``--old`` the default of the fused loss as it was at
 that commit (its _numpy_loss.py and _loss_plan.py imported from ``git show``, on today's
 backend).  Reports each contender's median time and the median, min and max of its
 per-repetition ratio to the floor.  Then each contender's peak RSS above its inputs, each in
@@ -68,6 +68,7 @@ def contenders(n: int, d: int, c: int, old: str | None) -> dict[str, object]:
         "default": lambda: lsm.cross_entropy_with_grad(x, w, label, margin=2),
         "rows@256MiB": lambda: lsm.cross_entropy_with_grad(x, w, label, margin=2, chunking="rows",
                                                            memory_budget=256 << 20),
+        "classes": lambda: lsm.cross_entropy_with_grad(x, w, label, margin=2, chunking="classes"),
     }  # fmt: skip
     if old:
         mod = _old_loss(old)
