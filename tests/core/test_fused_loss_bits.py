@@ -107,6 +107,23 @@ def test_blas_accumulation_changes_gradients_by_rounding_only(expected, i) -> No
             assert value.tobytes() == want.tobytes(), key
 
 
+def test_the_blas_accumulation_is_found_and_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setattr(_cblas, "_GEMM", {})
+    monkeypatch.setattr(_cblas, "_LOADED", [])
+    monkeypatch.setenv(_cblas.ENV, "0")
+    assert not _cblas.available(np.float32)
+    out = np.zeros((2, 2))
+    assert not _cblas.gemm_add(np.ones((2, 3)), np.ones((3, 2)), out) and not out.any()
+    monkeypatch.setattr(_cblas, "_LOADED", [])
+    monkeypatch.delenv(_cblas.ENV)
+    if not _cblas._library_files():
+        pytest.skip("this NumPy does not ship scipy-openblas where the loss looks for it")
+    assert _cblas.available(np.float32) and _cblas.available(np.float64)
+    a, b = np.arange(6.0).reshape(2, 3), np.arange(6.0).reshape(3, 2)
+    assert _cblas.gemm_add(a, b, out) and np.array_equal(out, a @ b)
+    assert _cblas.gemm_add(a[:, ::2], b[::2], out) is False  # no unit stride: the caller adds
+
+
 def _old_module(commit: str):
     """The fused loss of ``commit`` as a package in a temporary directory, on today's backend."""
     import subprocess
