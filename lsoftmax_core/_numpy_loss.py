@@ -5,11 +5,11 @@ The target logits come from the same per-sample statistics as ``forward`` (once 
 O(N·D)); a chunk's logits are one GEMM with the target entries overwritten, so a chunk
 holds exactly the logits ``forward`` would.  The log-sum-exp subtracts the row maximum
 (exact in the input dtype) and sums the exponentials in float64; class chunks combine their
-partial sums online.  A row chunk's max, exponentials, sums and scaling run a few rows at a
+partial sums online.  A chunk's max, exponentials, sums and scaling run a few rows at a
 time, while those rows are in the core's cache.  The margin's own gradient terms are added
 once at the end from the collected target entries of G (``_numpy_backend.add_margin_terms``).
 
-The GEMMs that accumulate (grad_w over row chunks, grad_x over class blocks) call the BLAS
+The GEMMs that accumulate (grad_w over row chunks, grad_x over class chunks and blocks) call the BLAS
 NumPy links with beta = 1 (C += A·B in the GEMM's own kernel: no temporary, one pass over
 C) where its CBLAS symbols are found (:mod:`._cblas`); elsewhere, or with
 ``LSOFTMAX_CE_BLAS=0``, a temporary of ``_ACC_BYTES`` per block is added instead, and a row
@@ -36,7 +36,7 @@ F64 = npt.NDArray[np.float64]
 #: The accumulating GEMMs without BLAS: a block of output rows of about this many bytes
 #: (a core's L2 cache) at a time, so the running sum is read and written once per block.
 _ACC_BYTES = 1 << 20
-#: A row chunk's max/exp/sum/scale passes run on this many bytes of rows at a time (a
+#: A chunk's max/exp/sum/scale passes run on this many bytes of rows at a time (a
 #: core's L2 cache holds them between passes).
 _SOFTMAX_BYTES = 1 << 18
 #: A row chunk's gradient GEMMs and the next chunk's logits take w and grad_w in blocks of
