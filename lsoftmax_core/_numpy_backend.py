@@ -179,7 +179,7 @@ _NO_ROWS.flags.writeable = False
 #: the fingerprints of the rows of x and of w[label] they came from (:func:`_fingerprint`).
 STATS_ROWS = 8
 
-_UINT = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+_UINT: dict[int, np.dtype[Any]] = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
 
 
 @functools.lru_cache(maxsize=64)
