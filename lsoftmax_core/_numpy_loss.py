@@ -27,7 +27,7 @@ import numpy.typing as npt
 from . import _cblas
 from ._loss_engine import LossEngine
 from ._numpy_backend import DTYPES, add_margin_terms, stats, target_logits
-from .checks import Problem, check_label_values
+from .checks import Problem, check_label_values, check_lse_values
 
 __all__ = ["ENGINE", "NumpyLossOps", "engine"]
 
@@ -110,10 +110,7 @@ class NumpyLossOps:
     def check_lse(k: _State, lse: F64) -> None:
         """A given lse must be finite on the rows that are not ignored; the chunks then check
         it against each row's largest logit (:meth:`_check_max`)."""
-        bad = k.valid & ~np.isfinite(lse)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"lse must be finite on the rows that are not ignored: lse[{i}]={float(lse[i])!r}")
+        check_lse_values(lse, k.valid)
         # How far two computations of one logit may differ: |x_i|·|w_j|·D·eps twice (the
         # GEMMs' rounding, whatever their blocking), plus lse's own rounding.
         p, eps = k.p, float(np.finfo(k.p.dtype).eps)

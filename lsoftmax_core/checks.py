@@ -28,6 +28,7 @@ __all__ = [
     "check_beta",
     "check_integer",
     "check_label_values",
+    "check_lse_values",
     "check_margin",
     "check_nonnegative",
     "check_out",
@@ -270,6 +271,16 @@ def check_label_values(label: Any, c: int, ignore_index: int | None = None) -> N
         i = int(np.argmax(bad))
         also = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
         raise ValueError(f"label must lie in [0, C) = [0, {c}){also}: label[{i}]={int(label[i])}")
+
+
+def check_lse_values(lse: Any, valid: Any) -> None:
+    """A log-sum-exp handed to a backward (host memory) must be finite on the rows that are
+    not ignored (``valid``); O(N).  A class-parallel caller whose device holds no class makes
+    this check itself, so that every device reaches the core's verdict."""
+    bad = valid & ~np.isfinite(lse)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"lse must be finite on the rows that are not ignored: lse[{i}]={float(lse[i])!r}")
 
 
 def check_reduction(reduction: object) -> str:

@@ -79,7 +79,14 @@ import numpy as np
 from jax import lax
 
 import lsoftmax_core as core
-from lsoftmax_core.checks import check_arrays, check_beta, check_integer, check_label_values, check_margin
+from lsoftmax_core.checks import (
+    check_arrays,
+    check_beta,
+    check_integer,
+    check_label_values,
+    check_lse_values,
+    check_margin,
+)
 
 from ._bridge import (
     _beta_operand,
@@ -340,7 +347,7 @@ def _shard_call(
         return
     grad_loss, x, w, label, lse, _ = arrays
     if rows == 0:
-        _check_without_classes(label, beta, total, ignore, xp)
+        _check_without_classes(label, beta, total, ignore, xp, lse)
         outs[0][...] = 0
         outs[1][...] = 0
         return
@@ -350,10 +357,12 @@ def _shard_call(
     outs[1][rows:] = 0  # padding rows: no gradient
 
 
-def _check_without_classes(label: Any, beta: float, total: int, ignore: int, xp: Any) -> None:
+def _check_without_classes(label: Any, beta: float, total: int, ignore: int, xp: Any, lse: Any = None) -> None:
     """The checks of the data that the core makes in a shard call, made on a device that
     holds only padding and so calls no core function: beta, and on the CPU the labels
-    against all ``total`` classes (the core's messages).
+    against all ``total`` classes and, in the backward, the combined ``lse`` (finite on the
+    rows that are not ignored: non-finite features make it NaN on every device) with the
+    core's own checks and messages.
 
     Every device of the axis must reach the same verdict before the collectives that follow
     the callback: a device whose callback raises never enters the all-reduce, and one that
@@ -363,3 +372,5 @@ def _check_without_classes(label: Any, beta: float, total: int, ignore: int, xp:
     check_beta(beta)
     if xp is np:
         check_label_values(label, total, ignore)
+        if lse is not None:
+            check_lse_values(np.asarray(lse, dtype=np.float64), label != ignore)

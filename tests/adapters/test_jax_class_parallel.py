@@ -283,6 +283,15 @@ def test_a_bad_traced_beta_is_an_error_on_every_device_also_one_holding_only_pad
     assert "beta=-1.0 must be a finite number >= 0" in r["error"]
 
 
+def test_a_nan_feature_under_grad_is_the_cores_lse_error_on_every_device(padding_only_errors):
+    """The combined lse of a row with a NaN feature is NaN on every device: the backward's
+    lse check fails on the devices holding classes, and the padding-only one reaches the
+    same verdict (one error, no device left waiting)."""
+    r = padding_only_errors["nan feature under grad"]
+    assert r.get("error", "").startswith("JaxRuntimeError"), r
+    assert "lse must be finite on the rows that are not ignored: lse[1]=nan" in r["error"]
+
+
 def test_good_data_on_the_padding_only_mesh_gives_a_finite_loss(padding_only_errors):
     r = padding_only_errors["good"]
     assert "error" not in r, r

@@ -36,9 +36,11 @@ from lsoftmax_core.adapters.jax import class_parallel_cross_entropy  # noqa: E40
 PARTS, LOCAL, CLASSES = 4, 3, 9  # device 3 holds rows 9-11: padding only
 
 
-def _run(labels: list[int], beta: Any, grad: bool) -> Any:
+def _run(labels: list[int], beta: Any, grad: bool, nan_row: int | None = None) -> Any:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((len(labels), 5))
+    if nan_row is not None:
+        x[nan_row, 0] = np.nan
     w = rng.standard_normal((PARTS * LOCAL, 5))
     mesh = Mesh(np.array(jax.devices()[:PARTS]), ("classes",))
 
@@ -61,6 +63,9 @@ CASES = {
     "label=-1": dict(labels=[0, 4, -1, 8], beta=1.0, grad=False),
     # A traced beta is checked when the callbacks run, as the labels are.
     "beta=-1": dict(labels=[0, 4, 2, 8], beta=-1.0, grad=False),
+    # A NaN feature makes the combined lse NaN on every device; the backward's lse check
+    # must then fail on the padding-only device too.
+    "nan feature under grad": dict(labels=[0, 4, 2, 8], beta=1.0, grad=True, nan_row=1),
     # The same mesh with good data, for contrast.
     "good": dict(labels=[0, 4, -100, 8], beta=1.0, grad=False),
 }
