@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _cupy_loss_plan as loss_plan
 from . import _cupy_plan as plan
 from ._loss_engine import LossEngine
 from .checks import Problem
@@ -50,7 +51,7 @@ class _State:
 
     __slots__ = ("call", "given", "n_valid", "safe_label", "tmp", "valid")
 
-    def __init__(self, call: plan.LossCall, valid: Any, n_valid: Any, safe_label: Any) -> None:
+    def __init__(self, call: loss_plan.LossCall, valid: Any, n_valid: Any, safe_label: Any) -> None:
         self.call, self.valid, self.n_valid = call, valid, n_valid
         # The labels the margin kernels read: ``call.values["label"]`` itself, or on a class
         # shard a copy whose rows without a target here point at class 0 (their g_i is 0).
@@ -106,9 +107,9 @@ class CupyLossOps:
             owned = valid & (glab >= start) & (glab < start + p.c)
             local = xp.where(owned, glab - start, p.c)
             safe = xp.where(owned, local, 0)
-            call = plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=glab, serial=self.serial(), op=op)
+            call = loss_plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=glab, serial=self.serial(), op=op)
         else:
-            call = plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=lab, serial=self.serial(), op=op)
+            call = loss_plan.bind_loss(p, xp, self.bufs, x=x, w=w, label=lab, serial=self.serial(), op=op)
         v = call.values
         v["tgt"] = xp.zeros(p.n, dtype=np.float64)
         v["target"] = xp.empty(p.n, dtype=np.float64) if p.margin > 1 else v["tgt"]
@@ -146,7 +147,7 @@ class CupyLossOps:
         if tmp is None:
             tmp = k.tmp[out.shape] = self.xp.empty(out.shape, dtype=out.dtype)
         self._gemm(a, b, tmp)
-        self.run(plan.bind_accumulate(out, tmp))
+        self.run(loss_plan.bind_accumulate(out, tmp))
 
     @staticmethod
     def class_block(p: Problem) -> int:
@@ -179,7 +180,7 @@ class CupyLossOps:
     def to_dtype(self, a: Any, dtype: Any) -> Any:
         # A kernel rather than astype: CuPy's own float16/bfloat16 casts need CUDA's headers.
         out = self.xp.empty(a.shape, dtype=dtype)
-        self.run(plan.bind_from_f64(self.xp.ascontiguousarray(a), out))  # (ascontiguousarray: ndim >= 1)
+        self.run(loss_plan.bind_from_f64(self.xp.ascontiguousarray(a), out))  # (ascontiguousarray: ndim >= 1)
         return out
 
 

@@ -24,8 +24,8 @@ Small problems (``small``) take another plan: one kernel for the whole forward a
 the whole backward, GEMMs included (``bind_small_forward`` / ``bind_small_backward``), so
 a call makes one launch each way instead of cuBLAS calls plus launches.
 
-The fused cross-entropy (lsoftmax_core/_cupy_loss.py) binds its calls with ``bind_loss``
-(a ``LossCall`` hands out the per-chunk steps) and ``bind_accumulate`` / ``bind_from_f64``.
+The fused cross-entropy's launches are lsoftmax_core/_cupy_loss_plan.py, built from this
+module's pieces (``check_launch``, ``backward_steps``, ``bound_values``).
 """
 
 from __future__ import annotations
@@ -57,16 +57,16 @@ __all__ = [
     "Call",
     "DeviceBuffers",
     "Launch",
-    "LossCall",
     "Zero",
     "backward_launches",
+    "backward_steps",
     "bind_backward",
     "bind_forward",
     "bind_small_backward",
     "bind_small_forward",
-    "bind_accumulate",
-    "bind_from_f64",
-    "bind_loss",
+    "bound_values",
+    "check_launch",
+    "check_limits",
     "class_layout",
     "define_options",
     "forward_launches",
@@ -267,14 +267,14 @@ def workspace_sizes(p: Problem) -> tuple[int, int]:
     return 4 * p.n, 3 * p.c
 
 
-def _check_limits(n: int, d: int, dtype: np.dtype[Any]) -> None:
+def check_limits(n: int, d: int, dtype: np.dtype[Any]) -> None:
     if n > 2**31 - 1:
         raise ValueError(f"x has N={n} rows; the CUDA backend supports N < 2**31")
     if class_layout(d, dtype)[1] > 65535:
         raise ValueError(f"x has D={d} features; too many for the CUDA backend's grid")
 
 
-def _check_launch(n: int, c: int, label_dtype: np.dtype[Any], op: int) -> Launch:
+def check_launch(n: int, c: int, label_dtype: np.dtype[Any], op: int) -> Launch:
     i64 = np.int64
     return Launch(
         kernel_name("lsm_check_labels", None, label_dtype),
@@ -287,11 +287,11 @@ def _check_launch(n: int, c: int, label_dtype: np.dtype[Any], op: int) -> Launch
 def _forward(
     n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
 ) -> tuple[Step, ...]:
-    _check_limits(n, d, dtype)
+    check_limits(n, d, dtype)
     if n == 0:
         return ()
     if margin == 1:  # psi(c) = c: the GEMM is the answer; labels are still checked
-        return (_check_launch(n, c, label_dtype, OP_FORWARD),)
+        return (check_launch(n, c, label_dtype, OP_FORWARD),)
     i64 = np.int64
     args: tuple[Arg, ...] = (
         "x", "w", "label", "logits", i64(n), i64(c), i64(d), i64(margin), "beta",
@@ -301,14 +301,14 @@ def _forward(
 
 
 @lru_cache(maxsize=256)
-def _backward(
+def backward_steps(
     n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
 ) -> tuple[Step, ...]:
-    _check_limits(n, d, dtype)
+    check_limits(n, d, dtype)
     if n == 0:
         return ()
     if margin == 1:
-        return (_check_launch(n, c, label_dtype, OP_BACKWARD),)
+        return (check_launch(n, c, label_dtype, OP_BACKWARD),)
     i64 = np.int64
     rows = Launch(
         kernel_name("lsm_backward_rows", dtype, label_dtype),
@@ -366,7 +366,7 @@ def forward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
 
 def backward_launches(p: Problem, label_dtype: Any) -> tuple[Step, ...]:
     """Steps after ``grad_x = G @ w`` and ``grad_w = G.T @ x``."""
-    return _backward(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
+    return backward_steps(p.n, p.c, p.d, p.dtype, p.margin, np.dtype(label_dtype))
 
 
 # ---------------------------------------------------------------- binding a call
@@ -424,7 +424,7 @@ class Call:
                 launch(step.name, step.grid, self.args(step))
 
 
-def _values(p: Problem, dev: DeviceBuffers, serial: int, label: Any) -> dict[str, Any]:
+def bound_values(p: Problem, dev: DeviceBuffers, serial: int, label: Any) -> dict[str, Any]:
     # The per-call scalars as the kernels take them: double beta, long long serial.
     return {
         "label": label,
@@ -443,7 +443,7 @@ def bind_forward(
     ``logits`` are C-contiguous arrays of ``xp``; ``label`` may be any integer dtype and
     layout (``kernel_labels``); ``serial`` numbers the call in bad-label reports."""
     lab = kernel_labels(label, xp)
-    values = _values(p, dev, serial, lab)
+    values = bound_values(p, dev, serial, lab)
     values.update(x=x, w=w, logits=logits)
     return Call(forward_launches(p, lab.dtype), values)
 
@@ -468,7 +468,7 @@ def bind_backward(
     cleared); it is called only when the steps use them."""
     lab = kernel_labels(label, xp)
     steps = backward_launches(p, lab.dtype)
-    values = _values(p, dev, serial, lab)
+    values = bound_values(p, dev, serial, lab)
     values.update(grad_logits=grad_logits, x=x, w=w, grad_x=grad_x, grad_w=grad_w)
     if steps and p.margin > 1:  # margin 1 only checks labels
         values["coef"], values["classes"] = workspace(*workspace_sizes(p))
@@ -481,7 +481,7 @@ def bind_small_forward(
     """The whole forward of a problem where ``small(p)``: ``logits`` (C-contiguous, N x C) is
     written entirely by the kernel, no GEMM before it (arrays as for ``bind_forward``)."""
     lab = kernel_labels(label, xp)
-    values = _values(p, dev, serial, lab)
+    values = bound_values(p, dev, serial, lab)
     values.update(x=x, w=w, logits=logits)
     return Call(_small(p.n, p.c, p.d, p.dtype, p.margin, lab.dtype)[0], values)
 
@@ -493,133 +493,6 @@ def bind_small_backward(
     """The whole backward of a problem where ``small(p)``: ``grad_x`` and ``grad_w`` are
     written entirely by the kernel, no GEMMs before it and no workspace."""
     lab = kernel_labels(label, xp)
-    values = _values(p, dev, serial, lab)
+    values = bound_values(p, dev, serial, lab)
     values.update(grad_logits=grad_logits, x=x, w=w, grad_x=grad_x, grad_w=grad_w)
     return Call(_small(p.n, p.c, p.d, p.dtype, p.margin, lab.dtype)[1], values)
-
-
-# ---------------------------------------------------------------- the fused cross-entropy
-
-
-@lru_cache(maxsize=256)
-def _loss_targets(
-    n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any], op: int
-) -> tuple[Step, ...]:
-    _check_limits(n, d, dtype)
-    if n == 0:
-        return ()
-    if margin == 1:  # the chunk's GEMM holds the target logits; labels are still checked
-        return (_check_launch(n, c, label_dtype, op),)
-    i64 = np.int64
-    args: tuple[Arg, ...] = (
-        "x", "w", "label", "target", i64(n), i64(c), i64(d), i64(margin), "beta",
-        "thresholds", "err_key", "err_rec", "serial", i64(op),
-    )  # fmt: skip
-    return (Launch(kernel_name("lsm_loss_targets", dtype, label_dtype), (n, 1), args),)
-
-
-@lru_cache(maxsize=256)
-def _loss_margin(
-    n: int, c: int, d: int, dtype: np.dtype[Any], margin: int, label_dtype: np.dtype[Any]
-) -> tuple[Step, ...]:
-    # The backward's margin steps with g_i read from the float64 vector gvec.
-    steps = list(_backward(n, c, d, dtype, margin, label_dtype))
-    if margin == 1 or not steps:
-        return ()
-    rows = steps[1]
-    assert isinstance(rows, Launch)
-    steps[1] = Launch(
-        kernel_name("lsm_loss_margin_rows", dtype, label_dtype), rows.grid, ("gvec", *rows.args[1:])
-    )
-    return tuple(steps)
-
-
-class LossCall:
-    """One fused cross-entropy call's launches, bound to its arrays (``values``, a dict the
-    driver extends as it allocates: ``target``, ``tgt``, ``run_m``, ``run_s``, ``lse``,
-    ``weight``, ``gvec``, ``grad_x``, ``grad_w``, and per chunk ``z``).
-
-    ``targets()`` first (the float64 target logits, or the label check at margin 1); per
-    chunk of rows [r0, r0 + rows) and classes [k0, k0 + classes), after ``z = x[rows] @
-    w[classes].T``: ``chunk_lse`` (online log-sum-exp) and/or ``chunk_grad`` (z becomes the
-    chunk of G); after the gradient GEMMs, ``margin(workspace)``."""
-
-    __slots__ = ("label_dtype", "op", "p", "values")
-
-    def __init__(self, p: Problem, values: dict[str, Any], label_dtype: np.dtype[Any], op: int) -> None:
-        self.p = p
-        self.values = values
-        self.label_dtype = label_dtype
-        self.op = op
-
-    def targets(self) -> Call:
-        p = self.p
-        return Call(_loss_targets(p.n, p.c, p.d, p.dtype, p.margin, self.label_dtype, self.op), self.values)
-
-    def check_labels(self, num_classes: int) -> Call:
-        """The label check alone, against ``num_classes`` (a class shard's labels index all
-        the classes, not w's rows)."""
-        return Call((_check_launch(self.p.n, num_classes, self.label_dtype, self.op),), self.values)
-
-    def _chunk(self, kind: str, r0: int, rows: int, k0: int, classes: int, *extra: Arg) -> Launch:
-        if rows == 0 or classes == 0:
-            raise ValueError("empty chunk")
-        i64 = np.int64
-        head: tuple[Arg, ...] = ("z", "label", "target")
-        if kind == "lsm_loss_chunk_lse":
-            head += ("tgt", "run_m", "run_s", "lse")
-        else:
-            head += ("lse", "weight", "gvec")
-        tail = (i64(r0), i64(k0), i64(classes), i64(self.p.c), i64(self.p.margin > 1), *extra)
-        return Launch(kernel_name(kind, self.p.dtype, self.label_dtype), (rows, 1), head + tail)
-
-    def chunk_lse(self, z: Any, r0: int, k0: int, *, first: bool) -> Call:
-        """The chunk ``z`` (rows r0.., classes k0..): targets written into it, and its max and
-        sum of exponentials combined into the rows' running (m, S) (``first``: start them)."""
-        self.values["z"] = z
-        rows, classes = z.shape
-        return Call((self._chunk("lsm_loss_chunk_lse", r0, rows, k0, classes, np.int64(first)),), self.values)
-
-    def chunk_grad(self, z: Any, r0: int, k0: int) -> Call:
-        """``z`` := the chunk of G = weight * softmax - weight * onehot; g_i to gvec."""
-        self.values["z"] = z
-        rows, classes = z.shape
-        return Call((self._chunk("lsm_loss_chunk_grad", r0, rows, k0, classes),), self.values)
-
-    def margin(self, workspace: Callable[[int, int], tuple[Any, Any]]) -> Call:
-        """The margin's own gradient terms from gvec, added to ``grad_x`` and ``grad_w``."""
-        p = self.p
-        steps = _loss_margin(p.n, p.c, p.d, p.dtype, p.margin, self.label_dtype)
-        if steps:
-            self.values["coef"], self.values["classes"] = workspace(*workspace_sizes(p))
-        return Call(steps, self.values)
-
-
-def bind_loss(p: Problem, xp: Any, dev: DeviceBuffers, *, x: Any, w: Any, label: Any, serial: int, op: int) -> LossCall:
-    """A fused cross-entropy call bound to ``x``, ``w`` (C-contiguous) and ``label`` (ignored
-    rows already replaced by 0; any integer dtype, ``kernel_labels``); ``op`` is the code a
-    bad label is reported with (OP_FORWARD for the loss, OP_BACKWARD for its gradient)."""
-    lab = kernel_labels(label, xp)
-    values = _values(p, dev, serial, lab)
-    values.update(x=x, w=w)
-    return LossCall(p, values, lab.dtype, op)
-
-
-def _elementwise(kind: str, dtype: np.dtype[Any], count: int, args: tuple[str, str]) -> tuple[Step, ...]:
-    if count == 0:
-        return ()
-    return (Launch(kernel_name(kind, dtype, None), (-(-count // BLOCK), 1), (*args, np.int64(count))),)
-
-
-def bind_accumulate(dst: Any, src: Any) -> Call:
-    """``dst += src`` (same shape and dtype, C-contiguous), in float64 rounded once."""
-    if dst.shape != src.shape or dst.dtype != src.dtype:
-        raise ValueError("accumulate: dst and src must have the same shape and dtype")
-    return Call(_elementwise("lsm_accumulate", dst.dtype, dst.size, ("dst", "src")), {"dst": dst, "src": src})
-
-
-def bind_from_f64(src: Any, dst: Any) -> Call:
-    """``dst[...] = src`` rounded to dst's dtype (src float64, same size, C-contiguous)."""
-    if dst.size != src.size or src.dtype != np.float64:
-        raise ValueError("from_f64: src must be float64 of dst's size")
-    return Call(_elementwise("lsm_from_f64", dst.dtype, dst.size, ("src", "dst")), {"src": src, "dst": dst})

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lsoftmax_core as lsm
+from lsoftmax_core import _cupy_loss_plan as loss_plan
 from lsoftmax_core import _cupy_plan as plan
 
 from support.kernel_host import BFLOAT16, EmuBackend, build_emulator
@@ -256,7 +257,7 @@ def test_loss_plan_steps() -> None:
     bufs = plan.DeviceBuffers.create(np, 0)
     for margin, kinds in ((1, ["lsm_check_labels"]), (2, ["lsm_loss_targets"])):
         p = check_arrays(x, w, label, margin, 0.0, dtypes=(np.dtype(np.float64),))
-        call = plan.bind_loss(p, np, bufs, x=x, w=w, label=label, serial=1, op=plan.OP_FORWARD)
+        call = loss_plan.bind_loss(p, np, bufs, x=x, w=w, label=label, serial=1, op=plan.OP_FORWARD)
         assert [s.name.split("<")[0] for s in call.targets().steps] == kinds
         lse = call.chunk_lse(np.zeros((5, 2)), 0, 2, first=False).steps[0]
         assert lse.grid == (5, 1) and lse.args[-6:] == (0, 2, 2, 4, int(margin > 1), 0)
