@@ -4,7 +4,8 @@ NumPy's ``matmul`` always overwrites its output (beta = 0), so a sum of products
 temporary and a second pass over the output; CBLAS's ``?gemm`` with beta = 1 accumulates in
 the GEMM's own kernel.  NumPy 2's wheels ship OpenBLAS as ``scipy-openblas`` (symbols
 ``scipy_cblas_sgemm64_`` with 64-bit integers, or ``scipy_cblas_sgemm`` with 32-bit ones in
-the ``openblas32`` build) in ``numpy.libs/`` (Linux, Windows) or ``numpy/.dylibs/`` (macOS);
+the ``openblas32`` build; NumPy 1.x wheels: ``cblas_sgemm64_`` of ``openblas64_``) in
+``numpy.libs/`` (Linux, Windows) or ``numpy/.dylibs/`` (macOS);
 NumPy has already loaded that very file, so ``ctypes`` gets the same library and the same
 thread pool, not a second copy.  Found once on first use and checked against ``np.matmul`` on a
 small product; anything else (another BLAS, no such file, a failed check, or
@@ -27,7 +28,12 @@ __all__ = ["ENV", "available", "gemm_add"]
 ENV = "LSOFTMAX_CE_BLAS"
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_SYMBOLS = (("scipy_cblas_{}gemm64_", ctypes.c_int64), ("scipy_cblas_{}gemm", ctypes.c_int))
+# NumPy 2 wheels' scipy-openblas (64- or 32-bit integers); NumPy 1.x wheels' openblas64_.
+_SYMBOLS = (
+    ("scipy_cblas_{}gemm64_", ctypes.c_int64),
+    ("scipy_cblas_{}gemm", ctypes.c_int),
+    ("cblas_{}gemm64_", ctypes.c_int64),
+)
 _GEMM: dict[np.dtype[Any], Any] = {}
 _LOADED: list[bool] = []
 

@@ -151,7 +151,8 @@ def test_stale_stats_are_refused_before_anything_is_written(change, dtype, kerne
             x, w, label, g = _stale_case(dtype)
             x = x[::-1].copy()
         elif change == "one_bit_of_w":
-            w.view(np.uint32 if dtype == np.float32 else np.uint64)[label[3], 2] ^= 1
+            bits = np.uint32 if dtype == np.float32 else np.uint64
+            w.view(bits)[label[3], 2] ^= bits(1)
         elif change == "swapped_features":
             x[:, [0, 1]] = x[:, [1, 0]]
         else:
