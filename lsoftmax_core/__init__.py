@@ -21,12 +21,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from . import _numpy_backend
+from . import _family, _numpy_backend
 from ._chebyshev import MAX_MARGIN
 from ._loss_plan import DEFAULT_MEMORY_BUDGET, ChunkPlan, LossOptions, plan_chunks
 from ._numpy_backend import STATS_ROWS
 from .backends import Backend, backend_for
-from .checks import Problem, supported_dtypes
+from .checks import Problem, split_margin, supported_dtypes
+from .margins import ArcFace, CombinedMargin, CosFace, LSoftmax, Margin, SphereFace, margin_from_dict
 from .schedule import (
     ConstantSchedule,
     ExponentialSchedule,
@@ -36,17 +37,23 @@ from .schedule import (
 )
 
 __all__ = [
+    "ArcFace",
     "Backend",
     "ChunkPlan",
+    "CombinedMargin",
     "ConstantSchedule",
+    "CosFace",
     "DEFAULT_MEMORY_BUDGET",
     "ExponentialSchedule",
     "InverseSchedule",
+    "LSoftmax",
     "LossOptions",
     "MAX_MARGIN",
+    "Margin",
     "Problem",
     "STATS_ROWS",
     "Schedule",
+    "SphereFace",
     "__version__",
     "add_margin",
     "add_margin_grad",
@@ -60,6 +67,8 @@ __all__ = [
     "cross_entropy_with_grad",
     "forward",
     "gpu_small_kernels",
+    "margin_from_dict",
+    "normalized",
     "plan_chunks",
     "schedule_from_dict",
     "set_cpu_kernels",
@@ -74,8 +83,34 @@ __version__ = "0.1.0"
 _backend = backend_for
 
 
+def normalized(x: Any, w: Any, *, margin: int | Margin) -> tuple[Any, Any]:
+    """The rows the kind's plain layer multiplies, ``(x', w')``: x' = s·x/|x| for the cosine
+    kinds (CosFace, ArcFace, CombinedMargin), else x itself; w' = each row of w divided by
+    its norm for SphereFace and the cosine kinds, else w itself (L-Softmax: ``(x, w)``).  A
+    zero row stays 0.  New arrays where a row changes; inputs are never modified.
+
+    With them a caller's own GEMMs do what :func:`forward` and :func:`backward` do:
+    ``add_margin(x' @ w'.T, x, w, label, margin=kind)`` equals ``forward(x, w, label,
+    margin=kind)``, and ``add_margin_grad(G @ w', G.T @ x', G, x, w, label, margin=kind)``
+    equals ``backward(G, x, w, label, margin=kind)`` (the gradients with respect to x' and w'
+    become those with respect to x and w: docs/derivatives.md, "The margin family").
+
+    >>> import numpy as np, lsoftmax_core as lsm
+    >>> xn, wn = lsm.normalized(np.array([[3.0, 4.0]]), np.array([[0.0, 2.0]]), margin=lsm.CosFace(m=0.35, s=10.0))
+    >>> xn.tolist(), wn.tolist()
+    ([[6.0, 8.0]], [[0.0, 1.0]])
+    """
+    _backend(("x", "w"), x, w)
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"x and w must be 2-D, got x.shape={tuple(x.shape)}, w.shape={tuple(w.shape)}")
+    _, family = split_margin(margin)
+    if family is None:
+        return x, w
+    return _family.normalized(x, w, family)
+
+
 def forward(
-    x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, out: Any = None, return_stats: bool = False
+    x: Any, w: Any, label: Any, *, margin: int | Margin = 2, beta: float = 0.0, out: Any = None, return_stats: bool = False
 ) -> Any:
     """L-Softmax logits, shape (N, C).
 
@@ -84,6 +119,12 @@ def forward(
     angular margin (the formula: docs/derivatives.md, "Forward"); the other logits are
     ``x·w_j``.  margin = 1 gives a plain linear layer for any beta.  Inputs are never
     modified.
+
+    ``margin``: an int m is L-Softmax's (``LSoftmax(m)`` is the same); a margin object
+    (:class:`SphereFace`, :class:`CosFace`, :class:`ArcFace`, :class:`CombinedMargin`)
+    gives that kind's logits, the others then being the plain logits of normalised rows
+    (|x|·cos θ_j, or s·cos θ_j: docs/derivatives.md, "The margin family"; beta blends every
+    kind's target the same way).
 
     >>> import numpy as np, lsoftmax_core as lsm
     >>> x, w, y = np.array([[1.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0])
@@ -116,7 +157,7 @@ def backward(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     out: tuple[Any, Any] | None = None,
     stats: Any = None,
@@ -143,7 +184,7 @@ def backward(
 
 
 def check_arguments(
-    x: Any, w: Any, label: Any, *, margin: int = 2, beta: float = 0.0, grad_logits: Any = None,
+    x: Any, w: Any, label: Any, *, margin: int | Margin = 2, beta: float = 0.0, grad_logits: Any = None,
     label_values: bool = True,
 ) -> Problem:  # fmt: skip
     """Every check :func:`forward` (or, with ``grad_logits``, :func:`backward`) makes, without
@@ -225,7 +266,7 @@ def add_margin(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     checked: Problem | None = None,
     return_stats: bool = False,
@@ -253,7 +294,7 @@ def add_margin_grad(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     checked: Problem | None = None,
     stats: Any = None,
@@ -282,7 +323,7 @@ def cross_entropy(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -324,7 +365,7 @@ def cross_entropy_backward(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -369,7 +410,7 @@ def cross_entropy_shard_stats(
     *,
     class_start: int,
     num_classes: int,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
@@ -408,7 +449,7 @@ def cross_entropy_with_grad(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,

@@ -68,10 +68,11 @@ from typing import Any
 import cupy
 
 from . import _cupy_plan as plan
+from . import _family
 from ._cublas import matmul
 from ._cupy_state import DTYPES, DeviceState, contiguous, finish, next_serial, state
 from ._cupy_state import check_labels as check_labels
-from .checks import Problem, check_arrays, check_out
+from .checks import Problem, check_arrays, check_label_values, check_out
 
 __all__ = ["add_margin", "add_margin_grad", "backward", "check_labels", "forward", "prepare"]
 
@@ -100,6 +101,12 @@ def _checked(
     return checked.same_call(x, w, label, margin, beta, grad_logits)
 
 
+def _family_labels(p: Problem, label: Any) -> None:
+    """The kinds that normalise run CuPy's own array operations (lsoftmax_core._family), not
+    this backend's kernels: their labels are checked on the host (one synchronisation)."""
+    check_label_values(cupy.asnumpy(label), p.c)
+
+
 def _no_stats(stats: Any) -> None:
     if stats is not None:
         raise TypeError(
@@ -115,6 +122,10 @@ def forward(
     p = prepare(x, w, label, margin, beta)
     if out is not None:
         _check_out("out", out, (p.n, p.c), p, x, w, label)
+    if p.family is not None:
+        _family_labels(p, label)
+        logits = _family.layer_forward(x, w, label, p, out)
+        return (logits, None) if return_stats else logits
     st = state(x=x, w=w, label=label, **({} if out is None else {"out": out}))
     x, w = contiguous(x), contiguous(w)
     if plan.small(p):  # one kernel, GEMM included
@@ -134,6 +145,10 @@ def add_margin(
 ) -> Any:  # fmt: skip
     p = _checked(checked, x, w, label, margin, beta)
     _check_out("logits", logits, (p.n, p.c), p, x, w, label)
+    if p.family is not None:
+        _family_labels(p, label)
+        _family.layer_add_margin(logits, x, w, label, p)
+        return (logits, None) if return_stats else logits
     st = state(logits=logits, x=x, w=w, label=label)
     _margin_forward(st, p, logits, contiguous(x), contiguous(w), label)
     return (logits, None) if return_stats else logits
@@ -156,6 +171,9 @@ def backward(
         outs = {"out[0]": out[0], "out[1]": out[1]}
         _check_out("out[0]", out[0], (p.n, p.d), p, grad_logits, x, w, label)
         _check_out("out[1]", out[1], (p.c, p.d), p, grad_logits, x, w, label, out[0])
+    if p.family is not None:
+        _family_labels(p, label)
+        return _family.layer_backward(grad_logits, x, w, label, p, out)  # type: ignore[no-any-return]
     st = state(grad_logits=grad_logits, x=x, w=w, label=label, **outs)
     g, x, w = contiguous(grad_logits), contiguous(x), contiguous(w)
     if plan.small(p):  # one kernel, GEMMs included
@@ -191,6 +209,9 @@ def add_margin_grad(
     _no_stats(stats)
     _check_out("grad_x", grad_x, (p.n, p.d), p, grad_logits, x, w, label)
     _check_out("grad_w", grad_w, (p.c, p.d), p, grad_logits, x, w, label, grad_x)
+    if p.family is not None:
+        _family_labels(p, label)
+        return _family.layer_add_margin_grad(grad_x, grad_w, grad_logits, x, w, label, p)  # type: ignore[no-any-return]
     st = state(grad_x=grad_x, grad_w=grad_w, grad_logits=grad_logits, x=x, w=w, label=label)
     g, x, w = contiguous(grad_logits), contiguous(x), contiguous(w)
     _margin_backward(st, p, grad_x, grad_w, g, x, w, label)

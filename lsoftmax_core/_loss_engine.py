@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from . import _family
 from ._loss_plan import ChunkPlan, LossOptions, plan_chunks
 from .checks import Problem, check_arrays, check_shard
 
@@ -91,6 +92,21 @@ class _Call(NamedTuple):
     w: Any
     k: Any
     sharded: bool
+    fam: Any = None  # a kind that normalises: its _Family
+
+
+class _Family(NamedTuple):
+    """A kind that normalises (:mod:`._family`): the caller's x and w, the statistics of the
+    rows that own their target (``rows``, ``lab`` their rows of w), and whether the chunks'
+    columns were scaled by 1/|w_j| (else the GEMMs took a normalised copy of w)."""
+
+    kind: Any
+    x: Any
+    w: Any
+    rows: Any
+    lab: Any
+    t: Any
+    scaled: bool
 
 
 def _real_kind(a: Any) -> bool:
@@ -150,6 +166,33 @@ class LossEngine:
             raise TypeError(f"lse must have a real floating dtype, got lse.dtype={lse.dtype}")
         if tuple(lse.shape) != (n,):
             raise ValueError(f"lse must have shape (N,) = ({n},), got {tuple(lse.shape)}")
+
+    @staticmethod
+    def _bind(
+        ops: LossOps, x: Any, w: Any, label: Any, p: Problem, opts: LossOptions, start: int, total: int, op: int
+    ) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+        """``ops.bind`` for the call, and for a kind that normalises its :class:`_Family`; and
+        the x and w the chunks' GEMMs take: for such a kind x' and w (columns then scaled by
+        1/|w_j|) or w^."""
+        if p.family is None:
+            return ops.bind(x, w, label, p, opts.ignore_index, start, total, op), None, x, w
+        if not hasattr(ops, "set_family"):
+            raise TypeError(
+                f"margin={p.family!r}: this backend's fused loss takes L-Softmax margins (an int or "
+                "LSoftmax) only; the layer (lsoftmax_core.forward) takes every kind"
+            )
+        kind = p.family
+        xn = _family.features(x, kind)
+        scale = _family.column_scale(xn, w, kind)
+        wn = w if scale is not None else _family.unit_weight(w, ops.xp)[0]
+        k = ops.bind(xn, wn, label, p, opts.ignore_index, start, total, op)
+        rows = ops.xp.flatnonzero(k.owned)
+        lab = k.lab[rows]
+        t = _family.target_rows(x[rows], w.take(lab, axis=0), kind, p.beta)
+        target = ops.xp.zeros(p.n)
+        target[rows] = _family.target_logits(t, kind)
+        ops.set_family(k, target, scale)
+        return k, _Family(kind, x, w, rows, lab, t, scale is not None), xn, wn
 
     # ------------------------------------------------------------ weights and reduction
 
@@ -267,6 +310,11 @@ class LossEngine:
         else:
             self._classes_grad(ops, c, grad_x, grad_w)
         ops.margin(c.k)
+        f = c.fam
+        if f is not None:
+            _family.finish_grads(
+                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, f.t, f.kind, divided=f.scaled, rows=f.rows
+            )  # fmt: skip
         return grad_x, grad_w
 
     def _empty_grads(self, ops: LossOps, p: Problem) -> tuple[Any, Any]:
@@ -277,7 +325,8 @@ class LossEngine:
     def cross_entropy(self, x: Any, w: Any, label: Any, opts: LossOptions, *, return_lse: bool = False) -> Any:
         ops = self.ops_for(x, w, label)
         x, w, p, plan, start, total = self._check(ops, x, w, label, opts)
-        c = _Call(p, opts, plan, x, w, ops.bind(x, w, label, p, opts.ignore_index, start, total, OP_FORWARD), False)
+        k, fam, xs, ws = self._bind(ops, x, w, label, p, opts, start, total, OP_FORWARD)
+        c = _Call(p, opts, plan, xs, ws, k, False, fam)
         self._lse_pass(ops, c)
         out = self._reduce(ops, c, c.k.lse - c.k.tgt)
         lse = c.k.lse
@@ -296,8 +345,8 @@ class LossEngine:
             raise ValueError("lse (the rows' log-sum-exp over all num_classes classes) is required for a class shard")
         if lse is not None:
             self._check_lse_form(ops, lse, p.n)
-        k = ops.bind(x, w, label, p, opts.ignore_index, start, total, OP_BACKWARD)
-        c = _Call(p, opts, plan, x, w, k, sharded)
+        k, fam, xs, ws = self._bind(ops, x, w, label, p, opts, start, total, OP_BACKWARD)
+        c = _Call(p, opts, plan, xs, ws, k, sharded, fam)
         if p.n == 0:
             ops.done()
             return self._empty_grads(ops, p)
@@ -317,7 +366,8 @@ class LossEngine:
             raise ValueError("reduction='none' has a per-row upstream gradient: use cross_entropy_backward")
         ops = self.ops_for(x, w, label)
         x, w, p, plan, start, total = self._check(ops, x, w, label, opts)
-        c = _Call(p, opts, plan, x, w, ops.bind(x, w, label, p, opts.ignore_index, start, total, OP_BACKWARD), False)
+        k, fam, xs, ws = self._bind(ops, x, w, label, p, opts, start, total, OP_BACKWARD)
+        c = _Call(p, opts, plan, xs, ws, k, False, fam)
         if p.n == 0:
             out = (self._reduce(ops, c, ops.xp.zeros(0)), *self._empty_grads(ops, p))
         else:
@@ -332,7 +382,7 @@ class LossEngine:
         """(lse over the shard's classes, target logit where the shard holds it else 0)."""
         ops = self.ops_for(x, w, label)
         x, w, p, plan, start, total = self._check(ops, x, w, label, opts, class_start, num_classes)
-        k = ops.bind(x, w, label, p, opts.ignore_index, start, total, OP_FORWARD)
-        self._lse_pass(ops, _Call(p, opts, plan, x, w, k, total != p.c))
+        k, fam, xs, ws = self._bind(ops, x, w, label, p, opts, start, total, OP_FORWARD)
+        self._lse_pass(ops, _Call(p, opts, plan, xs, ws, k, total != p.c, fam))
         ops.done()
         return k.lse, k.tgt

@@ -20,8 +20,12 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .checks import check_beta, check_integer, check_margin, check_reduction
+from .checks import check_beta, check_integer, check_margin, check_reduction, split_margin
+
+if TYPE_CHECKING:
+    from .margins import Margin
 
 __all__ = ["BUDGET_ENV", "CHUNKINGS", "DEFAULT_MEMORY_BUDGET", "ChunkPlan", "LossOptions", "plan_chunks"]
 
@@ -56,7 +60,7 @@ class LossOptions:
     LossOptions(margin=3, beta=0.0, reduction='sum', ignore_index=-100, chunk_size=None, chunking=None, memory_budget=None)
     """
 
-    margin: int = 2
+    margin: int | Margin = 2
     beta: float = 0.0
     reduction: str = "mean"
     ignore_index: int = -100
@@ -66,7 +70,8 @@ class LossOptions:
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: the checked values replace the given ones once
-        put(self, "margin", check_margin(self.margin))
+        m, family = split_margin(self.margin)  # LSoftmax(m) is kept as the int m: the same path
+        put(self, "margin", check_margin(m) if family is None else family)
         put(self, "beta", check_beta(self.beta))
         put(self, "reduction", check_reduction(self.reduction))
         put(self, "ignore_index", check_integer("ignore_index", self.ignore_index, -(2**63), 2**63 - 1))

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from . import _family
 from ._chebyshev import thresholds
 from ._class_sums import add_per_class, arange
 from .checks import Problem, check_arrays, check_label_values, check_out, supported_dtypes
@@ -263,6 +264,11 @@ def check_stats(stats: Any, p: Problem, x: Any, w: Any, label: Any) -> npt.NDArr
     these very values of x and w[label] (their fingerprints, O(N·D)); returns w[label] (the
     rows gathered for the check, which the backward reuses), or None where the record is not
     read (margin 1, no rows)."""
+    if p.family is not None:
+        raise ValueError(
+            f"stats are L-Softmax's statistics record; margin={p.family!r} keeps none (forward returns "
+            "stats None for it): pass stats=None"
+        )
     if not isinstance(stats, np.ndarray):
         raise TypeError(
             f"stats must be the numpy.ndarray that forward(..., return_stats=True) returned, got "
@@ -330,11 +336,12 @@ def forward(
     x: Any, w: Any, label: Any, *, margin: object, beta: object, out: Any = None, return_stats: bool = False
 ) -> Any:
     p = prepare(x, w, label, margin, beta)
-    if out is None:
-        logits = x @ w.T
-    else:
+    if out is not None:
         check_out("out", out, (p.n, p.c), p.dtype, x, w, label)
-        logits = np.matmul(x, w.T, out=out)
+    if p.family is not None:  # a kind that normalises: no statistics record to hand on
+        logits = _family.layer_forward(x, w, label, p, out)
+        return (logits, None) if return_stats else logits
+    logits = x @ w.T if out is None else np.matmul(x, w.T, out=out)
     rec = _margin_forward(logits, x, w, label, p, return_stats)
     return (logits, rec) if return_stats else logits
 
@@ -345,6 +352,9 @@ def add_margin(
 ) -> Any:  # fmt: skip
     p = _checked(checked, x, w, label, margin, beta)
     check_out("logits", logits, (p.n, p.c), p.dtype, x, w, label)
+    if p.family is not None:
+        _family.layer_add_margin(logits, x, w, label, p)
+        return (logits, None) if return_stats else logits
     rec = _margin_forward(logits, x, w, label, p, return_stats)
     return (logits, rec) if return_stats else logits
 
@@ -437,6 +447,11 @@ def backward(
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:  # fmt: skip
     p = prepare(x, w, label, margin, beta, grad_logits)
     wy = None if stats is None else check_stats(stats, p, x, w, label)
+    if p.family is not None:
+        if out is not None:
+            check_out("out[0]", out[0], (p.n, p.d), p.dtype, x, w, grad_logits, label)
+            check_out("out[1]", out[1], (p.c, p.d), p.dtype, x, w, grad_logits, label, out[0])
+        return _family.layer_backward(grad_logits, x, w, label, p, out)  # type: ignore[no-any-return]
     if out is None:
         grad_x = grad_logits @ w
         grad_w = grad_logits.T @ x
@@ -467,6 +482,8 @@ def add_margin_grad(
     wy = None if stats is None else check_stats(stats, p, x, w, label)
     check_out("grad_x", grad_x, (p.n, p.d), p.dtype, x, w, grad_logits, label)
     check_out("grad_w", grad_w, (p.c, p.d), p.dtype, x, w, grad_logits, label, grad_x)
+    if p.family is not None:
+        return _family.layer_add_margin_grad(grad_x, grad_w, grad_logits, x, w, label, p)  # type: ignore[no-any-return]
     _margin_backward(grad_x, grad_w, grad_logits, x, w, label, p, stats, wy)
     return grad_x, grad_w
 

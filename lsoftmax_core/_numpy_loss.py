@@ -56,8 +56,8 @@ def _by_rows(n: int, width: int, fn: Callable[[int, int], None]) -> None:
 class _State:
     """One call's labels, targets and running results (the engine's ``k``)."""
 
-    __slots__ = ("g", "given", "grad_w", "grad_x", "lab", "lse", "m", "n_valid", "owned", "p", "se", "st",
-                 "target", "tgt", "tol", "valid", "w", "weights", "x")  # fmt: skip
+    __slots__ = ("colscale", "g", "given", "grad_w", "grad_x", "lab", "lse", "m", "n_valid", "owned", "p", "se",
+                 "st", "target", "tgt", "tol", "valid", "w", "weights", "x")  # fmt: skip
 
     def __init__(self, p: Problem, x: Any, w: Any, valid: Any, owned: Any, lab: Any, st: Any) -> None:
         self.p, self.x, self.w, self.valid, self.owned, self.lab, self.st = p, x, w, valid, owned, lab, st
@@ -75,6 +75,7 @@ class _State:
         self.grad_w: Any = None
         self.tol: Any = None  # with a given lse: how far a row's logit may exceed it (rounding)
         self.g = np.zeros(p.n)
+        self.colscale: Any = None  # a kind that normalises w: 1/|w_j| per class (set_family)
 
 
 def _exp_shifted(z: Any, want_sum: bool = True) -> tuple[F64, Any]:
@@ -107,6 +108,13 @@ class NumpyLossOps:
         return _State(p, x, w, valid, owned, lab, st)
 
     @staticmethod
+    def set_family(k: _State, target: F64, colscale: Any) -> None:
+        """A kind that normalises: its target logits (float64, (N,)), and 1/|w_j| (w's dtype)
+        to scale each chunk's columns by (logits x'·w_j/|w_j|; then G's columns, so that the
+        GEMMs with w give G·w^ and Gᵀ·x'/|w_j|), or None where w is already w^."""
+        k.target, k.colscale = target, colscale
+
+    @staticmethod
     def check_lse(k: _State, lse: F64) -> None:
         """A given lse must be finite on the rows that are not ignored; the chunks then check
         it against each row's largest logit (:meth:`_check_max`)."""
@@ -118,6 +126,8 @@ class NumpyLossOps:
             # Squared norms in the input dtype: no float64 copy of w (C·D) for a bound.
             a = np.sqrt(np.einsum("ij,ij->i", k.x, k.x).astype(np.float64))
             b = float(np.sqrt(np.max(np.einsum("ij,ij->i", k.w, k.w), initial=0.0)))
+            if k.colscale is not None:
+                b = 1.0  # the logits are x'·w^_j
             k.tol = 2.0 * (p.d + 2) * eps * a * b + 4 * np.finfo(np.float64).eps * (1.0 + np.abs(lse))
 
     @staticmethod
@@ -174,6 +184,8 @@ class NumpyLossOps:
         """Rows [r0, r0 + R) with all classes: target logit and lse (unless given), and with
         ``grad`` z becomes G = weight·softmax - weight at the target."""
         rows = slice(r0, r0 + z.shape[0])
+        if k.colscale is not None:
+            z *= k.colscale
         hit, cols = self._targets(k, z, rows, 0)
         k.tgt[r0 + hit] = z[hit, cols]
         given = k.given if grad else None
@@ -197,10 +209,14 @@ class NumpyLossOps:
             wr = k.weights[rows]
             z[hit, cols] -= wr[hit].astype(z.dtype)
             k.g[r0 + hit] = z[hit, cols]
+            if k.colscale is not None:
+                z *= k.colscale
 
     def classes_lse(self, k: _State, z: Any, k0: int, *, first: bool) -> None:
         """Classes k0.. for all rows: their (max, sum of exponentials) combined online."""
         n = k.p.n
+        if k.colscale is not None:
+            z *= k.colscale[k0 : k0 + z.shape[1]]
         hit, cols = self._targets(k, z, slice(0, n), k0)
         k.tgt[hit] = z[hit, cols]
         mk, sk = np.empty(n), np.empty(n)
@@ -219,6 +235,9 @@ class NumpyLossOps:
     def classes_grad(self, k: _State, z: Any, k0: int) -> None:
         """Classes k0.. for all rows: z becomes G from the rows' lse."""
         n = k.p.n
+        cs = None if k.colscale is None else k.colscale[k0 : k0 + z.shape[1]]
+        if cs is not None:
+            z *= cs
         hit, cols = self._targets(k, z, slice(0, n), k0)
         lse = k.lse if k.given is None else k.given
 
@@ -231,6 +250,8 @@ class NumpyLossOps:
         _by_rows(n, z.shape[1] * z.itemsize, part)
         z[hit, cols] -= k.weights[hit].astype(z.dtype)
         k.g[hit] = z[hit, cols]
+        if cs is not None:
+            z *= cs
 
     @staticmethod
     def margin(k: _State) -> None:

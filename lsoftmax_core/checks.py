@@ -34,6 +34,7 @@ __all__ = [
     "check_out",
     "check_reduction",
     "check_shard",
+    "split_margin",
     "supported_dtypes",
 ]
 
@@ -92,6 +93,10 @@ class Problem:
     beta: float
     inputs: tuple[Any, ...] = field(default=(), repr=False, compare=False)
     labels_checked: bool = field(default=False, compare=False)
+    #: The margin object of a kind that normalises (SphereFace, CosFace, ArcFace,
+    #: CombinedMargin; then ``margin`` is 1: the L-Softmax machinery sees a plain layer of the
+    #: normalised rows), or None for L-Softmax (``margin`` its m).
+    family: Any = None
 
     def same_call(
         self, x: Any, w: Any, label: Any, margin: object, beta: object, grad_logits: Any = None
@@ -104,9 +109,11 @@ class Problem:
                 "checked= must be lsoftmax_core.check_arguments()'s result for the same x, w, label "
                 "(and grad_logits) objects"
             )
-        if check_margin(margin) != self.margin or check_beta(beta) != self.beta:
+        m, family = split_margin(margin)
+        if check_margin(m) != self.margin or family != self.family or check_beta(beta) != self.beta:
+            made = self.margin if self.family is None else self.family
             raise ValueError(
-                f"checked= was made for margin={self.margin}, beta={self.beta}, not margin={margin!r}, beta={beta!r}"
+                f"checked= was made for margin={made!r}, beta={self.beta}, not margin={margin!r}, beta={beta!r}"
             )
         return self
 
@@ -155,6 +162,23 @@ def check_margin(margin: object) -> int:
     return check_integer("margin", margin, 1, MAX_MARGIN)
 
 
+def split_margin(margin: object) -> tuple[object, Any]:
+    """``(m, None)`` for L-Softmax (an int, unchecked here, or ``LSoftmax(m)``: the same path,
+    bit for bit) and ``(1, margin)`` for a kind that normalises; anything else that is not an
+    integer is a TypeError naming ``margin`` (:func:`lsoftmax_core.margins.margin_of`)."""
+    if type(margin) is int:  # the common case, before any import or isinstance chain
+        return margin, None
+    from .margins import LSoftmax, Margin, margin_of
+
+    if isinstance(margin, Margin):
+        kind = margin_of(margin)  # one of the five known kinds, or a TypeError
+        return (kind.m, None) if isinstance(kind, LSoftmax) else (1, kind)  # type: ignore[attr-defined]
+    if isinstance(margin, numbers.Integral) or isinstance(margin, (float, np.floating)):
+        return margin, None  # check_margin names a bad value
+    margin_of(margin)  # raises the TypeError that lists the margin kinds
+    return margin, None
+
+
 def check_beta(beta: object) -> float:
     """beta (lambda in the paper) as a Python float, finite and >= 0."""
     return check_nonnegative("beta", beta)
@@ -182,6 +206,7 @@ def check_arrays(
     (:func:`supported_dtypes`).  ``labels_checked`` is recorded in the result: True only
     where the caller scans the label values (:func:`check_label_values`) before using it.
     """
+    margin, family = split_margin(margin)
     m = check_margin(margin)
     b = check_beta(beta)
     if x.ndim != 2 or w.ndim != 2 or label.ndim != 1:  # one test for the common case
@@ -210,7 +235,7 @@ def check_arrays(
         raise TypeError(f"label must have an integer dtype, got label.dtype={label.dtype}")
     if grad_logits is not None:
         _check_grad_logits(grad_logits, n, c, x.dtype)
-    return Problem(n, c, d, np.dtype(x.dtype), m, b, (x, w, label, grad_logits), labels_checked)  # positional: cheaper
+    return Problem(n, c, d, np.dtype(x.dtype), m, b, (x, w, label, grad_logits), labels_checked, family)  # positional: cheaper
 
 
 def _check_grad_logits(grad_logits: Any, n: int, c: int, dtype: Any) -> None:

@@ -1,0 +1,291 @@
+"""The margin kinds that normalise (SphereFace, CosFace, ArcFace, CombinedMargin): their
+layer, and the parts of the fused loss that differ from L-Softmax.
+
+Every kind is the plain layer of normalised rows x' and w' (:func:`normalized`: x' = s·x^
+for the cosine kinds, x for SphereFace; w' = w^) whose N target logits are rewritten, so
+the GEMMs, the softmax and the chunking are L-Softmax's with margin 1.  What is the kind's
+own is O((N + C)·D): the target logits from per-sample float64 statistics
+(:func:`target_rows`), and in the backward the chain rule through the normalisations plus
+the margin's own terms (:func:`finish_grads`).  The maths: docs/derivatives.md, "The margin
+family"; this module follows its formulas, conventions at zero norms included.
+
+Written in array operations only (GEMMs, reductions, element-wise maths), so the same code
+runs on NumPy and CuPy arrays (``xp``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .margins import Margin
+
+__all__ = [
+    "Targets", "column_scale", "features", "finish_grads", "layer_add_margin", "layer_add_margin_grad", "layer_backward",
+    "layer_forward", "normalized", "target_rows", "unit_rows",
+]  # fmt: skip
+
+#: Rows of w normalised at a time (float64 temporaries of about 32 MiB).
+_BLOCK_BYTES = 1 << 25
+
+
+def xp_of(a: Any) -> Any:
+    """The array library of ``a`` (NumPy, or CuPy for a CuPy array)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def unit_rows(rows: Any, xp: Any) -> tuple[Any, Any]:
+    """(unit rows, norms) in float64: each row divided by its largest magnitude first, so
+    nothing over- or underflows; a zero row has unit vector 0 and norm 0."""
+    r = rows.astype(np.float64)
+    if r.shape[1] == 0:
+        return r, xp.zeros(r.shape[0])
+    amax = xp.abs(r).max(axis=1)
+    r /= xp.where(amax > 0.0, amax, 1.0)[:, None]
+    rel = xp.sqrt(xp.einsum("ij,ij->i", r, r))
+    r /= xp.where(rel > 0.0, rel, 1.0)[:, None]
+    with np.errstate(over="ignore"):  # a norm beyond float64 is inf
+        return r, amax * rel
+
+
+def _blocks(c: int, d: int) -> range:
+    return range(0, c, max(1, _BLOCK_BYTES // max(1, 8 * d)))
+
+
+def unit_weight(w: Any, xp: Any) -> tuple[Any, Any]:
+    """(w^ in w's dtype, |w_j| float64), block by block (no float64 copy of w)."""
+    out = xp.empty_like(w)
+    norms = xp.empty(w.shape[0])
+    step = _blocks(w.shape[0], w.shape[1]).step
+    for j0 in range(0, w.shape[0], step):
+        u, n = unit_rows(w[j0 : j0 + step], xp)
+        out[j0 : j0 + step] = u
+        norms[j0 : j0 + step] = n
+    return out, norms
+
+
+def weight_norms(w: Any, xp: Any) -> Any:
+    """|w_j| in float64, block by block."""
+    norms = xp.empty(w.shape[0])
+    step = _blocks(w.shape[0], w.shape[1]).step
+    for j0 in range(0, w.shape[0], step):
+        norms[j0 : j0 + step] = unit_rows(w[j0 : j0 + step], xp)[1]
+    return norms
+
+
+def features(x: Any, kind: Margin) -> Any:
+    """x' = s·x^ (cosine kinds; a new array) or x itself."""
+    if not kind.normalizes_features:
+        return x
+    u, _ = unit_rows(x, xp_of(x))
+    u *= kind.scale
+    return u.astype(x.dtype)
+
+
+def normalized(x: Any, w: Any, kind: Margin) -> tuple[Any, Any]:
+    """(x', w'): :func:`features`, and w' = w^ (a new array) or w itself."""
+    return features(x, kind), unit_weight(w, xp_of(w))[0] if kind.normalizes_weights else w
+
+
+def column_scale(xn: Any, w: Any, kind: Margin) -> Any:
+    """1/|w_j| in w's dtype (0 for a zero row) when the logits x'·w_j and their scaling by it
+    stay in the dtype's normal range for every row (then a fused loss multiplies each chunk's
+    columns by it instead of holding a normalised copy of w); None otherwise."""
+    xp = xp_of(w)
+    b = weight_norms(w, xp)
+    a = unit_rows(xn, xp)[1] if xn.shape[0] else xp.zeros(1)
+    fmax, ftiny = float(np.finfo(w.dtype).max), float(np.finfo(w.dtype).tiny)
+    big = float((b.max() if b.size else 0.0) * (a.max() if a.size else 0.0))
+    pos_b, pos_a = b[b > 0.0], a[a > 0.0]
+    small = float(pos_b.min() * pos_a.min()) if pos_b.size and pos_a.size else 1.0
+    bmin = float(pos_b.min()) if pos_b.size else 1.0
+    if not (big <= fmax * 1e-6 and small >= ftiny * 1e12 and 1.0 / bmin <= fmax * 1e-6):
+        return None
+    with np.errstate(divide="ignore"):
+        return xp.where(b > 0.0, 1.0 / b, 0.0).astype(w.dtype)
+
+
+class Targets(NamedTuple):
+    """Per-sample float64 statistics of the target: norms a = |x|, b = |w_y|, cosine c,
+    bracket h(c) and dh/dtheta (beta blended), unit rows x^ and w^_y."""
+
+    a: Any
+    b: Any
+    c: Any
+    h: Any
+    dh: Any
+    xu: Any
+    wu: Any
+
+
+def target_rows(x: Any, wy: Any, kind: Margin, beta: float) -> Targets:
+    """The statistics of the rows of x and of their label's weight rows ``wy``."""
+    xp = xp_of(x)
+    xu, a = unit_rows(x, xp)
+    wu, b = unit_rows(wy, xp)
+    c = xp.clip(xp.einsum("ij,ij->i", xu, wu), -1.0, 1.0)
+    phi, _, dphi = kind._parts(c)  # the kind's target function and d/dtheta (_margin_math)
+    sin = xp.sqrt((1.0 - c) * (1.0 + c))
+    h = (beta * c + phi) / (1.0 + beta)
+    dh = (-beta * sin + dphi) / (1.0 + beta)
+    return Targets(a, b, c, h, dh, xu, wu)
+
+
+def target_logits(t: Targets, kind: Margin) -> Any:
+    """f_y = s·h(c) (cosine kinds) or |x|·h(c) (SphereFace; 0 for a zero x), float64."""
+    if kind.normalizes_features:
+        return kind.scale * t.h
+    xp = xp_of(t.a)
+    with np.errstate(over="ignore", invalid="ignore"):  # a·h beyond float64: inf, its true value
+        return xp.where(t.a > 0.0, t.a * t.h, 0.0)
+
+
+def _tangent(v: Any, xp: Any) -> Any:
+    """v / |v| row by row, 0 for a zero row (float64)."""
+    n = xp.sqrt(xp.einsum("ij,ij->i", v, v))
+    return v / xp.where(n > 0.0, n, 1.0)[:, None]
+
+
+def _times(coef: Any, v: Any, xp: Any) -> Any:
+    """coef[:, None]·v with 0 wherever v is 0 (an infinite coefficient of a vanishing
+    term is no NaN)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return xp.where(v == 0.0, 0.0, coef[:, None] * v)
+
+
+def margin_terms(t: Targets, g: Any, kind: Margin) -> tuple[Any, Any]:
+    """(q, r) float64: what the margin adds to grad_x[i] and to grad_w[y_i] beyond the plain
+    normalised layer, for the target entries g of the upstream gradient (docs/derivatives.md,
+    "Gradients through the normalisations")."""
+    xp = xp_of(g)
+    c = t.c[:, None]
+    vx = t.wu - c * t.xu  # w^ - c·x^ = sin(theta)·t_x
+    vw = t.xu - c * t.wu
+    both = (t.a > 0.0) & (t.b > 0.0)
+    q = -t.dh[:, None] * _tangent(vx, xp) - vx
+    r = -t.dh[:, None] * _tangent(vw, xp) - vw
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if kind.normalizes_features:
+            cq = xp.where(both, kind.scale * g / xp.where(both, t.a, 1.0), 0.0)
+            cr = xp.where(both, kind.scale * g / xp.where(both, t.b, 1.0), 0.0)
+            return _times(cq, q, xp), _times(cr, r, xp)
+        # SphereFace: f_y = a·h(c); its plain part a·c = x·w^_y is the GEMMs'.
+        q += (t.h - t.c)[:, None] * t.xu
+        cq = xp.where(t.a > 0.0, g, 0.0)  # a = 0: no margin, df_y/dx = w^_y (the plain part)
+        cr = xp.where(both, g * (t.a / xp.where(both, t.b, 1.0)), 0.0)
+        return _times(cq, q, xp), _times(cr, r, xp)
+
+
+def _add_rows(grad_w: Any, label: Any, rows: Any) -> None:
+    """grad_w[label[i]] += rows[i] (rows in grad_w's dtype; repeated labels summed)."""
+    if isinstance(grad_w, np.ndarray):
+        from ._class_sums import add_per_class
+
+        add_per_class(grad_w, label, rows)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(grad_w, label, rows)
+
+
+def project_features(grad_x: Any, x: Any, kind: Margin) -> None:
+    """grad_x holds dL/dx' (x' = s·x^): make it dL/dx = (s/a)·(P - (P·x^)·x^), in place; 0
+    for a zero row."""
+    if not kind.normalizes_features:
+        return
+    xp = xp_of(x)
+    xu, a = unit_rows(x, xp)
+    p = grad_x.astype(np.float64)
+    p -= xp.einsum("ij,ij->i", p, xu)[:, None] * xu
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        scale = xp.where(a > 0.0, kind.scale / xp.where(a > 0.0, a, 1.0), 0.0)
+    grad_x[...] = _times(scale, p, xp)
+
+
+def project_weights(grad_w: Any, w: Any, *, divided: bool) -> None:
+    """grad_w holds dL/dw' (w' = w^), or with ``divided`` dL/dw' / |w_j| (a fused loss that
+    scaled the columns): make it dL/dw = (u - (u·w^)·w^) [/ |w|], in place, block by block;
+    0 for a zero row."""
+    xp = xp_of(w)
+    step = _blocks(w.shape[0], w.shape[1]).step
+    for j0 in range(0, w.shape[0], step):
+        blk = slice(j0, j0 + step)
+        wu, b = unit_rows(w[blk], xp)
+        u = grad_w[blk].astype(np.float64)
+        u -= xp.einsum("ij,ij->i", u, wu)[:, None] * wu
+        if not divided:
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+                inv = xp.where(b > 0.0, 1.0 / xp.where(b > 0.0, b, 1.0), 0.0)
+            u = _times(inv, u, xp)
+        else:
+            u[b == 0.0] = 0.0
+        grad_w[blk] = u
+
+
+def finish_grads(
+    grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any, t: Targets, kind: Margin, *, divided: bool,
+    rows: Any = None,
+) -> None:  # fmt: skip
+    """The plain normalised layer's gradients (dL/dx', dL/dw') in place into the kind's
+    dL/dx, dL/dw: the projections, then the margin's terms of the rows ``rows`` (all rows
+    when None; ``t`` and ``g`` are of those rows, ``label`` their rows of w)."""
+    project_features(grad_x, x, kind)
+    if kind.normalizes_weights:
+        project_weights(grad_w, w, divided=divided)
+    if g.shape[0] == 0:
+        return
+    q, r = margin_terms(t, g, kind)
+    if rows is None:
+        grad_x += q.astype(grad_x.dtype)
+    else:
+        grad_x[rows] += q.astype(grad_x.dtype)
+    _add_rows(grad_w, label, r.astype(grad_w.dtype))
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def layer_forward(x: Any, w: Any, label: Any, p: Any, out: Any = None) -> Any:
+    """The kind's logits: the GEMM of the normalised rows, then the N target logits."""
+    kind = p.family
+    xn, wn = normalized(x, w, kind)
+    xp = xp_of(x)
+    logits = xp.matmul(xn, wn.T, out=out)
+    return layer_add_margin(logits, x, w, label, p)
+
+
+def layer_add_margin(logits: Any, x: Any, w: Any, label: Any, p: Any) -> Any:
+    """Rewrite the target logits of the plain layer of the normalised rows, in place."""
+    if p.n == 0:
+        return logits
+    xp = xp_of(x)
+    t = target_rows(x, w.take(label, axis=0), p.family, p.beta)
+    logits[xp.arange(p.n), label] = target_logits(t, p.family).astype(logits.dtype)
+    return logits
+
+
+def layer_backward(grad_logits: Any, x: Any, w: Any, label: Any, p: Any, out: Any = None) -> tuple[Any, Any]:
+    xn, wn = normalized(x, w, p.family)
+    xp = xp_of(x)
+    grad_x = xp.matmul(grad_logits, wn, out=None if out is None else out[0])
+    grad_w = xp.matmul(grad_logits.T, xn, out=None if out is None else out[1])
+    return layer_add_margin_grad(grad_x, grad_w, grad_logits, x, w, label, p)
+
+
+def layer_add_margin_grad(grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Any) -> tuple[Any, Any]:
+    """grad_x = G·w', grad_w = Gᵀ·x' (the plain layer of the normalised rows) into the
+    kind's gradients, in place."""
+    xp = xp_of(x)
+    if p.n == 0:
+        if p.family.normalizes_weights:
+            project_weights(grad_w, w, divided=False)
+        return grad_x, grad_w
+    t = target_rows(x, w.take(label, axis=0), p.family, p.beta)
+    g = grad_logits[xp.arange(p.n), label].astype(np.float64)
+    finish_grads(grad_x, grad_w, g, x, w, label, t, p.family, divided=False)
+    return grad_x, grad_w
