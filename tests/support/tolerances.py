@@ -85,3 +85,12 @@ def check_backward(grads, grad_logits, x, w, label, *, margin: int, beta: float,
     tol = TOLERANCES[dtype].grad
     assert_close(grads[0], ex, sx, tol, f"grad_x {dtype} m={margin}", dtype=dtype)
     assert_close(grads[1], ew, sw, tol, f"grad_w {dtype} m={margin}", dtype=dtype)
+
+#: The margin family (tests/core/test_family_*.py): target angles kept this far (radians) from
+#: where the maths changes abruptly (a cone at c = +-1, ArcFace's step at pi - m), where a
+#: float32 cosine's rounding (about 1e-7, an angle of 3e-4 near c = 1) moves the gradient of
+#: a cone by O(rounding / angle^2) or picks the other side of the step.
+FAMILY_DELICATE_WIDTH = {"float64": 1e-4, "float32": 0.1}
+#: Central finite differences (float64, step 1e-6 of a row's norm) against the family's
+#: analytic gradients, relative to the scale of support.family_reference.grad_scales.
+FAMILY_FD_TOL = 1e-6
