@@ -330,6 +330,7 @@ def cross_entropy(
     chunk_size: int | None = None,
     chunking: str | None = None,
     memory_budget: int | None = None,
+    subcenters: int = 1,
     return_lse: bool = False,
 ) -> Any:
     """The L-Softmax cross-entropy ``logsumexp_j f_ij - f_{i,y_i}`` of :func:`forward`'s
@@ -349,13 +350,20 @@ def cross_entropy(
     :func:`cross_entropy_backward` takes to skip a pass.  NumPy arrays run the CPU
     backend, CuPy arrays cuBLAS GEMMs per chunk plus this project's kernels.
 
+    ``margin`` takes every kind, as :func:`forward` does (on CuPy arrays, so far, an int or
+    :class:`LSoftmax` only).  ``subcenters=k`` (a kind that normalises the weights): w has
+    C·k rows, class j's centres being rows j·k ... j·k + k - 1, and a class's cosine is the
+    largest of its centres' (SubCenter-ArcFace); the gradient goes to that centre.  Labels,
+    ``class_start`` and ``num_classes`` count classes.  Without a normalised copy of w: each
+    chunk's columns are scaled by 1/|w_j| (docs/derivatives.md, "The margin family").
+
     >>> import numpy as np, lsoftmax_core as lsm
     >>> x, w, y = np.array([[1.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0])
     >>> f = lsm.forward(x, w, y, margin=3)
     >>> bool(np.isclose(lsm.cross_entropy(x, w, y, margin=3), np.log(np.exp(f).sum()) - f[0, 0]))
     True
     """
-    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget, subcenters)
     return _loss_engine_for(x, w, label).cross_entropy(x, w, label, opts, return_lse=return_lse)
 
 
@@ -372,6 +380,7 @@ def cross_entropy_backward(
     chunk_size: int | None = None,
     chunking: str | None = None,
     memory_budget: int | None = None,
+    subcenters: int = 1,
     lse: Any = None,
     class_start: int = 0,
     num_classes: int | None = None,
@@ -397,7 +406,7 @@ def cross_entropy_backward(
     log-sum-exp over all ``num_classes`` classes, and the results are this shard's part:
     grad_w exactly, grad_x the shard's term of a sum over the shards ("mean" divides by the
     rows of the whole batch that are not ignored)."""
-    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget, subcenters)
     return _loss_engine_for(x, w, label).cross_entropy_backward(  # type: ignore[no-any-return]
         grad_loss, x, w, label, opts, lse=lse, class_start=class_start, num_classes=num_classes
     )
@@ -416,6 +425,7 @@ def cross_entropy_shard_stats(
     chunk_size: int | None = None,
     chunking: str | None = None,
     memory_budget: int | None = None,
+    subcenters: int = 1,
 ) -> tuple[Any, Any]:
     """One class shard's part of the cross-entropy: ``(lse, target)``, float64 of shape (N,).
 
@@ -438,7 +448,7 @@ def cross_entropy_shard_stats(
     >>> bool(np.allclose(loss, lsm.cross_entropy(x, w, y, margin=3, reduction="none")))
     True
     """
-    opts = LossOptions(margin, beta, "none", ignore_index, chunk_size, chunking, memory_budget)
+    opts = LossOptions(margin, beta, "none", ignore_index, chunk_size, chunking, memory_budget, subcenters)
     return _loss_engine_for(x, w, label).cross_entropy_shard_stats(  # type: ignore[no-any-return]
         x, w, label, opts, class_start=class_start, num_classes=num_classes
     )
@@ -456,9 +466,10 @@ def cross_entropy_with_grad(
     chunk_size: int | None = None,
     chunking: str | None = None,
     memory_budget: int | None = None,
+    subcenters: int = 1,
 ) -> tuple[Any, Any, Any]:
     """``(loss, grad_x, grad_w)`` in one pass for reduction "mean" or "sum": row chunks
     form the gradients as they go (three GEMMs in all, no recomputation); class chunks
     take a log-sum-exp pass first (four).  Scale the gradients by the upstream gradient."""
-    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget)
+    opts = LossOptions(margin, beta, reduction, ignore_index, chunk_size, chunking, memory_budget, subcenters)
     return _loss_engine_for(x, w, label).cross_entropy_with_grad(x, w, label, opts)  # type: ignore[no-any-return]

@@ -22,7 +22,7 @@ import numpy as np
 from .margins import Margin
 
 __all__ = [
-    "Targets", "column_scale", "features", "finish_grads", "layer_add_margin", "layer_add_margin_grad", "layer_backward",
+    "Targets", "column_scale", "features", "finish_grads", "nearest_centre", "layer_add_margin", "layer_add_margin_grad", "layer_backward",
     "layer_forward", "normalized", "target_rows", "unit_rows",
 ]  # fmt: skip
 
@@ -108,6 +108,18 @@ def column_scale(xn: Any, w: Any, kind: Margin) -> Any:
         return None
     with np.errstate(divide="ignore"):
         return xp.where(b > 0.0, 1.0 / b, 0.0).astype(w.dtype)
+
+
+def nearest_centre(x: Any, w: Any, label: Any, sub: int) -> tuple[Any, Any]:
+    """For each row of x, which of its label's ``sub`` centres (rows label·sub + r of w) has
+    the largest cosine, the lowest r on a tie: (the rows of w, r)."""
+    xp = xp_of(x)
+    cand = (label[:, None] * sub + xp.arange(sub)).ravel()
+    wu, _ = unit_rows(w.take(cand, axis=0), xp)
+    xu, _ = unit_rows(x, xp)
+    cos = xp.einsum("ikd,id->ik", wu.reshape(x.shape[0], sub, -1), xu)
+    r = cos.argmax(axis=1)
+    return label * sub + r, r
 
 
 class Targets(NamedTuple):

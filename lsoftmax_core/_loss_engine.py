@@ -29,6 +29,7 @@ The maths: docs/derivatives.md, "Cross-entropy" and "Class shards".
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -130,11 +131,19 @@ class LossEngine:
             raise TypeError(f"opts must be a lsoftmax_core.LossOptions, got {type(opts).__name__}")
         x, w = ops.arrays(x, w)
         p = check_arrays(x, w, label, opts.margin, opts.beta, dtypes=ops.dtypes)
-        start, total = check_shard(class_start, num_classes, p.c)
+        sub = opts.subcenters
+        if p.c % sub:
+            raise ValueError(
+                f"subcenters={sub} must divide w's rows: w.shape={tuple(w.shape)} (C·subcenters rows, class j's "
+                "centres rows j·subcenters ... j·subcenters + subcenters - 1)"
+            )
+        start, total = check_shard(class_start, num_classes, p.c // sub)
         plan = plan_chunks(
             p.n, p.c, p.dtype.itemsize, chunk_size=opts.chunk_size, chunking=opts.chunking,
             memory_budget=opts.memory_budget,
         )  # fmt: skip
+        if sub > 1 and plan.mode == "classes":  # a class's centres in one chunk
+            plan = ChunkPlan("classes", max(sub, plan.size - plan.size % sub))
         return x, w, p, plan, start, total
 
     @staticmethod
@@ -181,17 +190,22 @@ class LossEngine:
                 f"margin={p.family!r}: this backend's fused loss takes L-Softmax margins (an int or "
                 "LSoftmax) only; the layer (lsoftmax_core.forward) takes every kind"
             )
-        kind = p.family
+        kind, sub = p.family, opts.subcenters
         xn = _family.features(x, kind)
         scale = _family.column_scale(xn, w, kind)
         wn = w if scale is not None else _family.unit_weight(w, ops.xp)[0]
-        k = ops.bind(xn, wn, label, p, opts.ignore_index, start, total, op)
+        # bind sees classes (labels, shard), not w's rows
+        k = ops.bind(xn, wn, label, replace(p, c=p.c // sub), opts.ignore_index, start, total, op)
         rows = ops.xp.flatnonzero(k.owned)
-        lab = k.lab[rows]
+        lab, subidx = k.lab[rows], None
+        if sub > 1:  # the target class's centre: the largest cosine (the lowest on a tie)
+            lab, centre = _family.nearest_centre(x[rows], w, lab, sub)
+            subidx = ops.xp.zeros(p.n, dtype=lab.dtype)
+            subidx[rows] = centre
         t = _family.target_rows(x[rows], w.take(lab, axis=0), kind, p.beta)
         target = ops.xp.zeros(p.n)
         target[rows] = _family.target_logits(t, kind)
-        ops.set_family(k, target, scale)
+        ops.set_family(k, target, scale, sub, subidx)
         return k, _Family(kind, x, w, rows, lab, t, scale is not None), xn, wn
 
     # ------------------------------------------------------------ weights and reduction

@@ -20,12 +20,10 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .checks import check_beta, check_integer, check_margin, check_reduction, split_margin
 
-if TYPE_CHECKING:
-    from .margins import Margin
+from .margins import Margin
 
 __all__ = ["BUDGET_ENV", "CHUNKINGS", "DEFAULT_MEMORY_BUDGET", "ChunkPlan", "LossOptions", "plan_chunks"]
 
@@ -57,7 +55,7 @@ class LossOptions:
 
     >>> from lsoftmax_core import LossOptions
     >>> LossOptions(margin=3, reduction="sum")
-    LossOptions(margin=3, beta=0.0, reduction='sum', ignore_index=-100, chunk_size=None, chunking=None, memory_budget=None)
+    LossOptions(margin=3, beta=0.0, reduction='sum', ignore_index=-100, chunk_size=None, chunking=None, memory_budget=None, subcenters=1)
     """
 
     margin: int | Margin = 2
@@ -67,6 +65,7 @@ class LossOptions:
     chunk_size: int | None = None
     chunking: str | None = None
     memory_budget: int | None = None
+    subcenters: int = 1
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: the checked values replace the given ones once
@@ -81,6 +80,13 @@ class LossOptions:
             put(self, "chunking", _check_chunking(self.chunking))
         if self.memory_budget is not None:
             put(self, "memory_budget", check_integer("memory_budget", self.memory_budget, 1))
+        put(self, "subcenters", check_integer("subcenters", self.subcenters, 1, 1024))
+        if self.subcenters > 1 and not isinstance(self.margin, Margin):
+            raise ValueError(
+                f"subcenters={self.subcenters} needs a margin kind that normalises the weights (SphereFace, "
+                f"CosFace, ArcFace, CombinedMargin), whose class cosine is the largest of its centres'; got "
+                f"margin={self.margin!r} (L-Softmax)"
+            )
 
 
 @dataclass(frozen=True)

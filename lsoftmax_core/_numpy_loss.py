@@ -57,7 +57,7 @@ class _State:
     """One call's labels, targets and running results (the engine's ``k``)."""
 
     __slots__ = ("colscale", "g", "given", "grad_w", "grad_x", "lab", "lse", "m", "n_valid", "owned", "p", "se",
-                 "st", "target", "tgt", "tol", "valid", "w", "weights", "x")  # fmt: skip
+                 "st", "sub", "subidx", "target", "tgt", "tol", "valid", "w", "weights", "x")  # fmt: skip
 
     def __init__(self, p: Problem, x: Any, w: Any, valid: Any, owned: Any, lab: Any, st: Any) -> None:
         self.p, self.x, self.w, self.valid, self.owned, self.lab, self.st = p, x, w, valid, owned, lab, st
@@ -76,6 +76,8 @@ class _State:
         self.tol: Any = None  # with a given lse: how far a row's logit may exceed it (rounding)
         self.g = np.zeros(p.n)
         self.colscale: Any = None  # a kind that normalises w: 1/|w_j| per class (set_family)
+        self.sub = 1  # sub-centres per class, and each row's target centre (set_family)
+        self.subidx: Any = None
 
 
 def _exp_shifted(z: Any, want_sum: bool = True) -> tuple[F64, Any]:
@@ -108,11 +110,12 @@ class NumpyLossOps:
         return _State(p, x, w, valid, owned, lab, st)
 
     @staticmethod
-    def set_family(k: _State, target: F64, colscale: Any) -> None:
+    def set_family(k: _State, target: F64, colscale: Any, sub: int = 1, subidx: Any = None) -> None:
         """A kind that normalises: its target logits (float64, (N,)), and 1/|w_j| (w's dtype)
         to scale each chunk's columns by (logits x'·w_j/|w_j|; then G's columns, so that the
-        GEMMs with w give G·w^ and Gᵀ·x'/|w_j|), or None where w is already w^."""
-        k.target, k.colscale = target, colscale
+        GEMMs with w give G·w^ and Gᵀ·x'/|w_j|), or None where w is already w^; ``sub``
+        centres per class and each row's target centre ``subidx`` (intp, (N,))."""
+        k.target, k.colscale, k.sub, k.subidx = target, colscale, sub, subidx
 
     @staticmethod
     def check_lse(k: _State, lse: F64) -> None:
@@ -180,12 +183,48 @@ class NumpyLossOps:
             z[hit, cols] = k.target[rows][hit]
         return hit, cols
 
+    @staticmethod
+    def _pre(k: _State, z: Any, r0: int, k0: int) -> tuple[Any, Any]:
+        """The logits the softmax takes, from the GEMM's chunk ``z`` of w's rows k0..: for a
+        kind that normalises w, its columns scaled by 1/|w_j| (in place); with sub-centres,
+        each class's largest centre (a new (R, classes) array) and which centre that is, the
+        target's being the statistics' own centre (so that its plain and margin gradients go
+        to one row).  Otherwise z itself."""
+        if k.colscale is not None:
+            z *= k.colscale[k0 : k0 + z.shape[1]]
+        if k.sub == 1:
+            return z, None
+        zk = z.reshape(z.shape[0], -1, k.sub)
+        idx = zk.argmax(axis=2)  # the lowest centre on a tie
+        rows = slice(r0, r0 + z.shape[0])
+        c0 = k0 // k.sub
+        lab = k.lab[rows]
+        hit = np.flatnonzero(k.owned[rows] & (lab >= c0) & (lab < c0 + idx.shape[1]))
+        idx[hit, lab[hit] - c0] = k.subidx[rows][hit]
+        return np.take_along_axis(zk, idx[:, :, None], axis=2)[:, :, 0], idx
+
+    @staticmethod
+    def _post(k: _State, z: Any, zr: Any, idx: Any, k0: int) -> None:
+        """G of the softmax's logits back into the GEMM's chunk: with sub-centres each
+        class's entry to its chosen centre, 0 to the others; then scaled by 1/|w_j| again
+        (so that the GEMMs with w give G·w^ and Gᵀ·x'/|w_j|)."""
+        if idx is not None:
+            zk = z.reshape(z.shape[0], -1, k.sub)
+            zk[...] = 0
+            np.put_along_axis(zk, idx[:, :, None], zr[:, :, None], axis=2)
+        if k.colscale is not None:
+            z *= k.colscale[k0 : k0 + z.shape[1]]
+
     def rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
         """Rows [r0, r0 + R) with all classes: target logit and lse (unless given), and with
         ``grad`` z becomes G = weight·softmax - weight at the target."""
+        zr, idx = self._pre(k, z, r0, 0)
+        self._rows_chunk(k, zr, r0, grad=grad)
+        if grad:
+            self._post(k, z, zr, idx, 0)
+
+    def _rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
         rows = slice(r0, r0 + z.shape[0])
-        if k.colscale is not None:
-            z *= k.colscale
         hit, cols = self._targets(k, z, rows, 0)
         k.tgt[r0 + hit] = z[hit, cols]
         given = k.given if grad else None
@@ -209,14 +248,13 @@ class NumpyLossOps:
             wr = k.weights[rows]
             z[hit, cols] -= wr[hit].astype(z.dtype)
             k.g[r0 + hit] = z[hit, cols]
-            if k.colscale is not None:
-                z *= k.colscale
 
     def classes_lse(self, k: _State, z: Any, k0: int, *, first: bool) -> None:
-        """Classes k0.. for all rows: their (max, sum of exponentials) combined online."""
+        """Classes from w's row k0 on, for all rows: their (max, sum of exponentials)
+        combined online."""
         n = k.p.n
-        if k.colscale is not None:
-            z *= k.colscale[k0 : k0 + z.shape[1]]
+        z, _ = self._pre(k, z, 0, k0)
+        k0 //= k.sub
         hit, cols = self._targets(k, z, slice(0, n), k0)
         k.tgt[hit] = z[hit, cols]
         mk, sk = np.empty(n), np.empty(n)
@@ -233,25 +271,22 @@ class NumpyLossOps:
         k.lse = k.m + np.log(k.se)
 
     def classes_grad(self, k: _State, z: Any, k0: int) -> None:
-        """Classes k0.. for all rows: z becomes G from the rows' lse."""
+        """Classes from w's row k0 on, for all rows: z becomes G from the rows' lse."""
         n = k.p.n
-        cs = None if k.colscale is None else k.colscale[k0 : k0 + z.shape[1]]
-        if cs is not None:
-            z *= cs
-        hit, cols = self._targets(k, z, slice(0, n), k0)
+        zr, idx = self._pre(k, z, 0, k0)
+        hit, cols = self._targets(k, zr, slice(0, n), k0 // k.sub)
         lse = k.lse if k.given is None else k.given
 
         def part(i0: int, i1: int) -> None:
-            m, _ = _exp_shifted(z[i0:i1], want_sum=False)
+            m, _ = _exp_shifted(zr[i0:i1], want_sum=False)
             if k.given is not None:
                 self._check_max(k, m, slice(i0, i1))
-            z[i0:i1] *= (k.weights[i0:i1] * np.exp(m - lse[i0:i1])).astype(z.dtype)[:, None]  # softmax times the weight
+            zr[i0:i1] *= (k.weights[i0:i1] * np.exp(m - lse[i0:i1])).astype(zr.dtype)[:, None]  # softmax times the weight
 
-        _by_rows(n, z.shape[1] * z.itemsize, part)
-        z[hit, cols] -= k.weights[hit].astype(z.dtype)
-        k.g[hit] = z[hit, cols]
-        if cs is not None:
-            z *= cs
+        _by_rows(n, zr.shape[1] * zr.itemsize, part)
+        zr[hit, cols] -= k.weights[hit].astype(zr.dtype)
+        k.g[hit] = zr[hit, cols]
+        self._post(k, z, zr, idx, k0)
 
     @staticmethod
     def margin(k: _State) -> None:
