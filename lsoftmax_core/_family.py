@@ -69,8 +69,20 @@ def unit_weight(w: Any, xp: Any) -> tuple[Any, Any]:
     return out, norms
 
 
+#: Squared row norms inside these ranges were summed free of under- and overflow in the
+#: input dtype (the common case: one einsum, no float64 copy).
+_SAFE_SQ = {np.dtype(np.float16): (1e-2, 1e3), np.dtype(np.float32): (1e-30, 1e36),
+            np.dtype(np.float64): (1e-280, 1e280)}  # fmt: skip
+
+
 def weight_norms(w: Any, xp: Any) -> Any:
-    """|w_j| in float64, block by block."""
+    """|w_j| in float64: the squares summed in w's dtype where every row's sum is safely in
+    range, else row blocks scaled in float64 (:func:`unit_rows`)."""
+    lo, hi = _SAFE_SQ.get(np.dtype(w.dtype), (np.inf, -np.inf))
+    if w.shape[0] and w.shape[1]:
+        sq = xp.einsum("ij,ij->i", w, w).astype(np.float64)
+        if float(sq.min()) >= lo and float(sq.max()) <= hi:
+            return xp.sqrt(sq)
     norms = xp.empty(w.shape[0])
     step = _blocks(w.shape[0], w.shape[1]).step
     for j0 in range(0, w.shape[0], step):
@@ -92,22 +104,23 @@ def normalized(x: Any, w: Any, kind: Margin) -> tuple[Any, Any]:
     return features(x, kind), unit_weight(w, xp_of(w))[0] if kind.normalizes_weights else w
 
 
-def column_scale(xn: Any, w: Any, kind: Margin) -> Any:
-    """1/|w_j| in w's dtype (0 for a zero row) when the logits x'·w_j and their scaling by it
-    stay in the dtype's normal range for every row (then a fused loss multiplies each chunk's
-    columns by it instead of holding a normalised copy of w); None otherwise."""
+def column_scale(xn: Any, w: Any) -> tuple[Any, Any]:
+    """(1/|w_j| in w's dtype, 0 for a zero row; or None, |w_j| float64).  None unless the
+    logits x'·w_j and their scaling by 1/|w_j| stay in the dtype's normal range for every row;
+    a fused loss then multiplies each chunk's columns by it instead of holding a normalised
+    copy of w."""
     xp = xp_of(w)
     b = weight_norms(w, xp)
-    a = unit_rows(xn, xp)[1] if xn.shape[0] else xp.zeros(1)
+    a = xp.sqrt(xp.einsum("ij,ij->i", xn, xn).astype(np.float64)) if xn.shape[0] else xp.zeros(1)
     fmax, ftiny = float(np.finfo(w.dtype).max), float(np.finfo(w.dtype).tiny)
     big = float((b.max() if b.size else 0.0) * (a.max() if a.size else 0.0))
     pos_b, pos_a = b[b > 0.0], a[a > 0.0]
     small = float(pos_b.min() * pos_a.min()) if pos_b.size and pos_a.size else 1.0
     bmin = float(pos_b.min()) if pos_b.size else 1.0
     if not (big <= fmax * 1e-6 and small >= ftiny * 1e12 and 1.0 / bmin <= fmax * 1e-6):
-        return None
+        return None, b
     with np.errstate(divide="ignore"):
-        return xp.where(b > 0.0, 1.0 / b, 0.0).astype(w.dtype)
+        return xp.where(b > 0.0, 1.0 / xp.where(b > 0.0, b, 1.0), 0.0).astype(w.dtype), b
 
 
 def nearest_centre(x: Any, w: Any, label: Any, sub: int) -> tuple[Any, Any]:
@@ -136,13 +149,18 @@ class Targets(NamedTuple):
 
 
 def target_rows(x: Any, wy: Any, kind: Margin, beta: float) -> Targets:
-    """The statistics of the rows of x and of their label's weight rows ``wy``."""
+    """The statistics of the rows of x and of their label's weight rows ``wy``.  sin(theta)
+    is |w^ - c·x^|, computed from the rows: near theta = 0 and pi it keeps the relative
+    accuracy that sqrt((1 - c)(1 + c)) of a rounded c loses (and with it the angle
+    atan2(sin, c) and every derivative in theta)."""
     xp = xp_of(x)
     xu, a = unit_rows(x, xp)
     wu, b = unit_rows(wy, xp)
     c = xp.clip(xp.einsum("ij,ij->i", xu, wu), -1.0, 1.0)
-    phi, _, dphi = kind._parts(c)  # the kind's target function and d/dtheta (_margin_math)
-    sin = xp.sqrt((1.0 - c) * (1.0 + c))
+    v = wu - c[:, None] * xu
+    # A zero row has cosine 0 (theta = pi/2), whose sine the rows cannot give.
+    sin = xp.where((a > 0.0) & (b > 0.0), xp.minimum(xp.sqrt(xp.einsum("ij,ij->i", v, v)), 1.0), 1.0)
+    phi, _, dphi = kind._parts(c, sin)  # the kind's target function and d/dtheta (_margin_math)
     h = (beta * c + phi) / (1.0 + beta)
     dh = (-beta * sin + dphi) / (1.0 + beta)
     return Targets(a, b, c, h, dh, xu, wu)
@@ -219,36 +237,52 @@ def project_features(grad_x: Any, x: Any, kind: Margin) -> None:
     grad_x[...] = _times(scale, p, xp)
 
 
-def project_weights(grad_w: Any, w: Any, *, divided: bool) -> None:
-    """grad_w holds dL/dw' (w' = w^), or with ``divided`` dL/dw' / |w_j| (a fused loss that
-    scaled the columns): make it dL/dw = (u - (u·w^)·w^) [/ |w|], in place, block by block;
-    0 for a zero row."""
+#: Rows of grad_w projected at a time in w's dtype (a core's L2 cache of both).
+_PROJECT_BYTES = 1 << 18
+
+
+def project_weights(grad_w: Any, w: Any, *, divided: bool, norms: Any = None) -> None:
+    """grad_w holds u = dL/dw' (w' = w^), or with ``divided`` dL/dw' / |w_j| (a fused loss
+    that scaled the columns): make it dL/dw = a·(u - (u·w^)·w^) with a = 1/|w_j| or 1, i.e.
+    a·u - a·(u·w_j)/|w_j|²·w_j, in place; 0 for a zero row.  ``norms``: |w_j| if known.
+
+    Row blocks in w's dtype, the dot products summed there (as accurate as the GEMMs that made
+    u); a block whose coefficients leave the dtype's range is redone in float64 with unit rows."""
     xp = xp_of(w)
-    step = _blocks(w.shape[0], w.shape[1]).step
+    b = weight_norms(w, xp) if norms is None else norms
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = xp.where(b > 0.0, 1.0 / xp.where(b > 0.0, b, 1.0), 0.0)
+    a = inv if not divided else xp.where(b > 0.0, 1.0, 0.0)
+    fmax = float(np.finfo(w.dtype).max)
+    step = max(1, _PROJECT_BYTES // max(1, w.shape[1] * w.itemsize))
     for j0 in range(0, w.shape[0], step):
         blk = slice(j0, j0 + step)
-        wu, b = unit_rows(w[blk], xp)
-        u = grad_w[blk].astype(np.float64)
-        u -= xp.einsum("ij,ij->i", u, wu)[:, None] * wu
-        if not divided:
-            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-                inv = xp.where(b > 0.0, 1.0 / xp.where(b > 0.0, b, 1.0), 0.0)
-            u = _times(inv, u, xp)
-        else:
-            u[b == 0.0] = 0.0
-        grad_w[blk] = u
+        u, wb = grad_w[blk], w[blk]
+        with np.errstate(over="ignore", invalid="ignore"):
+            coef = xp.einsum("ij,ij->i", u, wb).astype(np.float64) * (a[blk] * inv[blk] * inv[blk])
+            scale = a[blk]
+            if bool(xp.all(xp.abs(coef) <= fmax)) and bool(xp.all(scale <= fmax)):
+                if not divided:
+                    u *= scale.astype(u.dtype)[:, None]
+                u -= coef.astype(u.dtype)[:, None] * wb
+                continue
+        # float64 with unit rows: (u - (u·w^)·w^)·a
+        wu, _ = unit_rows(wb, xp)
+        v = u.astype(np.float64)
+        v -= xp.einsum("ij,ij->i", v, wu)[:, None] * wu
+        grad_w[blk] = _times(a[blk], v, xp)
 
 
 def finish_grads(
     grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any, t: Targets, kind: Margin, *, divided: bool,
-    rows: Any = None,
+    rows: Any = None, norms: Any = None,
 ) -> None:  # fmt: skip
     """The plain normalised layer's gradients (dL/dx', dL/dw') in place into the kind's
     dL/dx, dL/dw: the projections, then the margin's terms of the rows ``rows`` (all rows
     when None; ``t`` and ``g`` are of those rows, ``label`` their rows of w)."""
     project_features(grad_x, x, kind)
     if kind.normalizes_weights:
-        project_weights(grad_w, w, divided=divided)
+        project_weights(grad_w, w, divided=divided, norms=norms)
     if g.shape[0] == 0:
         return
     q, r = margin_terms(t, g, kind)

@@ -108,6 +108,7 @@ class _Family(NamedTuple):
     lab: Any
     t: Any
     scaled: bool
+    norms: Any  # |w_j|, float64
 
 
 def _real_kind(a: Any) -> bool:
@@ -192,7 +193,7 @@ class LossEngine:
             )
         kind, sub = p.family, opts.subcenters
         xn = _family.features(x, kind)
-        scale = _family.column_scale(xn, w, kind)
+        scale, norms = _family.column_scale(xn, w)
         wn = w if scale is not None else _family.unit_weight(w, ops.xp)[0]
         # bind sees classes (labels, shard), not w's rows
         k = ops.bind(xn, wn, label, replace(p, c=p.c // sub), opts.ignore_index, start, total, op)
@@ -206,7 +207,7 @@ class LossEngine:
         target = ops.xp.zeros(p.n)
         target[rows] = _family.target_logits(t, kind)
         ops.set_family(k, target, scale, sub, subidx)
-        return k, _Family(kind, x, w, rows, lab, t, scale is not None), xn, wn
+        return k, _Family(kind, x, w, rows, lab, t, scale is not None, norms), xn, wn
 
     # ------------------------------------------------------------ weights and reduction
 
@@ -327,7 +328,8 @@ class LossEngine:
         f = c.fam
         if f is not None:
             _family.finish_grads(
-                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, f.t, f.kind, divided=f.scaled, rows=f.rows
+                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, f.t, f.kind, divided=f.scaled, rows=f.rows,
+                norms=f.norms,
             )  # fmt: skip
         return grad_x, grad_w
 
@@ -353,7 +355,7 @@ class LossEngine:
     ) -> tuple[Any, Any]:  # fmt: skip
         ops = self.ops_for(x, w, label)
         x, w, p, plan, start, total = self._check(ops, x, w, label, opts, class_start, num_classes)
-        sharded = total != p.c
+        sharded = total != p.c // opts.subcenters
         self._check_grad_loss(ops, grad_loss, p, opts.reduction)
         if lse is None and sharded:
             raise ValueError("lse (the rows' log-sum-exp over all num_classes classes) is required for a class shard")
@@ -397,6 +399,6 @@ class LossEngine:
         ops = self.ops_for(x, w, label)
         x, w, p, plan, start, total = self._check(ops, x, w, label, opts, class_start, num_classes)
         k, fam, xs, ws = self._bind(ops, x, w, label, p, opts, start, total, OP_FORWARD)
-        self._lse_pass(ops, _Call(p, opts, plan, xs, ws, k, total != p.c, fam))
+        self._lse_pass(ops, _Call(p, opts, plan, xs, ws, k, total != p.c // opts.subcenters, fam))
         ops.done()
         return k.lse, k.tgt

@@ -1,6 +1,8 @@
 """The target logit's scalar maths for each margin kind, vectorised over float64 cosines.
 
-Each function takes cosines c = cos(theta) already clamped to [-1, 1] and returns
+Each function takes cosines c = cos(theta) already clamped to [-1, 1] (and optionally
+sin(theta) computed more accurately than from c, e.g. as |w^ - c·x^| from the rows, with
+which the angle is atan2(sin, c): accurate near theta = 0 and pi, where acos(c) is not) and returns
 (phi, dphi/dc, dphi/dtheta): the margin's target function before beta blending, norms and
 scale, and its two derivatives.  The formulas, the continuations past the monotone range
 and the values at c = +-1: docs/derivatives.md, "The margin family".
@@ -32,21 +34,25 @@ def sin_theta(c: F64) -> F64:
     return np.sqrt((1.0 - c) * (1.0 + c))
 
 
-def lsoftmax_parts(c: F64, m: int) -> Parts:
+def _sin(c: F64, st: F64 | None) -> F64:
+    return sin_theta(c) if st is None else st
+
+
+def lsoftmax_parts(c: F64, m: int, st: F64 | None = None) -> Parts:
     """psi(c) = (-1)^k cos(m theta) - 2k, the kernels' own maths (lsoftmax_core._chebyshev).
 
     psi' = (-1)^k m U_{m-1}(c) is bounded (|psi'| <= m^2), so dpsi/dtheta = -sin(theta) psi'
     loses nothing."""
     psi, dpsi = psi_and_derivative(c, m)
-    return psi, dpsi, -sin_theta(c) * dpsi
+    return psi, dpsi, -_sin(c, st) * dpsi
 
 
-def cosface_parts(c: F64, m: float) -> Parts:
+def cosface_parts(c: F64, m: float, st: F64 | None = None) -> Parts:
     """phi(c) = c - m: monotone on all of [-1, 1], no continuation."""
-    return c - m, np.ones_like(c), -sin_theta(c)
+    return c - m, np.ones_like(c), -_sin(c, st)
 
 
-def arcface_parts(c: F64, m: float) -> Parts:
+def arcface_parts(c: F64, m: float, st: F64 | None = None) -> Parts:
     """phi = cos(theta + m) for theta <= pi - m, else cos(theta) - m sin(m).
 
     cos(theta + m) = c cos(m) - sin(theta) sin(m) needs no acos.  Past pi - m (c < -cos m) the
@@ -55,7 +61,7 @@ def arcface_parts(c: F64, m: float) -> Parts:
     by cos(m) + m sin(m) - 1 >= 0 at the threshold for m <= pi/2).
     """
     cm, sm = math.cos(m), math.sin(m)
-    st = sin_theta(c)
+    st = _sin(c, st)
     arc = c >= -cm  # theta <= pi - m
     phi = np.where(arc, c * cm - st * sm, c - m * sm)
     dtheta = np.where(arc, -(st * cm + c * sm), -st)  # -sin(theta + m), or -sin(theta)
@@ -67,7 +73,7 @@ def arcface_parts(c: F64, m: float) -> Parts:
     return phi, dc, dtheta
 
 
-def combined_parts(c: F64, m1: float, m2: float, m3: float) -> Parts:
+def combined_parts(c: F64, m1: float, m2: float, m3: float, st: F64 | None = None) -> Parts:
     """phi = (-1)^k cos(u) - 2k - m3 with u = m1 theta + m2 and k = floor(u/pi).
 
     On the monotone range u < pi (k = 0) this is InsightFace's cos(m1 theta + m2) - m3;
@@ -75,14 +81,14 @@ def combined_parts(c: F64, m1: float, m2: float, m3: float) -> Parts:
     (value and derivative agree from both sides, so which k a rounded u on j pi gets does
     not matter).
     """
-    theta = np.arccos(c)
+    theta = np.arccos(c) if st is None else np.arctan2(st, c)
     u = m1 * theta + m2
     k = np.floor(u / math.pi)
     sign = 1.0 - 2.0 * np.mod(k, 2.0)
     cos_u, sin_u = np.cos(u), np.sin(u)
     phi = sign * cos_u - 2.0 * k - m3
     dtheta = -sign * m1 * sin_u
-    st = sin_theta(c)
+    st = _sin(c, st)
     with np.errstate(divide="ignore", invalid="ignore"):
         dc = np.where(st > 0.0, -dtheta / np.where(st > 0.0, st, 1.0), 0.0)
     # At theta = 0 and pi, dphi/dc = sign m1 sin(u) / sin(theta) has the finite limit m1^2

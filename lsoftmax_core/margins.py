@@ -88,7 +88,8 @@ class Margin:
     def scale(self) -> float | None:
         return None
 
-    def _parts(self, c: F64) -> mm.Parts:
+    def _parts(self, c: F64, st: F64 | None = None) -> mm.Parts:
+        """(phi, dphi/dc, dphi/dtheta) at cosines c (clamped), with sin(theta) ``st`` if known."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,8 +125,8 @@ class _Multiplicative(Margin):
     def __post_init__(self) -> None:
         object.__setattr__(self, "m", check_integer(f"{type(self).__name__}: m", self.m, 1, MAX_MARGIN))
 
-    def _parts(self, c: F64) -> mm.Parts:
-        return mm.lsoftmax_parts(c, self.m)
+    def _parts(self, c: F64, st: F64 | None = None) -> mm.Parts:
+        return mm.lsoftmax_parts(c, self.m, st)
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,8 @@ class CosFace(_Cosine):
         self._check("m", 0.0, 2.0, open_low=True)
         self._check("s", 0.0, math.inf, open_low=True)
 
-    def _parts(self, c: F64) -> mm.Parts:
-        return mm.cosface_parts(c, self.m)
+    def _parts(self, c: F64, st: F64 | None = None) -> mm.Parts:
+        return mm.cosface_parts(c, self.m, st)
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,8 @@ class ArcFace(_Cosine):
         self._check("m", 0.0, math.pi / 2, open_low=True, open_high=False)
         self._check("s", 0.0, math.inf, open_low=True)
 
-    def _parts(self, c: F64) -> mm.Parts:
-        return mm.arcface_parts(c, self.m)
+    def _parts(self, c: F64, st: F64 | None = None) -> mm.Parts:
+        return mm.arcface_parts(c, self.m, st)
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,8 @@ class CombinedMargin(_Cosine):
         self._check("m3", 0.0, 2.0)
         self._check("s", 0.0, math.inf, open_low=True)
 
-    def _parts(self, c: F64) -> mm.Parts:
-        return mm.combined_parts(c, self.m1, self.m2, self.m3)
+    def _parts(self, c: F64, st: F64 | None = None) -> mm.Parts:
+        return mm.combined_parts(c, self.m1, self.m2, self.m3, st)
 
 
 _KINDS: dict[str, type[Margin]] = {cls.kind: cls for cls in (LSoftmax, SphereFace, CosFace, ArcFace, CombinedMargin)}
