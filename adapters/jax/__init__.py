@@ -12,6 +12,14 @@ core and says which backend runs them.  Every function runs on the CPU and on CU
 fused losses' CUDA path is the core's CuPy cross-entropy, through the same callback as the
 logits; not yet measured on a GPU).
 
+Margins.  ``margin=`` is an int m (L-Softmax; ``lsoftmax_core.LSoftmax(m)`` is the same
+path, bit for bit) or a margin object of the core (``SphereFace``, ``CosFace``, ``ArcFace``,
+``CombinedMargin``: docs/derivatives.md, "The margin family"), in every function.  It is
+static: margin objects are frozen, hashable and compare by value, so an equal object made
+anew re-uses a compiled computation.  The kinds that normalise have no per-sample
+statistics: :func:`lsoftmax` keeps no statistics residual for them and its backward calls
+the core with ``stats=None``; the losses hand the object to the core's loss functions.
+
 Modules: ``_bridge`` (checks, beta's encoding, the buffer callback and the zero-copy views),
 ``layer`` (:func:`lsoftmax`), ``loss`` (:func:`lsoftmax_cross_entropy`), ``parallel``
 (:func:`class_parallel_cross_entropy`, with its own docstring on sharding W).

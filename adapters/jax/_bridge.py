@@ -12,7 +12,7 @@ the package docstring says how.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +26,38 @@ from lsoftmax_core.checks import (
     check_integer,
     check_label_values,
     check_margin,
+    split_margin,
     supported_dtypes,
 )
+
+if TYPE_CHECKING:
+    from lsoftmax_core.margins import Margin
 
 # DLPack device types (dlpack.h), as reported by Buffer.__dlpack_device__().
 _DL_CPU = 1
 _DL_CUDA = 2
 
 _Callback = Callable[..., None]
+#: A resolved margin (:func:`_resolve_margin`): L-Softmax's int m, or the margin object of a
+#: kind that normalises.  Static under ``jit``: both are hashable and compare by value.
+StaticMargin = Union[int, "Margin"]
 #: ``core_call(kind, margin, options, outs, arrays, beta, xp)``: runs the core inside a callback.
-CoreCall = Callable[[str, int, Any, tuple[Any, ...], list[Any], float, Any], None]
+CoreCall = Callable[[str, StaticMargin, Any, tuple[Any, ...], list[Any], float, Any], None]
+
+
+def _resolve_margin(margin: object) -> StaticMargin:
+    """``margin`` as the static argument of the adapter's calls: an int m for L-Softmax (an
+    int, or ``LSoftmax(m)``: the same path, bits and compiled computation), else the margin
+    object (SphereFace, CosFace, ArcFace, CombinedMargin), which the core takes as it is.  A
+    bad value is the core's TypeError or ValueError naming margin."""
+    m, family = split_margin(margin)
+    return check_margin(m) if family is None else family
+
+
+def _has_stats(margin: StaticMargin) -> bool:
+    """Whether the core's forward returns per-sample statistics for ``margin`` (L-Softmax's
+    int m, NumPy backend); the kinds that normalise return None."""
+    return isinstance(margin, int)
 
 
 def _check_loss_options(reduction: object, ignore_index: object) -> tuple[str, int]:
@@ -53,7 +75,7 @@ class _Args(NamedTuple):
     label: jax.Array
     beta: jax.Array  # _beta_bits' words (bits=True) or the caller's jax scalar (bits=False)
     bits: bool
-    margin: int
+    margin: StaticMargin
 
 
 def _prepare(
@@ -62,7 +84,7 @@ def _prepare(
     """Every check that needs no data from the device, then the operands as jax arrays.
 
     ``ignore_index`` (the loss's): label values equal to it are allowed."""
-    m = check_margin(margin)
+    m = _resolve_margin(margin)
     beta_now = _check_concrete_beta(beta)
     for name, a in (("x", x), ("w", w), ("label", label)):
         if not isinstance(a, (jax.Array, np.ndarray)):
@@ -168,7 +190,7 @@ def _shape_dtype(a: Any) -> jax.ShapeDtypeStruct:
 
 
 def _call(
-    kind: str, margin: int, bits: bool, options: Any, outs: Any, *operands: jax.Array, core_call: CoreCall
+    kind: str, margin: StaticMargin, bits: bool, options: Any, outs: Any, *operands: jax.Array, core_call: CoreCall
 ) -> Any:
     """The ``kind`` of call of ``core_call`` on ``operands`` (beta last) as one buffer callback
     whose results are ``outs`` (ShapeDtypeStructs); see :func:`_callback`."""
@@ -177,7 +199,7 @@ def _call(
 
 
 @functools.cache
-def _callback(kind: str, margin: int, bits: bool, options: Any, core_call: CoreCall) -> _Callback:
+def _callback(kind: str, margin: StaticMargin, bits: bool, options: Any, core_call: CoreCall) -> _Callback:
     """One callback object per (kind, margin, bits, options, core_call): JAX caches compiled
     calls by its identity.  ``core_call(kind, margin, options, outs, arrays, beta, xp)`` runs
     the core on the device's views: ``outs`` XLA's result buffers to fill, ``arrays`` the
@@ -219,7 +241,7 @@ def _host_view(buf: Any) -> np.ndarray[Any, Any]:
 
 
 def _run_numpy(
-    kind: str, margin: int, bits: bool, options: Any, outs: tuple[Any, ...], operands: tuple[Any, ...],
+    kind: str, margin: StaticMargin, bits: bool, options: Any, outs: tuple[Any, ...], operands: tuple[Any, ...],
     core_call: CoreCall,
 ) -> None:  # fmt: skip
     *arrays, beta = (_host_view(b) for b in operands)
@@ -257,7 +279,7 @@ def _device_view(cupy: Any, buf: Any) -> Any:
 
 def _run_cupy(
     kind: str,
-    margin: int,
+    margin: StaticMargin,
     bits: bool,
     options: Any,
     ctx: Any,

@@ -1,18 +1,22 @@
-"""The L-Softmax logits as a JAX function: :func:`lsoftmax`, whose ``jax.custom_vjp`` runs
-the core's ``forward`` and ``backward`` in buffer callbacks (the rules: the package
+"""The margin layer's logits as a JAX function: :func:`lsoftmax`, whose ``jax.custom_vjp``
+runs the core's ``forward`` and ``backward`` in buffer callbacks (the rules: the package
 docstring).
 
 The logits and their gradients are written straight into XLA's output buffers (the core's
-``out=``).  Under differentiation the forward callback also returns the core's per-sample
-statistics (the uint32 words of a (STATS_ROWS, N) float64 array) as a residual, which the backward
-callback hands to ``core.backward(stats=)`` instead of computing them again (NumPy
-backend; the CuPy backend computes none and the residual goes unread).
+``out=``).  For L-Softmax (an int margin) under differentiation the forward callback also
+returns the core's per-sample statistics (the uint32 words of a (STATS_ROWS, N) float64
+array) as a residual, which the backward callback hands to ``core.backward(stats=)``
+instead of computing them again (NumPy backend; the CuPy backend computes none and the
+residual goes unread).  The kinds that normalise (SphereFace, CosFace, ArcFace,
+CombinedMargin) have no such statistics (the core's forward returns None): their forward
+under differentiation is the plain forward call, no residual is kept for them, and the
+backward calls the core with ``stats=None``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +24,24 @@ import numpy as np
 
 import lsoftmax_core as core
 
-from ._bridge import _call, _platform, _prepare, _shape_dtype
+from ._bridge import StaticMargin, _call, _has_stats, _platform, _prepare, _shape_dtype
+
+if TYPE_CHECKING:
+    from lsoftmax_core.margins import Margin
 
 __all__ = ["lsoftmax"]
 
 
-def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) -> jax.Array:
+def lsoftmax(x: Any, w: Any, label: Any, *, margin: int | Margin = 2, beta: Any = 0.0) -> jax.Array:
     """L-Softmax logits (N, C) of ``x`` (N, D) against class weights ``w`` (C, D), see
-    ``docs/derivatives.md``.
+    ``docs/derivatives.md``, or those of another margin kind.
 
     ``label`` (N,) holds integers in [0, C).  x and w are jax or NumPy arrays of the same
     dtype, one the backend for their device computes in (see the package docstring).
-    ``margin`` is a static Python int; ``beta`` a Python number (exact, checked now) or a
+    ``margin`` is static: a Python int m (L-Softmax's; ``LSoftmax(m)`` is the same) or a
+    margin object (``lsoftmax_core.SphereFace``, ``CosFace``, ``ArcFace``,
+    ``CombinedMargin``: that kind's logits, as the core's ``forward``; docs/derivatives.md,
+    "The margin family"); ``beta`` a Python number (exact, checked now) or a
     scalar jax array (traced: no recompile for a new value).  Differentiable in x and w
     with ``jax.grad``/``jax.vjp``; works under ``jit`` and ``vmap``.  Labels outside
     [0, C) are an error naming label: a ValueError at the call for NumPy labels; for jax
@@ -58,13 +68,13 @@ def lsoftmax(x: Any, w: Any, label: Any, *, margin: int = 2, beta: Any = 0.0) ->
 # margin and bits (whether beta is _beta_bits' words) are static.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _lsoftmax(
-    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: StaticMargin, bits: bool
 ) -> jax.Array:
     return _forward_call(x, w, label, beta, margin, bits)
 
 
 def _forward_call(
-    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: StaticMargin, bits: bool
 ) -> jax.Array:
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype)
     return _call("forward", margin, bits, (), out, x, w, label, beta, core_call=_layer_call)  # type: ignore[no-any-return]
@@ -77,8 +87,10 @@ def _stats_struct(x: jax.Array) -> jax.ShapeDtypeStruct:
 
 
 def _lsoftmax_fwd(
-    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: StaticMargin, bits: bool
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    if not _has_stats(margin):  # a kind that normalises: no statistics to keep
+        return _forward_call(x, w, label, beta, margin, bits), (x, w, label, beta, None)
     # Under differentiation the forward also returns the per-sample statistics (norms,
     # cosine, psi, psi'), which the backward then does not compute again.
     outs = (jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype), _stats_struct(x))
@@ -89,14 +101,19 @@ def _lsoftmax_fwd(
 
 
 def _lsoftmax_bwd(
-    margin: int, bits: bool, res: tuple[jax.Array, ...], grad_logits: jax.Array
+    margin: StaticMargin, bits: bool, res: tuple[Any, ...], grad_logits: jax.Array
 ) -> tuple[Any, ...]:
     x, w, label, beta, stats_bits = res
     outs = (_shape_dtype(x), _shape_dtype(w))
-    grad_x, grad_w = _call(
-        "backward_stats", margin, bits, (), outs, grad_logits, x, w, label, stats_bits, beta,
-        core_call=_layer_call,
-    )  # fmt: skip
+    if stats_bits is None:  # a kind that normalises: the core's backward with stats=None
+        grad_x, grad_w = _call(
+            "backward", margin, bits, (), outs, grad_logits, x, w, label, beta, core_call=_layer_call
+        )
+    else:
+        grad_x, grad_w = _call(
+            "backward_stats", margin, bits, (), outs, grad_logits, x, w, label, stats_bits, beta,
+            core_call=_layer_call,
+        )  # fmt: skip
     # No cotangent for the integer labels nor for beta (a constant, see lsoftmax).
     return grad_x, grad_w, None, None
 
@@ -105,7 +122,7 @@ _lsoftmax.defvjp(_lsoftmax_fwd, _lsoftmax_bwd)
 
 
 def _layer_call(
-    kind: str, margin: int, options: Any, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
+    kind: str, margin: StaticMargin, options: Any, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
 ) -> None:
     """The core's ``kind`` of call, its results written into ``outs`` (XLA's result buffers,
     views of the array module ``xp``: NumPy or CuPy) by forward/backward (``out=``)."""
@@ -117,6 +134,8 @@ def _layer_call(
         if stats is not None:  # NumPy: the (STATS_ROWS, N) float64 statistics as their uint32 words
             outs[1].view(np.float64).reshape(stats.shape)[...] = stats
         # CuPy computes none: the buffer is left unread (backward_stats ignores it there)
+    elif kind == "backward":  # no statistics (the kinds that normalise)
+        core.backward(*arrays, out=(outs[0], outs[1]), **kw)
     else:  # "backward_stats"
         *args, stats_bits = arrays
         stats = stats_bits.view(np.float64).reshape(stats_bits.shape[:2]) if xp is np else None

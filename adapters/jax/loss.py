@@ -11,7 +11,7 @@ stream); a 0-d loss is written into XLA's 0-d buffer.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,10 @@ import numpy as np
 
 import lsoftmax_core as core
 
-from ._bridge import _call, _check_loss_options, _copy_into, _platform, _prepare, _shape_dtype
+from ._bridge import StaticMargin, _call, _check_loss_options, _copy_into, _platform, _prepare, _shape_dtype
+
+if TYPE_CHECKING:
+    from lsoftmax_core.margins import Margin
 
 __all__ = ["lsoftmax_cross_entropy"]
 
@@ -33,7 +36,7 @@ def lsoftmax_cross_entropy(
     w: Any,
     label: Any,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: Any = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -43,8 +46,10 @@ def lsoftmax_cross_entropy(
     ``lsoftmax_core.cross_entropy`` without forming the (N, C) logits (the maths:
     ``docs/derivatives.md``, "Cross-entropy").
 
-    The arguments are :func:`lsoftmax`'s (``margin`` static, ``beta`` a Python number or a
-    traced scalar: no recompile for a new value; no gradient to beta) and
+    The arguments are :func:`lsoftmax`'s (``margin`` static: an int m for L-Softmax or a
+    margin object, e.g. ``lsoftmax_core.ArcFace(0.5, s=64.0)``, whose logits' cross-entropy
+    this then is; ``beta`` a Python number or a traced scalar: no recompile for a new value;
+    no gradient to beta) and
     ``torch.nn.functional.cross_entropy``'s: ``reduction`` "mean" (over the rows whose label
     is not ``ignore_index``; 0 when every row is ignored), "sum" (both 0-d) or "none" (N,);
     labels lie in [0, C) or equal ``ignore_index`` (those rows get loss 0, no margin, no
@@ -86,14 +91,14 @@ def _loss_struct(x: jax.Array, options: _Options) -> jax.ShapeDtypeStruct:
 # JAX calls this primal, which computes the loss alone.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _cross_entropy(
-    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool, options: _Options
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: StaticMargin, bits: bool, options: _Options
 ) -> jax.Array:
     out = _loss_struct(x, options)
     return _call("loss", margin, bits, options, out, x, w, label, beta, core_call=_loss_call)  # type: ignore[no-any-return]
 
 
 def _cross_entropy_fwd(
-    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: int, bits: bool, options: _Options
+    x: jax.Array, w: jax.Array, label: jax.Array, beta: jax.Array, margin: StaticMargin, bits: bool, options: _Options
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     loss = _loss_struct(x, options)
     if loss.shape:
@@ -114,7 +119,7 @@ def _cross_entropy_fwd(
 
 
 def _cross_entropy_bwd(
-    margin: int, bits: bool, options: _Options, res: tuple[jax.Array, ...], grad_loss: jax.Array
+    margin: StaticMargin, bits: bool, options: _Options, res: tuple[jax.Array, ...], grad_loss: jax.Array
 ) -> tuple[Any, ...]:
     if len(res) == 2:
         grad_x, grad_w = (grad_loss * g for g in res)
@@ -132,7 +137,7 @@ _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def _loss_call(
-    kind: str, margin: int, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
+    kind: str, margin: StaticMargin, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
 ) -> None:
     """The core's ``kind`` of loss call, its results copied into ``outs`` (XLA's result
     buffers, views of the array module ``xp``: NumPy or CuPy; the float64 lse as its uint32

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -85,10 +85,10 @@ from lsoftmax_core.checks import (
     check_integer,
     check_label_values,
     check_lse_values,
-    check_margin,
 )
 
 from ._bridge import (
+    StaticMargin,
     _beta_operand,
     _call,
     _check_concrete_beta,
@@ -96,7 +96,11 @@ from ._bridge import (
     _copy_into,
     _dtypes,
     _platform,
+    _resolve_margin,
 )
+
+if TYPE_CHECKING:
+    from lsoftmax_core.margins import Margin
 
 __all__ = ["class_parallel_cross_entropy"]
 
@@ -111,7 +115,7 @@ def class_parallel_cross_entropy(
     *,
     axis_name: Hashable,
     num_classes: int,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: Any = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -126,7 +130,10 @@ def class_parallel_cross_entropy(
     ``in_specs``, or each device's rows gathered with ``jax.lax.all_gather(..., tiled=True,
     to="invarying")`` as Partial FC does); labels are global class indices in
     [0, num_classes) or ``ignore_index``.  The rest is
-    :func:`lsoftmax_core.adapters.jax.lsoftmax_cross_entropy`'s: ``margin`` (static),
+    :func:`lsoftmax_core.adapters.jax.lsoftmax_cross_entropy`'s: ``margin`` (static: an int
+    for L-Softmax or a margin object such as ``lsoftmax_core.CosFace(0.35, s=64.0)``; the
+    kinds that normalise do so per shard, each row of W by its own norm, so the result is
+    the single-device loss's),
     ``beta`` (Python number or traced scalar), ``reduction`` ("mean" over the rows not
     ignored, "sum", or "none": (N,)), ``ignore_index``.  The loss is the same on every
     device of the axis and equals the single-device loss of the whole W; ``jax.grad``
@@ -157,7 +164,7 @@ def class_parallel_cross_entropy(
     """
     reduction, ignore = _check_loss_options(reduction, ignore_index)
     total = check_integer("num_classes", num_classes, 1)
-    m = check_margin(margin)
+    m = _resolve_margin(margin)
     beta_now = _check_concrete_beta(beta)
     for name, a in (("x", x), ("w_local", w_local), ("label", label)):
         if not isinstance(a, jax.Array):
@@ -242,7 +249,7 @@ def _loss(
     beta: jax.Array,
     start: jax.Array,
     axis_name: Hashable,
-    margin: int,
+    margin: StaticMargin,
     bits: bool,
     options: _Options,
     vma: bool,
@@ -257,7 +264,7 @@ def _loss_fwd(
     beta: jax.Array,
     start: jax.Array,
     axis_name: Hashable,
-    margin: int,
+    margin: StaticMargin,
     bits: bool,
     options: _Options,
     vma: bool,
@@ -290,7 +297,7 @@ def _loss_fwd(
 
 def _loss_bwd(
     axis_name: Hashable,
-    margin: int,
+    margin: StaticMargin,
     bits: bool,
     options: _Options,
     vma: bool,
@@ -324,7 +331,7 @@ _loss.defvjp(_loss_fwd, _loss_bwd)
 
 
 def _shard_call(
-    kind: str, margin: int, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
+    kind: str, margin: StaticMargin, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
 ) -> None:
     """The core's shard call on this device's rows of W that are classes (the rest is
     padding), its results copied into XLA's buffers ``outs``."""
