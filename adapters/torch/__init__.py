@@ -43,6 +43,16 @@ input instead.  Reading it on the host is free because it lives on the CPU.
 
 Gradients are first order (the backward operator has no derivative of its own).
 
+``margin=`` takes an int (L-Softmax, unchanged) or a margin object of the core
+(``lsoftmax_core.LSoftmax``, ``SphereFace``, ``CosFace``, ``ArcFace``,
+``CombinedMargin``), in every function and module.  The operators carry it as ``(margin,
+kind)``: ``(m, "")`` for L-Softmax, ``(1, the JSON of to_dict())`` for the other kinds, a
+constant of a compiled graph (the margin does not anneal; beta, a tensor, does).  On the
+CPU a kind that normalises runs the GEMMs on the core's normalised rows
+(:func:`lsoftmax_core.normalized`) and the core's ``add_margin``/``add_margin_grad`` as
+above; on CUDA the core's CuPy backend takes the layer, and its fused loss refuses the
+kinds other than L-Softmax for now (a TypeError).
+
 The fused loss (:func:`lsoftmax_cross_entropy`, :class:`LSoftmaxLoss`) is the core's
 :func:`lsoftmax_core.cross_entropy` behind three more custom operators, with the same
 beta, autocast and checking rules; it never holds the (N, C) logits.  On the CPU its GEMMs

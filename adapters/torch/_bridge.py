@@ -8,14 +8,75 @@ array the backend allocates drawn from PyTorch's caching allocator.
 
 from __future__ import annotations
 
+import functools
+import json
 from contextlib import ExitStack, nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lsoftmax_core.checks import check_beta
+from lsoftmax_core.checks import check_beta, check_margin, split_margin
+from lsoftmax_core.margins import Margin, margin_from_dict
+
+#: A resolved ``margin=``: L-Softmax's m as an int, or the object of a kind that normalises.
+Resolved = Union[int, Margin]
+
+
+def _resolve_margin(margin: object) -> Resolved:
+    """``margin=`` as the adapter passes it to the core: an int (or ``LSoftmax(m)``, the same
+    path bit for bit) becomes L-Softmax's checked int m; SphereFace, CosFace, ArcFace and
+    CombinedMargin stay the (already checked) objects; anything else is the core's
+    TypeError/ValueError naming margin."""
+    if type(margin) is int:  # the common case, as cheap as before
+        return check_margin(margin)
+    m, family = split_margin(margin)
+    return check_margin(m) if family is None else family  # type: ignore[no-any-return]
+
+
+def _margin_schema(margin: Resolved) -> tuple[int, str]:
+    """How the custom operators carry a resolved margin: ``(m, "")`` for L-Softmax, ``(1, kind)``
+    for the others, ``kind`` the JSON of ``to_dict()`` (a string is a constant of a compiled
+    graph; floats round-trip exactly through JSON).  Decoded by :func:`_margin_of_schema`."""
+    if isinstance(margin, Margin):
+        return 1, json.dumps(margin.to_dict(), sort_keys=True)
+    return margin, ""
+
+
+@torch.compiler.assume_constant_result
+def _margin_constant(margin: object) -> tuple[int, str]:
+    """:func:`_margin_schema` of a margin object, run by Dynamo at trace time as a constant
+    (it cannot trace ``json``); a compiled graph is specialised on the margin, which does
+    not anneal (beta, which does, is a tensor)."""
+    return _margin_schema(_resolve_margin(margin))
+
+
+def _margin_args(margin: object) -> tuple[int, str]:
+    """The operators' ``(margin, kind)`` arguments for a user's ``margin=`` (checked)."""
+    if type(margin) is int:
+        return check_margin(margin), ""
+    return _margin_constant(margin)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=64)
+def _margin_of_schema(margin: int, kind: str) -> Resolved:
+    """The inverse of :func:`_margin_schema`, in the operators' implementations (the core
+    checks an int margin; a kind is rebuilt and checked by ``margin_from_dict``)."""
+    if not kind:
+        return margin
+    try:
+        data = json.loads(kind)
+    except ValueError:
+        raise ValueError(f"kind={kind!r} must be the JSON of a margin's to_dict(), or '' for L-Softmax") from None
+    family = margin_from_dict(data)
+    resolved = _resolve_margin(family)
+    if resolved is not family or margin != 1:
+        raise ValueError(
+            f"margin={margin} with kind={kind!r}: the operators take L-Softmax as (margin=m, kind='') and the "
+            "other kinds as (margin=1, kind=the JSON of to_dict())"
+        )
+    return resolved
 
 
 def _as_numpy(name: str, t: Tensor) -> np.ndarray:

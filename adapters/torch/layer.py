@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_margin
+from lsoftmax_core.margins import Margin
 
 from ._bridge import (
+    Resolved,
     _autocast_cast,
     _beta_float,
     _beta_tensor,
@@ -27,17 +29,38 @@ from ._bridge import (
     _cpu_views,
     _dispatch_mode,
     _DtypeErrorsNameWeight,
+    _margin_args,
+    _margin_of_schema,
+    _margin_schema,
     _no_autocast,
+    _resolve_margin,
     _run,
 )
 
 __all__ = ["lsoftmax"]
 
 
-def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float) -> tuple[Tensor, Any]:
+def _operand(a: np.ndarray, view: np.ndarray, t: Tensor) -> Tensor:
+    """The tensor of a GEMM operand: ``t`` itself when the core's ``normalized`` returned its
+    view unchanged, else the new (normalised) array as a tensor, sharing its memory."""
+    if a is view:
+        return t
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only arrays
+
+
+def _operands(xa: np.ndarray, wa: np.ndarray, x: Tensor, weight: Tensor, margin: Resolved) -> tuple[Tensor, Tensor]:
+    """The rows the plain layer multiplies (the core's ``normalized``: x' = s x/|x| for the
+    cosine kinds, w' = w/|w| for SphereFace and the cosine kinds; L-Softmax: x and weight)."""
+    if not isinstance(margin, Margin):
+        return x, weight
+    xn, wn = _core.normalized(xa, wa, margin=margin)
+    return _operand(xn, xa, x), _operand(wn, wa, weight)
+
+
+def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: Resolved, b: float) -> tuple[Tensor, Any]:
     """The logits, and on the CPU what the backward can reuse (None on CUDA): the core's
-    checked problem (which holds the NumPy views of x, weight and label) and its per-sample
-    statistics."""
+    checked problem (which holds the NumPy views of x, weight and label), its per-sample
+    statistics (None for the kinds other than L-Softmax) and the GEMM's two operands."""
     if x.is_cpu:
         # The plain GEMM on torch's own BLAS and thread pool (NumPy's OpenBLAS workers
         # and torch's OpenMP workers fight over the cores when they alternate; and margin 1
@@ -45,15 +68,17 @@ def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: floa
         # the N target logits in place.  No autograd graph is recorded here (an
         # autograd.Function's forward and a custom op's implementation both run below
         # autograd); the detached aliases are for Tensor.numpy, which refuses the others.
+        # A kind that normalises multiplies the normalised rows (the core's ``normalized``).
         xd, wd = x.detach(), weight.detach()
         with _DtypeErrorsNameWeight(x, weight):
             xa, wa, la = _cpu_views(x=xd, weight=wd, label=label)
             checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b)  # once, before any GEMM
+        xt, wt = _operands(xa, wa, xd, wd, margin)
         with _no_autocast("cpu"):
-            logits = torch.mm(xd, wd.t())
+            logits = torch.mm(xt, wt.t())
         _, stats = _core.add_margin(logits.numpy(), xa, wa, la, margin=margin, beta=b, checked=checked,
                                     return_stats=True)  # fmt: skip
-        return logits, (checked, stats)
+        return logits, (checked, stats, xt, wt)
 
     def call(xa: Any, wa: Any, la: Any) -> Any:
         return _core.forward(xa, wa, la, margin=margin, beta=b)  # checks once, then computes
@@ -63,7 +88,7 @@ def _forward_impl(x: Tensor, weight: Tensor, label: Tensor, margin: int, b: floa
 
 
 def _backward_impl(
-    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, b: float, saved: Any = None
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: Resolved, b: float, saved: Any = None
 ) -> tuple[Tensor, Tensor]:
     """``saved``: what the forward of this call kept (CPU; its arguments and labels were
     checked there, and autograd refuses a backward after its saved tensors changed in
@@ -74,16 +99,21 @@ def _backward_impl(
             with _DtypeErrorsNameWeight(x, weight):
                 ga, xa, wa, la = _cpu_views(grad_logits=grad_logits, x=x, weight=weight, label=label)
                 checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
+            xt, wt = _operands(xa, wa, x.detach(), weight.detach(), margin)
         else:
-            forward_checked, stats = saved
+            forward_checked, stats, xt, wt = saved
             xa, wa, la, _ = forward_checked.inputs
             (ga,) = _cpu_views(grad_logits=grad_logits)
             checked = forward_checked.with_grad_logits(ga)  # grad_logits' shape and dtype only
+            if getattr(checked, "family", None) is not getattr(forward_checked, "family", None):
+                # lsoftmax_core's with_grad_logits does not carry the kind over yet: check again.
+                checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
         # Not autocast: a backward run inside an autocast region (loss.backward() under
-        # torch.autocast) computes in the forward's dtype too.
+        # torch.autocast) computes in the forward's dtype too.  A kind that normalises: the
+        # gradients of the normalised rows, which add_margin_grad turns into those of x, weight.
         with _no_autocast("cpu"):
-            grad_x = torch.mm(grad_logits, weight)
-            grad_w = torch.mm(grad_logits.t(), x)
+            grad_x = torch.mm(grad_logits, wt)
+            grad_w = torch.mm(grad_logits.t(), xt)
         _core.add_margin_grad(
             grad_x.numpy(), grad_w.numpy(), ga, xa, wa, la, margin=margin, beta=b, checked=checked, stats=stats
         )
@@ -97,13 +127,19 @@ def _backward_impl(
     return grad_x, grad_w
 
 
+# ``margin``/``kind``: L-Softmax as (m, ""), the other kinds as (1, the JSON of to_dict())
+# (_bridge._margin_schema); ``kind`` defaults to "" so that (x, weight, label, m, beta) is
+# still a call of the L-Softmax operator.
+
+
 @torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
-def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
-    return _forward_impl(x, weight, label, margin, float(beta))[0]  # beta: a CPU scalar, no device sync
+def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "") -> Tensor:
+    # beta: a CPU scalar, no device sync
+    return _forward_impl(x, weight, label, _margin_of_schema(margin, kind), float(beta))[0]
 
 
 @_forward_op.register_fake
-def _forward_fake(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor) -> Tensor:
+def _forward_fake(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "") -> Tensor:
     _check_same_dtype(x, weight)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -116,31 +152,33 @@ _forward_op.register_autocast("cuda", torch.float32)
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_backward", mutates_args=())
 def _backward_op(
-    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = ""
 ) -> tuple[Tensor, Tensor]:
-    return _backward_impl(grad_logits, x, weight, label, margin, float(beta))
+    return _backward_impl(grad_logits, x, weight, label, _margin_of_schema(margin, kind), float(beta))
 
 
 @_backward_op.register_fake
 def _backward_fake(
-    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = ""
 ) -> tuple[Tensor, Tensor]:
     _check_same_dtype(x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, label, margin, beta = inputs
+    x, weight, label, margin, beta, kind = inputs
     ctx.save_for_backward(x, weight, label, beta)
-    ctx.margin = margin
+    ctx.margin = (margin, kind)
 
 
-def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, weight, label, beta = ctx.saved_tensors
-    grad_x, grad_w = _backward_op(grad, x, weight, label, ctx.margin, beta)
+    margin, kind = ctx.margin
+    grad_x, grad_w = _backward_op(grad, x, weight, label, margin, beta, kind)
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         grad_w if ctx.needs_input_grad[1] else None,
+        None,
         None,
         None,
         None,
@@ -157,7 +195,7 @@ class _Eager(torch.autograd.Function):
     ``torch.compile`` the operators run instead (see :func:`lsoftmax`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, label: Tensor, margin: Resolved, beta: float) -> Tensor:
         logits, ctx.kept = _forward_impl(x, weight, label, margin, beta)
         ctx.save_for_backward(x, weight, label)  # autograd refuses a backward after in-place changes
         ctx.margin, ctx.beta = margin, beta
@@ -170,7 +208,8 @@ class _Eager(torch.autograd.Function):
             # create_graph=True: the backward operator, which has no derivative of its own, so
             # a second derivative fails loudly instead of silently missing the margin's terms.
             beta = torch.tensor(ctx.beta, dtype=torch.float64)
-            grad_x, grad_w = _backward_op(grad, x, weight, label, ctx.margin, beta)
+            m, kind = _margin_schema(ctx.margin)
+            grad_x, grad_w = _backward_op(grad, x, weight, label, m, beta, kind)
         else:
             grad_x, grad_w = _backward_impl(grad, x, weight, label, ctx.margin, ctx.beta, ctx.kept)
         ctx.kept = None
@@ -179,24 +218,29 @@ class _Eager(torch.autograd.Function):
 
 
 def lsoftmax(
-    x: Tensor, weight: Tensor, label: Tensor, *, margin: int = 2, beta: float | Tensor = 0.0
+    x: Tensor, weight: Tensor, label: Tensor, *, margin: int | Margin = 2, beta: float | Tensor = 0.0
 ) -> Tensor:
     """L-Softmax logits (N, C) with autograd, see ``docs/derivatives.md``.
 
     x: (N, D) float features; weight: (C, D) class weights (an ``nn.Linear`` weight), of
     x's dtype; label: (N,) integer class indices, all three on one device (CPU or CUDA).
-    Feed the result to ``F.cross_entropy(logits, label)`` for the L-Softmax loss.  beta
+    Feed the result to ``F.cross_entropy(logits, label)`` for the L-Softmax loss.
+    ``margin``: an int m is L-Softmax's (``lsoftmax_core.LSoftmax(m)`` is the same, bit for
+    bit); a margin object (``lsoftmax_core.SphereFace``, ``CosFace``, ``ArcFace``,
+    ``CombinedMargin``) gives that kind's logits, the core's
+    :func:`lsoftmax_core.forward` (docs/derivatives.md, "The margin family").  beta
     is a number >= 0 or a 0-d tensor (best on the CPU: it is read on the host).  Under
     ``torch.autocast`` float16/bfloat16 inputs are computed in float32 (see the module
     docstring).  No input is modified.  Errors are ValueError/TypeError naming the
     argument.
     """
     _check_tensors(x=x, weight=weight, label=label)
-    m = check_margin(margin)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None:
         # Graph capture records the operator: torch.jit.trace would record the eager Function
         # as a Python op (which a saved TorchScript module cannot hold), and a dispatch mode
         # (make_fx, fake tensors) would see its GEMM but not the NumPy work on the result.
-        return _forward_op(x, weight, label, m, _beta_tensor(beta))  # type: ignore[no-any-return]
+        m, kind = _margin_args(margin)
+        return _forward_op(x, weight, label, m, _beta_tensor(beta), kind)  # type: ignore[no-any-return]
+    resolved = _resolve_margin(margin)
     x, weight = _autocast_cast(x, weight)
-    return _Eager.apply(x, weight, label, m, _beta_float(beta))  # type: ignore[no-any-return]
+    return _Eager.apply(x, weight, label, resolved, _beta_float(beta))  # type: ignore[no-any-return]

@@ -14,15 +14,21 @@ import torch
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_integer, check_margin
+from lsoftmax_core.checks import check_integer
+from lsoftmax_core.margins import Margin
 
 from ._bridge import (
+    Resolved,
     _autocast_cast,
     _beta_float,
     _beta_tensor,
     _check_same_dtype,
     _check_tensors,
     _dispatch_mode,
+    _margin_args,
+    _margin_of_schema,
+    _margin_schema,
+    _resolve_margin,
     _run,
 )
 
@@ -67,8 +73,12 @@ def _run_loss(
         return _run(fn, **named)
 
 
-def _loss_kwargs(margin: int, beta: Tensor | float, reduction: str, ignore_index: int) -> dict[str, Any]:
+def _loss_kwargs(margin: Resolved, beta: Tensor | float, reduction: str, ignore_index: int) -> dict[str, Any]:
     return {"margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index}
+
+
+# The operators carry the margin as lsoftmax_forward does: ``margin``/``kind`` = (m, "") for
+# L-Softmax, (1, the JSON of to_dict()) for the other kinds; ``kind`` last, defaulting to "".
 
 
 def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
@@ -78,10 +88,11 @@ def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy", mutates_args=())
 def _loss_op(
-    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
+    kind: str = "",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(loss, lse): the loss and each row's float64 log-sum-exp, which the backward reuses."""
-    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind), beta, reduction, ignore_index)
 
     def call(xa: Any, wa: Any, ta: Any) -> Any:
         return _core.cross_entropy(xa, wa, ta, return_lse=True, **kw)
@@ -92,17 +103,19 @@ def _loss_op(
 
 @_loss_op.register_fake
 def _loss_op_fake(
-    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
+    kind: str = "",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     return _loss_fake(x, weight, reduction), x.new_empty((x.shape[0],), dtype=torch.float64)
 
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_cross_entropy_with_grad", mutates_args=())
 def _loss_with_grad_op(
-    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
+    kind: str = "",
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss, grad_x, grad_w) in one pass, "mean"/"sum": the gradients for an upstream 1."""
-    kw = _loss_kwargs(margin, beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind), beta, reduction, ignore_index)
 
     def call(xa: Any, wa: Any, ta: Any) -> Any:
         return _core.cross_entropy_with_grad(xa, wa, ta, **kw)
@@ -113,8 +126,9 @@ def _loss_with_grad_op(
 
 @_loss_with_grad_op.register_fake
 def _loss_with_grad_op_fake(
-    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
+    kind: str = "",
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     return _loss_fake(x, weight, reduction), x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
@@ -129,8 +143,10 @@ def _loss_backward_op(
     reduction: str,
     ignore_index: int,
     lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
+    kind: str = "",
 ) -> tuple[Tensor, Tensor]:
-    return _backward_impl(grad_loss, x, weight, target, _loss_kwargs(margin, beta, reduction, ignore_index), lse)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind), beta, reduction, ignore_index)
+    return _backward_impl(grad_loss, x, weight, target, kw, lse)
 
 
 def _backward_impl(
@@ -155,6 +171,7 @@ def _loss_backward_op_fake(
     reduction: str,
     ignore_index: int,
     lse: Optional[Tensor],  # noqa: UP045
+    kind: str = "",
 ) -> tuple[Tensor, Tensor]:
     _check_same_dtype(x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
@@ -168,7 +185,7 @@ for _op in (_loss_op, _loss_with_grad_op):
 
 def _input_grads(ctx: Any, grad_x: Tensor, grad_w: Tensor) -> tuple[Tensor | None, ...]:
     needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None, None)
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None, None, None)
 
 
 def _scaled(
@@ -196,7 +213,7 @@ def _scaled(
 
 def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     """Both forward operators: keep the inputs, and the (non-differentiable) extra outputs."""
-    x, weight, target, margin, beta, reduction, ignore_index = inputs
+    x, weight, target, margin, beta, reduction, ignore_index, kind = inputs
     extra = output[1:]  # lse, or the gradients for an upstream 1
     ctx.mark_non_differentiable(*extra)
     if len(extra) == 2:
@@ -207,14 +224,14 @@ def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor,
         ctx.grads = extra
     else:
         ctx.save_for_backward(x, weight, target, beta, *extra)
-    ctx.hyper = (margin, reduction, ignore_index)
+    ctx.hyper = (margin, reduction, ignore_index, kind)
 
 
 def _loss_backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
     x, weight, target, beta, lse = ctx.saved_tensors
-    margin, reduction, ignore_index = ctx.hyper
+    margin, reduction, ignore_index, kind = ctx.hyper
     grad_x, grad_w = _loss_backward_op(
-        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse
+        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse, kind
     )
     return _input_grads(ctx, grad_x, grad_w)
 
@@ -229,9 +246,9 @@ def _loss_with_grad_backward(
         # create_graph=True: the saved gradients are constants to autograd, so scaling them
         # would give silently wrong second derivatives.  The backward operator has no
         # derivative of its own: a double backward through it fails loudly instead.
-        margin, reduction, ignore_index = ctx.hyper
+        margin, reduction, ignore_index, kind = ctx.hyper
         grad_x, grad_w = _loss_backward_op(
-            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None
+            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None, kind
         )
         return _input_grads(ctx, grad_x, grad_w)
     # Traced (compile, AOT, fake or functional tensors): no in-place update of an output.
@@ -304,8 +321,9 @@ def _backward_via_op(
     grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor, kw: dict[str, Any], lse: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     beta = torch.tensor(kw["beta"], dtype=torch.float64)
+    margin, kind = _margin_schema(kw["margin"])
     return _loss_backward_op(  # type: ignore[no-any-return]
-        grad_loss, x, weight, target, kw["margin"], beta, kw["reduction"], kw["ignore_index"], lse
+        grad_loss, x, weight, target, margin, beta, kw["reduction"], kw["ignore_index"], lse, kind
     )
 
 
@@ -319,7 +337,7 @@ def lsoftmax_cross_entropy(
     weight: Tensor,
     target: Tensor,
     *,
-    margin: int = 2,
+    margin: int | Margin = 2,
     beta: float | Tensor = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -333,8 +351,9 @@ def lsoftmax_cross_entropy(
     integer class indices in [0, C), or ``ignore_index`` for a row that takes no part
     (no margin, no gradient; "mean" divides by the rows that are not ignored, and a batch
     with every row ignored gives 0 where torch gives NaN).  ``reduction``: "mean", "sum"
-    (0-d results) or "none" ((N,)).  ``margin``, ``beta`` and autocast as for
-    :func:`lsoftmax`.  The chunks' temporaries are sized from the core's memory budget
+    (0-d results) or "none" ((N,)).  ``margin`` (an int or a margin object), ``beta`` and
+    autocast as for :func:`lsoftmax`; on CUDA the core's fused loss takes L-Softmax margins
+    only for now (its TypeError for the other kinds is let through).  The chunks' temporaries are sized from the core's memory budget
     (the environment variable ``LSOFTMAX_CE_BUDGET``, default 64 MiB).
 
     For "mean"/"sum", when a gradient will be needed (grad mode on and x or weight
@@ -360,17 +379,18 @@ def lsoftmax_cross_entropy(
     [0.0, 0.0]
     """
     _check_tensors(x=x, weight=weight, target=target)
-    m = check_margin(margin)
+    capture = torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None
+    m, kind = _margin_args(margin) if capture else (_resolve_margin(margin), "")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
     with_grad = reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None:
+    if capture:
         # Graph capture records the operators (see lsoftmax_core.adapters.torch.layer).
         b = _beta_tensor(beta)
         if with_grad:
-            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore)[0]
-        return _loss_op(x, weight, target, m, b, reduction, ignore)[0]
+            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore, kind)[0]
+        return _loss_op(x, weight, target, m, b, reduction, ignore, kind)[0]
     # Eager: the operators' implementations without the custom-op dispatch (autocast as
     # their registered rule does it).
     x, weight = _autocast_cast(x, weight)

@@ -13,13 +13,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsoftmax_core.checks import check_beta, check_integer, check_margin
+from lsoftmax_core.checks import check_beta, check_integer
+from lsoftmax_core.margins import Margin, margin_from_dict, margin_of
 from lsoftmax_core.schedule import ConstantSchedule, Schedule, check_schedule, schedule_from_dict
 
+from ._bridge import _resolve_margin
 from .layer import lsoftmax
 from .loss import _REDUCTIONS, lsoftmax_cross_entropy
 
 __all__ = ["LSoftmaxLinear", "LSoftmaxLoss"]
+
+
+def _margin_state(margin: int | Margin) -> int | dict[str, Any]:
+    """A module's margin as its checkpoint keeps it: the int, or the object's ``to_dict()``."""
+    return margin.to_dict() if isinstance(margin, Margin) else margin
+
+
+def _margin_value(state: object) -> Margin:
+    """The margin a checkpoint's (or a module's) margin means, for a comparison by value
+    (an int m and ``LSoftmax(m)`` are the same margin); a TypeError/ValueError otherwise."""
+    return margin_from_dict(state) if isinstance(state, Mapping) else margin_of(state)
+
+
+def _plain_operands(x: Tensor, weight: Tensor, margin: int | Margin) -> tuple[Tensor, Tensor]:
+    """The rows a kind's plain logits multiply (the core's ``normalized``, in torch for
+    autograd): s x/|x| for the cosine kinds, w/|w| for SphereFace and the cosine kinds, a
+    zero row staying 0; x and weight themselves for L-Softmax."""
+    if isinstance(margin, Margin) and margin.normalizes_features:
+        x = F.normalize(x, dim=1) * margin.scale
+    if isinstance(margin, Margin) and margin.normalizes_weights:
+        weight = F.normalize(weight, dim=1)
+    return x, weight
 
 
 class _AnnealedHead(nn.Module):
@@ -33,7 +57,7 @@ class _AnnealedHead(nn.Module):
         self,
         sizes: dict[str, int],
         *,
-        margin: int,
+        margin: int | Margin,
         schedule: Schedule | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
@@ -43,7 +67,9 @@ class _AnnealedHead(nn.Module):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         in_features, out_features = (int(v) for v in sizes.values())
-        self.margin = check_margin(margin)
+        resolved = _resolve_margin(margin)  # the core's errors naming margin
+        #: L-Softmax's int m, or the margin object as given (LSoftmax(m) included).
+        self.margin: int | Margin = margin if isinstance(margin, Margin) else resolved
         self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
         # The iteration is a Python int, not a buffer: reading a device buffer to compute
         # beta would synchronise the GPU every step.  The current beta is mirrored in a
@@ -109,8 +135,9 @@ class _AnnealedHead(nn.Module):
             self._beta_tensor.fill_(self.beta)
 
     def _config(self) -> dict[str, Any]:
-        """Settings a checkpoint must agree with (saved in the extra state)."""
-        return {"margin": self.margin}
+        """Settings a checkpoint must agree with (saved in the extra state; a margin object
+        as its ``to_dict()``)."""
+        return {"margin": _margin_state(self.margin)}
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**self._config(), "iteration": self._iteration, "schedule": self._schedule.to_dict()}
@@ -128,7 +155,9 @@ class _AnnealedHead(nn.Module):
             )
         for key, own in self._config().items():
             saved = state.get(key, own)
-            if saved != own:
+            if key == "margin":
+                self._check_margin(saved)
+            elif saved != own:
                 raise ValueError(self._mismatch(key, saved, own))
         saved = state["schedule"]
         own = self._schedule.to_dict()
@@ -146,6 +175,19 @@ class _AnnealedHead(nn.Module):
         iteration = check_integer("iteration", state["iteration"], 0)
         self._check_beta_at(schedule, iteration)
         return iteration, schedule
+
+    def _check_margin(self, saved: Any) -> None:
+        """A checkpoint's margin (an int, or a margin's ``to_dict()``) must be this module's
+        by value; the error shows both as margins."""
+        try:
+            value = _margin_value(saved)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"checkpoint has margin={saved!r}, which is not a margin ({e}); this {self._noun} has "
+                f"margin={self.margin!r}"
+            ) from None
+        if value != _margin_value(self.margin):
+            raise ValueError(self._mismatch("margin", value if isinstance(saved, Mapping) else saved, self.margin))
 
     def set_extra_state(self, state: Any) -> None:
         iteration, schedule = self._restored(state)  # nothing changes on an error
@@ -196,6 +238,14 @@ class LSoftmaxLinear(_AnnealedHead):
     ``x @ weight.T`` and ignores ``target`` (the margin only shapes training; the paper
     classifies with the plain inner products).
 
+    ``margin``: an int (L-Softmax) or a margin object (``lsoftmax_core.SphereFace``,
+    ``CosFace``, ``ArcFace``, ``CombinedMargin``, ``LSoftmax``), kept as ``layer.margin``
+    and in ``state_dict`` (an object as its ``to_dict()``; a checkpoint of another margin is
+    refused).  For a kind that normalises, the eval logits are that kind's plain logits,
+    those of the normalised rows (``x @ normalize(weight).T`` for SphereFace,
+    ``s * normalize(x) @ normalize(weight).T`` for the cosine kinds): the training logits
+    without the margin.
+
     beta (lambda in the paper) follows ``schedule`` (default ``ConstantSchedule(0.0)``) as a
     function of ``layer.iteration``, the number of :meth:`step` calls: call ``layer.step()``
     once per optimizer step.  ``schedule`` is any :class:`lsoftmax_core.Schedule` (an
@@ -225,7 +275,7 @@ class LSoftmaxLinear(_AnnealedHead):
         in_features: int,
         out_features: int,
         *,
-        margin: int = 2,
+        margin: int | Margin = 2,
         schedule: Schedule | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -236,7 +286,7 @@ class LSoftmaxLinear(_AnnealedHead):
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         if not self.training:
-            return F.linear(x, self.weight)
+            return F.linear(*_plain_operands(x, self.weight, self.margin))
         if target is None:
             raise ValueError(
                 "target is required in training mode: call layer(x, target) with (N,) int64 class "
@@ -247,7 +297,7 @@ class LSoftmaxLinear(_AnnealedHead):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"margin={self.margin}, schedule={self._schedule!r}"
+            f"margin={self.margin!r}, schedule={self._schedule!r}"
         )
 
 
@@ -268,6 +318,11 @@ class LSoftmaxLoss(_AnnealedHead):
     beta (its lambda) with ``lsoftmax_core.InverseSchedule(base=1000, gamma=0.12, power=1,
     beta_min=5)``.  ``reduction`` and ``ignore_index`` as for :func:`lsoftmax_cross_entropy`.
 
+    ``margin``: an int (L-Softmax) or a margin object, as for :class:`LSoftmaxLinear`
+    (``margin=lsoftmax_core.SphereFace(4)`` normalises the rows in the core instead;
+    ``normalize_weight`` is then redundant).  On CUDA the core's fused loss takes L-Softmax
+    margins only for now (a TypeError for the other kinds).
+
     >>> import torch
     >>> import lsoftmax_core as lsm
     >>> from lsoftmax_core.adapters.torch import LSoftmaxLoss
@@ -287,7 +342,7 @@ class LSoftmaxLoss(_AnnealedHead):
         in_features: int,
         num_classes: int,
         *,
-        margin: int = 2,
+        margin: int | Margin = 2,
         schedule: Schedule | None = None,
         normalize_weight: bool = False,
         reduction: str = "mean",
@@ -316,16 +371,17 @@ class LSoftmaxLoss(_AnnealedHead):
         )  # fmt: skip
 
     def logits(self, x: Tensor) -> Tensor:
-        """The plain logits ``x @ weight.T`` (normalised rows with ``normalize_weight``), for
-        predictions: the margin only shapes training."""
-        return F.linear(x, self._weight())
+        """The plain logits ``x @ weight.T`` (normalised rows with ``normalize_weight``; a
+        kind that normalises: its own plain logits, as :class:`LSoftmaxLinear`'s eval mode),
+        for predictions: the margin only shapes training."""
+        return F.linear(*_plain_operands(x, self._weight(), self.margin))
 
     def _config(self) -> dict[str, Any]:
-        return {"margin": self.margin, "normalize_weight": self.normalize_weight}
+        return {"margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight}
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin}, "
+            f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin!r}, "
             f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
             f"schedule={self._schedule!r}"
         )

@@ -24,7 +24,8 @@ on C.  The collectives are this module's own (``torch.distributed.nn`` is not us
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -34,11 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_integer, check_margin, supported_dtypes
+from lsoftmax_core.checks import check_integer, supported_dtypes
+from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, LSoftmax, Margin, SphereFace, margin_of
 from lsoftmax_core.schedule import Schedule
 
-from ._bridge import _run
-from .modules import _AnnealedHead
+from ._bridge import Resolved, _resolve_margin, _run
+from .modules import _AnnealedHead, _margin_state, _plain_operands
 
 __all__ = ["ClassParallelLSoftmaxLoss"]
 
@@ -57,13 +59,47 @@ def _bits_float(code: int) -> float:
     return float(np.array(code, dtype=np.int64).view(np.float64))
 
 
+# A margin in full as int64s, for the error that names another rank's: its kind's index,
+# then its parameters' float64 bits (in the dataclass's order, zeros after the last).
+_MARGIN_KINDS: tuple[type[Margin], ...] = (LSoftmax, SphereFace, CosFace, ArcFace, CombinedMargin)
+_MARGIN_WIDTH = 1 + max(len(fields(kind)) for kind in _MARGIN_KINDS)  # type: ignore[arg-type]
+
+
+def _margin_code(margin: Resolved) -> int:
+    """One int64 that equals another rank's exactly when the margins are equal: L-Softmax's
+    m (>= 1), or minus one minus a 63-bit hash of another kind's :func:`_margin_codes`."""
+    if not isinstance(margin, Margin):
+        return margin
+    digest = hashlib.blake2b(np.array(_margin_codes(margin), dtype=np.int64).tobytes(), digest_size=8).digest()
+    return -1 - (int.from_bytes(digest, "little") >> 1)
+
+
+def _margin_codes(margin: Resolved) -> list[int]:
+    kind = margin_of(margin)
+    params = [_float_bits(float(getattr(kind, f.name))) for f in fields(kind)]  # type: ignore[arg-type]
+    return [_MARGIN_KINDS.index(type(kind)), *params, *[0] * (_MARGIN_WIDTH - 1 - len(params))]
+
+
+def _margin_of_codes(codes: list[int]) -> Resolved:
+    """The inverse of :func:`_margin_codes`, L-Softmax as its int m (as the margin is resolved)."""
+    kind = _MARGIN_KINDS[codes[0]]
+    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    values: list[Any] = [_bits_float(c) for c in codes[1 : 1 + len(names)]]
+    if kind in (LSoftmax, SphereFace):
+        values = [int(v) for v in values]
+    margin = kind(**dict(zip(names, values)))
+    return margin.m if isinstance(margin, LSoftmax) else margin  # type: ignore[attr-defined]
+
+
 # Every setting that changes the loss, which all ranks must share (a rank that missed a
 # step() has another beta), with its int64 code for the all-gather and the way back to the
 # value an error shows (beta by its float64 bits: compared exactly).  This is the one list:
 # a setting added here (and to _Call) is checked, gathered, compared and named in the error.
+# The margin's code is L-Softmax's m, or a 63-bit hash of another kind's parameters (the
+# ranks then gather the parameters themselves to name the values: see _margin_code).
 _SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = (
     ("num_classes", int, int),
-    ("margin", int, int),
+    ("margin", _margin_code, int),
     ("normalize_weight", int, bool),
     ("ignore_index", int, int),
     ("beta", _float_bits, _bits_float),
@@ -72,6 +108,7 @@ _SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = 
     # them waiting in its reduce-scatter (grad mode on, and x or the weight requiring grad).
     ("needs_grad", int, bool),
 )
+_MARGIN = [name for name, _, _ in _SETTINGS].index("margin")
 # What each rank reports before any data moves: a problem found on its own input or
 # settings (0: none, 1: TypeError, 2: ValueError), its batch size, its feature size and its
 # dtype's code, then the codes of the settings.
@@ -99,7 +136,7 @@ class _Call:
     rank: int
     num_classes: int
     class_start: int
-    margin: int
+    margin: Resolved  # the module's margin, resolved by _setting_codes
     normalize_weight: bool
     beta: float
     reduction: str
@@ -146,7 +183,7 @@ def _setting_codes(call: _Call) -> list[int]:
         raise ValueError(f"reduction={call.reduction!r} must be one of {_REDUCTIONS}")
     if not isinstance(call.normalize_weight, bool):
         raise TypeError(f"normalize_weight={call.normalize_weight!r} must be a bool")
-    check_margin(call.margin)
+    call.margin = _resolve_margin(call.margin)  # the int or the kind the core is given
     check_integer("ignore_index", call.ignore_index, -(2**63), 2**63 - 1)
     return [encode(getattr(call, name)) for name, encode, _ in _SETTINGS]
 
@@ -171,6 +208,16 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
     call.note("all_gather sizes", every)
     _all_gather(every, local, group=call.group)
     table = every.view(call.world_size, _META).tolist()
+    margins = None
+    if len({row[4 + _MARGIN] for row in table if row[0] == 0}) > 1:
+        # The ranks disagree on the margin (every rank sees it in the same table): gather the
+        # margins in full, so that the error can name them (an error path only).
+        full = _margin_codes(call.margin) if ok else [0] * _MARGIN_WIDTH
+        local = torch.tensor(full, dtype=torch.int64, device=weight.device)
+        gathered = torch.empty(call.world_size * _MARGIN_WIDTH, dtype=torch.int64, device=weight.device)
+        call.note("all_gather margins", gathered)
+        _all_gather(gathered, local, group=call.group)
+        margins = gathered.view(call.world_size, _MARGIN_WIDTH).tolist()
     if problem is not None:
         raise problem
     for r, (code, _, d, dt, *settings) in enumerate(table):
@@ -187,6 +234,8 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
         for (name, _, decode), own, theirs in zip(_SETTINGS, own_settings, settings):
             if own != theirs:
                 own_value, their_value = decode(own), decode(theirs)
+                if name == "margin" and margins is not None:
+                    own_value, their_value = call.margin, _margin_of_codes(margins[r])
                 raise ValueError(
                     f"every rank's ClassParallelLSoftmaxLoss must have the same {name}: rank {call.rank} has "
                     f"{name}={own_value!r}, rank {r} has {name}={their_value!r} (same arguments on every rank, step() "
@@ -341,7 +390,10 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
     ["<path>.weight"])`` before wrapping.
 
-    beta follows ``schedule`` as in :class:`LSoftmaxLinear` (:meth:`step` once per
+    ``margin``: an int (L-Softmax) or a margin object (``lsoftmax_core.SphereFace``,
+    ``CosFace``, ``ArcFace``, ``CombinedMargin``), as in :class:`LSoftmaxLoss`; the ranks
+    compare their margins by value (CPU; on CUDA the core's fused loss takes L-Softmax
+    only for now).  beta follows ``schedule`` as in :class:`LSoftmaxLinear` (:meth:`step` once per
     optimizer step, on every rank).  ``normalize_weight=True`` normalises the shard's rows
     (exact: a row's norm is local to its shard), as in :class:`LSoftmaxLoss`.  Under
     ``torch.autocast`` float16/bfloat16 features are computed in float32.
@@ -379,7 +431,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         in_features: int,
         num_classes: int,
         *,
-        margin: int = 2,
+        margin: int | Margin = 2,
         schedule: Schedule | None = None,
         normalize_weight: bool = False,
         reduction: str = "mean",
@@ -458,15 +510,16 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
 
     def logits(self, x: Tensor) -> Tensor:
         """This rank's chunk of the plain logits, ``x @ weight.T`` (N, num_local), for
-        classes ``[class_start, class_stop)``; no collective."""
-        return F.linear(x, self._weight())
+        classes ``[class_start, class_stop)`` (a kind that normalises: its own plain logits,
+        as :meth:`LSoftmaxLoss.logits`); no collective."""
+        return F.linear(*_plain_operands(x, self._weight(), self.margin))
 
     # Checkpoints ---------------------------------------------------------------------------
 
     def _config(self) -> dict[str, Any]:
         return {
-            "margin": self.margin, "normalize_weight": self.normalize_weight, "num_classes": self.num_classes,
-            "class_start": self.class_start, "class_stop": self.class_stop,
+            "margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight,
+            "num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop,
         }  # fmt: skip
 
     def _mismatch(self, key: str, saved: Any, own: Any) -> str:
@@ -481,8 +534,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     def _full_extra_state(self) -> dict[str, Any]:
         """The extra state of a full checkpoint: what :class:`LSoftmaxLoss` saves."""
         return {
-            "margin": self.margin, "normalize_weight": self.normalize_weight, "iteration": self.iteration,
-            "schedule": self.schedule.to_dict(),
+            "margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight,
+            "iteration": self.iteration, "schedule": self.schedule.to_dict(),
         }  # fmt: skip
 
     def full_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
@@ -585,7 +638,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, classes=[{self.class_start}, "
-            f"{self.class_stop}) of rank {self.rank}/{self.world_size}, margin={self.margin}, "
+            f"{self.class_stop}) of rank {self.rank}/{self.world_size}, margin={self.margin!r}, "
             f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, schedule={self._schedule!r}"
         )
 
