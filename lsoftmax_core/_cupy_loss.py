@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import _cupy_loss_plan as loss_plan
+from . import _family
 from . import _cupy_plan as plan
 from ._loss_engine import LossEngine
 from .checks import Problem
@@ -49,15 +50,26 @@ Gemm = Callable[[Any, Any, Any], Any]  # gemm(a, b, out): out = a @ b
 class _State:
     """One call's bound launches (``call.values`` holds its device arrays)."""
 
-    __slots__ = ("call", "given", "n_valid", "safe_label", "tmp", "valid")
+    __slots__ = ("call", "colscale", "given", "lab", "n_valid", "owned", "safe_label", "sub", "subidx", "tmp",
+                 "valid")  # fmt: skip
 
-    def __init__(self, call: loss_plan.LossCall, valid: Any, n_valid: Any, safe_label: Any) -> None:
+    def __init__(self, call: loss_plan.LossCall, valid: Any, n_valid: Any, safe_label: Any, owned: Any) -> None:
         self.call, self.valid, self.n_valid = call, valid, n_valid
         # The labels the margin kernels read: ``call.values["label"]`` itself, or on a class
         # shard a copy whose rows without a target here point at class 0 (their g_i is 0).
         self.safe_label = safe_label
+        # The rows whose target class is w's (``lab``, 0 elsewhere), for a kind that normalises.
+        self.owned, self.lab = owned, safe_label
         self.given = False
         self.tmp: dict[tuple[int, ...], Any] = {}
+        self.colscale: Any = None  # a kind that normalises: see set_family
+        self.sub = 1
+        self.subidx: Any = None
+
+    @property
+    def g(self) -> Any:
+        """The target entries of G (float64, (N,)), from the gradient chunks."""
+        return self.call.values["gvec"]
 
     @property
     def tgt(self) -> Any:
@@ -125,14 +137,33 @@ class CupyLossOps:
                 # are int32/int64); the target and margin kernels keep class 0 (a valid
                 # index; g_i = 0 there).
                 v["label"] = xp.where(valid, safe, -1).astype(safe.dtype, copy=False)
-            return _State(call, valid, n_valid, safe)
+            return _State(call, valid, n_valid, safe, valid)
         if p.n:
             self.run(call.check_labels(total))  # v["label"] holds the global labels here
             v["label"] = safe
             if p.margin > 1:
                 self.run(call.targets())
         v["label"] = local
-        return _State(call, valid, n_valid, safe)
+        return _State(call, valid, n_valid, safe, owned)
+
+    def set_family(self, k: _State, target: Any, colscale: Any, sub: int = 1, subidx: Any = None) -> None:
+        """A kind that normalises (as the NumPy ops' ``set_family``): the chunks write its
+        target logits; each chunk's columns are scaled by ``colscale`` and its sub-centres
+        reduced around the kernels (:func:`._family.chunk_logits`)."""
+        k.call.values["target"] = self.xp.ascontiguousarray(target, dtype=np.float64)
+        k.call.has_target = True
+        k.colscale, k.sub, k.subidx = colscale, sub, subidx
+
+    @staticmethod
+    def _pre(k: _State, z: Any, r0: int, k0: int) -> tuple[Any, Any]:
+        if k.colscale is None and k.sub == 1:
+            return z, None
+        return _family.chunk_logits(z, k.colscale, k.sub, k.owned, k.lab, k.subidx, r0, k0)
+
+    @staticmethod
+    def _post(k: _State, z: Any, zr: Any, idx: Any, k0: int) -> None:
+        if k.colscale is not None or idx is not None:
+            _family.chunk_grads(z, zr, idx, k.colscale, k.sub, k0)
 
     @staticmethod
     def check_lse(k: _State, lse: Any) -> None:
@@ -161,16 +192,21 @@ class CupyLossOps:
             v["lse"] = lse  # the gradient kernel reads it instead of the chunks' own
 
     def rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
+        zr, idx = self._pre(k, z, r0, 0)
         if not (grad and k.given):
-            self.run(k.call.chunk_lse(z, r0, 0, first=True))
+            self.run(k.call.chunk_lse(zr, r0, 0, first=True))
         if grad:
-            self.run(k.call.chunk_grad(z, r0, 0))
+            self.run(k.call.chunk_grad(zr, r0, 0))
+            self._post(k, z, zr, idx, 0)
 
     def classes_lse(self, k: _State, z: Any, k0: int, *, first: bool) -> None:
-        self.run(k.call.chunk_lse(z, 0, k0, first=first))
+        zr, _ = self._pre(k, z, 0, k0)
+        self.run(k.call.chunk_lse(zr, 0, k0 // k.sub, first=first))
 
     def classes_grad(self, k: _State, z: Any, k0: int) -> None:
-        self.run(k.call.chunk_grad(z, 0, k0))
+        zr, idx = self._pre(k, z, 0, k0)
+        self.run(k.call.chunk_grad(zr, 0, k0 // k.sub))
+        self._post(k, z, zr, idx, k0)
 
     def margin(self, k: _State) -> None:
         """The margin's own gradient terms, after the chunks (which read the shard-local labels)."""

@@ -81,11 +81,14 @@ class LossCall:
     w[classes].T``: ``chunk_lse`` (online log-sum-exp) and/or ``chunk_grad`` (z becomes the
     chunk of G); after the gradient GEMMs, ``margin(workspace)``."""
 
-    __slots__ = ("label_dtype", "op", "p", "values")
+    __slots__ = ("has_target", "label_dtype", "op", "p", "values")
 
     def __init__(self, p: Problem, values: dict[str, Any], label_dtype: np.dtype[Any], op: int) -> None:
         self.p = p
         self.values = values
+        # The chunks write ``target`` into their target entries: L-Softmax's margin > 1, and
+        # a kind that normalises (its targets set by the loss after the label check).
+        self.has_target = p.margin > 1
         self.label_dtype = label_dtype
         self.op = op
 
@@ -107,7 +110,7 @@ class LossCall:
             head += ("tgt", "run_m", "run_s", "lse")
         else:
             head += ("lse", "weight", "gvec")
-        tail = (i64(r0), i64(k0), i64(classes), i64(self.p.c), i64(self.p.margin > 1), *extra)
+        tail = (i64(r0), i64(k0), i64(classes), i64(self.p.c), i64(self.has_target), *extra)
         return Launch(kernel_name(kind, self.p.dtype, self.label_dtype), (rows, 1), head + tail)
 
     def chunk_lse(self, z: Any, r0: int, k0: int, *, first: bool) -> Call:

@@ -22,7 +22,7 @@ import numpy as np
 from .margins import Margin
 
 __all__ = [
-    "Targets", "column_scale", "features", "finish_grads", "nearest_centre", "layer_add_margin", "layer_add_margin_grad", "layer_backward",
+    "Targets", "chunk_grads", "chunk_logits", "column_scale", "features", "finish_grads", "nearest_centre", "layer_add_margin", "layer_add_margin_grad", "layer_backward",
     "layer_forward", "normalized", "target_rows", "unit_rows",
 ]  # fmt: skip
 
@@ -133,6 +133,44 @@ def nearest_centre(x: Any, w: Any, label: Any, sub: int) -> tuple[Any, Any]:
     cos = xp.einsum("ikd,id->ik", wu.reshape(x.shape[0], sub, -1), xu)
     r = cos.argmax(axis=1)
     return label * sub + r, r
+
+
+def chunk_logits(
+    z: Any, colscale: Any, sub: int, owned: Any, lab: Any, subidx: Any, r0: int, k0: int
+) -> tuple[Any, Any]:  # fmt: skip
+    """The logits a fused loss's softmax takes, from its GEMM's chunk ``z`` (rows r0.., w's
+    rows k0..): columns scaled by 1/|w_j| in place (``colscale``, or None), and with ``sub``
+    centres per class each class's largest one (a new (rows, classes) array) and which
+    centre that is, the target class's being the statistics' own (``subidx``), so that its
+    plain and margin gradients reach one row.  (z, None) without sub-centres."""
+    xp = xp_of(z)
+    if colscale is not None:
+        z *= colscale[k0 : k0 + z.shape[1]]
+    if sub == 1:
+        return z, None
+    zk = z.reshape(z.shape[0], -1, sub)
+    idx = zk.argmax(axis=2)  # the lowest centre on a tie
+    rows = slice(r0, r0 + z.shape[0])
+    c0 = k0 // sub
+    lab_r = lab[rows]
+    hit = xp.flatnonzero(owned[rows] & (lab_r >= c0) & (lab_r < c0 + idx.shape[1]))
+    idx[hit, lab_r[hit] - c0] = subidx[rows][hit]
+    r, c = xp.arange(idx.shape[0])[:, None], xp.arange(idx.shape[1])[None, :]
+    return xp.ascontiguousarray(zk[r, c, idx]), idx
+
+
+def chunk_grads(z: Any, zr: Any, idx: Any, colscale: Any, sub: int, k0: int) -> None:
+    """G of :func:`chunk_logits`' logits back into the GEMM's chunk ``z``: with sub-centres
+    each class's entry to its chosen centre and 0 to the others; then the columns scaled by
+    1/|w_j| again, so that the GEMMs with w give G·w^ and Gᵀ·x'/|w_j|."""
+    xp = xp_of(z)
+    if idx is not None:
+        zk = z.reshape(z.shape[0], -1, sub)
+        zk[...] = 0
+        r, c = xp.arange(idx.shape[0])[:, None], xp.arange(idx.shape[1])[None, :]
+        zk[r, c, idx] = zr
+    if colscale is not None:
+        z *= colscale[k0 : k0 + z.shape[1]]
 
 
 class Targets(NamedTuple):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from . import _cblas
+from . import _cblas, _family
 from ._loss_engine import LossEngine
 from ._numpy_backend import DTYPES, add_margin_terms, stats, target_logits
 from .checks import Problem, check_label_values, check_lse_values
@@ -185,35 +185,16 @@ class NumpyLossOps:
 
     @staticmethod
     def _pre(k: _State, z: Any, r0: int, k0: int) -> tuple[Any, Any]:
-        """The logits the softmax takes, from the GEMM's chunk ``z`` of w's rows k0..: for a
-        kind that normalises w, its columns scaled by 1/|w_j| (in place); with sub-centres,
-        each class's largest centre (a new (R, classes) array) and which centre that is, the
-        target's being the statistics' own centre (so that its plain and margin gradients go
-        to one row).  Otherwise z itself."""
-        if k.colscale is not None:
-            z *= k.colscale[k0 : k0 + z.shape[1]]
-        if k.sub == 1:
+        """The logits the softmax takes (:func:`._family.chunk_logits`; z itself for L-Softmax)."""
+        if k.colscale is None and k.sub == 1:
             return z, None
-        zk = z.reshape(z.shape[0], -1, k.sub)
-        idx = zk.argmax(axis=2)  # the lowest centre on a tie
-        rows = slice(r0, r0 + z.shape[0])
-        c0 = k0 // k.sub
-        lab = k.lab[rows]
-        hit = np.flatnonzero(k.owned[rows] & (lab >= c0) & (lab < c0 + idx.shape[1]))
-        idx[hit, lab[hit] - c0] = k.subidx[rows][hit]
-        return np.take_along_axis(zk, idx[:, :, None], axis=2)[:, :, 0], idx
+        return _family.chunk_logits(z, k.colscale, k.sub, k.owned, k.lab, k.subidx, r0, k0)
 
     @staticmethod
     def _post(k: _State, z: Any, zr: Any, idx: Any, k0: int) -> None:
-        """G of the softmax's logits back into the GEMM's chunk: with sub-centres each
-        class's entry to its chosen centre, 0 to the others; then scaled by 1/|w_j| again
-        (so that the GEMMs with w give G·w^ and Gᵀ·x'/|w_j|)."""
-        if idx is not None:
-            zk = z.reshape(z.shape[0], -1, k.sub)
-            zk[...] = 0
-            np.put_along_axis(zk, idx[:, :, None], zr[:, :, None], axis=2)
-        if k.colscale is not None:
-            z *= k.colscale[k0 : k0 + z.shape[1]]
+        """G back into the GEMM's chunk (:func:`._family.chunk_grads`)."""
+        if k.colscale is not None or idx is not None:
+            _family.chunk_grads(z, zr, idx, k.colscale, k.sub, k0)
 
     def rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
         """Rows [r0, r0 + R) with all classes: target logit and lse (unless given), and with
