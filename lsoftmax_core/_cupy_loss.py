@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from . import _cupy_loss_plan as loss_plan
-from . import _family
 from . import _cupy_plan as plan
+from . import _family
 from ._loss_engine import LossEngine
 from .checks import Problem
 

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass
 
 from .checks import check_beta, check_integer, check_margin, check_reduction, split_margin
-
 from .margins import Margin
 
 __all__ = ["BUDGET_ENV", "CHUNKINGS", "DEFAULT_MEMORY_BUDGET", "ChunkPlan", "LossOptions", "plan_chunks"]
