@@ -97,16 +97,16 @@ class _Call(NamedTuple):
 
 
 class _Family(NamedTuple):
-    """A kind that normalises (:mod:`._family`): the caller's x and w, the statistics of the
-    rows that own their target (``rows``, ``lab`` their rows of w), and whether the chunks'
-    columns were scaled by 1/|w_j| (else the GEMMs took a normalised copy of w)."""
+    """A kind that normalises (:mod:`._family`): the caller's x and w, the rows that own
+    their target (``rows``, ``lab`` their rows of w), beta, whether the chunks' columns were
+    scaled by 1/|w_j| (else the GEMMs took a normalised copy of w), and |w_j|."""
 
     kind: Any
     x: Any
     w: Any
     rows: Any
     lab: Any
-    t: Any
+    beta: float
     scaled: bool
     norms: Any  # |w_j|, float64
 
@@ -207,7 +207,9 @@ class LossEngine:
         target = ops.xp.zeros(p.n)
         target[rows] = _family.target_logits(t, kind)
         ops.set_family(k, target, scale, sub, subidx)
-        return k, _Family(kind, x, w, rows, lab, t, scale is not None, norms), xn, wn
+        # Not the statistics' unit rows (2·N·D float64) through the passes: the gradient
+        # computes them again, after the chunk's buffer is gone.
+        return k, _Family(kind, x, w, rows, lab, p.beta, scale is not None, norms), xn, wn
 
     # ------------------------------------------------------------ weights and reduction
 
@@ -327,8 +329,9 @@ class LossEngine:
         ops.margin(c.k)
         f = c.fam
         if f is not None:
+            t = _family.target_rows(f.x[f.rows], f.w.take(f.lab, axis=0), f.kind, f.beta)
             _family.finish_grads(
-                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, f.t, f.kind, divided=f.scaled, rows=f.rows,
+                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, t, f.kind, divided=f.scaled, rows=f.rows,
                 norms=f.norms,
             )  # fmt: skip
         return grad_x, grad_w
