@@ -50,8 +50,8 @@ kind)``: ``(m, "")`` for L-Softmax, ``(1, the JSON of to_dict())`` for the other
 constant of a compiled graph (the margin does not anneal; beta, a tensor, does).  On the
 CPU a kind that normalises runs the GEMMs on the core's normalised rows
 (:func:`lsoftmax_core.normalized`) and the core's ``add_margin``/``add_margin_grad`` as
-above; on CUDA the core's CuPy backend takes the layer, and its fused loss refuses the
-kinds other than L-Softmax for now (a TypeError).
+above; CUDA tensors run the core's CuPy backend for every kind (layer and fused loss; not
+yet run on a GPU).  Not yet here: the core's ``subcenters=``.
 
 The fused loss (:func:`lsoftmax_cross_entropy`, :class:`LSoftmaxLoss`) is the core's
 :func:`lsoftmax_core.cross_entropy` behind three more custom operators, with the same

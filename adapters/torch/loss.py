@@ -352,9 +352,8 @@ def lsoftmax_cross_entropy(
     (no margin, no gradient; "mean" divides by the rows that are not ignored, and a batch
     with every row ignored gives 0 where torch gives NaN).  ``reduction``: "mean", "sum"
     (0-d results) or "none" ((N,)).  ``margin`` (an int or a margin object), ``beta`` and
-    autocast as for :func:`lsoftmax`; on CUDA the core's fused loss takes L-Softmax margins
-    only for now (its TypeError for the other kinds is let through).  The chunks' temporaries are sized from the core's memory budget
-    (the environment variable ``LSOFTMAX_CE_BUDGET``, default 64 MiB).
+    autocast as for :func:`lsoftmax`.  The chunks' temporaries are sized from the core's
+    memory budget (the environment variable ``LSOFTMAX_CE_BUDGET``, default 64 MiB).
 
     For "mean"/"sum", when a gradient will be needed (grad mode on and x or weight
     requiring grad) the forward computes the loss and both gradients in one pass

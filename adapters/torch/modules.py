@@ -320,8 +320,7 @@ class LSoftmaxLoss(_AnnealedHead):
 
     ``margin``: an int (L-Softmax) or a margin object, as for :class:`LSoftmaxLinear`
     (``margin=lsoftmax_core.SphereFace(4)`` normalises the rows in the core instead;
-    ``normalize_weight`` is then redundant).  On CUDA the core's fused loss takes L-Softmax
-    margins only for now (a TypeError for the other kinds).
+    ``normalize_weight`` is then redundant).
 
     >>> import torch
     >>> import lsoftmax_core as lsm

@@ -392,9 +392,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
 
     ``margin``: an int (L-Softmax) or a margin object (``lsoftmax_core.SphereFace``,
     ``CosFace``, ``ArcFace``, ``CombinedMargin``), as in :class:`LSoftmaxLoss`; the ranks
-    compare their margins by value (CPU; on CUDA the core's fused loss takes L-Softmax
-    only for now).  beta follows ``schedule`` as in :class:`LSoftmaxLinear` (:meth:`step` once per
-    optimizer step, on every rank).  ``normalize_weight=True`` normalises the shard's rows
+    compare their margins by value.  beta follows ``schedule`` as in :class:`LSoftmaxLinear`
+    (:meth:`step` once per optimizer step, on every rank).  ``normalize_weight=True`` normalises the shard's rows
     (exact: a row's norm is local to its shard), as in :class:`LSoftmaxLoss`.  Under
     ``torch.autocast`` float16/bfloat16 features are computed in float32.
 
