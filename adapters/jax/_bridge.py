@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
+from lsoftmax_core import LossOptions
 from lsoftmax_core.checks import (
     REDUCTIONS,
     check_arrays,
@@ -60,6 +61,26 @@ def _has_stats(margin: StaticMargin) -> bool:
     return isinstance(margin, int)
 
 
+def _check_subcenters(subcenters: object, margin: StaticMargin) -> int:
+    """The fused losses' ``subcenters`` k, checked as the core checks it (its errors name
+    subcenters): an integer in [1, 1024], and k > 1 only for a margin kind that normalises
+    the weights (an int margin with k > 1 is the core's ValueError)."""
+    return LossOptions(margin=margin, subcenters=subcenters).subcenters  # type: ignore[arg-type]
+
+
+def _check_subcenter_rows(subcenters: int, name: str, w: Any) -> int:
+    """The classes of ``w``'s rows: k centres per class (``subcenters``), class j's being
+    rows j·k ... j·k + k - 1; rows that k does not divide are a ValueError naming
+    subcenters and the shape."""
+    rows = int(w.shape[0])
+    if rows % subcenters:
+        raise ValueError(
+            f"subcenters={subcenters} must divide {name}'s rows: {name}.shape={tuple(w.shape)} "
+            "(C·subcenters rows, class j's centres rows j·subcenters ... j·subcenters + subcenters - 1)"
+        )
+    return rows // subcenters
+
+
 def _check_loss_options(reduction: object, ignore_index: object) -> tuple[str, int]:
     """The fused losses' ``reduction`` and ``ignore_index``, checked (errors name them)."""
     if not (isinstance(reduction, str) and reduction in REDUCTIONS):
@@ -79,12 +100,15 @@ class _Args(NamedTuple):
 
 
 def _prepare(
-    x: Any, w: Any, label: Any, margin: object, beta: Any, platform: str, ignore_index: int | None = None
-) -> _Args:
+    x: Any, w: Any, label: Any, margin: object, beta: Any, platform: str, ignore_index: int | None = None,
+    subcenters: object = 1,
+) -> _Args:  # fmt: skip
     """Every check that needs no data from the device, then the operands as jax arrays.
 
-    ``ignore_index`` (the loss's): label values equal to it are allowed."""
+    ``ignore_index`` (the loss's): label values equal to it are allowed.  ``subcenters``
+    (the loss's k): w holds k rows per class, and labels count classes."""
     m = _resolve_margin(margin)
+    sub = 1 if subcenters == 1 and type(subcenters) is int else _check_subcenters(subcenters, m)
     beta_now = _check_concrete_beta(beta)
     for name, a in (("x", x), ("w", w), ("label", label)):
         if not isinstance(a, (jax.Array, np.ndarray)):
@@ -94,10 +118,11 @@ def _prepare(
             )
     # Shapes and dtypes are known at trace time: the core's checks run here, so a bad
     # call fails at the call site (under jit: when tracing), before any callback runs.
-    p = check_arrays(x, w, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(platform))
+    check_arrays(x, w, label, m, 0.0 if beta_now is None else beta_now, dtypes=_dtypes(platform))
+    classes = _check_subcenter_rows(sub, "w", w)
     if isinstance(label, np.ndarray):
         # Host data: check now, before any narrowing to int32 (the core's message).
-        check_label_values(label, p.c, ignore_index)
+        check_label_values(label, classes, ignore_index)
     xj = _to_jax("x", x)
     wj = _to_jax("w", w)
     lj = _to_jax("label", label)

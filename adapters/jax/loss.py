@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["lsoftmax_cross_entropy"]
 
 #: Static keyword arguments of the core's loss calls beyond margin and beta, as (name, value)
-#: pairs: reduction and ignore_index.
+#: pairs: reduction, ignore_index and, when k > 1, subcenters.
 _Options = tuple[tuple[str, Any], ...]
 
 
@@ -40,6 +40,7 @@ def lsoftmax_cross_entropy(
     beta: Any = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
+    subcenters: int = 1,
 ) -> jax.Array:
     """The L-Softmax cross-entropy of ``x`` (N, D) against class weights ``w`` (C, D): the
     log-softmax cross-entropy of :func:`lsoftmax`'s logits, computed by the core's fused
@@ -57,7 +58,15 @@ def lsoftmax_cross_entropy(
     ``vmap``).  Without differentiation one pass computes the loss; under ``jax.grad`` with
     "mean"/"sum" that pass also forms the gradients, which the backward only scales (three
     GEMMs in all, no recomputation); with "none" the backward is a second pass that reuses
-    the forward's per-row log-sum-exp.  Errors as for :func:`lsoftmax`.  CPU and CUDA: on
+    the forward's per-row log-sum-exp.
+
+    ``subcenters=k`` (static, a Python int; default 1), for a margin kind that normalises
+    the weights (SphereFace, CosFace, ArcFace, CombinedMargin): ``w`` is (C·k, D), class
+    j's centres being rows j·k ... j·k + k - 1; a class's cosine is the largest of its
+    centres' (SubCenter-ArcFace) and its gradient goes to that centre (the core's
+    ``cross_entropy(..., subcenters=k)``).  Labels count classes: [0, C).  An int margin
+    (or ``LSoftmax``) with k > 1 is the core's ValueError naming subcenters, and so are rows
+    that k does not divide (naming w's shape).  Errors otherwise as for :func:`lsoftmax`.  CPU and CUDA: on
     CUDA the core's CuPy cross-entropy runs on XLA's stream, as :func:`lsoftmax` does (not
     yet measured on a GPU).
 
@@ -76,10 +85,12 @@ def lsoftmax_cross_entropy(
     (2, 2)
     """
     reduction, ignore = _check_loss_options(reduction, ignore_index)
-    a = _prepare(x, w, label, margin, beta, _platform(x, w), ignore)
-    options = (("reduction", reduction), ("ignore_index", ignore))
+    a = _prepare(x, w, label, margin, beta, _platform(x, w), ignore, subcenters)
+    options: _Options = (("reduction", reduction), ("ignore_index", ignore))
+    sub = int(subcenters)  # checked by _prepare
+    if sub > 1:  # k = 1 keeps the options, callbacks and compiled calls it had without k
+        options += (("subcenters", sub),)
     return _cross_entropy(a.x, a.w, a.label, a.beta, a.margin, a.bits, options)  # type: ignore[no-any-return]
-
 
 
 def _loss_struct(x: jax.Array, options: _Options) -> jax.ShapeDtypeStruct:
@@ -87,7 +98,7 @@ def _loss_struct(x: jax.Array, options: _Options) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, x.dtype)
 
 
-# margin, bits and options (reduction, ignore_index) are static.  Without differentiation
+# margin, bits and options (reduction, ignore_index, subcenters) are static.  Without differentiation
 # JAX calls this primal, which computes the loss alone.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _cross_entropy(

@@ -37,7 +37,11 @@ rows at or beyond ``num_classes`` are padding.  Padding rows enter no softmax, g
 gradient and may hold anything; a device may hold only padding.  Such a device calls no
 core function, but it checks the labels and a traced beta as the core does on the others,
 so that bad data is the same error on every device rather than a device waiting alone in
-the all-reduce until XLA aborts the process.
+the all-reduce until XLA aborts the process.  With ``subcenters=k`` the same holds in
+whole classes: a class's k centres are k consecutive rows, so W has a multiple of k rows
+per device (C_local·k), device p holds classes ``[p·C_local, (p + 1)·C_local)`` (rows
+``[p·C_local·k, (p + 1)·C_local·k)``), and the rows at or beyond ``num_classes·k`` are
+padding; pad W with whole classes of k rows.
 
 ``jax.shard_map``'s ``check_vma``.  With ``check_vma=True`` (JAX's default) the values'
 types say what varies over the axis: x and label must not vary over ``axis_name``, w_local
@@ -93,6 +97,8 @@ from ._bridge import (
     _call,
     _check_concrete_beta,
     _check_loss_options,
+    _check_subcenter_rows,
+    _check_subcenters,
     _copy_into,
     _dtypes,
     _platform,
@@ -104,8 +110,8 @@ if TYPE_CHECKING:
 
 __all__ = ["class_parallel_cross_entropy"]
 
-#: Static parts of a call: (reduction, ignore_index, num_classes).
-_Options = tuple[str, int, int]
+#: Static parts of a call: (reduction, ignore_index, num_classes, subcenters).
+_Options = tuple[str, int, int, int]
 
 
 def class_parallel_cross_entropy(
@@ -119,6 +125,7 @@ def class_parallel_cross_entropy(
     beta: Any = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
+    subcenters: int = 1,
 ) -> jax.Array:
     """The L-Softmax cross-entropy of ``x`` (N, D) against class weights sharded by rows over
     the mesh axis ``axis_name``; call it inside ``jax.shard_map``.
@@ -135,8 +142,13 @@ def class_parallel_cross_entropy(
     kinds that normalise do so per shard, each row of W by its own norm, so the result is
     the single-device loss's),
     ``beta`` (Python number or traced scalar), ``reduction`` ("mean" over the rows not
-    ignored, "sum", or "none": (N,)), ``ignore_index``.  The loss is the same on every
-    device of the axis and equals the single-device loss of the whole W; ``jax.grad``
+    ignored, "sum", or "none": (N,)), ``ignore_index``, ``subcenters`` (static; a kind that
+    normalises: k rows per class, class j's centres rows j·k ... j·k + k - 1 of the whole
+    W).  With k > 1 a device's block holds whole classes: ``w_local`` is (C_local·k, D)
+    (rows that k does not divide are a ValueError naming subcenters and w_local's shape),
+    device p holds classes ``[p·C_local, (p + 1)·C_local)``, and ``num_classes``, the
+    labels and the padding count classes (pad W by whole classes of k rows).  The loss is
+    the same on every device of the axis and equals the single-device loss of the whole W; ``jax.grad``
     through ``shard_map`` gives its gradients (grad_x whole, grad_w in the same blocks).
     See the module docstring for ``check_vma`` and the maths.
 
@@ -165,6 +177,7 @@ def class_parallel_cross_entropy(
     reduction, ignore = _check_loss_options(reduction, ignore_index)
     total = check_integer("num_classes", num_classes, 1)
     m = _resolve_margin(margin)
+    sub = _check_subcenters(subcenters, m)
     beta_now = _check_concrete_beta(beta)
     for name, a in (("x", x), ("w_local", w_local), ("label", label)):
         if not isinstance(a, jax.Array):
@@ -174,18 +187,19 @@ def class_parallel_cross_entropy(
             )
     dtypes = _dtypes(_platform(x, w_local))
     check_arrays(x, w_local, label, m, 0.0 if beta_now is None else beta_now, dtypes=dtypes)
+    local = _check_subcenter_rows(sub, "w_local", w_local)  # this device's classes
     parts = _axis_size(axis_name)
-    local = int(w_local.shape[0])
     if parts * local < total:
+        what = "rows" if sub == 1 else f"classes of subcenters={sub} rows"
         raise ValueError(
-            f"num_classes={total} exceeds the {parts} x {local} rows that the {parts} devices of "
+            f"num_classes={total} exceeds the {parts} x {local} {what} that the {parts} devices of "
             f"axis_name={axis_name!r} hold (w_local.shape={tuple(w_local.shape)}): shard all of W"
         )
     beta_op, bits = _beta_operand(beta, beta_now)
     index = lax.axis_index(axis_name)
     vma = _check_varying(axis_name, index, x, w_local, label, beta)
-    start = index * local  # this device's first global class
-    return _loss(x, w_local, label, beta_op, start, axis_name, m, bits, (reduction, ignore, total), vma)  # type: ignore[no-any-return]
+    start = index * local  # this device's first global class (classes, not rows)
+    return _loss(x, w_local, label, beta_op, start, axis_name, m, bits, (reduction, ignore, total, sub), vma)  # type: ignore[no-any-return]
 
 
 def _axis_size(axis_name: Hashable) -> int:
@@ -269,7 +283,7 @@ def _loss_fwd(
     options: _Options,
     vma: bool,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    reduction, ignore, _ = options
+    reduction, ignore = options[:2]
     n = x.shape[0]
     stats = jax.ShapeDtypeStruct((n,), _stats_dtype())
     lse_local, target_local = _call(
@@ -334,13 +348,16 @@ def _shard_call(
     kind: str, margin: StaticMargin, options: _Options, outs: tuple[Any, ...], arrays: list[Any], beta: float, xp: Any
 ) -> None:
     """The core's shard call on this device's rows of W that are classes (the rest is
-    padding), its results copied into XLA's buffers ``outs``."""
-    reduction, ignore, total = options
+    padding, in whole classes of ``subcenters`` rows), its results copied into XLA's
+    buffers ``outs``."""
+    reduction, ignore, total, sub = options
     start_view = arrays[-1]
-    start = int(start_view.get() if xp is not np else start_view)  # on CUDA a 4-byte copy
+    start = int(start_view.get() if xp is not np else start_view)  # on CUDA a 4-byte copy; in classes
     w = arrays[1 if kind == "stats" else 2]  # (x, w, label, start) or (grad_loss, x, w, label, lse, start)
-    rows = max(0, min(int(w.shape[0]), total - start))  # classes (not padding) on this device
+    rows = max(0, min(int(w.shape[0]) // sub, total - start)) * sub  # the rows of classes (not padding) here
     kw: dict[str, Any] = dict(margin=margin, beta=beta, ignore_index=ignore, class_start=start, num_classes=total)
+    if sub > 1:
+        kw["subcenters"] = sub
     if kind == "stats":
         x, w, label, _ = arrays
         if rows == 0:  # only padding: no class, so exp(lse) = 0 and no target
