@@ -46,8 +46,11 @@ Gradients are first order (the backward operator has no derivative of its own).
 ``margin=`` takes an int (L-Softmax, unchanged) or a margin object of the core
 (``lsoftmax_core.LSoftmax``, ``SphereFace``, ``CosFace``, ``ArcFace``,
 ``CombinedMargin``), in every function and module.  The operators carry it as ``(margin,
-kind)``: ``(m, "")`` for L-Softmax, ``(1, the JSON of to_dict())`` for the other kinds, a
-constant of a compiled graph (the margin does not anneal; beta, a tensor, does).  On the
+kind, params)``: ``(m, "", None)`` for L-Softmax, ``(m, "sphereface", None)``, and ``(1,
+kind, [its real parameters])`` for the cosine kinds, read from the object by plain
+attribute reads that Dynamo traces (a margin made inside a compiled function is read as
+it is); a compiled graph specialises on the margin, which does not anneal (beta, a
+tensor, does, without recompiling).  On the
 CPU a kind that normalises runs the GEMMs on the core's normalised rows
 (:func:`lsoftmax_core.normalized`) and the core's ``add_margin``/``add_margin_grad`` as
 above; CUDA tensors run the core's CuPy backend for every kind (layer and fused loss; not

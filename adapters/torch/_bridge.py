@@ -8,17 +8,17 @@ array the backend allocates drawn from PyTorch's caching allocator.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 from contextlib import ExitStack, nullcontext
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lsoftmax_core.checks import check_beta, check_margin, split_margin
-from lsoftmax_core.margins import Margin, margin_from_dict
+from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, Margin, SphereFace, margin_from_dict
 
 #: A resolved ``margin=``: L-Softmax's m as an int, or the object of a kind that normalises.
 Resolved = Union[int, Margin]
@@ -35,48 +35,55 @@ def _resolve_margin(margin: object) -> Resolved:
     return check_margin(m) if family is None else family  # type: ignore[no-any-return]
 
 
-def _margin_schema(margin: Resolved) -> tuple[int, str]:
-    """How the custom operators carry a resolved margin: ``(m, "")`` for L-Softmax, ``(1, kind)``
-    for the others, ``kind`` the JSON of ``to_dict()`` (a string is a constant of a compiled
-    graph; floats round-trip exactly through JSON).  Decoded by :func:`_margin_of_schema`."""
-    if isinstance(margin, Margin):
-        return 1, json.dumps(margin.to_dict(), sort_keys=True)
-    return margin, ""
+#: How the custom operators carry a margin: ``(margin, kind, params)``, see :func:`_margin_schema`.
+Schema = tuple[int, str, Optional[list[float]]]
+
+# The parameters the operators carry as ``params`` for each kind that normalises, in order
+# (SphereFace's integer m travels as ``margin``, as L-Softmax's does).
+_REAL_PARAMS: dict[str, tuple[str, ...]] = {
+    "sphereface": (),
+    **{cls.kind: tuple(f.name for f in dataclasses.fields(cls)) for cls in (CosFace, ArcFace, CombinedMargin)},
+}
 
 
-@torch.compiler.assume_constant_result
-def _margin_constant(margin: object) -> tuple[int, str]:
-    """:func:`_margin_schema` of a margin object, run by Dynamo at trace time as a constant
-    (it cannot trace ``json``); a compiled graph is specialised on the margin, which does
-    not anneal (beta, which does, is a tensor)."""
+def _margin_schema(margin: Resolved) -> Schema:
+    """The operators' arguments for a resolved margin: ``(m, "", None)`` for L-Softmax,
+    ``(m, "sphereface", None)`` for SphereFace, ``(1, kind, [its real parameters])`` for the
+    cosine kinds (``[m, s]``, or ``[m1, m2, m3, s]``).  Plain attribute reads that Dynamo
+    traces, so that a margin made inside a compiled function is read as it is; a compiled
+    graph specialises on them (the margin does not anneal; beta, a tensor, does)."""
+    if not isinstance(margin, Margin):
+        return margin, "", None
+    if isinstance(margin, SphereFace):
+        return margin.m, margin.kind, None
+    return 1, margin.kind, [float(getattr(margin, name)) for name in _REAL_PARAMS[margin.kind]]
+
+
+def _margin_args(margin: object) -> Schema:
+    """The operators' ``(margin, kind, params)`` for a user's ``margin=`` (checked)."""
     return _margin_schema(_resolve_margin(margin))
 
 
-def _margin_args(margin: object) -> tuple[int, str]:
-    """The operators' ``(margin, kind)`` arguments for a user's ``margin=`` (checked)."""
-    if type(margin) is int:
-        return check_margin(margin), ""
-    return _margin_constant(margin)  # type: ignore[no-any-return]
+def _margin_of_schema(margin: int, kind: str, params: Optional[list[float]]) -> Resolved:  # noqa: UP045
+    """The inverse of :func:`_margin_schema`, in the operators' implementations (the core
+    checks an int margin; a kind is rebuilt and checked by ``margin_from_dict``)."""
+    if not kind and params is None:
+        return margin
+    return _rebuilt(margin, kind, None if params is None else tuple(params))
 
 
 @functools.lru_cache(maxsize=64)
-def _margin_of_schema(margin: int, kind: str) -> Resolved:
-    """The inverse of :func:`_margin_schema`, in the operators' implementations (the core
-    checks an int margin; a kind is rebuilt and checked by ``margin_from_dict``)."""
-    if not kind:
-        return margin
-    try:
-        data = json.loads(kind)
-    except ValueError:
-        raise ValueError(f"kind={kind!r} must be the JSON of a margin's to_dict(), or '' for L-Softmax") from None
-    family = margin_from_dict(data)
-    resolved = _resolve_margin(family)
-    if resolved is not family or margin != 1:
+def _rebuilt(margin: int, kind: str, params: Optional[tuple[float, ...]]) -> Resolved:  # noqa: UP045
+    names = _REAL_PARAMS.get(kind)
+    multiplicative = kind == "sphereface"
+    if names is None or len(params or ()) != len(names) or (margin != 1 and not multiplicative):
         raise ValueError(
-            f"margin={margin} with kind={kind!r}: the operators take L-Softmax as (margin=m, kind='') and the "
-            "other kinds as (margin=1, kind=the JSON of to_dict())"
+            f"margin={margin!r}, kind={kind!r}, params={None if params is None else list(params)!r}: the operators "
+            "take L-Softmax as (m, '', None), SphereFace as (m, 'sphereface', None) and the cosine kinds as "
+            "(1, kind, their real parameters)"
         )
-    return resolved
+    data = {"kind": kind, **({"m": margin} if multiplicative else dict(zip(names, params or ())))}
+    return margin_from_dict(data)  # checked; a resolved margin of a kind that normalises
 
 
 def _as_numpy(name: str, t: Tensor) -> np.ndarray:

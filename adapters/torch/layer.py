@@ -10,7 +10,7 @@ labels again.  Under ``torch.compile`` the operators run; both give the same bit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -127,19 +127,25 @@ def _backward_impl(
     return grad_x, grad_w
 
 
-# ``margin``/``kind``: L-Softmax as (m, ""), the other kinds as (1, the JSON of to_dict())
-# (_bridge._margin_schema); ``kind`` defaults to "" so that (x, weight, label, m, beta) is
-# still a call of the L-Softmax operator.
+# ``margin``, ``kind``, ``params``: L-Softmax as (m, "", None), SphereFace as (m, "sphereface",
+# None), the cosine kinds as (1, kind, [their real parameters]) (_bridge._margin_schema); the
+# defaults make (x, weight, label, m, beta) a call of the L-Softmax operator, as before.
 
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_forward", mutates_args=())
-def _forward_op(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "") -> Tensor:
+def _forward_op(
+    x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045 (torch.library's schema inference reads Optional)
+) -> Tensor:  # fmt: skip
     # beta: a CPU scalar, no device sync
-    return _forward_impl(x, weight, label, _margin_of_schema(margin, kind), float(beta))[0]
+    return _forward_impl(x, weight, label, _margin_of_schema(margin, kind, params), float(beta))[0]
 
 
 @_forward_op.register_fake
-def _forward_fake(x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "") -> Tensor:
+def _forward_fake(
+    x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
+) -> Tensor:  # fmt: skip
     _check_same_dtype(x, weight)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -152,32 +158,35 @@ _forward_op.register_autocast("cuda", torch.float32)
 
 @torch.library.custom_op("lsoftmax_core::lsoftmax_backward", mutates_args=())
 def _backward_op(
-    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = ""
-) -> tuple[Tensor, Tensor]:
-    return _backward_impl(grad_logits, x, weight, label, _margin_of_schema(margin, kind), float(beta))
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return _backward_impl(grad_logits, x, weight, label, _margin_of_schema(margin, kind, params), float(beta))
 
 
 @_backward_op.register_fake
 def _backward_fake(
-    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = ""
-) -> tuple[Tensor, Tensor]:
+    grad_logits: Tensor, x: Tensor, weight: Tensor, label: Tensor, margin: int, beta: Tensor, kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     _check_same_dtype(x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, label, margin, beta, kind = inputs
+    x, weight, label, margin, beta, kind, params = inputs
     ctx.save_for_backward(x, weight, label, beta)
-    ctx.margin = (margin, kind)
+    ctx.margin = (margin, kind, params)
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, weight, label, beta = ctx.saved_tensors
-    margin, kind = ctx.margin
-    grad_x, grad_w = _backward_op(grad, x, weight, label, margin, beta, kind)
+    margin, kind, params = ctx.margin
+    grad_x, grad_w = _backward_op(grad, x, weight, label, margin, beta, kind, params)
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         grad_w if ctx.needs_input_grad[1] else None,
+        None,
         None,
         None,
         None,
@@ -208,8 +217,8 @@ class _Eager(torch.autograd.Function):
             # create_graph=True: the backward operator, which has no derivative of its own, so
             # a second derivative fails loudly instead of silently missing the margin's terms.
             beta = torch.tensor(ctx.beta, dtype=torch.float64)
-            m, kind = _margin_schema(ctx.margin)
-            grad_x, grad_w = _backward_op(grad, x, weight, label, m, beta, kind)
+            m, kind, params = _margin_schema(ctx.margin)
+            grad_x, grad_w = _backward_op(grad, x, weight, label, m, beta, kind, params)
         else:
             grad_x, grad_w = _backward_impl(grad, x, weight, label, ctx.margin, ctx.beta, ctx.kept)
         ctx.kept = None
@@ -239,8 +248,8 @@ def lsoftmax(
         # Graph capture records the operator: torch.jit.trace would record the eager Function
         # as a Python op (which a saved TorchScript module cannot hold), and a dispatch mode
         # (make_fx, fake tensors) would see its GEMM but not the NumPy work on the result.
-        m, kind = _margin_args(margin)
-        return _forward_op(x, weight, label, m, _beta_tensor(beta), kind)  # type: ignore[no-any-return]
+        m, kind, params = _margin_args(margin)
+        return _forward_op(x, weight, label, m, _beta_tensor(beta), kind, params)  # type: ignore[no-any-return]
     resolved = _resolve_margin(margin)
     x, weight = _autocast_cast(x, weight)
     return _Eager.apply(x, weight, label, resolved, _beta_float(beta))  # type: ignore[no-any-return]

@@ -77,8 +77,8 @@ def _loss_kwargs(margin: Resolved, beta: Tensor | float, reduction: str, ignore_
     return {"margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index}
 
 
-# The operators carry the margin as lsoftmax_forward does: ``margin``/``kind`` = (m, "") for
-# L-Softmax, (1, the JSON of to_dict()) for the other kinds; ``kind`` last, defaulting to "".
+# The operators carry the margin as lsoftmax_forward does: ``margin``, ``kind``, ``params``
+# (_bridge._margin_schema), the last two last, defaulting to L-Softmax's "" and None.
 
 
 def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
@@ -90,9 +90,10 @@ def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
 def _loss_op(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(loss, lse): the loss and each row's float64 log-sum-exp, which the backward reuses."""
-    kw = _loss_kwargs(_margin_of_schema(margin, kind), beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index)
 
     def call(xa: Any, wa: Any, ta: Any) -> Any:
         return _core.cross_entropy(xa, wa, ta, return_lse=True, **kw)
@@ -105,6 +106,7 @@ def _loss_op(
 def _loss_op_fake(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     return _loss_fake(x, weight, reduction), x.new_empty((x.shape[0],), dtype=torch.float64)
 
@@ -113,9 +115,10 @@ def _loss_op_fake(
 def _loss_with_grad_op(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss, grad_x, grad_w) in one pass, "mean"/"sum": the gradients for an upstream 1."""
-    kw = _loss_kwargs(_margin_of_schema(margin, kind), beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index)
 
     def call(xa: Any, wa: Any, ta: Any) -> Any:
         return _core.cross_entropy_with_grad(xa, wa, ta, **kw)
@@ -128,6 +131,7 @@ def _loss_with_grad_op(
 def _loss_with_grad_op_fake(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     return _loss_fake(x, weight, reduction), x.new_empty(x.shape), weight.new_empty(weight.shape)
 
@@ -144,8 +148,9 @@ def _loss_backward_op(
     ignore_index: int,
     lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
     kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
-    kw = _loss_kwargs(_margin_of_schema(margin, kind), beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index)
     return _backward_impl(grad_loss, x, weight, target, kw, lse)
 
 
@@ -172,6 +177,7 @@ def _loss_backward_op_fake(
     ignore_index: int,
     lse: Optional[Tensor],  # noqa: UP045
     kind: str = "",
+    params: Optional[list[float]] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
     _check_same_dtype(x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
@@ -185,7 +191,7 @@ for _op in (_loss_op, _loss_with_grad_op):
 
 def _input_grads(ctx: Any, grad_x: Tensor, grad_w: Tensor) -> tuple[Tensor | None, ...]:
     needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None, None, None)
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None, *[None] * (len(needs) - 2))
 
 
 def _scaled(
@@ -213,7 +219,7 @@ def _scaled(
 
 def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     """Both forward operators: keep the inputs, and the (non-differentiable) extra outputs."""
-    x, weight, target, margin, beta, reduction, ignore_index, kind = inputs
+    x, weight, target, margin, beta, reduction, ignore_index, kind, params = inputs
     extra = output[1:]  # lse, or the gradients for an upstream 1
     ctx.mark_non_differentiable(*extra)
     if len(extra) == 2:
@@ -224,14 +230,14 @@ def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor,
         ctx.grads = extra
     else:
         ctx.save_for_backward(x, weight, target, beta, *extra)
-    ctx.hyper = (margin, reduction, ignore_index, kind)
+    ctx.hyper = (margin, reduction, ignore_index, kind, params)
 
 
 def _loss_backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
     x, weight, target, beta, lse = ctx.saved_tensors
-    margin, reduction, ignore_index, kind = ctx.hyper
+    margin, reduction, ignore_index, kind, params = ctx.hyper
     grad_x, grad_w = _loss_backward_op(
-        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse, kind
+        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse, kind, params
     )
     return _input_grads(ctx, grad_x, grad_w)
 
@@ -246,9 +252,9 @@ def _loss_with_grad_backward(
         # create_graph=True: the saved gradients are constants to autograd, so scaling them
         # would give silently wrong second derivatives.  The backward operator has no
         # derivative of its own: a double backward through it fails loudly instead.
-        margin, reduction, ignore_index, kind = ctx.hyper
+        margin, reduction, ignore_index, kind, params = ctx.hyper
         grad_x, grad_w = _loss_backward_op(
-            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None, kind
+            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None, kind, params
         )
         return _input_grads(ctx, grad_x, grad_w)
     # Traced (compile, AOT, fake or functional tensors): no in-place update of an output.
@@ -321,9 +327,9 @@ def _backward_via_op(
     grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor, kw: dict[str, Any], lse: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     beta = torch.tensor(kw["beta"], dtype=torch.float64)
-    margin, kind = _margin_schema(kw["margin"])
+    margin, kind, params = _margin_schema(kw["margin"])
     return _loss_backward_op(  # type: ignore[no-any-return]
-        grad_loss, x, weight, target, margin, beta, kw["reduction"], kw["ignore_index"], lse, kind
+        grad_loss, x, weight, target, margin, beta, kw["reduction"], kw["ignore_index"], lse, kind, params
     )
 
 
@@ -379,7 +385,7 @@ def lsoftmax_cross_entropy(
     """
     _check_tensors(x=x, weight=weight, target=target)
     capture = torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None
-    m, kind = _margin_args(margin) if capture else (_resolve_margin(margin), "")
+    m, kind, params = _margin_args(margin) if capture else (_resolve_margin(margin), "", None)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
@@ -388,8 +394,8 @@ def lsoftmax_cross_entropy(
         # Graph capture records the operators (see lsoftmax_core.adapters.torch.layer).
         b = _beta_tensor(beta)
         if with_grad:
-            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore, kind)[0]
-        return _loss_op(x, weight, target, m, b, reduction, ignore, kind)[0]
+            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore, kind, params)[0]
+        return _loss_op(x, weight, target, m, b, reduction, ignore, kind, params)[0]
     # Eager: the operators' implementations without the custom-op dispatch (autocast as
     # their registered rule does it).
     x, weight = _autocast_cast(x, weight)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -67,11 +66,12 @@ def _grads(fn, x, w, upstream=None):
     return out.detach(), gx, gw
 
 
-def _schema(kind) -> tuple[int, str]:
-    """The operators' (margin, kind) arguments: (m, "") for L-Softmax, (1, JSON) otherwise."""
-    if isinstance(kind, lsm.LSoftmax):
-        return kind.m, ""
-    return 1, json.dumps(kind.to_dict(), sort_keys=True)
+def _schema(kind) -> tuple[int, str, Any]:
+    """The operators' (margin, kind, params): (m, "", None) for L-Softmax, (m, "sphereface",
+    None), and (1, kind, [its real parameters]) for the cosine kinds."""
+    if isinstance(kind, (lsm.LSoftmax, lsm.SphereFace)):
+        return kind.m, "" if isinstance(kind, lsm.LSoftmax) else "sphereface", None
+    return 1, kind.kind, [v for k, v in kind.to_dict().items() if k != "kind"]
 
 
 # --------------------------------------------------------------------------- the core's results
@@ -191,33 +191,38 @@ def test_margin_errors_name_margin() -> None:
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_opcheck(name) -> None:
-    m, kind = _schema(KINDS[name])
+    m, kind, params = _schema(KINDS[name])
     x, w, label = _problem(n=5, c=4, d=3, seed=5)
     x.requires_grad_()
     w.requires_grad_()
     b = torch.tensor(0.5, dtype=torch.float64)
-    torch.library.opcheck(OPS.lsoftmax_forward, (x, w, label, m, b, kind))
+    torch.library.opcheck(OPS.lsoftmax_forward, (x, w, label, m, b, kind, params))
     g = torch.randn(5, 4, dtype=torch.float64)
-    torch.library.opcheck(OPS.lsoftmax_backward, (g, x.detach(), w.detach(), label, m, b, kind))
+    torch.library.opcheck(OPS.lsoftmax_backward, (g, x.detach(), w.detach(), label, m, b, kind, params))
     label[0] = IGNORE
     for reduction in ("mean", "none"):
-        hyper = (m, b, reduction, IGNORE, kind)
+        hyper = (m, b, reduction, IGNORE, kind, params)
         torch.library.opcheck(OPS.lsoftmax_cross_entropy, (x, w, label, *hyper))
         if reduction == "mean":
             torch.library.opcheck(OPS.lsoftmax_cross_entropy_with_grad, (x, w, label, *hyper))
         up = torch.randn((5,) if reduction == "none" else (), dtype=torch.float64)
         _, lse = OPS.lsoftmax_cross_entropy(x.detach(), w.detach(), label, *hyper)
-        args = (up, x.detach(), w.detach(), label, m, b, reduction, IGNORE, lse, kind)
+        args = (up, x.detach(), w.detach(), label, m, b, reduction, IGNORE, lse, kind, params)
         torch.library.opcheck(OPS.lsoftmax_cross_entropy_backward, args)
 
 
-def test_an_operator_refuses_a_kind_it_cannot_read() -> None:
+def test_an_operator_refuses_a_margin_it_cannot_read() -> None:
     x, w, label = _problem()
     b = torch.zeros((), dtype=torch.float64)
-    with pytest.raises(ValueError, match="JSON of a margin"):
-        OPS.lsoftmax_forward(x, w, label, 1, b, "arcface")
-    with pytest.raises(ValueError, match="margin=1"):
-        OPS.lsoftmax_forward(x, w, label, 3, b, _schema(KINDS["arcface"])[1])
+    for args, error, words in [
+        ((1, "arcface", [0.5]), ValueError, "the operators take L-Softmax as"),
+        ((3, "arcface", [0.5, 8.0]), ValueError, "the operators take L-Softmax as"),
+        ((1, "lsoftmax", None), ValueError, "the operators take L-Softmax as"),
+        ((3, "", [0.5]), ValueError, "the operators take L-Softmax as"),
+        ((1, "arcface", [0.5, -8.0]), ValueError, "ArcFace: s=-8.0"),
+    ]:
+        with pytest.raises(error, match=words):
+            OPS.lsoftmax_forward(x, w, label, *args[:1], b, *args[1:])
 
 
 @needs_set_stance
@@ -273,6 +278,15 @@ def test_compiled_function_with_a_tensor_beta_and_weight_grads(name) -> None:
         got = _grads(lambda p, q, b=b: compiled(p, q, b), x, w)
         for a, e in zip(got, _grads(lambda p, q, b=b: loss_fn(p, q, b), x, w)):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_a_margin_made_inside_or_passed_to_a_compiled_function_is_read_as_it_is() -> None:
+    x, w, label = _problem(n=6, seed=12)
+    inside = torch.compile(lambda a, b: lsoftmax(a, b, label, margin=lsm.ArcFace(m=0.3, s=5.0)), fullgraph=True)
+    torch.testing.assert_close(inside(x, w), lsoftmax(x, w, label, margin=lsm.ArcFace(m=0.3, s=5.0)), rtol=0, atol=0)
+    passed = torch.compile(lambda a, b, k: lsoftmax_cross_entropy(a, b, label, margin=k), fullgraph=True)
+    for kind in (lsm.ArcFace(m=0.5, s=8.0), lsm.ArcFace(m=0.2, s=3.0), lsm.CosFace(m=0.2, s=3.0), 3, KINDS["sphereface"]):
+        torch.testing.assert_close(passed(x, w, kind), lsoftmax_cross_entropy(x, w, label, margin=kind), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- autocast
