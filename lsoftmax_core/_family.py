@@ -130,7 +130,7 @@ def nearest_centre(x: Any, w: Any, label: Any, sub: int) -> tuple[Any, Any]:
     cand = (label[:, None] * sub + xp.arange(sub)).ravel()
     wu, _ = unit_rows(w.take(cand, axis=0), xp)
     xu, _ = unit_rows(x, xp)
-    cos = xp.einsum("ikd,id->ik", wu.reshape(x.shape[0], sub, -1), xu)
+    cos = xp.einsum("ikd,id->ik", wu.reshape(x.shape[0], sub, w.shape[1]), xu)
     r = cos.argmax(axis=1)
     return label * sub + r, r
 

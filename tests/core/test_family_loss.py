@@ -260,3 +260,19 @@ def test_subcenter_loss_does_not_modify_its_inputs(mg) -> None:
     lsm.cross_entropy_backward(np.ones(len(x)), x, w, label, margin=mg, subcenters=2, reduction="none")
     for a, c in zip(arrays, copies):
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("sub", [1, 2])
+def test_a_shard_or_batch_holding_no_target_gives_the_plain_terms_with_sub_centres(sub) -> None:
+    """No row's target on this w (a class shard without the batch's labels, or every row
+    ignored): no statistics rows at all, and nothing fails on their empty arrays."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal((3 * sub, 4))
+    kind = lsm.CosFace(0.35, 4.0)
+    assert lsm.cross_entropy(x, w, np.full(3, -100), margin=kind, subcenters=sub) == 0.0
+    lse, tgt = lsm.cross_entropy_shard_stats(x, w, np.array([5, 4, 3]), class_start=0, num_classes=6,
+                                             margin=kind, subcenters=sub)  # fmt: skip
+    assert np.all(tgt == 0.0) and np.all(np.isfinite(lse))
+    gx, gw = lsm.cross_entropy_backward(1.0, x, w, np.array([5, 4, 3]), class_start=0, num_classes=6,
+                                        margin=kind, subcenters=sub, lse=lse + 1.0)  # fmt: skip
+    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
