@@ -128,7 +128,8 @@ class Problem:
         _check_grad_logits(grad_logits, self.n, self.c, self.dtype)
         x, w, label, _ = self.inputs
         return Problem(
-            self.n, self.c, self.d, self.dtype, self.margin, self.beta, (x, w, label, grad_logits), self.labels_checked
+            self.n, self.c, self.d, self.dtype, self.margin, self.beta, (x, w, label, grad_logits), self.labels_checked,
+            self.family,
         )
 
 

@@ -379,3 +379,18 @@ def test_the_compiled_cpu_kernels_give_the_same_bits(mg) -> None:
         lsm.set_cpu_kernels(before)
     for a, b in zip(*got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_checked_problem_keeps_its_kind_into_the_backward() -> None:
+    """check_arguments(...).with_grad_logits(G) is the backward's problem of the same kind:
+    add_margin_grad takes it as checked= and gives backward's bits."""
+    rng = np.random.default_rng(2)
+    x, w, y = rng.standard_normal((5, 3)), rng.standard_normal((4, 3)), rng.integers(0, 4, 5)
+    g = rng.standard_normal((5, 4))
+    kind = lsm.ArcFace(0.5, 4.0)
+    p = lsm.check_arguments(x, w, y, margin=kind, beta=0.5).with_grad_logits(g)
+    assert p.family == kind
+    xn, wn = lsm.normalized(x, w, margin=kind)
+    gx, gw = lsm.add_margin_grad(g @ wn, g.T @ xn, g, x, w, y, margin=kind, beta=0.5, checked=p)
+    want = lsm.backward(g, x, w, y, margin=kind, beta=0.5)
+    assert np.array_equal(gx, want[0]) and np.array_equal(gw, want[1])
