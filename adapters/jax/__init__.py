@@ -19,6 +19,8 @@ static: margin objects are frozen, hashable and compare by value, so an equal ob
 anew re-uses a compiled computation.  The kinds that normalise have no per-sample
 statistics: :func:`lsoftmax` keeps no statistics residual for them and its backward calls
 the core with ``stats=None``; the losses hand the object to the core's loss functions.
+Both losses take ``subcenters=k`` (static) for those kinds: w has C·k rows, class j's
+centres rows j·k ... j·k + k - 1, and the class-parallel loss's shards hold whole classes.
 
 Modules: ``_bridge`` (checks, beta's encoding, the buffer callback and the zero-copy views),
 ``layer`` (:func:`lsoftmax`), ``loss`` (:func:`lsoftmax_cross_entropy`), ``parallel``
