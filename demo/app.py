@@ -4,9 +4,12 @@ A small CNN whose last hidden layer is 2-D (the seed's conv-pool-conv-pool-fc-fc
 scaled to the input) feeds the L-Softmax layer of the PyTorch adapter; one network is
 trained per margin and its test-set features are drawn in the plane.  With a larger
 margin each class becomes a thinner ray, further apart in angle; ``results.json`` and the
-printed table give the numbers (accuracy, intra-class and inter-class angles).
+printed table give the numbers (accuracy, intra-class and inter-class angles).  With
+``--kinds`` it trains one network per margin kind instead (L-Softmax, SphereFace, CosFace,
+ArcFace, each with the parameters in KINDS) and draws them side by side the same way.
 
     pip install -e '.[demo]' && lsoftmax-demo          # digits 8x8, no download, about 1 min
+    lsoftmax-demo --kinds lsoftmax,sphereface,cosface,arcface   # the kinds side by side
     lsoftmax-demo --mnist ~/data/mnist                 # real MNIST, the seed's recipe, ~1 h on a CPU
 
 (shell commands; ``main(argv)`` runs the same from Python).
@@ -23,8 +26,8 @@ A run is reproducible: every margin starts from ``torch.manual_seed(seed)`` and 
 runs deterministic algorithms on one CPU thread, so on the CPU the same seed gives the
 same results.json (except train_seconds) and figures with the same library versions
 (recorded in results.json), and a margin's run does not depend on which other margins
-were asked for.  (--device cuda asks for deterministic algorithms
-too, but the L-Softmax kernels' own reductions decide what that means there.)
+were asked for, nor a kind's on the other kinds.  (--device cuda asks for deterministic
+algorithms too, but the L-Softmax kernels' own reductions decide what that means there.)
 """
 
 from __future__ import annotations
@@ -37,12 +40,23 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lsoftmax_core import MAX_MARGIN, ExponentialSchedule
+from lsoftmax_core import (
+    MAX_MARGIN,
+    ArcFace,
+    ConstantSchedule,
+    CosFace,
+    ExponentialSchedule,
+    LSoftmax,
+    Margin,
+    Schedule,
+    SphereFace,
+)
 
 from .data import DataError, Dataset, load_digits_split, load_mnist
 from .plot import angle_stats, markdown_table, save_combined, save_features
@@ -50,7 +64,17 @@ from .plot import angle_stats, markdown_table, save_combined, save_features
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BETA_MIN", "DEFAULT_MARGINS", "Preset", "beta0_for", "main", "run_margin"]
+__all__ = [
+    "BETA_MIN",
+    "DEFAULT_MARGINS",
+    "KINDS",
+    "Kind",
+    "Preset",
+    "beta0_for",
+    "main",
+    "run_kind",
+    "run_margin",
+]
 
 DEFAULT_MARGINS = (1, 2, 3, 4, 6)
 DEFAULT_OUT = "demo-out"
@@ -111,6 +135,55 @@ DIGITS = Preset(epochs=60, batch_size=64, lr=0.02)
 MNIST = Preset(
     epochs=20, batch_size=128, lr=0.01, lr_drop_fraction=0.5, batch_norm=False, beta_min=0.0, xavier_init=True
 )
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A margin kind as ``--kinds`` trains it: its name there, the head's margin, and
+    whether beta anneals (the seed's schedule with the preset's floor, as for the
+    L-Softmax margins) or stays 0 throughout."""
+
+    name: str
+    margin: Margin
+    annealed: bool
+
+    def schedule(self, preset: Preset) -> Schedule:
+        if not self.annealed:
+            return ConstantSchedule(0.0)
+        m = getattr(self.margin, "m", 1)
+        return ExponentialSchedule(beta0=beta0_for(int(m)), scale=SCALE, beta_min=preset.beta_min)
+
+
+#: ``--kinds``: one network per kind, the same network, data, optimizer and epochs as the
+#: L-Softmax margins, each kind with the parameters below, chosen for a 2-D embedding and
+#: 10 classes (about 36 degrees per class) from one-seed runs on the digits (docs/demo.md,
+#: "The margin kinds side by side", has them):
+#:
+#: - lsoftmax: L-Softmax(4), exactly the margins' run of margin 4 (same schedule, same numbers).
+#: - sphereface: SphereFace(4), the paper's m, annealed as L-Softmax(4): the same psi(theta)
+#:   with the weight rows normalised needs the same plain-softmax start (beta from 100) and
+#:   the floor of 2 (BETA_MIN).
+#: - cosface, arcface: features and weights normalised, logits s times cosines.  s = 4, far
+#:   below face recognition's 30..64 (hundreds of dimensions, where the classes can be near
+#:   orthogonal): in the plane a class's neighbours are 36 deg away, and s = 4 generalised
+#:   best here (s = 8 and 16: 93.5-96.9% test accuracy, 4.2-7.0 deg intra-class; s = 4:
+#:   96.1-98.0%, 3.5-4.9 deg).  At s = 4 even a feature on its class's centre keeps a
+#:   probability under 0.5 (s = 16: 0.91), so the loss never saturates and keeps pulling.
+#:   The margins fit inside a 36-degree sector: ArcFace's m = 0.3 rad (17 deg) is just under
+#:   the 18 deg half-sector, CosFace's m = 0.2 is about 1 - cos(36 deg) = 0.19, the cosine gap
+#:   to a neighbour's centre; these gave the tightest classes of m = 0.1..0.4 (ArcFace) and
+#:   0.1..0.5 (CosFace) at s = 4.  beta stays 0: their target is bounded, so no plain-softmax
+#:   start is needed, and the seed's schedule with its floor of 2 keeps a third of the margin
+#:   (s (cos - m/3) for CosFace); annealed, both trained worse.
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("lsoftmax", LSoftmax(4), annealed=True),
+        Kind("sphereface", SphereFace(4), annealed=True),
+        Kind("cosface", CosFace(m=0.2, s=4.0), annealed=False),
+        Kind("arcface", ArcFace(m=0.3, s=4.0), annealed=False),
+    )
+}
 
 
 # --------------------------------------------------------------------------- model
@@ -189,7 +262,53 @@ def _reproducible() -> Iterator[None]:
 def run_margin(
     data: Dataset, margin: int, *, preset: Preset, seed: int, device: str, progress: bool = True
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Train one network with the given margin; return its results row and test features."""
+    """Train one network with the given L-Softmax margin; return its results row and test features."""
+    schedule = ExponentialSchedule(beta0=beta0_for(margin), scale=SCALE, beta_min=preset.beta_min)
+    row, features = _train(
+        data,
+        margin,
+        schedule,
+        preset=preset,
+        seed=seed,
+        device=device,
+        desc=f"margin {margin}",
+        progress=progress,
+    )
+    return {"margin": margin, **row}, features
+
+
+def run_kind(
+    data: Dataset, kind: Kind, *, preset: Preset, seed: int, device: str, progress: bool = True
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Train one network with the head of a margin kind (KINDS); return its results row
+    (``kind``, the margin's ``to_dict()``, the numbers) and test features."""
+    schedule = kind.schedule(preset)
+    row, features = _train(
+        data,
+        kind.margin,
+        schedule,
+        preset=preset,
+        seed=seed,
+        device=device,
+        desc=kind.name,
+        progress=progress,
+    )
+    return {"kind": kind.name, "margin": kind.margin.to_dict(), **row}, features
+
+
+def _train(
+    data: Dataset,
+    margin: int | Margin,
+    schedule: Schedule,
+    *,
+    preset: Preset,
+    seed: int,
+    device: str,
+    desc: str,
+    progress: bool,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One network, its head's margin and beta schedule given: the numbers (without the
+    margin) and the test features."""
     import torch
     from tqdm import tqdm
 
@@ -198,7 +317,6 @@ def run_margin(
     torch.manual_seed(seed)
     dev = torch.device(device)
     net = _feature_net(data.x_train.shape[-1], batch_norm=preset.batch_norm).to(dev)
-    schedule = ExponentialSchedule(beta0=beta0_for(margin), scale=SCALE, beta_min=preset.beta_min)
     head = LSoftmaxLinear(2, 10, margin=margin, schedule=schedule, device=dev)
     if preset.xavier_init:
         _xavier_([*net.modules(), head])
@@ -216,7 +334,7 @@ def run_margin(
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(
         total=preset.epochs * batches,
-        desc=f"margin {margin}",
+        desc=desc,
         unit="it",
         disable=not progress,
         leave=True,
@@ -253,13 +371,13 @@ def run_margin(
         feats, correct = [], 0
         for b in range(0, data.x_test.shape[0], 1000):
             f = net(torch.from_numpy(data.x_test[b : b + 1000]).to(dev))
-            pred = head(f).argmax(dim=1).cpu().numpy()  # eval mode: plain x @ W^T
+            # eval mode: the kind's plain logits (x @ W^T for L-Softmax; cosines for the others)
+            pred = head(f).argmax(dim=1).cpu().numpy()
             correct += int((pred == data.y_test[b : b + 1000]).sum())
             feats.append(f.cpu().numpy().astype(np.float64))
     features = np.concatenate(feats)
     intra, inter = angle_stats(features, data.y_test)
     row = {
-        "margin": margin,
         "test_accuracy": correct / data.y_test.shape[0],
         "intra_class_angle_deg": intra,
         "inter_class_min_angle_deg": inter,
@@ -288,6 +406,18 @@ def _margins(text: str) -> tuple[int, ...]:
     return values
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip().lower() for p in text.split(","))
+    unknown = [n for n in names if n not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind {unknown[0]!r} in {text!r}: the kinds are {','.join(KINDS)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a kind")
+    return names
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -312,15 +442,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lsoftmax-demo",
         description="Train a small CNN with a 2-D feature layer and an L-Softmax head, once per "
-        "margin, and draw the learned test-set features (the seed's MNIST pictures) with their "
-        "accuracy and angles.",
+        "margin (or once per margin kind with --kinds), and draw the learned test-set features "
+        "(the seed's MNIST pictures) with their accuracy and angles.",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument(
         "--margins",
         type=_margins,
-        default=DEFAULT_MARGINS,
-        help="comma-separated margins (default: 1,2,3,4,6)",
+        default=None,
+        help="comma-separated L-Softmax margins (default: 1,2,3,4,6)",
+    )
+    p.add_argument(
+        "--kinds",
+        type=_kinds,
+        default=None,
+        help=f"comma-separated margin kinds instead of L-Softmax margins, one network each, "
+        f"drawn side by side (features-all-kinds.png): {','.join(KINDS)}, trained as "
+        + ", ".join(f"{k.margin!r}" for k in KINDS.values())
+        + " (docs/demo.md)",
     )
     p.add_argument(
         "--epochs",
@@ -377,6 +516,13 @@ def _versions(device: str = "cpu") -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.kinds is not None and args.margins is not None:
+        parser.error(
+            "--kinds and --margins exclude each other: --kinds trains each kind with its own "
+            "parameters (L-Softmax at margin 4); use --margins alone for L-Softmax margins"
+        )
+    if args.kinds is None and args.margins is None:
+        args.margins = DEFAULT_MARGINS
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
@@ -411,9 +557,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         parser.error(f"--out {out}: cannot create the folder: {e}")
+    if args.kinds is None:
+        what = f"margins {','.join(map(str, args.margins))}"
+        # (sort key, file name, title's label, the run)
+        jobs = [
+            (margin, f"features-margin-{margin}.png", f"margin {margin}", partial(run_margin, data, margin))
+            for margin in args.margins
+        ]
+        combined = "features-all-margins.png"
+        chosen: dict[str, Any] = {"margins": sorted(args.margins)}
+    else:
+        kinds = [KINDS[name] for name in args.kinds]
+        what = f"kinds {','.join(args.kinds)}"
+        order = list(KINDS)
+        jobs = [
+            (order.index(k.name), f"features-kind-{k.name}.png", repr(k.margin), partial(run_kind, data, k))
+            for k in kinds
+        ]
+        combined = "features-all-kinds.png"
+        chosen = {"kinds": [name for name in KINDS if name in args.kinds]}
     print(
         f"lsoftmax-demo: {data.name}, {len(data.y_train)} train / {len(data.y_test)} test images, "
-        f"margins {','.join(map(str, args.margins))}, {preset.epochs} epochs, device {args.device}, "
+        f"{what}, {preset.epochs} epochs, device {args.device}, "
         f"seed {args.seed} -> {out}",
         file=sys.stderr,
     )
@@ -424,29 +589,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "test_size": int(len(data.y_test)),
         "seed": args.seed,
         "device": args.device,
-        "margins": sorted(args.margins),
+        **chosen,
         **asdict(preset),
         "lr_drop_epoch": preset.lr_drop_epoch,
         "torch": torch.__version__,
         "versions": _versions(args.device),
     }
-    runs: list[dict[str, Any]] = []
+    runs: list[tuple[int, dict[str, Any]]] = []
     panels = []
     with _reproducible():
-        for margin in args.margins:
-            row, features = run_margin(data, margin, preset=preset, seed=args.seed, device=args.device)
-            save_features(out / f"features-margin-{margin}.png", features, data.y_test)
-            runs.append(row)
-            panels.append((margin, f"margin {margin}: {100 * row['test_accuracy']:.1f}%", features))
-            # Written after every margin, in increasing margin order whatever the order asked
-            # for: an MNIST run takes an hour on a CPU, and one stopped early keeps the
-            # margins it finished (results.json then has fewer runs than config.margins).
-            runs.sort(key=lambda r: r["margin"])
+        for key, filename, label, run in jobs:
+            row, features = run(preset=preset, seed=args.seed, device=args.device)
+            save_features(out / filename, features, data.y_test)
+            runs.append((key, row))
+            panels.append((key, f"{label}: {100 * row['test_accuracy']:.1f}%", features))
+            # Written after every run, in increasing margin order (the kinds in KINDS's order)
+            # whatever the order asked for: an MNIST run takes an hour on a CPU, and one
+            # stopped early keeps the runs it finished (results.json then has fewer runs
+            # than config.margins or config.kinds).
+            runs.sort(key=lambda r: r[0])
             panels.sort(key=lambda p: p[0])
-            save_combined(
-                out / "features-all-margins.png", [(title, f, data.y_test) for _, title, f in panels]
-            )
-            results = {"runs": runs, "config": config}
+            save_combined(out / combined, [(title, f, data.y_test) for _, title, f in panels])
+            results = {"runs": [r for _, r in runs], "config": config}
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown_table(runs))
+    print(markdown_table([r for _, r in runs]))
     return 0

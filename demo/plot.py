@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["angle_stats", "class_palette", "markdown_table", "save_combined", "save_features"]
+__all__ = ["angle_stats", "class_palette", "markdown_table", "run_label", "save_combined", "save_features"]
 
 F64 = npt.NDArray[np.float64]
 
@@ -76,7 +76,7 @@ def _draw(ax: Any, features: npt.NDArray[Any], labels: npt.NDArray[Any], *, size
 
 
 def save_features(path: Path, features: npt.NDArray[Any], labels: npt.NDArray[Any]) -> None:
-    """One margin's picture, 800x800 pixels like the seed's."""
+    """One margin's (or kind's) picture, 800x800 pixels like the seed's."""
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(8, 8), dpi=100, facecolor="white")
@@ -87,7 +87,7 @@ def save_features(path: Path, features: npt.NDArray[Any], labels: npt.NDArray[An
 
 
 def save_combined(path: Path, panels: Sequence[tuple[str, npt.NDArray[Any], npt.NDArray[Any]]]) -> None:
-    """All margins side by side; each panel is (title, features, labels)."""
+    """All margins (or kinds) side by side; each panel is (title, features, labels)."""
     import matplotlib.pyplot as plt
 
     n = len(panels)
@@ -100,15 +100,28 @@ def save_combined(path: Path, panels: Sequence[tuple[str, npt.NDArray[Any], npt.
     plt.close(fig)
 
 
+def run_label(row: dict[str, Any]) -> str:
+    """A results row's name: its L-Softmax margin (an int), or a kind's margin as the
+    library writes it (``ArcFace(m=0.3, s=4.0)``) from the row's ``to_dict()``."""
+    margin = row["margin"]
+    if isinstance(margin, dict):
+        from lsoftmax_core.margins import margin_from_dict
+
+        return repr(margin_from_dict(margin))
+    return str(margin)
+
+
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
-    """The results as a GitHub markdown table (one row per margin)."""
+    """The results as a GitHub markdown table (one row per margin, or per kind)."""
+    kinds = any("kind" in r for r in runs)
+    first, rule = ("| kind ", "|:-----") if kinds else ("| margin ", "|-------:")
     lines = [
-        "| margin | test accuracy | intra-class angle (deg) | inter-class min angle (deg) | train time (s) |",
-        "|-------:|--------------:|------------------------:|----------------------------:|---------------:|",
+        f"{first}| test accuracy | intra-class angle (deg) | inter-class min angle (deg) | train time (s) |",
+        f"{rule}|--------------:|------------------------:|----------------------------:|---------------:|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['margin']} | {100.0 * r['test_accuracy']:.2f}% | {r['intra_class_angle_deg']:.2f} "
+            f"| {run_label(r)} | {100.0 * r['test_accuracy']:.2f}% | {r['intra_class_angle_deg']:.2f} "
             f"| {r['inter_class_min_angle_deg']:.2f} | {r['train_seconds']:.1f} |"
         )
     return "\n".join(lines)

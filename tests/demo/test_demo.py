@@ -282,6 +282,10 @@ def test_markdown_table():
     lines = markdown_table([row]).splitlines()
     assert len(lines) == 3 and lines[0].startswith("| margin |")
     assert lines[2] == "| 4 | 98.77% | 2.35 | 31.00 | 12.3 |"
+    kind = {**row, "kind": "arcface", "margin": {"kind": "arcface", "m": 0.3, "s": 4.0}}
+    lines = markdown_table([kind]).splitlines()
+    assert lines[0].startswith("| kind |") and lines[1].startswith("|:-----|")
+    assert lines[2] == "| ArcFace(m=0.3, s=4.0) | 98.77% | 2.35 | 31.00 | 12.3 |"
 
 
 # --------------------------------------------------------------------------- command line
@@ -299,6 +303,11 @@ def test_markdown_table():
         (["--epochs", "two"], "--epochs: 'two' is not an integer"),
         (["--seed", "-1"], "--seed: -1 must be in [0, 2**63)"),
         (["--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--kinds", "normface"], "--kinds: unknown kind 'normface' in 'normface': the kinds are "),
+        (["--kinds", "arcface,"], "unknown kind '' in 'arcface,'"),
+        (["--kinds", ""], "unknown kind ''"),
+        (["--kinds", "cosface,CosFace"], "'cosface,CosFace' repeats a kind"),
+        (["--kinds", "arcface", "--margins", "2"], "--kinds and --margins exclude each other"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_message(capsys, argv, needle):
@@ -373,7 +382,7 @@ def test_module_entry_point_prints_help():
         timeout=120,
         check=True,
     )
-    for flag in ("--out", "--margins", "--epochs", "--mnist", "--device", "--seed"):
+    for flag in ("--out", "--margins", "--kinds", "--epochs", "--mnist", "--device", "--seed"):
         assert flag in done.stdout
 
 
@@ -440,6 +449,65 @@ def test_a_run_stopped_early_keeps_the_margins_it_finished(tmp_path, monkeypatch
     results = _load(out)
     assert [r["margin"] for r in results["runs"]] == [2] and results["config"]["margins"] == [2, 3]
     assert (out / "features-all-margins.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kinds_are_the_four_with_their_documented_parameters():
+    import lsoftmax_core as lsm
+
+    assert list(demo.KINDS) == ["lsoftmax", "sphereface", "cosface", "arcface"]
+    assert [k.margin for k in demo.KINDS.values()] == [
+        lsm.LSoftmax(4),
+        lsm.SphereFace(4),
+        lsm.CosFace(m=0.2, s=4.0),
+        lsm.ArcFace(m=0.3, s=4.0),
+    ]
+    # the multiplicative kinds anneal as the margins do; the cosine kinds keep beta 0
+    assert [k.annealed for k in demo.KINDS.values()] == [True, True, False, False]
+    assert demo.KINDS["sphereface"].schedule(demo.DIGITS) == lsm.ExponentialSchedule(
+        100.0, 0.99, demo.BETA_MIN
+    )
+    assert demo.KINDS["arcface"].schedule(demo.MNIST) == lsm.ConstantSchedule(0.0)
+
+
+def test_quick_kinds_run_writes_one_picture_per_kind_side_by_side_json_and_table(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        demo.main(["--out", str(out), "--kinds", "arcface,lsoftmax,cosface,sphereface", "--epochs", "1"]) == 0
+    )
+    names = ["lsoftmax", "sphereface", "cosface", "arcface"]  # KINDS's order, whatever the order asked
+    for name in [*(f"features-kind-{n}.png" for n in names), "features-all-kinds.png"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert not list(out.glob("features-margin-*")) and not (out / "features-all-margins.png").exists()
+    results = _load(out)
+    runs = results["runs"]
+    assert [r["kind"] for r in runs] == names
+    assert results["config"]["kinds"] == names and "margins" not in results["config"]
+    for r in runs:
+        assert RUN_KEYS | {"kind", "schedule"} <= set(r)
+        assert r["margin"] == demo.KINDS[r["kind"]].margin.to_dict()  # the parameters, recorded
+        assert r["schedule"] == demo.KINDS[r["kind"]].schedule(demo.DIGITS).to_dict()
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_seconds"] > 0.0
+        assert 0.0 <= r["inter_class_min_angle_deg"] <= 36.0 + 1e-9
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 6 and table[0].startswith("| kind |")
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| LSoftmax(m=4)",
+        "| SphereFace(m=4)",
+        "| CosFace(m=0.2, s=4.0)",
+        "| ArcFace(m=0.3, s=4.0)",
+    ]
+
+    # The lsoftmax kind is the margins' run of margin 4, and a kind's run does not depend
+    # on the other kinds asked for.
+    margin4 = tmp_path / "margin4"
+    assert demo.main(["--out", str(margin4), "--margins", "4", "--epochs", "1"]) == 0
+    (plain,) = _without_time(_load(margin4)["runs"])
+    lsoftmax = _without_time(runs[:1])[0]
+    assert lsoftmax.pop("kind") == "lsoftmax" and lsoftmax.pop("margin") == {"kind": "lsoftmax", "m": 4}
+    assert plain.pop("margin") == 4 and lsoftmax == plain
+    alone = tmp_path / "alone"
+    assert demo.main(["--out", str(alone), "--kinds", "ArcFace", "--epochs", "1"]) == 0
+    assert _without_time(_load(alone)["runs"]) == _without_time(runs[3:])
 
 
 @pytest.mark.parametrize(
