@@ -54,7 +54,15 @@ tensor, does, without recompiling).  On the
 CPU a kind that normalises runs the GEMMs on the core's normalised rows
 (:func:`lsoftmax_core.normalized`) and the core's ``add_margin``/``add_margin_grad`` as
 above; CUDA tensors run the core's CuPy backend for every kind (layer and fused loss; not
-yet run on a GPU).  Not yet here: the core's ``subcenters=``.
+yet run on a GPU).
+
+``subcenters=k`` (the core's sub-centres, SubCenter-ArcFace) on the fused losses
+(:func:`lsoftmax_cross_entropy`, :class:`LSoftmaxLoss`, :class:`ClassParallelLSoftmaxLoss`),
+for the kinds that normalise the weights: the weight has k rows per class, class j's
+centres being rows j·k ... j·k + k - 1, and a class's cosine is the largest of its
+centres'; labels, class bounds and ``num_classes`` count classes.  The fused-loss operators
+carry k as a trailing int argument (default 1, so the call forms without it are unchanged);
+a compiled graph specialises on it.
 
 The fused loss (:func:`lsoftmax_cross_entropy`, :class:`LSoftmaxLoss`) is the core's
 :func:`lsoftmax_core.cross_entropy` behind three more custom operators, with the same

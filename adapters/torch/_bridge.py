@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lsoftmax_core.checks import check_beta, check_margin, split_margin
+from lsoftmax_core.checks import check_beta, check_integer, check_margin, split_margin
 from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, Margin, SphereFace, margin_from_dict
 
 #: A resolved ``margin=``: L-Softmax's m as an int, or the object of a kind that normalises.
@@ -33,6 +33,22 @@ def _resolve_margin(margin: object) -> Resolved:
         return check_margin(margin)
     m, family = split_margin(margin)
     return check_margin(m) if family is None else family  # type: ignore[no-any-return]
+
+
+def _check_subcenters(subcenters: object, margin: Resolved) -> int:
+    """The fused losses' ``subcenters`` k, checked as the core's ``LossOptions`` checks it
+    (its errors name subcenters): an integer in [1, 1024], and k > 1 only for a margin kind
+    that normalises the weights (an int margin, L-Softmax, with k > 1 is a ValueError).
+    Plain code that Dynamo traces (a compiled graph specialises on k, a Python int)."""
+    if type(subcenters) is int and subcenters == 1:
+        return 1  # the common case, as cheap as before
+    k = check_integer("subcenters", subcenters, 1, 1024)
+    if k > 1 and not isinstance(margin, Margin):
+        raise ValueError(
+            f"subcenters={k} needs a margin kind that normalises the weights (SphereFace, CosFace, ArcFace, "
+            f"CombinedMargin), whose class cosine is the largest of its centres'; got margin={margin!r} (L-Softmax)"
+        )
+    return k
 
 
 #: How the custom operators carry a margin: ``(margin, kind, params)``, see :func:`_margin_schema`.

@@ -104,10 +104,7 @@ def _backward_impl(
             forward_checked, stats, xt, wt = saved
             xa, wa, la, _ = forward_checked.inputs
             (ga,) = _cpu_views(grad_logits=grad_logits)
-            checked = forward_checked.with_grad_logits(ga)  # grad_logits' shape and dtype only
-            if getattr(checked, "family", None) is not getattr(forward_checked, "family", None):
-                # lsoftmax_core's with_grad_logits does not carry the kind over yet: check again.
-                checked = _core.check_arguments(xa, wa, la, margin=margin, beta=b, grad_logits=ga)
+            checked = forward_checked.with_grad_logits(ga)  # grad_logits' shape and dtype only; keeps the kind
         # Not autocast: a backward run inside an autocast region (loss.backward() under
         # torch.autocast) computes in the forward's dtype too.  A kind that normalises: the
         # gradients of the normalised rows, which add_margin_grad turns into those of x, weight.

@@ -23,9 +23,9 @@ from ._bridge import (
     _beta_float,
     _beta_tensor,
     _check_same_dtype,
+    _check_subcenters,
     _check_tensors,
     _dispatch_mode,
-    _margin_args,
     _margin_of_schema,
     _margin_schema,
     _resolve_margin,
@@ -73,12 +73,18 @@ def _run_loss(
         return _run(fn, **named)
 
 
-def _loss_kwargs(margin: Resolved, beta: Tensor | float, reduction: str, ignore_index: int) -> dict[str, Any]:
-    return {"margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index}
+def _loss_kwargs(
+    margin: Resolved, beta: Tensor | float, reduction: str, ignore_index: int, subcenters: int = 1
+) -> dict[str, Any]:
+    return {
+        "margin": margin, "beta": float(beta), "reduction": reduction, "ignore_index": ignore_index,
+        "subcenters": subcenters,
+    }  # fmt: skip
 
 
 # The operators carry the margin as lsoftmax_forward does: ``margin``, ``kind``, ``params``
-# (_bridge._margin_schema), the last two last, defaulting to L-Softmax's "" and None.
+# (_bridge._margin_schema), defaulting to L-Softmax's "" and None, then ``subcenters`` (the
+# core's k, default 1), so that the call forms without them keep their meaning.
 
 
 def _loss_fake(x: Tensor, weight: Tensor, reduction: str) -> Tensor:
@@ -91,9 +97,10 @@ def _loss_op(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
     params: Optional[list[float]] = None,  # noqa: UP045
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(loss, lse): the loss and each row's float64 log-sum-exp, which the backward reuses."""
-    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index, subcenters)
 
     def call(xa: Any, wa: Any, ta: Any) -> Any:
         return _core.cross_entropy(xa, wa, ta, return_lse=True, **kw)
@@ -107,6 +114,7 @@ def _loss_op_fake(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
     params: Optional[list[float]] = None,  # noqa: UP045
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     return _loss_fake(x, weight, reduction), x.new_empty((x.shape[0],), dtype=torch.float64)
 
@@ -116,9 +124,10 @@ def _loss_with_grad_op(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
     params: Optional[list[float]] = None,  # noqa: UP045
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss, grad_x, grad_w) in one pass, "mean"/"sum": the gradients for an upstream 1."""
-    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index, subcenters)
 
     def call(xa: Any, wa: Any, ta: Any) -> Any:
         return _core.cross_entropy_with_grad(xa, wa, ta, **kw)
@@ -132,6 +141,7 @@ def _loss_with_grad_op_fake(
     x: Tensor, weight: Tensor, target: Tensor, margin: int, beta: Tensor, reduction: str, ignore_index: int,
     kind: str = "",
     params: Optional[list[float]] = None,  # noqa: UP045
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     return _loss_fake(x, weight, reduction), x.new_empty(x.shape), weight.new_empty(weight.shape)
 
@@ -149,8 +159,9 @@ def _loss_backward_op(
     lse: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
     kind: str = "",
     params: Optional[list[float]] = None,  # noqa: UP045
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index)
+    kw = _loss_kwargs(_margin_of_schema(margin, kind, params), beta, reduction, ignore_index, subcenters)
     return _backward_impl(grad_loss, x, weight, target, kw, lse)
 
 
@@ -178,6 +189,7 @@ def _loss_backward_op_fake(
     lse: Optional[Tensor],  # noqa: UP045
     kind: str = "",
     params: Optional[list[float]] = None,  # noqa: UP045
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:
     _check_same_dtype(x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
@@ -219,7 +231,7 @@ def _scaled(
 
 def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     """Both forward operators: keep the inputs, and the (non-differentiable) extra outputs."""
-    x, weight, target, margin, beta, reduction, ignore_index, kind, params = inputs
+    x, weight, target, margin, beta, reduction, ignore_index, kind, params, subcenters = inputs
     extra = output[1:]  # lse, or the gradients for an upstream 1
     ctx.mark_non_differentiable(*extra)
     if len(extra) == 2:
@@ -230,14 +242,14 @@ def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor,
         ctx.grads = extra
     else:
         ctx.save_for_backward(x, weight, target, beta, *extra)
-    ctx.hyper = (margin, reduction, ignore_index, kind, params)
+    ctx.hyper = (margin, reduction, ignore_index, kind, params, subcenters)
 
 
 def _loss_backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
     x, weight, target, beta, lse = ctx.saved_tensors
-    margin, reduction, ignore_index, kind, params = ctx.hyper
+    margin, reduction, ignore_index, kind, params, subcenters = ctx.hyper
     grad_x, grad_w = _loss_backward_op(
-        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse, kind, params
+        grad_loss, x, weight, target, margin, beta, reduction, ignore_index, lse, kind, params, subcenters
     )
     return _input_grads(ctx, grad_x, grad_w)
 
@@ -252,9 +264,9 @@ def _loss_with_grad_backward(
         # create_graph=True: the saved gradients are constants to autograd, so scaling them
         # would give silently wrong second derivatives.  The backward operator has no
         # derivative of its own: a double backward through it fails loudly instead.
-        margin, reduction, ignore_index, kind, params = ctx.hyper
+        margin, reduction, ignore_index, kind, params, subcenters = ctx.hyper
         grad_x, grad_w = _loss_backward_op(
-            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None, kind, params
+            grad_loss, x, weight, target, margin, beta, reduction, ignore_index, None, kind, params, subcenters
         )
         return _input_grads(ctx, grad_x, grad_w)
     # Traced (compile, AOT, fake or functional tensors): no in-place update of an output.
@@ -329,7 +341,8 @@ def _backward_via_op(
     beta = torch.tensor(kw["beta"], dtype=torch.float64)
     margin, kind, params = _margin_schema(kw["margin"])
     return _loss_backward_op(  # type: ignore[no-any-return]
-        grad_loss, x, weight, target, margin, beta, kw["reduction"], kw["ignore_index"], lse, kind, params
+        grad_loss, x, weight, target, margin, beta, kw["reduction"], kw["ignore_index"], lse, kind, params,
+        kw["subcenters"],
     )
 
 
@@ -347,6 +360,7 @@ def lsoftmax_cross_entropy(
     beta: float | Tensor = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
+    subcenters: int = 1,
 ) -> Tensor:
     """The L-Softmax cross-entropy, fused: ``F.cross_entropy(lsoftmax(x, weight, target, ...),
     target, reduction=reduction, ignore_index=ignore_index)`` without ever holding the (N, C)
@@ -370,6 +384,14 @@ def lsoftmax_cross_entropy(
     :func:`lsoftmax` (not yet measured on a GPU).  Arguments are checked once, before
     anything is computed; errors are ValueError/TypeError naming the argument.
 
+    ``subcenters=k`` (default 1) is the core's sub-centre loss (SubCenter-ArcFace), for a
+    margin kind that normalises the weights (``SphereFace``, ``CosFace``, ``ArcFace``,
+    ``CombinedMargin``): weight is (C·k, D), class j's centres being rows j·k ... j·k + k - 1;
+    a class's cosine is the largest of its centres' and its gradient goes to that centre
+    (the lowest on a tie).  target counts classes, [0, C).  An int margin (or ``LSoftmax``)
+    with k > 1 is a ValueError naming subcenters, and so are weight rows that k does not
+    divide (naming weight's shape).  Under ``torch.compile`` k is a constant of the graph.
+
     >>> import torch
     >>> import torch.nn.functional as F
     >>> from lsoftmax_core.adapters.torch import lsoftmax, lsoftmax_cross_entropy
@@ -385,19 +407,21 @@ def lsoftmax_cross_entropy(
     """
     _check_tensors(x=x, weight=weight, target=target)
     capture = torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None
-    m, kind, params = _margin_args(margin) if capture else (_resolve_margin(margin), "", None)
+    resolved = _resolve_margin(margin)
+    m, kind, params = _margin_schema(resolved) if capture else (resolved, "", None)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
     ignore = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+    k = _check_subcenters(subcenters, resolved)
     with_grad = reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if capture:
         # Graph capture records the operators (see lsoftmax_core.adapters.torch.layer).
         b = _beta_tensor(beta)
         if with_grad:
-            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore, kind, params)[0]
-        return _loss_op(x, weight, target, m, b, reduction, ignore, kind, params)[0]
+            return _loss_with_grad_op(x, weight, target, m, b, reduction, ignore, kind, params, k)[0]
+        return _loss_op(x, weight, target, m, b, reduction, ignore, kind, params, k)[0]
     # Eager: the operators' implementations without the custom-op dispatch (autocast as
     # their registered rule does it).
     x, weight = _autocast_cast(x, weight)
-    kw = _loss_kwargs(m, _beta_float(beta), reduction, ignore)
+    kw = _loss_kwargs(m, _beta_float(beta), reduction, ignore, k)
     return (_EagerWithGrad if with_grad else _EagerLoss).apply(x, weight, target, kw)  # type: ignore[no-any-return]

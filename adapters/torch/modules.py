@@ -17,7 +17,7 @@ from lsoftmax_core.checks import check_beta, check_integer
 from lsoftmax_core.margins import Margin, margin_from_dict, margin_of
 from lsoftmax_core.schedule import ConstantSchedule, Schedule, check_schedule, schedule_from_dict
 
-from ._bridge import _resolve_margin
+from ._bridge import _check_subcenters, _resolve_margin
 from .layer import lsoftmax
 from .loss import _REDUCTIONS, lsoftmax_cross_entropy
 
@@ -46,10 +46,24 @@ def _plain_operands(x: Tensor, weight: Tensor, margin: int | Margin) -> tuple[Te
     return x, weight
 
 
+def _class_logits(logits: Tensor, subcenters: int) -> Tensor:
+    """(N, C·k) plain logits of the centres -> (N, C): each class's largest centre (as the
+    loss takes a class's cosine; the kinds that normalise the weights have a positive scale,
+    so the largest logit is the largest cosine)."""
+    if subcenters == 1:
+        return logits
+    return logits.unflatten(1, (-1, subcenters)).amax(dim=2)
+
+
+# Settings a checkpoint may lack, and what its absence means (checkpoints saved before them).
+_SAVED_DEFAULTS: dict[str, Any] = {"subcenters": 1}
+
+
 class _AnnealedHead(nn.Module):
-    """What LSoftmaxLinear and LSoftmaxLoss share: a (C, D) ``weight`` initialised like
-    nn.Linear's, the margin, and beta following a schedule of the iteration, saved in
-    ``state_dict`` (see :class:`LSoftmaxLinear` for the rules)."""
+    """What LSoftmaxLinear and LSoftmaxLoss share: a (C·k, D) ``weight`` initialised like
+    nn.Linear's (k = ``subcenters`` rows per class, 1 but for the losses), the margin, and
+    beta following a schedule of the iteration, saved in ``state_dict`` (see
+    :class:`LSoftmaxLinear` for the rules)."""
 
     _noun = "layer"  # how error messages call the module
 
@@ -61,6 +75,7 @@ class _AnnealedHead(nn.Module):
         schedule: Schedule | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        subcenters: int = 1,
     ) -> None:
         super().__init__()
         for name, v in sizes.items():
@@ -68,9 +83,12 @@ class _AnnealedHead(nn.Module):
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         in_features, out_features = (int(v) for v in sizes.values())
         resolved = _resolve_margin(margin)  # the core's errors naming margin
+        #: Centres per class (the losses' ``subcenters``): the weight has out_features·k rows.
+        self.subcenters = _check_subcenters(subcenters, resolved)
         #: L-Softmax's int m, or the margin object as given (LSoftmax(m) included).
         self.margin: int | Margin = margin if isinstance(margin, Margin) else resolved
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
+        rows = out_features * self.subcenters
+        self.weight = nn.Parameter(torch.empty((rows, in_features), device=device, dtype=dtype))
         # The iteration is a Python int, not a buffer: reading a device buffer to compute
         # beta would synchronise the GPU every step.  The current beta is mirrored in a
         # CPU tensor that step() updates in place, so a compiled forward reads it as a
@@ -154,7 +172,7 @@ class _AnnealedHead(nn.Module):
                 f"{type(self).__name__} extra state must be a dict with 'iteration' and 'schedule', got {state!r}"
             )
         for key, own in self._config().items():
-            saved = state.get(key, own)
+            saved = state.get(key, _SAVED_DEFAULTS.get(key, own))
             if key == "margin":
                 self._check_margin(saved)
             elif saved != own:
@@ -322,6 +340,14 @@ class LSoftmaxLoss(_AnnealedHead):
     (``margin=lsoftmax_core.SphereFace(4)`` normalises the rows in the core instead;
     ``normalize_weight`` is then redundant).
 
+    ``subcenters=k`` (default 1; a margin kind that normalises the weights): k centres per
+    class (SubCenter-ArcFace), ``weight`` (num_classes·k, in_features) with class j's
+    centres in rows j·k ... j·k + k - 1, as in :func:`lsoftmax_cross_entropy`; target and
+    ``num_classes`` count classes, and :meth:`logits` gives each class's largest centre,
+    (N, num_classes).  Saved in ``state_dict``: a checkpoint of another k is refused (one
+    saved without it has k = 1).  An int margin with k > 1 is a ValueError naming
+    subcenters.
+
     >>> import torch
     >>> import lsoftmax_core as lsm
     >>> from lsoftmax_core.adapters.torch import LSoftmaxLoss
@@ -346,6 +372,7 @@ class LSoftmaxLoss(_AnnealedHead):
         normalize_weight: bool = False,
         reduction: str = "mean",
         ignore_index: int = -100,
+        subcenters: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -354,7 +381,9 @@ class LSoftmaxLoss(_AnnealedHead):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
         sizes = {"in_features": in_features, "num_classes": num_classes}
-        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        super().__init__(
+            sizes, margin=margin, schedule=schedule, device=device, dtype=dtype, subcenters=subcenters
+        )  # fmt: skip
         self.in_features, self.num_classes = int(in_features), int(num_classes)
         self.normalize_weight = normalize_weight
         self.reduction = reduction
@@ -366,21 +395,26 @@ class LSoftmaxLoss(_AnnealedHead):
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         return lsoftmax_cross_entropy(
             x, self._weight(), target, margin=self.margin, beta=self._beta_tensor,
-            reduction=self.reduction, ignore_index=self.ignore_index,
+            reduction=self.reduction, ignore_index=self.ignore_index, subcenters=self.subcenters,
         )  # fmt: skip
 
     def logits(self, x: Tensor) -> Tensor:
         """The plain logits ``x @ weight.T`` (normalised rows with ``normalize_weight``; a
         kind that normalises: its own plain logits, as :class:`LSoftmaxLinear`'s eval mode),
-        for predictions: the margin only shapes training."""
-        return F.linear(*_plain_operands(x, self._weight(), self.margin))
+        for predictions: the margin only shapes training.  (N, num_classes): with
+        ``subcenters=k`` a class's logit is the largest of its k centres'."""
+        return _class_logits(F.linear(*_plain_operands(x, self._weight(), self.margin)), self.subcenters)
 
     def _config(self) -> dict[str, Any]:
-        return {"margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight}
+        return {
+            "margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight,
+            "subcenters": self.subcenters,
+        }  # fmt: skip
 
     def extra_repr(self) -> str:
+        centres = f", subcenters={self.subcenters}" if self.subcenters > 1 else ""
         return (
-            f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin!r}, "
+            f"in_features={self.in_features}, num_classes={self.num_classes}{centres}, margin={self.margin!r}, "
             f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
             f"schedule={self._schedule!r}"
         )

@@ -39,8 +39,8 @@ from lsoftmax_core.checks import check_integer, supported_dtypes
 from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, LSoftmax, Margin, SphereFace, margin_of
 from lsoftmax_core.schedule import Schedule
 
-from ._bridge import Resolved, _resolve_margin, _run
-from .modules import _AnnealedHead, _margin_state, _plain_operands
+from ._bridge import Resolved, _check_subcenters, _resolve_margin, _run
+from .modules import _AnnealedHead, _class_logits, _margin_state, _plain_operands
 
 __all__ = ["ClassParallelLSoftmaxLoss"]
 
@@ -101,6 +101,7 @@ _SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = 
     ("num_classes", int, int),
     ("margin", _margin_code, int),
     ("normalize_weight", int, bool),
+    ("subcenters", int, int),  # sent with normalize_weight in one int64: see _pack
     ("ignore_index", int, int),
     ("beta", _float_bits, _bits_float),
     ("reduction", _REDUCTIONS.index, _REDUCTIONS.__getitem__),
@@ -108,11 +109,32 @@ _SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = 
     # them waiting in its reduce-scatter (grad mode on, and x or the weight requiring grad).
     ("needs_grad", int, bool),
 )
-_MARGIN = [name for name, _, _ in _SETTINGS].index("margin")
+_NAMES = [name for name, _, _ in _SETTINGS]
+_MARGIN = _NAMES.index("margin")
+_FLAG = _NAMES.index("normalize_weight")
+assert _NAMES[_FLAG + 1] == "subcenters" and _MARGIN < _FLAG
+
+
+def _pack(codes: list[int]) -> list[int]:
+    """The settings' codes as sent: normalize_weight (0 or 1) and subcenters k share one
+    int64, ``2 * k + normalize_weight``, so that a rank's report keeps its 11 int64 (the
+    documented 88 bytes per rank)."""
+    return [*codes[:_FLAG], 2 * codes[_FLAG + 1] + codes[_FLAG], *codes[_FLAG + 2 :]]
+
+
+def _unpack(packed: list[int]) -> list[int]:
+    """The inverse of :func:`_pack`."""
+    both = packed[_FLAG]
+    return [*packed[:_FLAG], both & 1, both >> 1, *packed[_FLAG + 1 :]]
+
+
 # What each rank reports before any data moves: a problem found on its own input or
 # settings (0: none, 1: TypeError, 2: ValueError), its batch size, its feature size and its
-# dtype's code, then the codes of the settings.
-_META = 4 + len(_SETTINGS)
+# dtype's code, then the codes of the settings (packed).
+_META = 4 + len(_SETTINGS) - 1
+
+# A shard saved before subcenters existed has one row per class.
+_SUBCENTERS_DEFAULT = {"subcenters": 1}
 
 # torch >= 2.13 names the tensor collectives *_single; the older names warn there.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -136,6 +158,7 @@ class _Call:
     rank: int
     num_classes: int
     class_start: int
+    subcenters: int  # centres per class: the shard has num_local * subcenters rows
     margin: Resolved  # the module's margin, resolved by _setting_codes
     normalize_weight: bool
     beta: float
@@ -184,6 +207,7 @@ def _setting_codes(call: _Call) -> list[int]:
     if not isinstance(call.normalize_weight, bool):
         raise TypeError(f"normalize_weight={call.normalize_weight!r} must be a bool")
     call.margin = _resolve_margin(call.margin)  # the int or the kind the core is given
+    call.subcenters = _check_subcenters(call.subcenters, call.margin)
     check_integer("ignore_index", call.ignore_index, -(2**63), 2**63 - 1)
     return [encode(getattr(call, name)) for name, encode, _ in _SETTINGS]
 
@@ -201,7 +225,7 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
         x.shape[0] if ok else 0,
         x.shape[1] if ok else 0,
         _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1,
-        *own_settings,
+        *_pack(own_settings),
     ]
     local = torch.tensor(mine, dtype=torch.int64, device=weight.device)
     every = torch.empty(call.world_size * _META, dtype=torch.int64, device=weight.device)
@@ -220,7 +244,8 @@ def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tenso
         margins = gathered.view(call.world_size, _MARGIN_WIDTH).tolist()
     if problem is not None:
         raise problem
-    for r, (code, _, d, dt, *settings) in enumerate(table):
+    for r, (code, _, d, dt, *packed) in enumerate(table):
+        settings = _unpack(packed)
         if code:
             raise _ERRORS[code](
                 f"rank {r} of the process group passed an invalid x or target, or has an invalid setting, to "
@@ -303,7 +328,7 @@ class _ClassParallelLoss(torch.autograd.Function):
         def stats(xa: Any, wa: Any, la: Any) -> Any:
             return _core.cross_entropy_shard_stats(
                 xa, wa, la, class_start=call.class_start, num_classes=call.num_classes, margin=call.margin,
-                beta=call.beta, ignore_index=call.ignore_index,
+                beta=call.beta, ignore_index=call.ignore_index, subcenters=call.subcenters,
             )  # fmt: skip
 
         lse_local, tgt_local = _run(stats, x=xs, weight=weight.detach(), target=label)
@@ -339,7 +364,7 @@ class _ClassParallelLoss(torch.autograd.Function):
             return _core.cross_entropy_backward(
                 ga, xa, wa, la, margin=call.margin, beta=call.beta, reduction=call.reduction,
                 ignore_index=call.ignore_index, lse=lse_a, class_start=call.class_start,
-                num_classes=call.num_classes, chunking="classes",
+                num_classes=call.num_classes, chunking="classes", subcenters=call.subcenters,
             )  # fmt: skip
 
         g = grad_loss.detach().to(xs.dtype).contiguous()
@@ -397,10 +422,19 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     (exact: a row's norm is local to its shard), as in :class:`LSoftmaxLoss`.  Under
     ``torch.autocast`` float16/bfloat16 features are computed in float32.
 
+    ``subcenters=k`` (default 1; a margin kind that normalises the weights), as in
+    :class:`LSoftmaxLoss`: k centres per class, and each rank holds whole classes, so its
+    ``weight`` is (num_local·k, in_features), rows ``[class_start·k, class_stop·k)`` of the
+    full (num_classes·k, in_features) weight.  The class bounds, ``num_classes``, the
+    labels and the checkpoints' shards count classes; :meth:`full_state_dict`,
+    :meth:`merge_state_dicts` and :meth:`load_full_state_dict` move whole classes of k
+    rows, and :meth:`logits` gives each of the rank's classes its largest centre.  The
+    ranks compare their k with the other settings.
+
     Bad input raises a ValueError/TypeError on every rank instead of leaving the others
     waiting in a collective: each rank's own problem (shape, dtype, device, an invalid
-    setting), its settings (num_classes, margin, normalize_weight, ignore_index, beta,
-    reduction: a rank that missed a ``step()`` has another beta), whether its loss needs a
+    setting), its settings (num_classes, margin, normalize_weight, subcenters, ignore_index,
+    beta, reduction: a rank that missed a ``step()`` has another beta), whether its loss needs a
     backward, and the gathered labels are compared on all ranks before anything is computed.  A rank that stops calling
     the head (or never calls ``backward()``) cannot be detected by the others: they wait
     in the next collective until the process group's timeout, then raise a RuntimeError
@@ -409,8 +443,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     timeout=datetime.timedelta(seconds=...))`` (``new_group`` takes ``timeout`` too).
 
     Checkpoints: ``state_dict()`` is this rank's shard, with the iteration, the schedule,
-    ``num_classes`` and the shard's bounds (a checkpoint must match them).  To change the
-    world size, :meth:`full_state_dict` gathers the (num_classes, in_features) weight onto
+    ``num_classes``, ``subcenters`` and the shard's bounds (a checkpoint must match them).  To change the
+    world size, :meth:`full_state_dict` gathers the (num_classes·k, in_features) weight onto
     one rank (or :meth:`merge_state_dicts` joins the ranks' saved state dicts offline),
     and :meth:`load_full_state_dict` takes this rank's rows of a full one, at any world
     size.  A full state dict also loads into :class:`LSoftmaxLoss`, and the reverse.
@@ -435,6 +469,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         normalize_weight: bool = False,
         reduction: str = "mean",
         ignore_index: int = -100,
+        subcenters: int = 1,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -458,7 +493,9 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
             )
         start, stop = _shard_bounds(total, world_size, rank)
         sizes = {"in_features": in_features, "num_local": stop - start}
-        super().__init__(sizes, margin=margin, schedule=schedule, device=device, dtype=dtype)
+        super().__init__(
+            sizes, margin=margin, schedule=schedule, device=device, dtype=dtype, subcenters=subcenters
+        )  # fmt: skip
         self.in_features, self.num_classes = int(in_features), total
         self.class_start, self.class_stop, self.num_local = start, stop, stop - start
         self.world_size, self.rank = world_size, rank
@@ -497,7 +534,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         except (TypeError, ValueError) as e:
             beta, problem = float("nan"), problem or e
         call = _Call(
-            self.process_group, self.world_size, self.rank, self.num_classes, self.class_start,
+            self.process_group, self.world_size, self.rank, self.num_classes, self.class_start, self.subcenters,
             self.margin, self.normalize_weight, beta, self.reduction, self.ignore_index,
             torch.is_grad_enabled() and (weight.requires_grad or (isinstance(x, Tensor) and x.requires_grad)),
         )  # fmt: skip
@@ -510,14 +547,16 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     def logits(self, x: Tensor) -> Tensor:
         """This rank's chunk of the plain logits, ``x @ weight.T`` (N, num_local), for
         classes ``[class_start, class_stop)`` (a kind that normalises: its own plain logits,
-        as :meth:`LSoftmaxLoss.logits`); no collective."""
-        return F.linear(*_plain_operands(x, self._weight(), self.margin))
+        as :meth:`LSoftmaxLoss.logits`; with ``subcenters=k`` each class's largest centre);
+        no collective."""
+        return _class_logits(F.linear(*_plain_operands(x, self._weight(), self.margin)), self.subcenters)
 
     # Checkpoints ---------------------------------------------------------------------------
 
     def _config(self) -> dict[str, Any]:
         return {
             "margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight,
+            "subcenters": self.subcenters,
             "num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop,
         }  # fmt: skip
 
@@ -534,34 +573,42 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         """The extra state of a full checkpoint: what :class:`LSoftmaxLoss` saves."""
         return {
             "margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight,
-            "iteration": self.iteration, "schedule": self.schedule.to_dict(),
+            "subcenters": self.subcenters, "iteration": self.iteration, "schedule": self.schedule.to_dict(),
         }  # fmt: skip
 
     def full_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
         """A collective (every rank calls it): the full checkpoint on rank ``dst`` of the
-        group, ``{"weight": (num_classes, in_features) CPU tensor, "_extra_state": {...}}``,
-        the format of :class:`LSoftmaxLoss`; None on the other ranks.  The shards travel one
+        group, ``{"weight": (num_classes·subcenters, in_features) CPU tensor, "_extra_state":
+        {...}}``, the format of :class:`LSoftmaxLoss`; None on the other ranks.  The shards travel one
         at a time (point to point), so no device holds more than one shard of them."""
-        # The ranks compare their dst first: ranks waiting to receive from one another would
-        # otherwise wait until the group's timeout.
+        # The ranks compare their dst (and their shards' rows per class) first: ranks waiting to
+        # receive from one another would otherwise wait until the group's timeout.
         try:
             problem, dst = None, check_integer("dst", dst, 0, self.world_size - 1)
         except (TypeError, ValueError) as e:
             problem, dst = e, -1
-        every = self.weight.new_empty(self.world_size, dtype=torch.int64)
-        _all_gather(every, torch.tensor([dst], device=self.weight.device), group=self.process_group)
+        every = self.weight.new_empty(2 * self.world_size, dtype=torch.int64)
+        mine = torch.tensor([dst, self.subcenters], device=self.weight.device)
+        _all_gather(every, mine, group=self.process_group)
         if problem is not None:
             raise problem
-        if len(set(every.tolist())) > 1:
-            raise ValueError(f"every rank must pass the same dst to full_state_dict, got dst={every.tolist()} in rank order")
+        dsts, centres = every.view(self.world_size, 2).t().tolist()
+        if len(set(dsts)) > 1:
+            raise ValueError(f"every rank must pass the same dst to full_state_dict, got dst={dsts} in rank order")
+        if len(set(centres)) > 1:
+            raise ValueError(
+                f"every rank's ClassParallelLSoftmaxLoss must have the same subcenters, got subcenters={centres} "
+                "in rank order"
+            )
         glob = (lambda r: r) if self.process_group is None else (
             lambda r: dist.get_global_rank(self.process_group, r)
         )  # fmt: skip
         weight = self.weight.detach()
+        k = self.subcenters  # rows per class: class j is rows j*k ... j*k + k - 1
         full = None
         if self.rank == dst:
-            full = torch.empty((self.num_classes, self.in_features), dtype=weight.dtype)
-            full[self.class_start : self.class_stop] = weight.cpu()
+            full = torch.empty((self.num_classes * k, self.in_features), dtype=weight.dtype)
+            full[self.class_start * k : self.class_stop * k] = weight.cpu()
         for r in range(self.world_size):
             if r == dst:
                 continue
@@ -569,10 +616,10 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
             if self.rank == r:
                 dist.send(weight.contiguous(), dst=glob(dst), group=self.process_group)
             elif self.rank == dst:
-                buf = weight.new_empty((stop - start, self.in_features))
+                buf = weight.new_empty(((stop - start) * k, self.in_features))
                 dist.recv(buf, src=glob(r), group=self.process_group)
                 assert full is not None
-                full[start:stop] = buf.cpu()
+                full[start * k : stop * k] = buf.cpu()
         if full is None:
             return None
         return {"weight": full, "_extra_state": self._full_extra_state()}
@@ -584,6 +631,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         if not shards:
             raise ValueError("shards must hold every rank's state_dict, got none")
         needed = {"num_classes", "class_start", "class_stop", "margin", "normalize_weight", "iteration", "schedule"}
+        kept = ("margin", "normalize_weight", "subcenters", "iteration", "schedule")
         for i, sd in enumerate(shards):
             extra = sd.get("_extra_state") if isinstance(sd, dict) else None
             if not (isinstance(extra, dict) and needed <= set(extra) and isinstance(sd.get("weight"), Tensor)):
@@ -591,7 +639,10 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
                     f"shards[{i}] must be a rank's state_dict(), with 'weight' and an '_extra_state' holding "
                     f"{sorted(needed)}, got {type(sd).__name__} with keys {sorted(sd) if isinstance(sd, dict) else []}"
                 )
-        states = sorted((s["_extra_state"] for s in shards), key=lambda e: int(e["class_start"]))
+        # A shard saved before subcenters existed has one row per class.
+        states = sorted(
+            ({**_SUBCENTERS_DEFAULT, **s["_extra_state"]} for s in shards), key=lambda e: int(e["class_start"])
+        )  # fmt: skip
         order = sorted(range(len(shards)), key=lambda i: int(shards[i]["_extra_state"]["class_start"]))
         total = states[0]["num_classes"]
         stop = 0
@@ -602,13 +653,21 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
                     f"[{e['class_start']}, {e['class_stop']}) of num_classes={e['num_classes']}"
                 )
             stop = e["class_stop"]
-            for key in ("margin", "normalize_weight", "iteration", "schedule"):
+            for key in kept:
                 if e[key] != states[0][key]:
                     raise ValueError(f"shards disagree on {key}: {states[0][key]!r} and {e[key]!r}")
         if stop != total:
             raise ValueError(f"shards must tile [0, num_classes={total}): they end at class {stop}")
+        k = states[0]["subcenters"]
+        for i, e in zip(order, states):
+            rows = int(shards[i]["weight"].shape[0])
+            if rows != (e["class_stop"] - e["class_start"]) * k:
+                raise ValueError(
+                    f"shards[{i}]'s weight has {rows} rows, but classes [{e['class_start']}, {e['class_stop']}) of "
+                    f"subcenters={k} rows each need {(e['class_stop'] - e['class_start']) * k}"
+                )
         weight = torch.cat([shards[i]["weight"].detach().cpu() for i in order])
-        extra = {k: states[0][k] for k in ("margin", "normalize_weight", "iteration", "schedule")}
+        extra = {key: states[0][key] for key in kept}
         return {"weight": weight, "_extra_state": extra}
 
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
@@ -617,10 +676,12 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         world size; no collective (each rank calls it, e.g. on a memory-mapped
         ``torch.load(path, mmap=True)``).  Everything is checked before anything changes."""
         weight = state.get("weight") if isinstance(state, dict) else None
-        if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.num_classes, self.in_features):
+        k = self.subcenters
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.num_classes * k, self.in_features):
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            what = "num_classes" if k == 1 else f"num_classes * subcenters={k}"
             raise ValueError(
-                f"state['weight'] must be the full (num_classes, in_features) = ({self.num_classes}, "
+                f"state['weight'] must be the full ({what}, in_features) = ({self.num_classes * k}, "
                 f"{self.in_features}) weight, got {shape}"
             )
         extra = state.get("_extra_state") or {}
@@ -631,13 +692,15 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
             extra.pop(key, None)  # a shard's own bounds are this rank's, not the saved ones
         # A bare {"weight": W} keeps this module's iteration and schedule.
         own = {**self._config(), "iteration": self.iteration, "schedule": self.schedule.to_dict()}
-        shard = {"weight": weight[self.class_start : self.class_stop], "_extra_state": {**own, **extra}}
+        rows = weight[self.class_start * k : self.class_stop * k]  # whole classes of k rows
+        shard = {"weight": rows, "_extra_state": {**own, **extra}}
         self.load_state_dict(shard)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, classes=[{self.class_start}, "
-            f"{self.class_stop}) of rank {self.rank}/{self.world_size}, margin={self.margin!r}, "
+            f"{self.class_stop}) of rank {self.rank}/{self.world_size}"
+            f"{f', subcenters={self.subcenters}' if self.subcenters > 1 else ''}, margin={self.margin!r}, "
             f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, schedule={self._schedule!r}"
         )
 
