@@ -39,7 +39,7 @@ def _plain_operands(x: Tensor, weight: Tensor, margin: int | Margin) -> tuple[Te
     """The rows a kind's plain logits multiply (the core's ``normalized``, in torch for
     autograd): s x/|x| for the cosine kinds, w/|w| for SphereFace and the cosine kinds, a
     zero row staying 0; x and weight themselves for L-Softmax."""
-    if isinstance(margin, Margin) and margin.normalizes_features:
+    if isinstance(margin, Margin) and margin.normalizes_features and margin.scale is not None:
         x = F.normalize(x, dim=1) * margin.scale
     if isinstance(margin, Margin) and margin.normalizes_weights:
         weight = F.normalize(weight, dim=1)
