@@ -39,6 +39,7 @@ from lsoftmax_core.checks import check_integer, supported_dtypes
 from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, LSoftmax, Margin, SphereFace, margin_of
 from lsoftmax_core.schedule import Schedule
 
+from . import resharding
 from ._bridge import Resolved, _check_subcenters, _resolve_margin, _run
 from .modules import _AnnealedHead, _class_logits, _margin_state, _plain_operands
 
@@ -695,6 +696,17 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         rows = weight[self.class_start * k : self.class_stop * k]  # whole classes of k rows
         shard = {"weight": rows, "_extra_state": {**own, **extra}}
         self.load_state_dict(shard)
+
+    def full_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, dst: int = 0) -> dict[str, Any] | None:
+        """Collective: ``optimizer``'s state for this head's weight in the full layout on
+        ``dst`` (None elsewhere), as :meth:`full_state_dict` gathers the weight
+        (:func:`.resharding.full_optimizer_state_dict`)."""
+        return resharding.full_optimizer_state_dict(self, optimizer, dst)
+
+    def load_full_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load this rank's rows of a full optimizer state (:meth:`full_optimizer_state_dict`)
+        into ``optimizer``, at any world size (:func:`.resharding.load_full_optimizer_state_dict`)."""
+        resharding.load_full_optimizer_state_dict(self, optimizer, state)
 
     def extra_repr(self) -> str:
         return (
