@@ -1,7 +1,7 @@
 """Benchmarks of lsoftmax-core against its peers, CPU and GPU (not installed; run from the repository root).
 
     python -m bench                        # the layer and LeNet suites on the CPU
-    python -m bench loss --threads 1       # one suite (layer, loss, overhead, lenet, class-parallel-memory)
+    python -m bench loss --threads 1       # one suite (layer, loss, margins, overhead, lenet, class-parallel-memory)
     python -m bench layer loss --gpu       # on CUDA
     python -m bench --help
 
@@ -21,6 +21,7 @@ __all__ = ["suites"]
 
 def suites() -> dict[str, Suite]:
     """Every suite by name, in the order ``python -m bench --help`` lists them."""
-    from . import class_parallel_memory, layer, lenet, loss, overhead
+    from . import class_parallel_memory, layer, lenet, loss, margins, overhead
 
-    return {s.name: s for s in (layer.SUITE, loss.SUITE, overhead.SUITE, lenet.SUITE, class_parallel_memory.SUITE)}
+    return {s.name: s for s in (layer.SUITE, loss.SUITE, margins.SUITE, overhead.SUITE, lenet.SUITE,
+                                class_parallel_memory.SUITE)}

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import suites
 from .harness import environment
 from .record import REPO, Options, publish, render
-from .sizes import sizes_for
+from .sizes import SIZES, Size, sizes_for
 
 __all__ = ["main"]
 
@@ -49,6 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sizes(device: str, tables: str, names: Sequence[str] | None) -> tuple[Size, ...]:
+    """The sizes of a suite's ``table``: one table (:func:`bench.sizes.sizes_for`), or several in
+    order, each with its default sizes or only those named after a colon (the margins suite's
+    ``"layer:face,loss"``: the layer table's face size, then the loss table's defaults);
+    ``--sizes`` may name any size of any of them."""
+    parts = [p.partition(":") for p in tables.split(",")]
+    if names is None:
+        return sum((sizes_for(device, t, picks.split("+") if picks else None) for t, _, picks in parts), ())
+    if len(parts) == 1:
+        return sizes_for(device, parts[0][0], names)
+    known = [s for t, _, _ in parts for s in SIZES if device in s.devices and s.table == t]
+    unknown = sorted(set(names) - {s.name for s in known})
+    if unknown:
+        raise ValueError(f"no size {', '.join(unknown)} for the {' or '.join(t for t, _, _ in parts)} tables on "
+                         f"{device}; known: {', '.join(s.name for s in known)}")
+    return tuple(s for s in known if s.name in names)
+
+
 def _gpu_missing(exclude: Sequence[str]) -> str | None:
     """Why nothing can be measured on GPU here, or None."""
     try:
@@ -83,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device not in suite.devices:
             parser.error(f"the {name} suite runs on {', '.join(suite.devices)} only")
         try:
-            sizes = sizes_for(device, suite.table, args.sizes) if suite.table else ()
+            sizes = _sizes(device, suite.table, args.sizes) if suite.table else ()
         except ValueError as e:
             parser.error(str(e))
         repeat, warmup, min_time = (2, 1, 0.001) if args.quick else suite.settings[device]

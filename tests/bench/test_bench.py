@@ -21,11 +21,11 @@ from support.bench_loader import ROOT, load_bench  # noqa: E402
 
 load_bench()
 
-from bench import class_parallel_memory, layer, lenet, loss, overhead, suites  # noqa: E402
+from bench import class_parallel_memory, layer, lenet, loss, margins, overhead, suites  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 from bench.harness import peak_rss_delta  # noqa: E402
 from bench.record import Goal, Options, publish, read_csv, render  # noqa: E402
-from bench.sizes import Size, sizes_for  # noqa: E402
+from bench.sizes import Size, host_arrays, sizes_for  # noqa: E402
 
 QUICK = {"repeat": 2, "warmup": 1, "min_time": 0.0}
 # pytorch-metric-learning 2.9 calls scipy with a NumPy scalar, which NumPy 2 deprecates.
@@ -68,7 +68,8 @@ def test_help_lists_every_suite(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert all(f"  {name} " in text for name in ("layer", "loss", "overhead", "lenet", "class-parallel-memory"))
+    assert all(f"  {name} " in text for name in ("layer", "loss", "margins", "overhead", "lenet",
+                                                  "class-parallel-memory"))
 
 
 def test_layer_suite_writes_rows_memory_and_a_table_that_render_reproduces(tmp_path: Path) -> None:
@@ -133,6 +134,78 @@ def test_three_gemms_are_x_wt_then_both_products_in_class_chunks() -> None:
     z = x @ w.T
     np.testing.assert_allclose(gx, z @ w, rtol=1e-12)
     np.testing.assert_allclose(gw, z.T @ x, rtol=1e-12)
+
+
+def test_margins_suite_has_every_kind_in_the_layer_and_the_fused_loss(tmp_path: Path) -> None:
+    sizes = (Size("tiny-layer", 8, 3, 5), Size("tiny-loss", 16, 3, 7, table="loss"))
+    rows, md = _run("margins", tmp_path, sizes=sizes, threads=1)
+    by_size = {s.name: [r["contender"] for r in rows if r["size"] == s.name] for s in sizes}
+    assert by_size["tiny-layer"] == [layer.NP_LINEAR, *(margins.layer_name(k) for k in margins.KINDS)]
+    assert by_size["tiny-loss"] == [loss.TORCH_LCE, loss.GEMMS, *(margins.fused_name(k) for k in margins.KINDS),
+                                    margins.subcenter_name()]
+    _measured(rows)
+    assert all(math.isfinite(float(r["peak_mib"])) for r in rows)  # the probe's process ran both sizes
+    assert "time / numpy linear" in md and "| time / F.linear_cross_entropy |" in md and "## Goals" in md
+    (tmp_path / "cpu_margins.md").unlink()
+    assert render(tmp_path, suites()) == [tmp_path / "cpu_margins.md"]
+    assert (tmp_path / "cpu_margins.md").read_text() == md
+
+
+def test_margins_contenders_compute_what_their_names_say() -> None:
+    """Each kind's row runs that kind: the layer's outputs and the fused loss's gradients equal
+    the core's forward/backward of the kind its name gives (the unfused loss, float64)."""
+    import lsoftmax_core as lsm
+
+    size = Size("tiny", 12, 4, 9)
+    (group,) = margins.cases(size, "float32", "cpu")
+    by = {c.name: c for c in group}
+    x64, w64, y, g64 = host_arrays(size)
+    x, w, g = (a.astype(np.float32).astype(np.float64) for a in (x64, w64, g64))  # the float32 inputs, exactly
+    for kind in margins.KINDS:
+        logits, (gx, gw) = by[margins.layer_name(kind)].run()
+        np.testing.assert_allclose(logits, lsm.forward(x, w, y, margin=kind), rtol=1e-4, atol=1e-4, err_msg=str(kind))
+        ref_x, ref_w = lsm.backward(g, x, w, y, margin=kind)
+        np.testing.assert_allclose(gx, ref_x, rtol=1e-4, atol=1e-4, err_msg=str(kind))
+        np.testing.assert_allclose(gw, ref_w, rtol=1e-4, atol=1e-4, err_msg=str(kind))
+
+    size = Size("tiny", 12, 4, 9, table="loss")
+    (group,) = margins.cases(size, "float32", "cpu")
+    by = {c.name: c for c in group}
+    x64, w64, y, _ = host_arrays(size)
+    x, w = (a.astype(np.float32).astype(np.float64) for a in (x64, w64))
+    rows = np.arange(len(y))
+    for kind in margins.KINDS:
+        f = lsm.forward(x, w, y, margin=kind)
+        p = np.exp(f - f.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[rows, y] -= 1.0
+        ref_x, ref_w = lsm.backward(p / len(y), x, w, y, margin=kind)
+        _, gx, gw = by[margins.fused_name(kind)].run()
+        np.testing.assert_allclose(gx, ref_x, rtol=2e-3, atol=2e-4, err_msg=str(kind))
+        np.testing.assert_allclose(gw, ref_w, rtol=2e-3, atol=2e-4, err_msg=str(kind))
+    _, gx, gw = by[margins.subcenter_name()].run()
+    assert gw.shape == (margins.SUBCENTERS * size.c, size.d) and np.isfinite(gx).all()
+    import torch
+    import torch.nn.functional as F
+
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    F.cross_entropy(F.linear(tx, tw), torch.tensor(y)).backward()
+    np.testing.assert_allclose(by[loss.TORCH_LCE].run()[1], tw.grad.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="every ratio needs"):
+        margins.cases(size, "float32", "cpu", exclude=["L-Softmax"])
+    assert loss.TORCH_LCE not in {c.name for c in margins.cases(size, "float32", "cpu", exclude=["torch"])[0]}
+
+
+def test_margins_sizes_are_the_face_layer_and_the_loss_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    assert main(["margins", "--dry-run", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert "sizes face 256x512x10k, ce-small 2048x256x10k, ce-large 2048x256x100k; 7 repetitions; threads 1" in \
+        capsys.readouterr().out
+    assert main(["margins", "--dry-run", "--sizes", "ce-small,mnist", "--out", str(tmp_path)]) == 0
+    assert "sizes mnist 256x2x10, ce-small 2048x256x10k;" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["margins", "--sizes", "cp-1m", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_overhead_suite_runs_at_one_thread_and_the_default(tmp_path: Path) -> None:
