@@ -93,7 +93,9 @@ def normalized(x: Any, w: Any, *, margin: int | Margin) -> tuple[Any, Any]:
     ``add_margin(x' @ w'.T, x, w, label, margin=kind)`` equals ``forward(x, w, label,
     margin=kind)``, and ``add_margin_grad(G @ w', G.T @ x', G, x, w, label, margin=kind)``
     equals ``backward(G, x, w, label, margin=kind)`` (the gradients with respect to x' and w'
-    become those with respect to x and w: docs/derivatives.md, "The margin family").
+    become those with respect to x and w: docs/derivatives.md, "The margin family"), up to
+    rounding: ``forward`` and ``backward`` scale the columns of x'·wᵀ (and of G) by 1/|w_j|
+    instead of holding a normalised copy of w.
 
     >>> import numpy as np, lsoftmax_core as lsm
     >>> xn, wn = lsm.normalized(np.array([[3.0, 4.0]]), np.array([[0.0, 2.0]]), margin=lsm.CosFace(m=0.35, s=10.0))

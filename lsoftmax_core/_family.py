@@ -26,8 +26,8 @@ __all__ = [
     "layer_forward", "normalized", "target_rows", "unit_rows",
 ]  # fmt: skip
 
-#: Rows of w normalised at a time (float64 temporaries of about 32 MiB).
-_BLOCK_BYTES = 1 << 25
+#: Rows normalised at a time where a float64 copy is needed (temporaries of about 4 MiB).
+_BLOCK_BYTES = 1 << 22
 
 
 def xp_of(a: Any) -> Any:
@@ -58,15 +58,29 @@ def _blocks(c: int, d: int) -> range:
 
 
 def unit_weight(w: Any, xp: Any) -> tuple[Any, Any]:
-    """(w^ in w's dtype, |w_j| float64), block by block (no float64 copy of w)."""
+    """(w^ in w's dtype, |w_j| float64): w times 1/|w_j| in its own dtype where the norms are
+    safely in range (one pass, no float64 copy), else float64 unit rows block by block."""
+    norms = weight_norms(w, xp)
+    inv = _safe_inverse(norms, w.dtype)
+    if inv is not None:
+        return w * inv.astype(w.dtype)[:, None], norms
     out = xp.empty_like(w)
-    norms = xp.empty(w.shape[0])
     step = _blocks(w.shape[0], w.shape[1]).step
     for j0 in range(0, w.shape[0], step):
-        u, n = unit_rows(w[j0 : j0 + step], xp)
-        out[j0 : j0 + step] = u
-        norms[j0 : j0 + step] = n
+        out[j0 : j0 + step] = unit_rows(w[j0 : j0 + step], xp)[0]
     return out, norms
+
+
+def _safe_inverse(norms: Any, dtype: Any) -> Any:
+    """1/|w_j| (float64; 0 for a zero row) when every non-zero norm and its inverse lie well
+    inside ``dtype``'s normal range, else None."""
+    xp = xp_of(norms)
+    fmax, ftiny = float(np.finfo(dtype).max), float(np.finfo(dtype).tiny)
+    pos = norms[norms > 0.0]
+    if pos.size and not (float(pos.max()) <= fmax * 1e-6 and float(pos.min()) >= ftiny * 1e6):
+        return None
+    with np.errstate(divide="ignore"):
+        return xp.where(norms > 0.0, 1.0 / xp.where(norms > 0.0, norms, 1.0), 0.0)
 
 
 #: Squared row norms inside these ranges were summed free of under- and overflow in the
@@ -262,21 +276,24 @@ def _add_rows(grad_w: Any, label: Any, rows: Any) -> None:
 
 
 def project_features(grad_x: Any, x: Any, kind: Margin) -> None:
-    """grad_x holds dL/dx' (x' = s·x^): make it dL/dx = (s/a)·(P - (P·x^)·x^), in place; 0
-    for a zero row."""
+    """grad_x holds dL/dx' (x' = s·x^): make it dL/dx = (s/a)·(P - (P·x^)·x^), in place, row
+    block by row block; 0 for a zero row."""
     if not kind.normalizes_features:
         return
     xp = xp_of(x)
-    xu, a = unit_rows(x, xp)
-    p = grad_x.astype(np.float64)
-    p -= xp.einsum("ij,ij->i", p, xu)[:, None] * xu
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        scale = xp.where(a > 0.0, kind.scale / xp.where(a > 0.0, a, 1.0), 0.0)
-    grad_x[...] = _times(scale, p, xp)
+    step = max(1, _TERM_BYTES // max(1, 8 * x.shape[1]))
+    for i0 in range(0, x.shape[0], step):
+        blk = slice(i0, i0 + step)
+        xu, a = unit_rows(x[blk], xp)
+        p = grad_x[blk].astype(np.float64)
+        p -= xp.einsum("ij,ij->i", p, xu)[:, None] * xu
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            scale = xp.where(a > 0.0, kind.scale / xp.where(a > 0.0, a, 1.0), 0.0)
+        grad_x[blk] = _times(scale, p, xp)
 
 
 #: Rows of grad_w projected at a time in w's dtype (a core's L2 cache of both).
-_PROJECT_BYTES = 1 << 18
+_PROJECT_BYTES = 1 << 20
 
 
 def project_weights(grad_w: Any, w: Any, *, divided: bool, norms: Any = None) -> None:
@@ -311,35 +328,49 @@ def project_weights(grad_w: Any, w: Any, *, divided: bool, norms: Any = None) ->
         grad_w[blk] = _times(a[blk], v, xp)
 
 
+#: Rows of the margin's own terms at a time (their float64 temporaries: a few N×D blocks).
+_TERM_BYTES = 1 << 20
+
+
 def finish_grads(
-    grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any, t: Targets, kind: Margin, *, divided: bool,
+    grad_x: Any, grad_w: Any, g: Any, x: Any, w: Any, label: Any, kind: Margin, beta: float, *, divided: bool,
     rows: Any = None, norms: Any = None,
 ) -> None:  # fmt: skip
     """The plain normalised layer's gradients (dL/dx', dL/dw') in place into the kind's
     dL/dx, dL/dw: the projections, then the margin's terms of the rows ``rows`` (all rows
-    when None; ``t`` and ``g`` are of those rows, ``label`` their rows of w)."""
+    when None; ``g`` and ``label`` are of those rows, ``label`` their rows of w), block by
+    block so that their float64 temporaries stay small."""
+    xp = xp_of(x)
     project_features(grad_x, x, kind)
     if kind.normalizes_weights:
         project_weights(grad_w, w, divided=divided, norms=norms)
-    if g.shape[0] == 0:
-        return
-    q, r = margin_terms(t, g, kind)
-    if rows is None:
-        grad_x += q.astype(grad_x.dtype)
-    else:
-        grad_x[rows] += q.astype(grad_x.dtype)
-    _add_rows(grad_w, label, r.astype(grad_w.dtype))
+    n = g.shape[0]
+    step = max(1, _TERM_BYTES // max(1, 8 * x.shape[1]))
+    for i0 in range(0, n, step):
+        blk = slice(i0, min(n, i0 + step))
+        idx = xp.arange(blk.start, blk.stop) if rows is None else rows[blk]
+        t = target_rows(x[idx], w.take(label[blk], axis=0), kind, beta)
+        q, r = margin_terms(t, g[blk], kind)
+        grad_x[idx] += q.astype(grad_x.dtype)
+        _add_rows(grad_w, label[blk], r.astype(grad_w.dtype))
 
 
 # ---------------------------------------------------------------- the layer
 
 
 def layer_forward(x: Any, w: Any, label: Any, p: Any, out: Any = None) -> Any:
-    """The kind's logits: the GEMM of the normalised rows, then the N target logits."""
+    """The kind's logits: the plain layer of x' and w with its columns scaled by 1/|w_j|
+    (:func:`column_scale`; a normalised copy of w where the norms are extreme), then the N
+    target logits."""
     kind = p.family
-    xn, wn = normalized(x, w, kind)
     xp = xp_of(x)
-    logits = xp.matmul(xn, wn.T, out=out)
+    xn = features(x, kind)
+    scale, _ = column_scale(xn, w)
+    if scale is None:
+        logits = xp.matmul(xn, unit_weight(w, xp)[0].T, out=out)
+    else:
+        logits = xp.matmul(xn, w.T, out=out)
+        logits *= scale
     return layer_add_margin(logits, x, w, label, p)
 
 
@@ -354,22 +385,36 @@ def layer_add_margin(logits: Any, x: Any, w: Any, label: Any, p: Any) -> Any:
 
 
 def layer_backward(grad_logits: Any, x: Any, w: Any, label: Any, p: Any, out: Any = None) -> tuple[Any, Any]:
-    xn, wn = normalized(x, w, p.family)
+    """G·w' and Gᵀ·x', as G~ = G·diag(1/|w_j|) times w and x' (no normalised copy of w where
+    the norms allow), then :func:`finish_grads`."""
     xp = xp_of(x)
-    grad_x = xp.matmul(grad_logits, wn, out=None if out is None else out[0])
-    grad_w = xp.matmul(grad_logits.T, xn, out=None if out is None else out[1])
-    return layer_add_margin_grad(grad_x, grad_w, grad_logits, x, w, label, p)
+    xn = features(x, p.family)
+    scale, norms = column_scale(xn, w)
+    gx_out, gw_out = (None, None) if out is None else out
+    if scale is None:
+        wn = unit_weight(w, xp)[0]
+        grad_x = xp.matmul(grad_logits, wn, out=gx_out)
+        grad_w = xp.matmul(grad_logits.T, xn, out=gw_out)
+    else:
+        gs = grad_logits * scale  # a new array: the caller's G is never written
+        grad_x = xp.matmul(gs, w, out=gx_out)
+        grad_w = xp.matmul(gs.T, xn, out=gw_out)
+        del gs
+    _layer_finish(grad_x, grad_w, grad_logits, x, w, label, p, divided=scale is not None, norms=norms)
+    return grad_x, grad_w
 
 
 def layer_add_margin_grad(grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Any) -> tuple[Any, Any]:
     """grad_x = G·w', grad_w = Gᵀ·x' (the plain layer of the normalised rows) into the
     kind's gradients, in place."""
-    xp = xp_of(x)
-    if p.n == 0:
-        if p.family.normalizes_weights:
-            project_weights(grad_w, w, divided=False)
-        return grad_x, grad_w
-    t = target_rows(x, w.take(label, axis=0), p.family, p.beta)
-    g = grad_logits[xp.arange(p.n), label].astype(np.float64)
-    finish_grads(grad_x, grad_w, g, x, w, label, t, p.family, divided=False)
+    _layer_finish(grad_x, grad_w, grad_logits, x, w, label, p, divided=False, norms=None)
     return grad_x, grad_w
+
+
+def _layer_finish(
+    grad_x: Any, grad_w: Any, grad_logits: Any, x: Any, w: Any, label: Any, p: Any, *, divided: bool, norms: Any
+) -> None:  # fmt: skip
+    xp = xp_of(x)
+    rows = xp.arange(p.n)
+    g = grad_logits[rows, label].astype(np.float64)
+    finish_grads(grad_x, grad_w, g, x, w, label, p.family, p.beta, divided=divided, norms=norms)

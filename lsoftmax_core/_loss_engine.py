@@ -329,9 +329,8 @@ class LossEngine:
         ops.margin(c.k)
         f = c.fam
         if f is not None:
-            t = _family.target_rows(f.x[f.rows], f.w.take(f.lab, axis=0), f.kind, f.beta)
             _family.finish_grads(
-                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, t, f.kind, divided=f.scaled, rows=f.rows,
+                grad_x, grad_w, c.k.g[f.rows], f.x, f.w, f.lab, f.kind, f.beta, divided=f.scaled, rows=f.rows,
                 norms=f.norms,
             )  # fmt: skip
         return grad_x, grad_w
