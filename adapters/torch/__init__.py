@@ -82,6 +82,12 @@ O(N) values and the gathered features, never of size N x C or C x D
 (``docs/distributed.md``).  CUDA tensors run the CuPy backend's class shards over the same
 bridge (not yet run on a GPU).
 
+``sample_rate`` (:class:`LSoftmaxLoss`, :class:`ClassParallelLSoftmaxLoss`; default 1.0):
+Partial FC's class sampling, the training loss over every target class plus uniformly
+drawn negatives, reproducibly (``seed``, and a sampling step saved in ``state_dict``);
+``head.sampled_step(optimizer)`` is Partial FC v1's optimizer step
+(:mod:`.sampling`, ``docs/distributed.md``).
+
 >>> import torch
 >>> from lsoftmax_core.adapters.torch import lsoftmax
 >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)

@@ -17,6 +17,7 @@ from lsoftmax_core.checks import check_beta, check_integer
 from lsoftmax_core.margins import Margin, margin_from_dict, margin_of
 from lsoftmax_core.schedule import ConstantSchedule, Schedule, check_schedule, schedule_from_dict
 
+from . import sampling
 from ._bridge import _check_subcenters, _resolve_margin
 from .layer import lsoftmax
 from .loss import _REDUCTIONS, lsoftmax_cross_entropy
@@ -319,7 +320,7 @@ class LSoftmaxLinear(_AnnealedHead):
         )
 
 
-class LSoftmaxLoss(_AnnealedHead):
+class LSoftmaxLoss(sampling.SampledHead, _AnnealedHead):
     """The L-Softmax loss with its class weights: ``loss(x, target)`` returns
     :func:`lsoftmax_cross_entropy` of the features ``x`` (N, in_features) against the
     module's ``weight`` (num_classes, in_features) at the current beta, never holding the
@@ -348,6 +349,17 @@ class LSoftmaxLoss(_AnnealedHead):
     saved without it has k = 1).  An int margin with k > 1 is a ValueError naming
     subcenters.
 
+    ``sample_rate`` in (0, 1] (default 1.0: every class) is Partial FC's class sampling:
+    in training mode each forward's loss runs over every class that is a target in the
+    batch plus uniformly drawn negatives, ``ceil(sample_rate * num_classes)`` classes in all
+    (more when the targets alone exceed it), drawn from a generator seeded by ``(seed, 0,
+    sample_step)``; ``sample_step`` counts the sampled forwards and is saved in
+    ``state_dict``, so a run is reproducible.  The unsampled rows get exactly zero gradient;
+    ``last_sampled`` holds the classes of the last forward, and :meth:`sampled_step` steps an
+    optimizer on those rows only (Partial FC v1; a plain ``optimizer.step()`` is v2).  Eval
+    mode and :meth:`logits` use every class; 1.0 is the unsampled loss bit for bit.  The
+    rule and the conventions: ``adapters/torch/sampling.py``, ``docs/distributed.md``.
+
     >>> import torch
     >>> import lsoftmax_core as lsm
     >>> from lsoftmax_core.adapters.torch import LSoftmaxLoss
@@ -373,6 +385,8 @@ class LSoftmaxLoss(_AnnealedHead):
         reduction: str = "mean",
         ignore_index: int = -100,
         subcenters: int = 1,
+        sample_rate: float = 1.0,
+        seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -388,11 +402,19 @@ class LSoftmaxLoss(_AnnealedHead):
         self.normalize_weight = normalize_weight
         self.reduction = reduction
         self.ignore_index = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+        self._init_sampling(sample_rate, seed)
 
     def _weight(self) -> Tensor:
         return F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        self.last_sampled = None
+        if self._samples():
+            return sampling.single_sampled_loss(self, x, target)
+        return self._dense(x, target)
+
+    def _dense(self, x: Tensor, target: Tensor) -> Tensor:
+        """The loss over every class."""
         return lsoftmax_cross_entropy(
             x, self._weight(), target, margin=self.margin, beta=self._beta_tensor,
             reduction=self.reduction, ignore_index=self.ignore_index, subcenters=self.subcenters,
@@ -416,5 +438,6 @@ class LSoftmaxLoss(_AnnealedHead):
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}{centres}, margin={self.margin!r}, "
             f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
+            f"{f'sample_rate={self.sample_rate}, seed={self.seed}, ' if self.sample_rate < 1 else ''}"
             f"schedule={self._schedule!r}"
         )

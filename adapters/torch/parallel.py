@@ -24,8 +24,7 @@ on C.  The collectives are this module's own (``torch.distributed.nn`` is not us
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -35,61 +34,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lsoftmax_core as _core
-from lsoftmax_core.checks import check_integer, supported_dtypes
-from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, LSoftmax, Margin, SphereFace, margin_of
+from lsoftmax_core.checks import check_integer
+from lsoftmax_core.margins import Margin
 from lsoftmax_core.schedule import Schedule
 
-from . import resharding
+from . import _checks, resharding, sampling
 from ._bridge import Resolved, _check_subcenters, _resolve_margin, _run
 from .modules import _AnnealedHead, _class_logits, _margin_state, _plain_operands
 
 __all__ = ["ClassParallelLSoftmaxLoss"]
 
 _REDUCTIONS = ("mean", "sum")
-# Dtypes by a small code, so that the ranks can compare theirs in one int64 all-gather.
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_CPU_DTYPES = tuple(t for t in _DTYPES if str(t).split(".")[1] in {str(d) for d in supported_dtypes("numpy")})
 _ERRORS = {1: TypeError, 2: ValueError}
-
-
-def _float_bits(value: float) -> int:
-    return int(np.array(value, dtype=np.float64).view(np.int64))
-
-
-def _bits_float(code: int) -> float:
-    return float(np.array(code, dtype=np.int64).view(np.float64))
-
-
-# A margin in full as int64s, for the error that names another rank's: its kind's index,
-# then its parameters' float64 bits (in the dataclass's order, zeros after the last).
-_MARGIN_KINDS: tuple[type[Margin], ...] = (LSoftmax, SphereFace, CosFace, ArcFace, CombinedMargin)
-_MARGIN_WIDTH = 1 + max(len(fields(kind)) for kind in _MARGIN_KINDS)  # type: ignore[arg-type]
-
-
-def _margin_code(margin: Resolved) -> int:
-    """One int64 that equals another rank's exactly when the margins are equal: L-Softmax's
-    m (>= 1), or minus one minus a 63-bit hash of another kind's :func:`_margin_codes`."""
-    if not isinstance(margin, Margin):
-        return margin
-    digest = hashlib.blake2b(np.array(_margin_codes(margin), dtype=np.int64).tobytes(), digest_size=8).digest()
-    return -1 - (int.from_bytes(digest, "little") >> 1)
-
-
-def _margin_codes(margin: Resolved) -> list[int]:
-    kind = margin_of(margin)
-    params = [_float_bits(float(getattr(kind, f.name))) for f in fields(kind)]  # type: ignore[arg-type]
-    return [_MARGIN_KINDS.index(type(kind)), *params, *[0] * (_MARGIN_WIDTH - 1 - len(params))]
-
-
-def _margin_of_codes(codes: list[int]) -> Resolved:
-    """The inverse of :func:`_margin_codes`, L-Softmax as its int m (as the margin is resolved)."""
-    kind = _MARGIN_KINDS[codes[0]]
-    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
-    values: list[Any] = [_bits_float(c) for c in codes[1 : 1 + len(names)]]
-    if kind in (LSoftmax, SphereFace):
-        values = [int(v) for v in values]
-    margin = kind(**dict(zip(names, values)))
-    return margin.m if isinstance(margin, LSoftmax) else margin  # type: ignore[attr-defined]
 
 
 # Every setting that changes the loss, which all ranks must share (a rank that missed a
@@ -97,45 +53,59 @@ def _margin_of_codes(codes: list[int]) -> Resolved:
 # value an error shows (beta by its float64 bits: compared exactly).  This is the one list:
 # a setting added here (and to _Call) is checked, gathered, compared and named in the error.
 # The margin's code is L-Softmax's m, or a 63-bit hash of another kind's parameters (the
-# ranks then gather the parameters themselves to name the values: see _margin_code).
+# ranks then gather the parameters themselves to name the values: see _checks._margin_code).
 _SETTINGS: tuple[tuple[str, Callable[[Any], int], Callable[[int], Any]], ...] = (
     ("num_classes", int, int),
-    ("margin", _margin_code, int),
+    # The weight's dtype as computed in (float32 under autocast), sent with in_features in
+    # one int64: see _pack.
+    ("dtype", _checks._dtype_code, _checks._code_dtype),
+    ("in_features", int, int),
+    ("margin", _checks._margin_code, int),
     ("normalize_weight", int, bool),
     ("subcenters", int, int),  # sent with normalize_weight in one int64: see _pack
     ("ignore_index", int, int),
-    ("beta", _float_bits, _bits_float),
+    ("beta", _checks._float_bits, _checks._bits_float),
     ("reduction", _REDUCTIONS.index, _REDUCTIONS.__getitem__),
+    # The rate this call samples at: 1.0 in eval mode, so that a rank in eval mode while the
+    # others train is named here rather than computing another loss (adapters/torch/sampling.py).
+    ("sample_rate", _checks._float_bits, _checks._bits_float),
     # Not a setting of the loss, but a loss that needs a backward on some ranks only leaves
     # them waiting in its reduce-scatter (grad mode on, and x or the weight requiring grad).
     ("needs_grad", int, bool),
 )
 _NAMES = [name for name, _, _ in _SETTINGS]
 _MARGIN = _NAMES.index("margin")
-_FLAG = _NAMES.index("normalize_weight")
-assert _NAMES[_FLAG + 1] == "subcenters" and _MARGIN < _FLAG
+# Pairs of settings sent as one int64, ``base * codes[i + 1] + codes[i]`` (0 <= codes[i] <
+# base), so that a rank's report keeps its 11 int64 (the documented 88 bytes per rank):
+# the dtype's code with in_features, normalize_weight (0 or 1) with subcenters k.
+_PAIRS = ((_NAMES.index("dtype"), 8), (_NAMES.index("normalize_weight"), 2))
+assert [_NAMES[i + 1] for i, _ in _PAIRS] == ["in_features", "subcenters"] and len(_checks._DTYPES) < 8
 
 
 def _pack(codes: list[int]) -> list[int]:
-    """The settings' codes as sent: normalize_weight (0 or 1) and subcenters k share one
-    int64, ``2 * k + normalize_weight``, so that a rank's report keeps its 11 int64 (the
-    documented 88 bytes per rank)."""
-    return [*codes[:_FLAG], 2 * codes[_FLAG + 1] + codes[_FLAG], *codes[_FLAG + 2 :]]
+    """The settings' codes as sent (see :data:`_PAIRS`)."""
+    out = list(codes)
+    for i, base in reversed(_PAIRS):
+        out[i : i + 2] = [base * out[i + 1] + out[i]]
+    return out
 
 
 def _unpack(packed: list[int]) -> list[int]:
     """The inverse of :func:`_pack`."""
-    both = packed[_FLAG]
-    return [*packed[:_FLAG], both & 1, both >> 1, *packed[_FLAG + 1 :]]
+    out = list(packed)
+    for i, base in _PAIRS:
+        high, low = divmod(out[i], base)
+        out[i : i + 1] = [low, high]
+    return out
 
 
-# What each rank reports before any data moves: a problem found on its own input or
-# settings (0: none, 1: TypeError, 2: ValueError), its batch size, its feature size and its
-# dtype's code, then the codes of the settings (packed).
-_META = 4 + len(_SETTINGS) - 1
+# What each rank reports before any data moves: a problem found on its own input (1:
+# TypeError, 2: ValueError) or settings (3, 4: the same, its settings not sent), or 0, its
+# batch size, then the codes of the settings (packed).
+_META = 2 + len(_SETTINGS) - len(_PAIRS)
 
-# A shard saved before subcenters existed has one row per class.
-_SUBCENTERS_DEFAULT = {"subcenters": 1}
+# A shard saved before subcenters existed has one row per class, before sampling no step.
+_SAVED_DEFAULTS = {"subcenters": 1, "sample_step": 0}
 
 # torch >= 2.13 names the tensor collectives *_single; the older names warn there.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -158,6 +128,8 @@ class _Call:
     world_size: int
     rank: int
     num_classes: int
+    dtype: torch.dtype
+    in_features: int
     class_start: int
     subcenters: int  # centres per class: the shard has num_local * subcenters rows
     margin: Resolved  # the module's margin, resolved by _setting_codes
@@ -165,39 +137,12 @@ class _Call:
     beta: float
     reduction: str
     ignore_index: int
+    sample_rate: float  # 1.0 when the call does not sample (eval mode)
     needs_grad: bool
     log: list[tuple[str, int]] = field(default_factory=list)
 
     def note(self, name: str, t: Tensor) -> None:
         self.log.append((name, t.numel() * t.element_size()))
-
-
-def _local_problem(x: Any, target: Any, weight: Tensor, in_features: int) -> Exception | None:
-    """This rank's input problem, if any (raised on every rank once the ranks have compared)."""
-    for name, t in (("x", x), ("target", target)):
-        if not isinstance(t, Tensor):
-            return TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
-        if t.layout != torch.strided:
-            return TypeError(f"{name} must be a dense (strided) tensor, got {name}.layout={t.layout}")
-        if t.device != weight.device:
-            return ValueError(f"{name}.device={t.device} must be the weight's device {weight.device}")
-    if x.dim() != 2 or x.shape[1] != in_features:
-        return ValueError(f"x must have shape (N, in_features) = (N, {in_features}), got x.shape={tuple(x.shape)}")
-    if x.dtype != weight.dtype:
-        return TypeError(
-            f"x and weight must have the same dtype: x.dtype={x.dtype}, weight.dtype={weight.dtype} "
-            "(no silent promotion; under torch.autocast float16/bfloat16 inputs are computed in float32)"
-        )
-    if x.device.type == "cpu" and x.dtype not in _CPU_DTYPES:
-        names = ", ".join(str(t) for t in _CPU_DTYPES)
-        return TypeError(f"x.dtype={x.dtype} is not supported on the CPU (supported: {names})")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        return TypeError(f"target must have an integer dtype, got target.dtype={target.dtype}")
-    if tuple(target.shape) != (x.shape[0],):
-        return ValueError(f"target must have shape (N,) = ({x.shape[0]},), got target.shape={tuple(target.shape)}")
-    if target.requires_grad:
-        return ValueError("target must not require grad (it holds class indices)")
-    return None
 
 
 def _setting_codes(call: _Call) -> list[int]:
@@ -210,64 +155,76 @@ def _setting_codes(call: _Call) -> list[int]:
     call.margin = _resolve_margin(call.margin)  # the int or the kind the core is given
     call.subcenters = _check_subcenters(call.subcenters, call.margin)
     check_integer("ignore_index", call.ignore_index, -(2**63), 2**63 - 1)
+    call.sample_rate = sampling.check_sample_rate(call.sample_rate)
     return [encode(getattr(call, name)) for name, encode, _ in _SETTINGS]
 
 
-def _compare_ranks(call: _Call, problem: Exception | None, x: Any, weight: Tensor) -> list[int]:
+def _compare_ranks(
+    call: _Call, problem: Exception | None, x: Any, weight: Tensor, setting_problem: Exception | None = None
+) -> list[int]:
     """All-gather every rank's report (:data:`_META`) and raise on every rank if one of
-    them has a problem or the ranks disagree; the batch sizes of the ranks otherwise."""
+    them has a problem or the ranks disagree; the batch sizes of the ranks otherwise.  The
+    order, the same on every rank: a rank's invalid setting, then settings that differ
+    (a rank built with another in_features or dtype also has an input problem: the
+    difference is what the error names), then a rank's invalid input."""
     try:
+        if setting_problem is not None:
+            raise setting_problem
         own_settings = _setting_codes(call)
     except (TypeError, ValueError) as e:
-        own_settings, problem = [0] * len(_SETTINGS), problem or e
-    ok = problem is None
+        own_settings, setting_problem = [0] * len(_SETTINGS), e
+    bad = setting_problem or problem
     mine = [
-        0 if ok else (1 if isinstance(problem, TypeError) else 2),
-        x.shape[0] if ok else 0,
-        x.shape[1] if ok else 0,
-        _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1,
+        0 if bad is None else (1 if isinstance(bad, TypeError) else 2) + 2 * (setting_problem is not None),
+        x.shape[0] if bad is None else 0,
         *_pack(own_settings),
     ]
     local = torch.tensor(mine, dtype=torch.int64, device=weight.device)
     every = torch.empty(call.world_size * _META, dtype=torch.int64, device=weight.device)
     call.note("all_gather sizes", every)
     _all_gather(every, local, group=call.group)
-    table = every.view(call.world_size, _META).tolist()
+    table = [(row[0], row[1], _unpack(row[2:])) for row in every.view(call.world_size, _META).tolist()]
     margins = None
-    if len({row[4 + _MARGIN] for row in table if row[0] == 0}) > 1:
+    if len({settings[_MARGIN] for code, _, settings in table if code < 3}) > 1:
         # The ranks disagree on the margin (every rank sees it in the same table): gather the
         # margins in full, so that the error can name them (an error path only).
-        full = _margin_codes(call.margin) if ok else [0] * _MARGIN_WIDTH
+        full = _checks._margin_codes(call.margin) if setting_problem is None else [0] * _checks._MARGIN_WIDTH
         local = torch.tensor(full, dtype=torch.int64, device=weight.device)
-        gathered = torch.empty(call.world_size * _MARGIN_WIDTH, dtype=torch.int64, device=weight.device)
+        gathered = torch.empty(call.world_size * _checks._MARGIN_WIDTH, dtype=torch.int64, device=weight.device)
         call.note("all_gather margins", gathered)
         _all_gather(gathered, local, group=call.group)
-        margins = gathered.view(call.world_size, _MARGIN_WIDTH).tolist()
-    if problem is not None:
-        raise problem
-    for r, (code, _, d, dt, *packed) in enumerate(table):
-        settings = _unpack(packed)
-        if code:
-            raise _ERRORS[code](
-                f"rank {r} of the process group passed an invalid x or target, or has an invalid setting, to "
-                "ClassParallelLSoftmaxLoss (its own error says what); every rank raises so that none waits for it"
-            )
-        if (d, dt) != (x.shape[1], _DTYPES.index(x.dtype)):
-            raise TypeError(
-                f"every rank must pass x of one feature size and dtype: rank {call.rank} has D={x.shape[1]}, "
-                f"{x.dtype}, rank {r} has D={d}, {_DTYPES[dt] if dt >= 0 else 'another dtype'}"
-            )
+        margins = gathered.view(call.world_size, _checks._MARGIN_WIDTH).tolist()
+
+    def another(r: int) -> Exception:
+        return _ERRORS[table[r][0] - 2 * (table[r][0] >= 3)](
+            f"rank {r} of the process group passed an invalid x or target, or has an invalid setting, to "
+            "ClassParallelLSoftmaxLoss (its own error says what); every rank raises so that none waits for it"
+        )
+
+    if setting_problem is not None:
+        raise setting_problem
+    for r, (code, _, _) in enumerate(table):
+        if code >= 3:
+            raise another(r)
+    for r, (_, _, settings) in enumerate(table):
         for (name, _, decode), own, theirs in zip(_SETTINGS, own_settings, settings):
             if own != theirs:
                 own_value, their_value = decode(own), decode(theirs)
                 if name == "margin" and margins is not None:
-                    own_value, their_value = call.margin, _margin_of_codes(margins[r])
+                    own_value, their_value = call.margin, _checks._margin_of_codes(margins[r])
+                hint = " (in eval mode a head samples no classes: sample_rate 1.0)" if name == "sample_rate" else ""
                 raise ValueError(
                     f"every rank's ClassParallelLSoftmaxLoss must have the same {name}: rank {call.rank} has "
-                    f"{name}={own_value!r}, rank {r} has {name}={their_value!r} (same arguments on every rank, step() "
-                    "on every rank once per optimizer step, and a loss needing a backward on every rank or on none)"
+                    f"{name}={own_value!r}, rank {r} has {name}={their_value!r}{hint} (same arguments on every rank, "
+                    "step() on every rank once per optimizer step, and a loss needing a backward on every rank or on "
+                    "none)"
                 )
-    return [row[1] for row in table]
+    if problem is not None:
+        raise problem
+    for r, (code, _, _) in enumerate(table):
+        if code:
+            raise another(r)
+    return [n for _, n, _ in table]
 
 
 def _check_labels(call: _Call, label: Tensor, sizes: list[int]) -> None:
@@ -315,7 +272,11 @@ class _ClassParallelLoss(torch.autograd.Function):
     """The loss of the global batch against all classes, from this rank's rows and shard."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, target: Tensor, call: _Call, sizes: list[int]) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, target: Tensor, call: _Call, sizes: list[int], label: Tensor | None = None
+    ) -> Tensor:
+        """``label``: the global labels, gathered and checked already (the sampled loss
+        gathers them first to draw its classes, and renumbers them)."""
         n_max = max(sizes)
         n_total = sum(sizes)
         ctx.call, ctx.sizes = call, sizes
@@ -323,8 +284,9 @@ class _ClassParallelLoss(torch.autograd.Function):
         if n_total == 0:  # every rank knows: no further collective, a loss of 0
             return x.new_zeros(())
         xs = _unpad(_gather(call, x.detach(), n_max, 0.0), sizes, n_max)
-        label = _unpad(_gather(call, target.to(torch.int64), n_max, call.ignore_index), sizes, n_max)
-        _check_labels(call, label, sizes)
+        if label is None:
+            label = _unpad(_gather(call, target.to(torch.int64), n_max, call.ignore_index), sizes, n_max)
+            _check_labels(call, label, sizes)
 
         def stats(xa: Any, wa: Any, la: Any) -> Any:
             return _core.cross_entropy_shard_stats(
@@ -355,7 +317,7 @@ class _ClassParallelLoss(torch.autograd.Function):
         call, sizes = ctx.call, ctx.sizes
         if ctx.empty is not None:
             x_shape, w_shape = ctx.empty
-            return grad_loss.new_zeros(x_shape), grad_loss.new_zeros(w_shape), None, None, None
+            return grad_loss.new_zeros(x_shape), grad_loss.new_zeros(w_shape), None, None, None, None
         xs, weight, label, lse = ctx.saved_tensors
 
         # Class chunks: given the global lse, both chunkings take 3 GEMMs, but row chunks
@@ -380,10 +342,10 @@ class _ClassParallelLoss(torch.autograd.Function):
         _reduce_scatter(mine, padded.contiguous(), group=call.group)
         grad_x = mine[: sizes[call.rank]] * call.world_size
         needs = ctx.needs_input_grad
-        return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None)
+        return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None)
 
 
-class ClassParallelLSoftmaxLoss(_AnnealedHead):
+class ClassParallelLSoftmaxLoss(sampling.SampledHead, _AnnealedHead):
     """The L-Softmax loss with its class weights sharded by class across a process group.
 
     Every rank of ``process_group`` (default: the default group; initialise it first,
@@ -432,10 +394,19 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
     rows, and :meth:`logits` gives each of the rank's classes its largest centre.  The
     ranks compare their k with the other settings.
 
+    ``sample_rate`` in (0, 1] (default 1.0: every class) and ``seed``: Partial FC's class
+    sampling, as in :class:`LSoftmaxLoss`, per rank: in training mode the loss runs over the
+    union of the ranks' sampled classes (each rank: its classes that are a target in the
+    global batch, plus negatives drawn from a generator seeded by ``(seed, rank,
+    sample_step)``, ``ceil(sample_rate * num_local)`` classes in all); unsampled rows get
+    exactly zero gradient, ``last_sampled`` holds the rank's classes, :meth:`sampled_step`
+    is Partial FC v1's optimizer step.  No collective is added (``adapters/torch/sampling.py``).
+
     Bad input raises a ValueError/TypeError on every rank instead of leaving the others
     waiting in a collective: each rank's own problem (shape, dtype, device, an invalid
-    setting), its settings (num_classes, margin, normalize_weight, subcenters, ignore_index,
-    beta, reduction: a rank that missed a ``step()`` has another beta), whether its loss needs a
+    setting), its settings (num_classes, in_features, the weight's dtype, margin,
+    normalize_weight, subcenters, ignore_index, beta, reduction, sample_rate (1.0 in eval
+    mode): a rank that missed a ``step()`` has another beta), whether its loss needs a
     backward, and the gathered labels are compared on all ranks before anything is computed.  A rank that stops calling
     the head (or never calls ``backward()``) cannot be detected by the others: they wait
     in the next collective until the process group's timeout, then raise a RuntimeError
@@ -471,6 +442,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         reduction: str = "mean",
         ignore_index: int = -100,
         subcenters: int = 1,
+        sample_rate: float = 1.0,
+        seed: int = 0,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -504,6 +477,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         self.normalize_weight = normalize_weight
         self.reduction = reduction
         self.ignore_index = check_integer("ignore_index", ignore_index, -(2**63), 2**63 - 1)
+        self._init_sampling(sample_rate, seed)
         self.last_collectives: list[tuple[str, int]] = []
 
     @staticmethod
@@ -522,25 +496,37 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         return F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        weight = self._weight()
+        try:
+            samples = self._samples()
+        except (TypeError, ValueError):
+            samples = False  # raised below, on every rank
+        # Sampling normalises the sampled rows only (adapters/torch/sampling.py).
+        weight = self.weight if samples else self._weight()
         device_type = self.weight.device.type
         autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(device_type)
         if autocast and x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         if autocast and weight.dtype in (torch.float16, torch.bfloat16):
             weight = weight.float()
-        problem = _local_problem(x, target, weight, self.in_features)
+        problem = _checks._local_problem(x, target, weight, self.in_features)
+        setting_problem = None
         try:
             beta = self.beta  # a schedule of the user's own may fail: on every rank, not this one alone
+            rate = self.sample_rate if self.training else 1.0
+            samples = self._samples()
         except (TypeError, ValueError) as e:
-            beta, problem = float("nan"), problem or e
+            beta, rate, samples, setting_problem = float("nan"), 1.0, False, e
         call = _Call(
-            self.process_group, self.world_size, self.rank, self.num_classes, self.class_start, self.subcenters,
-            self.margin, self.normalize_weight, beta, self.reduction, self.ignore_index,
+            self.process_group, self.world_size, self.rank, self.num_classes, weight.dtype, self.in_features,
+            self.class_start, self.subcenters, self.margin, self.normalize_weight, beta, self.reduction,
+            self.ignore_index, rate,
             torch.is_grad_enabled() and (weight.requires_grad or (isinstance(x, Tensor) and x.requires_grad)),
         )  # fmt: skip
         self.last_collectives = call.log
-        sizes = _compare_ranks(call, problem, x, weight)
+        self.last_sampled = None
+        sizes = _compare_ranks(call, problem, x, weight, setting_problem)
+        if samples and sum(sizes) > 0:  # the same on every rank: the ranks compared their rates
+            return sampling.class_parallel_sampled_loss(self, call, x, target, sizes, autocast)
         with torch.autocast(device_type, enabled=False):
             loss: Tensor = _ClassParallelLoss.apply(x, weight, target, call, sizes)
         return loss
@@ -575,6 +561,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         return {
             "margin": _margin_state(self.margin), "normalize_weight": self.normalize_weight,
             "subcenters": self.subcenters, "iteration": self.iteration, "schedule": self.schedule.to_dict(),
+            "sample_step": self.sample_step,
         }  # fmt: skip
 
     def full_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
@@ -632,7 +619,7 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         if not shards:
             raise ValueError("shards must hold every rank's state_dict, got none")
         needed = {"num_classes", "class_start", "class_stop", "margin", "normalize_weight", "iteration", "schedule"}
-        kept = ("margin", "normalize_weight", "subcenters", "iteration", "schedule")
+        kept = ("margin", "normalize_weight", "subcenters", "iteration", "schedule", "sample_step")
         for i, sd in enumerate(shards):
             extra = sd.get("_extra_state") if isinstance(sd, dict) else None
             if not (isinstance(extra, dict) and needed <= set(extra) and isinstance(sd.get("weight"), Tensor)):
@@ -640,9 +627,8 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
                     f"shards[{i}] must be a rank's state_dict(), with 'weight' and an '_extra_state' holding "
                     f"{sorted(needed)}, got {type(sd).__name__} with keys {sorted(sd) if isinstance(sd, dict) else []}"
                 )
-        # A shard saved before subcenters existed has one row per class.
         states = sorted(
-            ({**_SUBCENTERS_DEFAULT, **s["_extra_state"]} for s in shards), key=lambda e: int(e["class_start"])
+            ({**_SAVED_DEFAULTS, **s["_extra_state"]} for s in shards), key=lambda e: int(e["class_start"])
         )  # fmt: skip
         order = sorted(range(len(shards)), key=lambda i: int(shards[i]["_extra_state"]["class_start"]))
         total = states[0]["num_classes"]
@@ -692,7 +678,10 @@ class ClassParallelLSoftmaxLoss(_AnnealedHead):
         for key in ("num_classes", "class_start", "class_stop"):
             extra.pop(key, None)  # a shard's own bounds are this rank's, not the saved ones
         # A bare {"weight": W} keeps this module's iteration and schedule.
-        own = {**self._config(), "iteration": self.iteration, "schedule": self.schedule.to_dict()}
+        own = {
+            **self._config(), "iteration": self.iteration, "schedule": self.schedule.to_dict(),
+            "sample_step": self.sample_step,
+        }  # fmt: skip
         rows = weight[self.class_start * k : self.class_stop * k]  # whole classes of k rows
         shard = {"weight": rows, "_extra_state": {**own, **extra}}
         self.load_state_dict(shard)
