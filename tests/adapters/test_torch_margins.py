@@ -3,7 +3,7 @@
 (forward, loss, gradients through autograd), pass gradcheck and ``torch.library.opcheck``,
 compile with ``fullgraph=True`` without recompiling as beta anneals, run under CPU
 autocast, keep the margin in ``state_dict``; the class-parallel head equals the
-single-process loss at 1-3 gloo ranks; and pytorch-metric-learning's ArcFace, CosFace,
+single-process loss at 1-4 gloo ranks; and pytorch-metric-learning's ArcFace, CosFace,
 SphereFace and LargeMarginSoftmax losses are the modules at beta = 0.
 """
 
@@ -349,8 +349,8 @@ def test_state_dict_keeps_the_margin_and_refuses_another(name) -> None:
 
 # --------------------------------------------------------------------------- class-parallel head
 
-# One spawned world of 3 processes runs every group (as support.class_parallel does).
-GROUPS = {3: (0, 1, 2), 2: (1, 2), 1: (0,)}
+# One spawned world of 4 processes runs every group (as support.class_parallel does).
+GROUPS = {4: (0, 1, 2, 3), 3: (0, 1, 2), 2: (1, 2), 1: (0,)}
 PARALLEL_TIMEOUT_S = 180.0  # the spawned world is killed at this deadline and the tests fail
 
 
@@ -409,7 +409,7 @@ def world(monkeypatch) -> dict[int, list[dict[str, Any]]]:
         monkeypatch.syspath_prepend(str(Path(__file__).parent))
         module = importlib.import_module(Path(__file__).stem)
         try:
-            results = run_ranks(3, module._world, timeout=PARALLEL_TIMEOUT_S)
+            results = run_ranks(max(GROUPS), module._world, timeout=PARALLEL_TIMEOUT_S)
             _WORLD.append({p: [results[g][p] for g in members] for p, members in GROUPS.items()})
         except RankFailed as e:
             _WORLD.append(e)
