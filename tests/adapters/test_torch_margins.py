@@ -9,11 +9,9 @@ SphereFace and LargeMarginSoftmax losses are the modules at beta = 0.
 
 from __future__ import annotations
 
-import importlib
 import io
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -389,33 +387,15 @@ def _run_group(group: Any) -> dict[str, Any]:
     return out
 
 
-def _world(rank: int, world_size: int) -> dict[int, Any]:
-    import torch.distributed as dist
-
-    groups = {p: dist.new_group(list(members)) for p, members in GROUPS.items()}  # every rank, same order
-    return {p: _run_group(groups[p]) for p, members in GROUPS.items() if rank in members}
-
-
 _WORLD: list[Any] = []
 
 
 @pytest.fixture
 def world(monkeypatch) -> dict[int, list[dict[str, Any]]]:
-    """Every group's results, rank by rank (spawned once; a failure is raised by each test).
-    The spawned processes import this file under its plain name from its folder."""
-    from support.dist import RankFailed, run_ranks
+    """Every group's results, rank by rank (one spawned world; support.dist.group_results)."""
+    from support.dist import group_results
 
-    if not _WORLD:
-        monkeypatch.syspath_prepend(str(Path(__file__).parent))
-        module = importlib.import_module(Path(__file__).stem)
-        try:
-            results = run_ranks(max(GROUPS), module._world, timeout=PARALLEL_TIMEOUT_S)
-            _WORLD.append({p: [results[g][p] for g in members] for p, members in GROUPS.items()})
-        except RankFailed as e:
-            _WORLD.append(e)
-    if isinstance(_WORLD[0], Exception):
-        raise _WORLD[0]
-    return _WORLD[0]
+    return group_results(monkeypatch, __file__, "_run_group", GROUPS, _WORLD, timeout=PARALLEL_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("world_size", sorted(GROUPS))

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["Outcome", "RankFailed", "run_ranks", "run_ranks_outcomes"]
+__all__ = ["Outcome", "RankFailed", "group_results", "run_in_groups", "run_ranks", "run_ranks_outcomes"]
 
 # A collective waits at most this long for the other ranks inside a rank (then raises),
 # well within run_ranks' own deadline.
@@ -310,3 +310,37 @@ def mismatched_ranks(rank: int, world_size: int) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - reported
         out["after"] = ("step", type(e).__name__, str(e))
     return out
+
+
+def run_in_groups(rank: int, world_size: int, module: str, function: str, groups: dict[int, tuple[int, ...]]) -> Any:
+    """A rank function for :func:`run_ranks`: every group of ``groups`` ({size: global ranks})
+    made on every rank in the same order (as ``new_group`` requires), then
+    ``module.function(group)`` run in each group this rank belongs to; {size: its result}."""
+    import importlib
+
+    import torch.distributed as dist
+
+    fn = getattr(importlib.import_module(module), function)
+    made = {p: dist.new_group(list(members)) for p, members in groups.items()}
+    return {p: fn(made[p]) for p, members in groups.items() if rank in members}
+
+
+def group_results(
+    monkeypatch: Any, test_file: str, function: str, groups: dict[int, tuple[int, ...]], cache: list[Any], *,
+    timeout: float, collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+) -> dict[int, list[Any]]:  # fmt: skip
+    """Each group's results, rank by rank ({size: [result of its rank 0, ...]}): one spawned
+    world of ``max(groups)`` processes runs ``function`` of the test file in every group, once
+    per test module (``cache``, the module's list); a failure is raised by every test that
+    asks.  The spawned processes import the test file under its plain name from its folder."""
+    if not cache:
+        monkeypatch.syspath_prepend(str(Path(test_file).parent))
+        try:
+            results = run_ranks(max(groups), run_in_groups, Path(test_file).stem, function, groups, timeout=timeout,
+                                collective_timeout=collective_timeout)  # fmt: skip
+            cache.append({p: [results[g][p] for g in members] for p, members in groups.items()})
+        except RankFailed as e:
+            cache.append(e)
+    if isinstance(cache[0], Exception):
+        raise cache[0]
+    return cache[0]  # type: ignore[no-any-return]
