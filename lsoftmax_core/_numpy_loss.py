@@ -199,18 +199,34 @@ class NumpyLossOps:
     def rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
         """Rows [r0, r0 + R) with all classes: target logit and lse (unless given), and with
         ``grad`` z becomes G = weight·softmax - weight at the target."""
+        if k.sub == 1:  # column scaling (if any) inside the row blocks, while they are in cache
+            self._rows_chunk(k, z, r0, grad=grad, cs=k.colscale)
+            return
         zr, idx = self._pre(k, z, r0, 0)
         self._rows_chunk(k, zr, r0, grad=grad)
         if grad:
             self._post(k, z, zr, idx, 0)
 
-    def _rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
+    def _rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool, cs: Any = None) -> None:
+        """``cs``: 1/|w_j| to scale the columns by, block by block (before the targets are
+        written; and G again after its targets' weights are subtracted)."""
         rows = slice(r0, r0 + z.shape[0])
-        hit, cols = self._targets(k, z, rows, 0)
-        k.tgt[r0 + hit] = z[hit, cols]
+        if cs is None:
+            hit, cols = self._targets(k, z, rows, 0)
+            k.tgt[r0 + hit] = z[hit, cols]
+        else:
+            lab = k.lab[rows]
+            hit = np.flatnonzero(k.owned[rows])
+            cols = lab[hit]
         given = k.given if grad else None
 
         def part(i0: int, i1: int) -> None:
+            if cs is not None:
+                z[i0:i1] *= cs
+                j0, j1 = np.searchsorted(hit, (i0, i1))
+                h, c = hit[j0:j1], cols[j0:j1]
+                z[h, c] = k.target[r0 + h]
+                k.tgt[r0 + h] = z[h, c]
             m, se = _exp_shifted(z[i0:i1])
             span = slice(r0 + i0, r0 + i1)
             k.lse[span] = m + np.log(se)
@@ -223,9 +239,13 @@ class NumpyLossOps:
                 self._check_max(k, m, span)
                 scale = wr * np.exp(m - given[span])
             z[i0:i1] *= scale.astype(z.dtype)[:, None]
+            if cs is not None:
+                z[h, c] -= k.weights[r0 + h].astype(z.dtype)
+                k.g[r0 + h] = z[h, c]
+                z[i0:i1] *= cs
 
         _by_rows(z.shape[0], z.shape[1] * z.itemsize, part)
-        if grad:
+        if grad and cs is None:
             wr = k.weights[rows]
             z[hit, cols] -= wr[hit].astype(z.dtype)
             k.g[r0 + hit] = z[hit, cols]
