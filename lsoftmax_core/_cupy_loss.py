@@ -155,17 +155,6 @@ class CupyLossOps:
         k.colscale, k.sub, k.subidx = colscale, sub, subidx
 
     @staticmethod
-    def _pre(k: _State, z: Any, r0: int, k0: int) -> tuple[Any, Any]:
-        if k.colscale is None and k.sub == 1:
-            return z, None
-        return _family.chunk_logits(z, k.colscale, k.sub, k.owned, k.lab, k.subidx, r0, k0)
-
-    @staticmethod
-    def _post(k: _State, z: Any, zr: Any, idx: Any, k0: int) -> None:
-        if k.colscale is not None or idx is not None:
-            _family.chunk_grads(z, zr, idx, k.colscale, k.sub, k0)
-
-    @staticmethod
     def check_lse(k: _State, lse: Any) -> None:
         """Nothing beyond the engine's shape and dtype checks: reading the values would
         synchronise the device."""
@@ -192,21 +181,21 @@ class CupyLossOps:
             v["lse"] = lse  # the gradient kernel reads it instead of the chunks' own
 
     def rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
-        zr, idx = self._pre(k, z, r0, 0)
+        zr, idx = _family.chunk_logits(k, z, r0, 0)
         if not (grad and k.given):
             self.run(k.call.chunk_lse(zr, r0, 0, first=True))
         if grad:
             self.run(k.call.chunk_grad(zr, r0, 0))
-            self._post(k, z, zr, idx, 0)
+            _family.chunk_grads(k, z, zr, idx, 0)
 
     def classes_lse(self, k: _State, z: Any, k0: int, *, first: bool) -> None:
-        zr, _ = self._pre(k, z, 0, k0)
+        zr, _ = _family.chunk_logits(k, z, 0, k0)
         self.run(k.call.chunk_lse(zr, 0, k0 // k.sub, first=first))
 
     def classes_grad(self, k: _State, z: Any, k0: int) -> None:
-        zr, idx = self._pre(k, z, 0, k0)
+        zr, idx = _family.chunk_logits(k, z, 0, k0)
         self.run(k.call.chunk_grad(zr, 0, k0 // k.sub))
-        self._post(k, z, zr, idx, k0)
+        _family.chunk_grads(k, z, zr, idx, k0)
 
     def margin(self, k: _State) -> None:
         """The margin's own gradient terms, after the chunks (which read the shard-local labels)."""

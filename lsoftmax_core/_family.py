@@ -149,14 +149,17 @@ def nearest_centre(x: Any, w: Any, label: Any, sub: int) -> tuple[Any, Any]:
     return label * sub + r, r
 
 
-def chunk_logits(
-    z: Any, colscale: Any, sub: int, owned: Any, lab: Any, subidx: Any, r0: int, k0: int
-) -> tuple[Any, Any]:  # fmt: skip
+def chunk_logits(k: Any, z: Any, r0: int, k0: int) -> tuple[Any, Any]:
     """The logits a fused loss's softmax takes, from its GEMM's chunk ``z`` (rows r0.., w's
-    rows k0..): columns scaled by 1/|w_j| in place (``colscale``, or None), and with ``sub``
+    rows k0..), for a loss ops' call state ``k`` (``colscale``, ``sub``, ``owned``, ``lab``,
+    ``subidx``): columns scaled by 1/|w_j| in place (``colscale``, or None), and with ``sub``
     centres per class each class's largest one (a new (rows, classes) array) and which
     centre that is, the target class's being the statistics' own (``subidx``), so that its
-    plain and margin gradients reach one row.  (z, None) without sub-centres."""
+    plain and margin gradients reach one row.  (z, None) without sub-centres (L-Softmax:
+    z untouched)."""
+    colscale, sub, owned, lab, subidx = k.colscale, k.sub, k.owned, k.lab, k.subidx
+    if colscale is None and sub == 1:
+        return z, None
     xp = xp_of(z)
     if colscale is not None:
         z *= colscale[k0 : k0 + z.shape[1]]
@@ -173,10 +176,13 @@ def chunk_logits(
     return xp.ascontiguousarray(zk[r, c, idx]), idx
 
 
-def chunk_grads(z: Any, zr: Any, idx: Any, colscale: Any, sub: int, k0: int) -> None:
+def chunk_grads(k: Any, z: Any, zr: Any, idx: Any, k0: int) -> None:
     """G of :func:`chunk_logits`' logits back into the GEMM's chunk ``z``: with sub-centres
     each class's entry to its chosen centre and 0 to the others; then the columns scaled by
     1/|w_j| again, so that the GEMMs with w give G·w^ and Gᵀ·x'/|w_j|."""
+    colscale, sub = k.colscale, k.sub
+    if colscale is None and idx is None:
+        return
     xp = xp_of(z)
     if idx is not None:
         zk = z.reshape(z.shape[0], -1, sub)

@@ -183,29 +183,16 @@ class NumpyLossOps:
             z[hit, cols] = k.target[rows][hit]
         return hit, cols
 
-    @staticmethod
-    def _pre(k: _State, z: Any, r0: int, k0: int) -> tuple[Any, Any]:
-        """The logits the softmax takes (:func:`._family.chunk_logits`; z itself for L-Softmax)."""
-        if k.colscale is None and k.sub == 1:
-            return z, None
-        return _family.chunk_logits(z, k.colscale, k.sub, k.owned, k.lab, k.subidx, r0, k0)
-
-    @staticmethod
-    def _post(k: _State, z: Any, zr: Any, idx: Any, k0: int) -> None:
-        """G back into the GEMM's chunk (:func:`._family.chunk_grads`)."""
-        if k.colscale is not None or idx is not None:
-            _family.chunk_grads(z, zr, idx, k.colscale, k.sub, k0)
-
     def rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool) -> None:
         """Rows [r0, r0 + R) with all classes: target logit and lse (unless given), and with
         ``grad`` z becomes G = weight·softmax - weight at the target."""
         if k.sub == 1:  # column scaling (if any) inside the row blocks, while they are in cache
             self._rows_chunk(k, z, r0, grad=grad, cs=k.colscale)
             return
-        zr, idx = self._pre(k, z, r0, 0)
+        zr, idx = _family.chunk_logits(k, z, r0, 0)
         self._rows_chunk(k, zr, r0, grad=grad)
         if grad:
-            self._post(k, z, zr, idx, 0)
+            _family.chunk_grads(k, z, zr, idx, 0)
 
     def _rows_chunk(self, k: _State, z: Any, r0: int, *, grad: bool, cs: Any = None) -> None:
         """``cs``: 1/|w_j| to scale the columns by, block by block (before the targets are
@@ -254,7 +241,7 @@ class NumpyLossOps:
         """Classes from w's row k0 on, for all rows: their (max, sum of exponentials)
         combined online."""
         n = k.p.n
-        z, _ = self._pre(k, z, 0, k0)
+        z, _ = _family.chunk_logits(k, z, 0, k0)
         k0 //= k.sub
         hit, cols = self._targets(k, z, slice(0, n), k0)
         k.tgt[hit] = z[hit, cols]
@@ -274,7 +261,7 @@ class NumpyLossOps:
     def classes_grad(self, k: _State, z: Any, k0: int) -> None:
         """Classes from w's row k0 on, for all rows: z becomes G from the rows' lse."""
         n = k.p.n
-        zr, idx = self._pre(k, z, 0, k0)
+        zr, idx = _family.chunk_logits(k, z, 0, k0)
         hit, cols = self._targets(k, zr, slice(0, n), k0 // k.sub)
         lse = k.lse if k.given is None else k.given
 
@@ -287,7 +274,7 @@ class NumpyLossOps:
         _by_rows(n, zr.shape[1] * zr.itemsize, part)
         zr[hit, cols] -= k.weights[hit].astype(zr.dtype)
         k.g[hit] = zr[hit, cols]
-        self._post(k, z, zr, idx, k0)
+        _family.chunk_grads(k, z, zr, idx, k0)
 
     @staticmethod
     def margin(k: _State) -> None:
