@@ -21,7 +21,7 @@ __all__ = ["suites"]
 
 def suites() -> dict[str, Suite]:
     """Every suite by name, in the order ``python -m bench --help`` lists them."""
-    from . import class_parallel_memory, layer, lenet, loss, margins, overhead
+    from . import class_parallel_memory, class_parallel_sampling, layer, lenet, loss, margins, overhead
 
     return {s.name: s for s in (layer.SUITE, loss.SUITE, margins.SUITE, overhead.SUITE, lenet.SUITE,
-                                class_parallel_memory.SUITE)}
+                                class_parallel_memory.SUITE, class_parallel_sampling.SUITE)}

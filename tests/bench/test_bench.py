@@ -21,7 +21,16 @@ from support.bench_loader import ROOT, load_bench  # noqa: E402
 
 load_bench()
 
-from bench import class_parallel_memory, layer, lenet, loss, margins, overhead, suites  # noqa: E402
+from bench import (  # noqa: E402
+    class_parallel_memory,
+    class_parallel_sampling,
+    layer,
+    lenet,
+    loss,
+    margins,
+    overhead,
+    suites,
+)
 from bench.__main__ import main  # noqa: E402
 from bench.harness import peak_rss_delta  # noqa: E402
 from bench.record import Goal, Options, publish, read_csv, render  # noqa: E402
@@ -69,7 +78,7 @@ def test_help_lists_every_suite(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(f"  {name} " in text for name in ("layer", "loss", "margins", "overhead", "lenet",
-                                                  "class-parallel-memory"))
+                                                  "class-parallel-memory", "class-parallel-sampling"))
 
 
 def test_layer_suite_writes_rows_memory_and_a_table_that_render_reproduces(tmp_path: Path) -> None:
@@ -246,6 +255,23 @@ def test_class_parallel_memory_suite_measures_every_rank(tmp_path: Path, monkeyp
     assert [(r["ranks"], r["rank"], r["local_classes"]) for r in rows] == [
         ("single", "0", "20000"), ("2", "0", "10000"), ("2", "1", "10000")]
     assert all(float(r["step_mib"]) >= 0 for r in rows) and "| single |" in md
+
+
+def test_class_parallel_sampling_suite_times_and_measures_every_rank_at_each_rate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(class_parallel_sampling, "CASES", (("lsoftmax4", 1.0), ("arcface", 0.1)))
+    rows, md = _run("class-parallel-sampling", tmp_path, sizes=(Size("tiny", 8, 16, 2000),))
+    # 1000 classes per rank; at 0.1 ceil(0.1 * 1000) = 100, more than the 8 targets.
+    assert [(r["margin"], r["sample_rate"], r["rank"], r["local_classes"], r["sampled_classes"]) for r in rows] == [
+        ("lsoftmax4", "1", "0", "1000", "1000"), ("lsoftmax4", "1", "1", "1000", "1000"),
+        ("arcface", "0.1", "0", "1000", "100"), ("arcface", "0.1", "1", "1000", "100")]
+    for r in rows:
+        assert r["steps"] == "2" and float(r["steps_per_s"]) > 0 and float(r["step_mib"]) >= 0, r
+        assert float(r["state_mib"]) == float(r["weight_mib"]), r  # SGD's momentum buffer, made in the warm-up
+    assert "| L-Softmax(4) | 1 | 1,000 / 1,000 |" in md and "| ArcFace(0.5, 64) | 0.1 | 100 / 1,000 |" in md
+    assert "## Goals" not in md  # no margin has both 1.0 and 0.1 here
+    assert class_parallel_sampling.markdown([dict(rows[0], margin="arcface")] + rows[2:3])[-2].endswith(
+        ("| met |", "| MISSED |"))
 
 
 def test_goals_say_met_missed_and_not_measured() -> None:
