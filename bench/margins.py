@@ -172,7 +172,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _goals() -> tuple[Goal, ...]:
-    face, losses = (256, 512, 10_000), ((2048, 256, 100_000), (2048, 256, 10_000))
+    # The goals: the loss at ce-large only (at ce-small, 10k classes, the logits are
+    # no larger than the budget's chunk, and the rows are for information).
+    face, losses = (256, 512, 10_000), ((2048, 256, 100_000),)
     goals = [Goal(f"{_kind(k)} fwd+bwd vs numpy linear", face, layer_name(k), 1.05, threads="1") for k in KINDS]
     for dims in losses:
         for k in KINDS:
