@@ -144,6 +144,20 @@ class _Call:
     def note(self, name: str, t: Tensor) -> None:
         self.log.append((name, t.numel() * t.element_size()))
 
+    def run(self, name: str, t: Tensor, collective: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """``collective(*args, group=self.group, **kwargs)``, logged under ``name`` with ``t``'s
+        bytes.  A failure there means another rank raised, ended, or did not arrive within the
+        process group's timeout: the backend's error is raised again naming the collective and
+        this rank (docs/distributed.md, "Faults and timeouts")."""
+        self.note(name, t)
+        try:
+            collective(*args, group=self.group, **kwargs)
+        except RuntimeError as e:  # gloo and NCCL errors (DistBackendError is a RuntimeError)
+            raise RuntimeError(
+                f"ClassParallelLSoftmaxLoss: the {name} collective failed on rank {self.rank}: another rank "
+                f"raised, ended or did not reach it within the process group's timeout ({e})"
+            ) from e
+
 
 def _setting_codes(call: _Call) -> list[int]:
     """The int64 codes of :data:`_SETTINGS`; a ValueError/TypeError naming the setting if
@@ -181,8 +195,7 @@ def _compare_ranks(
     ]
     local = torch.tensor(mine, dtype=torch.int64, device=weight.device)
     every = torch.empty(call.world_size * _META, dtype=torch.int64, device=weight.device)
-    call.note("all_gather sizes", every)
-    _all_gather(every, local, group=call.group)
+    call.run("all_gather sizes", every, _all_gather, every, local)
     table = [(row[0], row[1], _unpack(row[2:])) for row in every.view(call.world_size, _META).tolist()]
     margins = None
     if len({settings[_MARGIN] for code, _, settings in table if code < 3}) > 1:
@@ -191,8 +204,7 @@ def _compare_ranks(
         full = _checks._margin_codes(call.margin) if setting_problem is None else [0] * _checks._MARGIN_WIDTH
         local = torch.tensor(full, dtype=torch.int64, device=weight.device)
         gathered = torch.empty(call.world_size * _checks._MARGIN_WIDTH, dtype=torch.int64, device=weight.device)
-        call.note("all_gather margins", gathered)
-        _all_gather(gathered, local, group=call.group)
+        call.run("all_gather margins", gathered, _all_gather, gathered, local)
         margins = gathered.view(call.world_size, _checks._MARGIN_WIDTH).tolist()
 
     def another(r: int) -> Exception:
@@ -245,8 +257,7 @@ def _gather(call: _Call, t: Tensor, n_max: int, fill: float) -> Tensor:
     if t.shape[0] < n_max:
         t = torch.cat([t, t.new_full((n_max - t.shape[0], *t.shape[1:]), fill)])
     out = t.new_empty((call.world_size * n_max, *t.shape[1:]))
-    call.note(f"all_gather {'x' if t.dim() == 2 else 'target'}", out)
-    _all_gather(out, t.contiguous(), group=call.group)
+    call.run(f"all_gather {'x' if t.dim() == 2 else 'target'}", out, _all_gather, out, t.contiguous())
     return out
 
 
@@ -298,11 +309,9 @@ class _ClassParallelLoss(torch.autograd.Function):
         # lse_i = M_i + log sum_r exp(lse_i^r - M_i), M_i = max_r lse_i^r; loss_i = lse_i - sum_r t_i^r
         # (docs/derivatives.md, "Class shards").  Every shard has a class, so lse_i^r is finite.
         row_max = lse_local.clone()
-        call.note("all_reduce max", row_max)
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=call.group)
+        call.run("all_reduce max", row_max, dist.all_reduce, row_max, op=dist.ReduceOp.MAX)
         sums = torch.stack([torch.exp(lse_local - row_max), tgt_local])
-        call.note("all_reduce sum", sums)
-        dist.all_reduce(sums, group=call.group)
+        call.run("all_reduce sum", sums, dist.all_reduce, sums)
         lse = row_max + torch.log(sums[0])
         valid = label != call.ignore_index
         total = torch.where(valid, lse - sums[1], torch.zeros_like(lse)).sum()
@@ -338,8 +347,7 @@ class _ClassParallelLoss(torch.autograd.Function):
         n_max = max(sizes)
         padded = _pad(gx_term, sizes, n_max)
         mine = padded.new_empty((n_max, padded.shape[1]))
-        call.note("reduce_scatter grad_x", padded)
-        _reduce_scatter(mine, padded.contiguous(), group=call.group)
+        call.run("reduce_scatter grad_x", padded, _reduce_scatter, mine, padded.contiguous())
         grad_x = mine[: sizes[call.rank]] * call.world_size
         needs = ctx.needs_input_grad
         return (grad_x if needs[0] else None, grad_w if needs[1] else None, None, None, None, None)

@@ -62,6 +62,9 @@ def _survivors_raised(outcomes: list[Outcome], faulty: int) -> list[dict[str, An
         got = o.value
         assert got["error"] is not None, f"rank {r}'s step returned after {got['seconds']:.1f} s"
         assert got["runtime_error"], f"rank {r} raised {got['error']}"
+        # The head names the collective and the rank, around the backend's own message.
+        assert "ClassParallelLSoftmaxLoss: the " in got["error"][1], got["error"]
+        assert f"collective failed on rank {r}" in got["error"][1], got["error"]
         survivors.append(got)
     return survivors
 

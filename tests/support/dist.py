@@ -167,8 +167,9 @@ def run_ranks_outcomes(
         return outcomes
 
 
-class InjectedFault(RuntimeError):
-    """The error :func:`faulty_step` raises on purpose."""
+class InjectedFault(Exception):
+    """The error :func:`faulty_step` raises on purpose: a rank's own error (not a RuntimeError,
+    which the head reads as the backend's failure and names the collective in)."""
 
 
 _FAULTS = ("raise", "raise-and-linger", "exit-in-forward", "exit-before-backward")
