@@ -206,13 +206,14 @@ class NumpyLossOps:
             hit = np.flatnonzero(k.owned[rows])
             cols = lab[hit]
         given = k.given if grad else None
+        target: Any = k.target  # set with cs (a kind that normalises: set_family)
 
         def part(i0: int, i1: int) -> None:
             if cs is not None:
                 z[i0:i1] *= cs
                 j0, j1 = np.searchsorted(hit, (i0, i1))
                 h, c = hit[j0:j1], cols[j0:j1]
-                z[h, c] = k.target[r0 + h]
+                z[h, c] = target[r0 + h]
                 k.tgt[r0 + h] = z[h, c]
             m, se = _exp_shifted(z[i0:i1])
             span = slice(r0 + i0, r0 + i1)
