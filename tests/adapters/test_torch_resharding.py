@@ -37,6 +37,8 @@ import lsoftmax_core as lsm
 from lsoftmax_core.adapters.torch import LSoftmaxLoss
 from lsoftmax_core.adapters.torch.resharding import full_optimizer_state_dict, load_full_optimizer_state_dict
 
+from support.class_parallel import error_of
+
 C, D, N = 13, 5, 12  # 13 classes: shards of 5/4/4 and 7/6 classes
 MARGIN = 3
 BEFORE, AFTER = 2, 3  # steps before the checkpoint, and after it
@@ -113,14 +115,6 @@ def _head(group: Any, num_classes: int = C, name: str = "") -> Any:
     )  # fmt: skip
 
 
-def _error_of(fn: Any) -> tuple[str, str] | None:
-    try:
-        fn()
-    except (TypeError, ValueError) as e:
-        return type(e).__name__, str(e)
-    return None
-
-
 def _uninterrupted(group: Any, name: str, path: str) -> list[Any]:
     """The P = 3 run: BEFORE steps, the checkpoint to ``path`` (rank 0 writes it), AFTER steps."""
     rank, p = dist.get_rank(group), dist.get_world_size(group)
@@ -182,22 +176,22 @@ def _mismatches(group: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if last:
         sgd.param_groups[0]["lr"] = 0.25
-    out["lr"] = _error_of(lambda: head.full_optimizer_state_dict(sgd))
+    out["lr"] = error_of(lambda: head.full_optimizer_state_dict(sgd))
     sgd.param_groups[0]["lr"] = OPTIMIZERS["sgd"][1]["lr"]
     if last:
         adam.state[weight]["step"] += 1  # as if this rank had taken another step
-    out["step"] = _error_of(lambda: head.full_optimizer_state_dict(adam))
+    out["step"] = error_of(lambda: head.full_optimizer_state_dict(adam))
     if last:
         adam.state[weight]["step"] -= 1
-    out["class"] = _error_of(lambda: head.full_optimizer_state_dict(adam if last else sgd))
+    out["class"] = error_of(lambda: head.full_optimizer_state_dict(adam if last else sgd))
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], lr=0.1)
-    out["no_weight"] = _error_of(lambda: head.full_optimizer_state_dict(other if last else sgd))
+    out["no_weight"] = error_of(lambda: head.full_optimizer_state_dict(other if last else sgd))
     if last:
         sgd.state[weight]["odd"] = torch.zeros(3, dtype=torch.float64)
-    out["odd_shape"] = _error_of(lambda: head.full_optimizer_state_dict(sgd))
+    out["odd_shape"] = error_of(lambda: head.full_optimizer_state_dict(sgd))
     sgd.state[weight].pop("odd", None)
-    out["bad_dst"] = _error_of(lambda: head.full_optimizer_state_dict(sgd, dst=p if last else 0))
-    out["other_dst"] = _error_of(lambda: head.full_optimizer_state_dict(sgd, dst=1 if last else 0))
+    out["bad_dst"] = error_of(lambda: head.full_optimizer_state_dict(sgd, dst=p if last else 0))
+    out["other_dst"] = error_of(lambda: head.full_optimizer_state_dict(sgd, dst=1 if last else 0))
     full = head.full_optimizer_state_dict(sgd)  # the group still works
     out["after"] = None if full is None else {key: tuple(v.shape) for key, v in full["state"].items()}
     out["full_at_1"] = head.full_optimizer_state_dict(adam, dst=1)  # another dst: its group rank 1
@@ -212,12 +206,12 @@ def _refusals(group: Any, path: str) -> dict[str, Any]:
     wider = _head(group, C + 1)
     cut = {**checkpoint, "state": {"momentum_buffer": checkpoint["state"]["momentum_buffer"][:-1]}}
     out = {
-        "class": _error_of(lambda: head.load_full_optimizer_state_dict(_optimizer("adam", head.parameters()),
+        "class": error_of(lambda: head.load_full_optimizer_state_dict(_optimizer("adam", head.parameters()),
                                                                        checkpoint)),
-        "rows": _error_of(lambda: head.load_full_optimizer_state_dict(opt, cut)),
-        "num_classes": _error_of(lambda: wider.load_full_optimizer_state_dict(
+        "rows": error_of(lambda: head.load_full_optimizer_state_dict(opt, cut)),
+        "num_classes": error_of(lambda: wider.load_full_optimizer_state_dict(
             _optimizer("sgd", wider.parameters()), checkpoint)),
-        "hyper": _error_of(lambda: head.load_full_optimizer_state_dict(
+        "hyper": error_of(lambda: head.load_full_optimizer_state_dict(
             opt, {**checkpoint, "param_group": {**checkpoint["param_group"], "lookahead": 5}})),
     }  # fmt: skip
     out["unchanged"] = not opt.state and opt.param_groups[0]["lr"] == OPTIMIZERS["sgd"][2]["lr"]

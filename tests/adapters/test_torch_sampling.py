@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch")
 import lsoftmax_core as lsm
 from lsoftmax_core.adapters.torch import ClassParallelLSoftmaxLoss, LSoftmaxLoss, sampling
 
+from support.class_parallel import error_of
+
 IGNORE = -100
 KINDS = {
     "lsoftmax": (3, 1),
@@ -306,14 +308,6 @@ def _cp_head(group: Any, kind: str, **kw: Any) -> ClassParallelLSoftmaxLoss:
                                      process_group=group, **kw)  # fmt: skip
 
 
-def _error_of(fn: Any) -> tuple[str, str] | None:
-    try:
-        fn()
-    except (TypeError, ValueError) as e:
-        return type(e).__name__, str(e)
-    return None
-
-
 def _cp_run(group: Any, case: dict[str, Any], rate: float, seed: int = 5, train: bool = True) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -355,7 +349,7 @@ def _cp_group(group: Any) -> dict[str, Any]:
         "dtype": lambda: ClassParallelLSoftmaxLoss(D, C, dtype=torch.float32 if last else torch.float64,
                                                    process_group=group)(x.float() if last else x, target),
     }  # fmt: skip
-    out["mismatch"] = {name: _error_of(fn) for name, fn in mixed.items()}
+    out["mismatch"] = {name: error_of(fn) for name, fn in mixed.items()}
     head = _cp_head(group, "cosface", sample_rate=0.5)
     head(x, target)
     out["full"] = head.full_state_dict()

@@ -26,6 +26,8 @@ torch = pytest.importorskip("torch")
 import lsoftmax_core as lsm
 from lsoftmax_core.adapters.torch import LSoftmaxLoss, lsoftmax_cross_entropy
 
+from support.class_parallel import error_of
+
 OPS = torch.ops.lsoftmax_core
 IGNORE = -100
 # The kinds that normalise the weights, the ones sub-centres are defined for.
@@ -291,14 +293,6 @@ def _head(group: Any, kind: Any, k: int, **kw: Any) -> Any:
     return ClassParallelLSoftmaxLoss(D, C, margin=kind, subcenters=k, dtype=torch.float64, process_group=group, **kw)
 
 
-def _error_of(fn: Any) -> tuple[str, str] | None:
-    try:
-        fn()
-    except (TypeError, ValueError) as e:
-        return type(e).__name__, str(e)
-    return None
-
-
 def _run_group(group: Any) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -330,17 +324,17 @@ def _run_group(group: Any) -> dict[str, Any]:
     again.load_state_dict(shard)
     out["reloaded"] = bool(torch.equal(again.weight, head.weight)) and again.iteration == 1
     other = _head(group, kind, 2)
-    out["shard_refused"] = _error_of(lambda: other.load_state_dict(shard))
-    out["full_refused"] = _error_of(lambda: other.load_full_state_dict(
+    out["shard_refused"] = error_of(lambda: other.load_state_dict(shard))
+    out["full_refused"] = error_of(lambda: other.load_full_state_dict(
         {"weight": torch.zeros(C * 3, D, dtype=torch.float64), "_extra_state": {"subcenters": 3}}))  # fmt: skip
-    out["full_extra_refused"] = _error_of(lambda: other.load_full_state_dict(
+    out["full_extra_refused"] = error_of(lambda: other.load_full_state_dict(
         {"weight": torch.zeros(C * 2, D, dtype=torch.float64), "_extra_state": {"subcenters": 3}}))  # fmt: skip
     # Ranks with different k: every rank raises, in the forward and in full_state_dict.
     mixed = _head(group, kind, 3 if last and world_size > 1 else 2)
     x, target = torch.randn(3, D, dtype=torch.float64), torch.tensor([0, 7, 12])
-    out["mismatch"] = _error_of(lambda: mixed(x, target))
-    out["full_mismatch"] = _error_of(lambda: mixed.full_state_dict())
-    out["int_margin"] = _error_of(lambda: _head(group, 3, 2))
+    out["mismatch"] = error_of(lambda: mixed(x, target))
+    out["full_mismatch"] = error_of(lambda: mixed.full_state_dict())
+    out["int_margin"] = error_of(lambda: _head(group, 3, 2))
     out["after"] = _head(group, kind, 2)(x, target).item()  # the group still works
     return out
 

@@ -143,7 +143,8 @@ def run_case(group: Any, case: Case) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _error_of(fn: Any) -> tuple[str, str] | None:
+def error_of(fn: Any) -> tuple[str, str] | None:
+    """(error type, message) of the TypeError/ValueError ``fn()`` raises, or None."""
     try:
         fn()
     except (TypeError, ValueError) as e:
@@ -169,26 +170,26 @@ def run_errors(group: Any) -> dict[str, Any]:
     bad_label = tl.clone()
     if bad:
         bad_label[2] = 11
-    out["label"] = _error_of(lambda: head(xl, bad_label))
+    out["label"] = error_of(lambda: head(xl, bad_label))
     bad_neg = tl.clone()
     if bad:
         bad_neg[0] = -1
-    out["negative"] = _error_of(lambda: head(xl, bad_neg))
-    out["shape"] = _error_of(lambda: head(xl[:, :3] if bad else xl, tl))
-    out["dtype"] = _error_of(lambda: head(xl.float() if bad else xl, tl))
-    out["target-dtype"] = _error_of(lambda: head(xl, tl.double() if bad else tl))
-    out["not-a-tensor"] = _error_of(lambda: head(xl.detach().numpy() if bad else xl, tl))
+    out["negative"] = error_of(lambda: head(xl, bad_neg))
+    out["shape"] = error_of(lambda: head(xl[:, :3] if bad else xl, tl))
+    out["dtype"] = error_of(lambda: head(xl.float() if bad else xl, tl))
+    out["target-dtype"] = error_of(lambda: head(xl, tl.double() if bad else tl))
+    out["not-a-tensor"] = error_of(lambda: head(xl.detach().numpy() if bad else xl, tl))
     if bad:
         head.schedule = ConstantSchedule(3.0)  # as if this rank had missed a step()
-    out["beta"] = _error_of(lambda: head(xl, tl))
+    out["beta"] = error_of(lambda: head(xl, tl))
     head.schedule = ConstantSchedule(case.beta)
     # Every setting that changes the loss is compared: normalize_weight on the last rank only.
     other = _head(Case("errors", (5,) * world_size, num_classes=11, normalize_weight=bad), w, group)
-    out["normalize_weight"] = _error_of(lambda: other(xl, tl))
+    out["normalize_weight"] = error_of(lambda: other(xl, tl))
     # A setting made invalid on one rank after construction raises there and on every rank.
     if bad:
         head.reduction = "none"
-    out["bad-setting"] = _error_of(lambda: head(xl, tl))
+    out["bad-setting"] = error_of(lambda: head(xl, tl))
     head.reduction = case.reduction
     # A loss that needs a backward on some ranks only (the last computes it under no_grad).
 
@@ -196,7 +197,7 @@ def run_errors(group: Any) -> dict[str, Any]:
         with torch.no_grad() if bad else contextlib.nullcontext():
             return head(xl, tl)
 
-    out["needs_grad"] = _error_of(no_grad_on_the_last_rank)
+    out["needs_grad"] = error_of(no_grad_on_the_last_rank)
     before = head.weight.detach().clone()
     out["weight-unchanged"] = bool(torch.equal(before, head.weight.detach())) and head.weight.grad is None
     # The group still works: a good call gives the same loss on every rank.
@@ -259,8 +260,8 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
     out["reloaded"] = (bool(torch.equal(again.weight, shard["weight"])), again.iteration, again.beta)
     out["full_last"] = head.full_state_dict(dst=world_size - 1)
     # A dst that differs between the ranks, or is invalid on one of them: every rank raises.
-    out["dst_differs"] = _error_of(lambda: head.full_state_dict(dst=rank))
-    out["dst_invalid"] = _error_of(lambda: head.full_state_dict(dst=world_size if rank == world_size - 1 else 0))
+    out["dst_differs"] = error_of(lambda: head.full_state_dict(dst=rank))
+    out["dst_invalid"] = error_of(lambda: head.full_state_dict(dst=world_size if rank == world_size - 1 else 0))
     out["full_0"] = head.full_state_dict()
     # A full weight made elsewhere (any world size) loads as this rank's rows.
     full = torch.arange(c * d, dtype=torch.float64).reshape(c, d)
@@ -285,22 +286,22 @@ def run_checkpoints(group: Any) -> dict[str, Any]:
         foreign = {"weight": torch.zeros(other[1] - other[0], d, dtype=torch.float64),
                    "_extra_state": {**shard["_extra_state"], "class_start": other[0], "class_stop": other[1]}}
         before = fresh.weight.detach().clone()
-        out["foreign"] = _error_of(lambda: fresh.load_state_dict(foreign))
+        out["foreign"] = error_of(lambda: fresh.load_state_dict(foreign))
         out["foreign_unchanged"] = bool(torch.equal(before, fresh.weight.detach()))
     # A refused checkpoint (another margin, a bad iteration) leaves the shard and the
     # settings as they were, through either load.
     before = (fresh.weight.detach().clone(), fresh.get_extra_state())
     other_full = {"weight": full + 1.0, "_extra_state": {"margin": 2}}
-    out["margin_mismatch"] = _error_of(lambda: fresh.load_full_state_dict(other_full))
+    out["margin_mismatch"] = error_of(lambda: fresh.load_full_state_dict(other_full))
     other_shard = {"weight": shard["weight"] + 1.0, "_extra_state": {**shard["_extra_state"], "margin": 2}}
-    out["shard_margin_mismatch"] = _error_of(lambda: fresh.load_state_dict(other_shard))
+    out["shard_margin_mismatch"] = error_of(lambda: fresh.load_state_dict(other_shard))
     negative = {"weight": full + 1.0, "_extra_state": {"iteration": -1}}
-    out["negative_iteration"] = _error_of(lambda: fresh.load_full_state_dict(negative))
+    out["negative_iteration"] = error_of(lambda: fresh.load_full_state_dict(negative))
     out["refused_unchanged"] = bool(torch.equal(before[0], fresh.weight.detach())) and (
         before[1] == fresh.get_extra_state()
     )
-    out["wrong_shape"] = _error_of(lambda: fresh.load_full_state_dict({"weight": full[:-1]}))
-    out["too_many_ranks"] = _error_of(
+    out["wrong_shape"] = error_of(lambda: fresh.load_full_state_dict({"weight": full[:-1]}))
+    out["too_many_ranks"] = error_of(
         lambda: ClassParallelLSoftmaxLoss(d, world_size - 1 or 0, margin=2, process_group=group)
     )
     return out
@@ -450,7 +451,7 @@ def run_cuda(rank: int, world_size: int) -> dict[str, Any]:
     target = torch.from_numpy(label[rows])
     bad = target.clone()
     bad[0] = 1003
-    out: dict[str, Any] = {"bad_label": _error_of(lambda: head(x_local.cuda(), bad.cuda()))}
+    out: dict[str, Any] = {"bad_label": error_of(lambda: head(x_local.cuda(), bad.cuda()))}
     full = head.full_state_dict()
     out["full_ok"] = full is None or bool(torch.equal(full["weight"], torch.from_numpy(w).float()))
     xc = x_local.cuda().requires_grad_()
