@@ -84,7 +84,7 @@ _backend = backend_for
 
 
 def normalized(x: Any, w: Any, *, margin: int | Margin) -> tuple[Any, Any]:
-    """The rows the kind's plain layer multiplies, ``(x', w')``: x' = s·x/|x| for the cosine
+    """The rows the kind's plain layer multiplies, ``(x', w')``: ``x' = s·x/|x|`` for the cosine
     kinds (CosFace, ArcFace, CombinedMargin), else x itself; w' = each row of w divided by
     its norm for SphereFace and the cosine kinds, else w itself (L-Softmax: ``(x, w)``).  A
     zero row stays 0.  New arrays where a row changes; inputs are never modified.
@@ -94,7 +94,7 @@ def normalized(x: Any, w: Any, *, margin: int | Margin) -> tuple[Any, Any]:
     margin=kind)``, and ``add_margin_grad(G @ w', G.T @ x', G, x, w, label, margin=kind)``
     equals ``backward(G, x, w, label, margin=kind)`` (the gradients with respect to x' and w'
     become those with respect to x and w: docs/derivatives.md, "The margin family"), up to
-    rounding: ``forward`` and ``backward`` scale the columns of x'·wᵀ (and of G) by 1/|w_j|
+    rounding: ``forward`` and ``backward`` scale the columns of x'·wᵀ (and of G) by ``1/|w_j|``
     instead of holding a normalised copy of w.
 
     >>> import numpy as np, lsoftmax_core as lsm
@@ -125,7 +125,7 @@ def forward(
     ``margin``: an int m is L-Softmax's (``LSoftmax(m)`` is the same); a margin object
     (:class:`SphereFace`, :class:`CosFace`, :class:`ArcFace`, :class:`CombinedMargin`)
     gives that kind's logits, the others then being the plain logits of normalised rows
-    (|x|·cos θ_j, or s·cos θ_j: docs/derivatives.md, "The margin family"; beta blends every
+    (``|x|·cos θ_j``, or ``s·cos θ_j``: docs/derivatives.md, "The margin family"; beta blends every
     kind's target the same way).
 
     >>> import numpy as np, lsoftmax_core as lsm
@@ -357,7 +357,7 @@ def cross_entropy(
     C·k rows, class j's centres being rows j·k ... j·k + k - 1, and a class's cosine is the
     largest of its centres' (SubCenter-ArcFace); the gradient goes to that centre.  Labels,
     ``class_start`` and ``num_classes`` count classes.  Without a normalised copy of w: each
-    chunk's columns are scaled by 1/|w_j| (docs/derivatives.md, "The margin family").
+    chunk's columns are scaled by ``1/|w_j|`` (docs/derivatives.md, "The margin family").
 
     >>> import numpy as np, lsoftmax_core as lsm
     >>> x, w, y = np.array([[1.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0])

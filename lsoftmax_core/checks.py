@@ -166,7 +166,7 @@ def check_margin(margin: object) -> int:
 def split_margin(margin: object) -> tuple[object, Any]:
     """``(m, None)`` for L-Softmax (an int, unchecked here, or ``LSoftmax(m)``: the same path,
     bit for bit) and ``(1, margin)`` for a kind that normalises; anything else that is not an
-    integer is a TypeError naming ``margin`` (:func:`lsoftmax_core.margins.margin_of`)."""
+    integer is a TypeError naming ``margin`` (``lsoftmax_core.margins.margin_of``)."""
     if type(margin) is int:  # the common case, before any import or isinstance chain
         return margin, None
     from .margins import LSoftmax, Margin, margin_of

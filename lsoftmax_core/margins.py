@@ -131,7 +131,7 @@ class _Multiplicative(Margin):
 
 @dataclass(frozen=True)
 class LSoftmax(_Multiplicative):
-    """L-Softmax (Liu et al. 2016): f_y = |x| |w_y| psi(c), the others x.w_j.
+    """L-Softmax (Liu et al. 2016): ``f_y = |x| |w_y| psi(c)``, the others ``x.w_j``.
     ``LSoftmax(m=4)`` is what ``margin=4`` has always meant."""
 
     kind: ClassVar[str] = "lsoftmax"
@@ -142,7 +142,7 @@ class LSoftmax(_Multiplicative):
 @dataclass(frozen=True)
 class SphereFace(_Multiplicative):
     """SphereFace / A-Softmax (Liu et al. 2017): L-Softmax on unit weight rows,
-    f_y = |x| psi(c), the others |x| c_j."""
+    ``f_y = |x| psi(c)``, the others ``|x| c_j``."""
 
     kind: ClassVar[str] = "sphereface"
     normalizes_features: ClassVar[bool] = False

@@ -86,7 +86,7 @@ bridge (not yet run on a GPU).
 Partial FC's class sampling, the training loss over every target class plus uniformly
 drawn negatives, reproducibly (``seed``, and a sampling step saved in ``state_dict``);
 ``head.sampled_step(optimizer)`` is Partial FC v1's optimizer step
-(:mod:`.sampling`, ``docs/distributed.md``).
+(``adapters/torch/sampling.py``, ``docs/distributed.md``).
 
 >>> import torch
 >>> from lsoftmax_core.adapters.torch import lsoftmax

@@ -697,12 +697,12 @@ class ClassParallelLSoftmaxLoss(sampling.SampledHead, _AnnealedHead):
     def full_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, dst: int = 0) -> dict[str, Any] | None:
         """Collective: ``optimizer``'s state for this head's weight in the full layout on
         ``dst`` (None elsewhere), as :meth:`full_state_dict` gathers the weight
-        (:func:`.resharding.full_optimizer_state_dict`)."""
+        (``resharding.full_optimizer_state_dict``)."""
         return resharding.full_optimizer_state_dict(self, optimizer, dst)
 
     def load_full_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load this rank's rows of a full optimizer state (:meth:`full_optimizer_state_dict`)
-        into ``optimizer``, at any world size (:func:`.resharding.load_full_optimizer_state_dict`)."""
+        into ``optimizer``, at any world size (``resharding.load_full_optimizer_state_dict``)."""
         resharding.load_full_optimizer_state_dict(self, optimizer, state)
 
     def extra_repr(self) -> str:
