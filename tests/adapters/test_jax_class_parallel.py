@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from lsoftmax_core.adapters.jax import class_parallel_cross_entropy, lsoftmax_cross_entropy
 
 from support.jax_gpu import jax_gpu
+from support.jax_subprocess import run_cases, run_script
 from support.loss_reference import IGNORE, assert_rel, ref_grad_logits, ref_loss
 from support.tolerances import TOLERANCES, check_backward, logit_scale
 
@@ -40,28 +38,9 @@ TIMEOUT_S = 240
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-def _run_script(script: Path, timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python script *args`` with tests/ on its path; a hang past ``timeout`` fails the test."""
-    tests = str(script.parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    try:
-        return subprocess.run(
-            [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-3000:]
-        pytest.fail(f"{script.name} did not finish within {timeout} s; its stderr ends:\n{tail!r}")
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("class_parallel") / "cases.json"
-    done = _run_script(CASES, TIMEOUT_S, str(out))
-    if done.returncode != 0:
-        pytest.fail(f"{CASES.name} exited with {done.returncode}; its stderr ends:\n{done.stderr[-5000:]}")
-    results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-    assert results.pop("devices") == 4, "the subprocess must see 4 CPU devices"
-    return results
+    return run_cases(CASES, tmp_path_factory.mktemp("class_parallel") / "cases.json", TIMEOUT_S, devices=4)
 
 
 def _get(cases: dict[str, Any], name: str) -> dict[str, Any]:
@@ -253,7 +232,7 @@ PADDING_ONLY_TIMEOUT_S = 150
 def padding_only_errors() -> dict[str, dict[str, Any]]:
     """support/jax_padding_only_errors.py's cases (C = 9 over 4 devices of 3 rows: device 3
     holds only padding), by name; a process that aborts or hangs fails the tests."""
-    done = _run_script(PADDING_ONLY, PADDING_ONLY_TIMEOUT_S)
+    done = run_script(PADDING_ONLY, PADDING_ONLY_TIMEOUT_S)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
         pytest.fail(

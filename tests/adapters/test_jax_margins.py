@@ -17,8 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -37,6 +35,9 @@ from jax.test_util import check_grads
 import lsoftmax_core as core
 from lsoftmax_core.adapters.jax import class_parallel_cross_entropy, lsoftmax, lsoftmax_cross_entropy
 from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, LSoftmax, SphereFace
+
+from support.jax_subprocess import run_cases
+from support.loss_reference import assert_rel
 
 # A failing callback makes JAX log the traceback before re-raising; the tests check the raise.
 logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
@@ -434,27 +435,7 @@ def _run_shard_cases(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def shard_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("margins_class_parallel") / "cases.json"
-    tests = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    try:
-        done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the class-parallel cases did not finish within {TIMEOUT_S} s; stderr ends:\n{(e.stderr or b'')[-3000:]!r}")
-    if done.returncode != 0:
-        pytest.fail(f"the class-parallel cases exited with {done.returncode}; stderr ends:\n{done.stderr[-5000:]}")
-    results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-    assert results.pop("devices") == PARTS, f"the subprocess must see {PARTS} CPU devices"
-    return results
-
-
-def _assert_rel(actual, expected, rtol: float, what: str) -> None:
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0)) / scale
-    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.3g}"
+    return run_cases(__file__, tmp_path_factory.mktemp("margins_class_parallel") / "cases.json", TIMEOUT_S, devices=PARTS)
 
 
 @pytest.mark.parametrize("kind", range(len(KINDS)), ids=IDS)
@@ -474,9 +455,9 @@ def test_class_parallel_over_4_devices_is_the_single_device_loss(shard_results, 
             (loss, gx, gw), (loss1, gx1, gw1) = rec["got"], rec["want"]
             c = case["c"]
             assert np.all(np.isfinite(loss1)) and np.all(np.isfinite(gx1)) and np.all(np.isfinite(gw1)), name
-            _assert_rel(loss, loss1, 1e-10, f"{name} beta={beta}: loss")
-            _assert_rel(gx, gx1, 1e-10, f"{name} beta={beta}: grad_x")
-            _assert_rel(np.asarray(gw)[:c], gw1, 1e-10, f"{name} beta={beta}: grad_w")
+            assert_rel(loss, loss1, 1e-10, f"{name} beta={beta}: loss")
+            assert_rel(gx, gx1, 1e-10, f"{name} beta={beta}: grad_x")
+            assert_rel(np.asarray(gw)[:c], gw1, 1e-10, f"{name} beta={beta}: grad_w")
             assert np.all(np.asarray(gw)[c:] == 0.0), f"{name}: padding rows of grad_w"
 
 
@@ -499,13 +480,13 @@ def test_gpu_matches_the_cores_numpy_results(kind):
         got = (logits, *vjp(gd))
         want = (core.forward(x, w, label, margin=kind, beta=1.0), *core.backward(g, x, w, label, margin=kind, beta=1.0))
         for name, a, b in zip(("logits", "grad_x", "grad_w"), got, want):
-            _assert_rel(np.asarray(a), b, 1e-11, f"{kind} {name}")
+            assert_rel(np.asarray(a), b, 1e-11, f"{kind} {name}")
         f = jax.jit(jax.value_and_grad(lambda x, w: lsoftmax_cross_entropy(x, w, ld, margin=kind, beta=1.0),
                                        argnums=(0, 1)))  # fmt: skip
         got = jax.tree.leaves(f(xd, wd))
         want = core.cross_entropy_with_grad(x, w, label, margin=kind, beta=1.0)
         for name, a, b in zip(("loss", "grad_x", "grad_w"), got, want):
-            _assert_rel(np.asarray(a), b, 1e-11, f"{kind} {name}")
+            assert_rel(np.asarray(a), b, 1e-11, f"{kind} {name}")
 
 
 if __name__ == "__main__":

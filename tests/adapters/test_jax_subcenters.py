@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -33,6 +31,9 @@ from jax.sharding import PartitionSpec as P
 import lsoftmax_core as core
 from lsoftmax_core.adapters.jax import class_parallel_cross_entropy, lsoftmax_cross_entropy
 from lsoftmax_core.margins import ArcFace, CombinedMargin, CosFace, LSoftmax, SphereFace
+
+from support.jax_subprocess import run_cases
+from support.loss_reference import assert_rel
 
 logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
 
@@ -365,27 +366,7 @@ def _preflight() -> None:
 
 @pytest.fixture(scope="module")
 def shard_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("subcenters_class_parallel") / "cases.json"
-    tests = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    try:
-        done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the class-parallel cases did not finish within {TIMEOUT_S} s; stderr ends:\n{(e.stderr or b'')[-3000:]!r}")
-    if done.returncode != 0:
-        pytest.fail(f"the class-parallel cases exited with {done.returncode}; stderr ends:\n{done.stderr[-5000:]}")
-    results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-    assert results.pop("devices") == PARTS, f"the subprocess must see {PARTS} CPU devices"
-    return results
-
-
-def _assert_rel(actual, expected, rtol: float, what: str) -> None:
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0)) / scale
-    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.3g}"
+    return run_cases(__file__, tmp_path_factory.mktemp("subcenters_class_parallel") / "cases.json", TIMEOUT_S, devices=PARTS)
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -409,9 +390,9 @@ def test_class_parallel_over_4_devices_is_the_single_device_loss(shard_results, 
             (loss, gx, gw), (loss1, gx1, gw1) = rec["got"], rec["want"]
             assert np.all(np.isfinite(loss1)) and np.all(np.isfinite(gx1)) and np.all(np.isfinite(gw1)), name
             assert np.asarray(gw).shape[0] == PARTS * case["local"] * k, name
-            _assert_rel(loss, loss1, 1e-10, f"{name} beta={beta}: loss")
-            _assert_rel(gx, gx1, 1e-10, f"{name} beta={beta}: grad_x")
-            _assert_rel(np.asarray(gw)[:rows], gw1, 1e-10, f"{name} beta={beta}: grad_w")
+            assert_rel(loss, loss1, 1e-10, f"{name} beta={beta}: loss")
+            assert_rel(gx, gx1, 1e-10, f"{name} beta={beta}: grad_x")
+            assert_rel(np.asarray(gw)[:rows], gw1, 1e-10, f"{name} beta={beta}: grad_w")
             assert np.all(np.asarray(gw)[rows:] == 0.0), f"{name}: padding rows of grad_w"
             if "core" in rec:
                 for what, a, b in zip(("loss", "grad_x", "grad_w"), rec["want"], rec["core"]):
@@ -438,7 +419,7 @@ def test_gpu_matches_the_cores_numpy_results(kind):
         got = jax.tree.leaves(f(xd, wd))
         want = core.cross_entropy_with_grad(x, w, label, margin=kind, beta=1.0, subcenters=3)
         for name, a, b in zip(("loss", "grad_x", "grad_w"), got, want):
-            _assert_rel(np.asarray(a), b, 1e-11, f"{kind} {name}")
+            assert_rel(np.asarray(a), b, 1e-11, f"{kind} {name}")
 
 
 if __name__ == "__main__":

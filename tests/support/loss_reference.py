@@ -56,6 +56,7 @@ def problem(rng, n, c, d, scale=1.0, ignored=0.2):
 
 def assert_rel(actual, expected, rtol, what=""):
     actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
     err = float(np.abs(actual - expected).max(initial=0.0)) / scale
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.3g}"
