@@ -22,9 +22,10 @@ import numpy as np
 from .margins import Margin
 
 __all__ = [
-    "Targets", "chunk_grads", "chunk_logits", "column_scale", "features", "finish_grads", "nearest_centre", "layer_add_margin", "layer_add_margin_grad", "layer_backward",
-    "layer_forward", "normalized", "target_rows", "unit_rows",
-]  # fmt: skip
+    "Targets", "chunk_grads", "chunk_logits", "column_scale", "features", "finish_grads", "layer_add_margin",
+    "layer_add_margin_grad", "layer_backward", "layer_forward", "nearest_centre", "normalized", "target_logits",
+    "target_rows", "unit_rows", "unit_weight", "weight_norms",
+]
 
 #: Rows normalised at a time where a float64 copy is needed (temporaries of about 4 MiB).
 _BLOCK_BYTES = 1 << 22
@@ -125,16 +126,15 @@ def column_scale(xn: Any, w: Any) -> tuple[Any, Any]:
     copy of w."""
     xp = xp_of(w)
     b = weight_norms(w, xp)
+    inv = _safe_inverse(b, w.dtype)  # 1/|w_j| itself in range
     a = xp.sqrt(xp.einsum("ij,ij->i", xn, xn).astype(np.float64)) if xn.shape[0] else xp.zeros(1)
     fmax, ftiny = float(np.finfo(w.dtype).max), float(np.finfo(w.dtype).tiny)
     big = float((b.max() if b.size else 0.0) * (a.max() if a.size else 0.0))
     pos_b, pos_a = b[b > 0.0], a[a > 0.0]
     small = float(pos_b.min() * pos_a.min()) if pos_b.size and pos_a.size else 1.0
-    bmin = float(pos_b.min()) if pos_b.size else 1.0
-    if not (big <= fmax * 1e-6 and small >= ftiny * 1e12 and 1.0 / bmin <= fmax * 1e-6):
+    if inv is None or not (big <= fmax * 1e-6 and small >= ftiny * 1e12):  # and the logits x'·w_j
         return None, b
-    with np.errstate(divide="ignore"):
-        return xp.where(b > 0.0, 1.0 / xp.where(b > 0.0, b, 1.0), 0.0).astype(w.dtype), b
+    return inv.astype(w.dtype), b
 
 
 def nearest_centre(x: Any, w: Any, label: Any, sub: int) -> tuple[Any, Any]:

@@ -48,7 +48,9 @@ class LossOps(Protocol):
     """A backend's part of the fused loss.  ``bind`` returns the call's state ``k``, which
     the other methods take first; ``k.valid`` (bool (N,)), ``k.n_valid`` (the count, a host
     or device scalar), ``k.tgt`` and ``k.lse`` (float64 (N,): each row's target logit, 0
-    where w has none, and its log-sum-exp over w's classes, filled by the passes)."""
+    where w has none, and its log-sum-exp over w's classes, filled by the passes); for a kind
+    that normalises (``set_family``), ``k.owned`` and ``k.lab`` (the rows whose target class
+    is w's, and that class) and ``k.g`` (the target entries of G)."""
 
     @property
     def xp(self) -> Any: ...
@@ -79,6 +81,8 @@ class LossOps(Protocol):
     def margin(self, k: Any) -> None: ...
 
     def to_dtype(self, a: Any, dtype: Any) -> Any: ...
+
+    def set_family(self, k: Any, target: Any, colscale: Any, sub: int = 1, subidx: Any = None) -> None: ...
 
     def done(self) -> None: ...
 
@@ -186,11 +190,6 @@ class LossEngine:
         1/|w_j|) or w^."""
         if p.family is None:
             return ops.bind(x, w, label, p, opts.ignore_index, start, total, op), None, x, w
-        if not hasattr(ops, "set_family"):
-            raise TypeError(
-                f"margin={p.family!r}: this backend's fused loss takes L-Softmax margins (an int or "
-                "LSoftmax) only; the layer (lsoftmax_core.forward) takes every kind"
-            )
         kind, sub = p.family, opts.subcenters
         xn = _family.features(x, kind)
         scale, norms = _family.column_scale(xn, w)
